@@ -1,0 +1,25 @@
+"""dnnshrink: make trained PyTorch networks physically smaller.
+
+The core holds the hook specs, the plugin manager, the channel graph and the generator
+driver; every algorithm, layer handler and exporter is a plugin. Plugin authors need
+one import::
+
+    from dnnshrink_core import hookimpl
+"""
+from .api import alive_masks, generate, trace
+from .errors import (DnnshrinkError, DnnshrinkWarning, MaskError, NoBatchNormError, PluginError, TraceError,
+                     UnknownOpWarning, UntracedModuleWarning)
+from .graph import ChannelGraph, Group
+from .handler import OpHandler, PropagateContext, RebuildContext, TensorSpec
+from .labels import Chan
+from .masks import Masks
+from .plugins import get_plugin_manager, hookimpl, list_plugins
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Chan", "ChannelGraph", "DnnshrinkError", "DnnshrinkWarning", "Group", "MaskError", "Masks",
+    "NoBatchNormError", "OpHandler", "PluginError", "PropagateContext", "RebuildContext", "TensorSpec",
+    "TraceError", "UnknownOpWarning", "UntracedModuleWarning", "alive_masks", "generate",
+    "get_plugin_manager", "hookimpl", "list_plugins", "trace", "__version__",
+]

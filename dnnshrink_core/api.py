@@ -1,0 +1,111 @@
+"""The public functions: :func:`trace`, :func:`alive_masks`, :func:`generate`."""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Mapping, Optional, Sequence
+
+from torch import nn
+
+from .errors import NoBatchNormError, PluginError, TraceError
+from .generate import build, units_to_keep
+from .graph import ChannelGraph
+from .labels import LabelStore
+from .masks import Masks
+from .plugins import get_plugin_manager
+from .tracing import BACK_BONE_ONLY, GENERATE_GRAPH, normalize_inputs, propagate, trace_modes
+
+_graphs: "weakref.WeakKeyDictionary[nn.Module, ChannelGraph]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: nn.Module, inputs: tuple, leaf_modules: Sequence[Any]) -> tuple:
+    """What the channel graph depends on: structure, parameter shapes, input shapes, modes."""
+    structure = tuple((name, id(m)) for name, m in model.named_modules())
+    shapes = tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
+    inputs_key = tuple((tuple(x.shape), x.dtype) if hasattr(x, "shape") else repr(x) for x in inputs)
+    modes = (model.training, getattr(model, GENERATE_GRAPH, None), getattr(model, BACK_BONE_ONLY, None))
+    return structure, shapes, inputs_key, modes, tuple(map(repr, leaf_modules))
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+
+
+def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[Any] = ()) -> ChannelGraph:
+    """Trace ``model`` into a :class:`ChannelGraph` of channel groups.
+
+    ``example_inputs`` is a tensor (or a tuple of positional arguments) shaped like one
+    batch of input. ``leaf_modules`` lists module names or types to keep whole (their
+    channels are kept unless a handler knows them). The model is not modified; the
+    graph is cached for the model until its structure or the input shapes change.
+    """
+    _check_model(model)
+    inputs = normalize_inputs(example_inputs)
+    key = _fingerprint(model, inputs, leaf_modules)
+    cached = _graphs.get(model)
+    if cached is not None and cached.fingerprint == key:
+        return cached
+    pm = get_plugin_manager()
+    if not pm.hook.dnnshrink_op_handler.get_hookimpls():
+        raise PluginError("no channel handler plugin is loaded, so nothing can be traced. Install dnnshrink with "
+                          "its default plugins (`pip install -e .` in the source tree) and check that "
+                          "`dnnshrink plugins` lists `generators` (it may be blocked by DNNSHRINK_BLOCK_PLUGINS).")
+    graphs, frozen = trace_modes(model, inputs, pm, leaf_modules)
+    store = LabelStore()
+    propagate(graphs, store, pm, frozen)
+    graph = ChannelGraph(store, graphs, frozen, type(model).__name__, key)
+    graph.leaf_modules = tuple(leaf_modules)
+    _graphs[model] = graph
+    return graph
+
+
+def _graph_for(model: nn.Module, example_inputs: Any, masks: Optional[Mapping[str, Any]] = None) -> ChannelGraph:
+    graph = getattr(masks, "graph", None)
+    if isinstance(graph, ChannelGraph):
+        inputs = normalize_inputs(example_inputs)
+        if graph.fingerprint == _fingerprint(model, inputs, graph.leaf_modules):
+            return graph
+    return trace(model, example_inputs)
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def alive_masks(model: nn.Module, example_inputs: Any, threshold: Optional[float] = 1e-2, *,
+                extractor: str = "threshold", **options: Any) -> Masks:
+    """Per-group keep masks by MorphNet's rule.
+
+    A channel unit lives if any BatchNorm source in it has ``|gamma| > threshold``
+    (``threshold=None`` lets the extractor pick one in the gap of the ``|gamma|``
+    distribution). Units that cannot be removed exactly (frozen, no BatchNorm source,
+    or reaching a conv without passing a BatchNorm) always live.
+    """
+    _check_model(model)
+    if not _has_batchnorm(model):
+        raise NoBatchNormError(
+            f"{type(model).__name__} has no BatchNorm layer. MorphNet decides which channels to drop from "
+            "BatchNorm scales (gamma), so add a BatchNorm after each conv you want shrunk "
+            "(nn.Conv2d -> nn.BatchNorm2d -> activation).")
+    graph = trace(model, example_inputs)
+    pm = get_plugin_manager()
+    extract = pm.hook.dnnshrink_mask_extractor(name=extractor)
+    if extract is None:
+        raise PluginError(f"no mask extractor called {extractor!r} is loaded; `dnnshrink plugins` lists what is. "
+                          "The default `threshold` comes with dnnshrink's `morphnet` plugin.")
+    return extract(graph, model, threshold=threshold, **options)
+
+
+def generate(model: nn.Module, example_inputs: Any, masks: Mapping[str, Any]) -> nn.Module:
+    """A new, physically smaller network keeping the channel units ``masks`` keeps.
+
+    ``masks`` maps group names (see :func:`trace`) to one boolean per unit; groups not
+    named are kept whole. The result is a copy of ``model``'s own class with resized
+    layers, or a :class:`torch.fx.GraphModule` when the network's code itself carries a
+    channel count that had to be rewritten (such as ``x.view(-1, 16 * 5 * 5)``).
+    ``model`` is not modified.
+    """
+    _check_model(model)
+    graph = _graph_for(model, example_inputs, masks)
+    keep = units_to_keep(graph, masks, model)
+    return build(model, graph, keep)

@@ -1,0 +1,101 @@
+"""The generator: a new, physically smaller network from a channel graph and a keep-set."""
+from __future__ import annotations
+
+import copy
+import difflib
+import warnings
+from typing import Any, Dict, Mapping, Tuple
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from .errors import DnnshrinkWarning, MaskError, PluginError
+from .graph import ChannelGraph
+from .handler import RebuildContext
+
+
+def units_to_keep(graph: ChannelGraph, masks: Mapping[str, Any], model: nn.Module) -> np.ndarray:
+    """Validate ``masks`` against ``graph`` and return one keep flag per channel unit.
+
+    A group that would lose every unit keeps its unit with the largest ``|gamma|``, so
+    no layer collapses to zero width.
+    """
+    if not isinstance(masks, Mapping):
+        raise MaskError(f"masks must be a mapping of group name to boolean mask, not {type(masks).__name__}")
+    keep = np.ones(graph.num_units, dtype=bool)
+    gammas = None
+    for name, mask in masks.items():
+        if name not in graph:
+            close = difflib.get_close_matches(str(name), graph.group_names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise MaskError(f"mask for unknown group {name!r}.{hint} Groups are listed by dnnshrink_core.trace(model, x).")
+        group = graph[name]
+        array = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
+        if array.shape != (group.size,):
+            raise MaskError(f"mask for group {name!r} has shape {tuple(array.shape)}; the group has {group.size} units")
+        array = array.astype(bool)
+        dropped_frozen = ~array & graph.unit_frozen[group.units]
+        if dropped_frozen.any():
+            reason = graph.reasons[graph.unit_reason[group.units[np.flatnonzero(dropped_frozen)[0]]]]
+            raise MaskError(f"mask for group {name!r} removes {int(dropped_frozen.sum())} frozen unit(s) "
+                            f"({reason}); frozen units must be kept")
+        if not array.any():
+            gammas = graph.unit_gammas(model) if gammas is None else gammas
+            array = array.copy()
+            array[int(np.argmax(gammas[group.units]))] = True
+            warnings.warn(f"dnnshrink: the mask for group {name!r} removes every unit; one unit is kept so the "
+                          "layer does not collapse.", DnnshrinkWarning, stacklevel=3)
+        keep[group.units] = array
+    return keep
+
+
+def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.Module:
+    """Rebuild every traced op for ``keep_units`` and assemble the new model."""
+    keep_labels = graph.keep_labels(keep_units)
+    replacements: Dict[str, nn.Module] = {}
+    rewrites: Dict[fx.Node, Tuple[Any, Any]] = {}
+    for tg in graph.traces:
+        for node, handler in tg.handlers.items():
+            name = tg.module_names.get(node)
+            if name is not None and name in replacements:
+                continue
+            module = tg.gm.get_submodule(node.target) if node.op == "call_module" else None
+            ctx = RebuildContext(node, module, name, tg.infos[node], keep_labels, tg.allow_rewrite)
+            try:
+                handler.rebuild(ctx)
+            except Exception as exc:
+                raise PluginError(f"channel handler {handler!r} failed to rebuild `{node.name}`: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            if ctx.new_module is not None:
+                replacements[name] = ctx.new_module
+            if ctx.new_args is not None or ctx.new_kwargs is not None:
+                rewrites[node] = (ctx.new_args, ctx.new_kwargs)
+    memo = {id(model.get_submodule(name)): new for name, new in replacements.items()}
+    new_model = copy.deepcopy(model, memo)
+    if not rewrites:
+        return new_model
+    return _rewritten(graph.traces[0].gm, new_model, rewrites, type(model).__name__)
+
+
+def _rewritten(gm: fx.GraphModule, root: nn.Module, rewrites: Dict[fx.Node, Tuple[Any, Any]],
+               class_name: str) -> fx.GraphModule:
+    """A GraphModule over ``root``'s (rebuilt) modules whose code has the rewritten constants."""
+    new_graph = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        new_node = new_graph.node_copy(node, lambda n: env[n])
+        if node in rewrites:
+            args, kwargs = rewrites[node]
+            if args is not None:
+                new_node.args = fx.map_arg(args, lambda n: env[n])
+            if kwargs is not None:
+                new_node.kwargs = fx.map_arg(kwargs, lambda n: env[n])
+        env[node] = new_node
+    # constants fx lifted out of forward live on the traced module, not on the user's model
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and "." not in node.target and not hasattr(root, node.target):
+            setattr(root, node.target, getattr(gm, node.target))
+    result = fx.GraphModule(root, new_graph, class_name=class_name)
+    result.train(root.training)
+    return result

@@ -1,0 +1,211 @@
+"""The channel graph: groups of channel units that must be kept or removed together.
+
+After propagation, tied labels form *units* (one channel position shared by, say, the
+conv outputs joined by a residual add, the BatchNorms on them and the convs reading
+them). Units whose labels share spaces form a *group*: for a ResNet stage, the 256
+output channels of every block's last conv and of the downsample conv are one group of
+256 units. A mask for a group is one boolean per unit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .labels import LabelStore, Space, connected_components
+
+
+@dataclass
+class Group:
+    """Channel units that share layers. ``size`` units; a mask has one boolean per unit.
+
+    ``removable[i]`` says whether unit ``i`` may be removed at all: it has a BatchNorm
+    source, is not frozen, and reaches every channel-mixing op through such a source.
+    """
+
+    index: int
+    name: str
+    units: np.ndarray
+    spaces: List[Space]
+    removable: np.ndarray
+    frozen_reasons: List[str]
+
+    @property
+    def size(self) -> int:
+        return int(len(self.units))
+
+    @property
+    def members(self) -> List[str]:
+        """The layers and ops whose channels belong to this group."""
+        return [space.name for space in self.spaces]
+
+    def __repr__(self) -> str:
+        return f"Group({self.name!r}, size={self.size}, removable={int(self.removable.sum())})"
+
+
+class ChannelGraph:
+    """The traced model as groups of coupled channels (what :func:`dnnshrink_core.trace` returns).
+
+    Printing it shows every group with its size, how many units can be removed, and its
+    members. ``traces`` keeps the fx graphs (one per traced mode) for the generator.
+    """
+
+    def __init__(self, store: LabelStore, traces: Sequence[Any], frozen_modules: frozenset,
+                 model_name: str, fingerprint: Any = None):
+        self.store = store
+        self.traces = list(traces)
+        self.frozen_modules = frozen_modules
+        self.model_name = model_name
+        self.fingerprint = fingerprint
+        a, b = store.ties()
+        self.unit_of, self.num_units = connected_components(store.size, a, b)
+        self._resolve_units()
+        self._build_groups()
+
+    # --- construction ---------------------------------------------------------------
+    def _resolve_units(self) -> None:
+        store, units = self.store, self.num_units
+        reason = np.full(units, -1, dtype=np.int64)
+        self.reasons: List[str] = []
+        for labels, why in reversed(store.frozen):  # earlier freezes win the explanation
+            reason[self.unit_of[labels]] = len(self.reasons)
+            self.reasons.append(why)
+        self.unit_reason = reason
+        self.unit_frozen = reason >= 0
+
+        self.source_modules: List[str] = []
+        module_index: Dict[str, int] = {}
+        src_units, src_mods, src_chans = [], [], []
+        for labels, name, channels in store.sources:
+            idx = module_index.setdefault(name, len(module_index))
+            if idx == len(self.source_modules):
+                self.source_modules.append(name)
+            src_units.append(self.unit_of[labels])
+            src_mods.append(np.full(len(labels), idx, dtype=np.int64))
+            src_chans.append(channels)
+        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64))
+        self.src_unit, self.src_module, self.src_channel = cat(src_units), cat(src_mods), cat(src_chans)
+        self.unit_has_source = np.bincount(self.src_unit, minlength=units) > 0
+        unguarded = cat([self.unit_of[labels] for labels in store.unguarded])
+        self.unit_unguarded = np.bincount(unguarded, minlength=units) > 0
+        self.unit_removable = self.unit_has_source & ~self.unit_frozen & ~self.unit_unguarded
+
+    def _build_groups(self) -> None:
+        spaces = self.store.spaces
+        sizes = np.array([s.size for s in spaces], dtype=np.int64)
+        space_of_label = np.repeat(np.arange(len(spaces)), sizes)
+        order = np.argsort(self.unit_of, kind="stable")
+        su, ss = self.unit_of[order], space_of_label[order]
+        same = su[1:] == su[:-1]
+        space_group, n_groups = connected_components(len(spaces), ss[:-1][same], ss[1:][same])
+        _, first = np.unique(su, return_index=True)
+        self.unit_group = space_group[ss[first]]
+        unit_order = np.lexsort((np.arange(self.num_units), self.unit_group))
+        counts = np.bincount(self.unit_group, minlength=n_groups)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        self.unit_pos = np.empty(self.num_units, dtype=np.int64)
+        self.unit_pos[unit_order] = np.arange(self.num_units) - starts[self.unit_group[unit_order]]
+
+        group_spaces: List[List[Space]] = [[] for _ in range(n_groups)]
+        for space in spaces:
+            group_spaces[space_group[space.index]].append(space)
+        self.groups: List[Group] = []
+        self._by_name: Dict[str, Group] = {}
+        for g in range(n_groups):
+            units = unit_order[starts[g]:starts[g + 1]]
+            if not len(units):
+                continue
+            members = group_spaces[g]
+            name = next((s.owner for s in members if s.role == "out"), members[0].name)
+            if name in self._by_name:
+                name = f"{name}#{g}"
+            reasons = sorted({self.reasons[r] for r in self.unit_reason[units] if r >= 0})
+            group = Group(len(self.groups), name, units, members, self.unit_removable[units], reasons)
+            self.groups.append(group)
+            self._by_name[name] = group
+        self._group_of_unit_index = np.full(n_groups, -1, dtype=np.int64)
+        for group in self.groups:
+            self._group_of_unit_index[space_group[group.spaces[0].index]] = group.index
+        self.unit_group = self._group_of_unit_index[self.unit_group]
+
+    # --- queries --------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Group:
+        return self._by_name[name]
+
+    def __iter__(self) -> Iterator[Group]:
+        return iter(self.groups)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    @property
+    def group_names(self) -> List[str]:
+        return [g.name for g in self.groups]
+
+    def group_of(self, module_name: str, role: str = "out") -> Optional[Group]:
+        """The group holding a module's channel space (``role`` ``"out"``, ``"in"``, ``"features"``…)."""
+        space = self.store.module_spaces.get((module_name, role))
+        if space is None or space.size == 0:
+            return None
+        return self.groups[self.unit_group[self.unit_of[space.start]]]
+
+    def unit_gammas(self, model: torch.nn.Module) -> np.ndarray:
+        """Per unit, the largest ``|gamma|`` over its BatchNorm sources (0 where none)."""
+        values = np.zeros(self.num_units, dtype=np.float64)
+        if not len(self.src_unit):
+            return values
+        gathered = np.zeros(len(self.src_unit), dtype=np.float64)
+        for idx, name in enumerate(self.source_modules):
+            weight = getattr(model.get_submodule(name), "weight", None)
+            if weight is None:
+                continue
+            mask = self.src_module == idx
+            gammas = weight.detach().abs().float().cpu().numpy()
+            gathered[mask] = gammas[self.src_channel[mask]]
+        np.maximum.at(values, self.src_unit, gathered)
+        return values
+
+    def keep_labels(self, keep_units: np.ndarray) -> np.ndarray:
+        """Per label, whether it is kept, from a per-unit keep array."""
+        return keep_units[self.unit_of]
+
+    def units_from_masks(self, masks: Mapping[str, Any]) -> np.ndarray:
+        """A per-unit keep array from per-group masks (missing groups are kept whole)."""
+        keep = np.ones(self.num_units, dtype=bool)
+        for name, mask in masks.items():
+            group = self._by_name[name]
+            keep[group.units] = np.asarray(mask, dtype=bool)
+        return keep
+
+    # --- display --------------------------------------------------------------------
+    def summary(self) -> Dict[str, int]:
+        """Totals: groups, channel units, removable units, frozen units."""
+        return {"groups": len(self.groups), "units": int(self.num_units),
+                "removable": int(self.unit_removable.sum()), "frozen": int(self.unit_frozen.sum())}
+
+    def table(self, max_members: int = 4) -> str:
+        """A text table of the groups."""
+        rows = [("group", "size", "removable", "members")]
+        for g in self.groups:
+            members = g.members
+            shown = ", ".join(members[:max_members]) + (f" (+{len(members) - max_members})" if len(members) > max_members else "")
+            rows.append((g.name, str(g.size), str(int(g.removable.sum())), shown))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        s = self.summary()
+        head = (f"ChannelGraph of {self.model_name}: {s['groups']} groups, {s['units']} channel units, "
+                f"{s['removable']} removable, {s['frozen']} frozen"
+                + (f", {len(self.traces)} traced modes" if len(self.traces) > 1 else ""))
+        return head + "\n" + self.table()
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return f"<ChannelGraph {self.model_name}: {s['groups']} groups, {s['units']} units, {s['removable']} removable>"

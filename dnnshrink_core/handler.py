@@ -1,0 +1,287 @@
+"""The interface of depth-change handlers, and the contexts the core hands them.
+
+A handler answers two questions for one traced op (see ``docs/plugins.md``):
+
+* :meth:`OpHandler.propagate` — how are the channels at my inputs and outputs coupled?
+  It reads the input channels (:meth:`PropagateContext.chan`) and says so with
+  :meth:`~PropagateContext.tie`, :meth:`~PropagateContext.freeze`,
+  :meth:`~PropagateContext.new_labels`, :meth:`~PropagateContext.module_labels` and
+  finally :meth:`~PropagateContext.output`.
+* :meth:`OpHandler.rebuild` — given which channels are kept
+  (:meth:`RebuildContext.keep`), how do I rebuild myself? A module handler returns a
+  new module through :meth:`~RebuildContext.replace_module`; a function handler may
+  rewrite literal arguments with :meth:`~RebuildContext.set_args`.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from .labels import Chan, LabelStore
+
+
+class TensorSpec:
+    """Shape and dtype of one tensor seen while running the traced graph."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape: Tuple[int, ...], dtype: torch.dtype):
+        self.shape = shape
+        self.dtype = dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        return f"TensorSpec({tuple(self.shape)}, {self.dtype})"
+
+
+def spec_of(value: Any) -> Any:
+    """A :class:`TensorSpec` for a tensor, a tuple of specs for a tuple or list, else None."""
+    if isinstance(value, torch.Tensor):
+        return TensorSpec(tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        return tuple(spec_of(v) for v in value)
+    return None
+
+
+def iter_nodes(value: Any) -> Iterator[fx.Node]:
+    """Every :class:`torch.fx.Node` inside a nested argument structure."""
+    if isinstance(value, fx.Node):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from iter_nodes(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from iter_nodes(item)
+    elif isinstance(value, slice):
+        yield from iter_nodes((value.start, value.stop, value.step))
+
+
+def iter_chans(value: Any) -> Iterator[Chan]:
+    """Every :class:`Chan` inside a nested propagated value."""
+    if isinstance(value, Chan):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from iter_chans(item)
+
+
+class OpHandler:
+    """Base class of depth-change handlers. Subclass it and override what you need.
+
+    ``name`` shows in messages. The default :meth:`propagate` treats the op as unknown
+    (freezes every channel crossing it); the default :meth:`rebuild` changes nothing.
+    """
+
+    name = "op"
+
+    def propagate(self, ctx: "PropagateContext") -> None:
+        """Describe how the op couples channels; must end with ``ctx.output(...)``."""
+        ctx.unknown(f"{self.name} does not describe its channels", warn=False)
+
+    def rebuild(self, ctx: "RebuildContext") -> None:
+        """Rebuild the op for the kept channels (default: nothing to change)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+class PropagateContext:
+    """What a handler's ``propagate`` sees of one node, and how it answers."""
+
+    def __init__(self, node: fx.Node, module: Optional[nn.Module], module_name: Optional[str],
+                 store: LabelStore, values: Dict[fx.Node, Any], specs: Dict[fx.Node, Any],
+                 info: Dict[str, Any], allow_rewrite: bool, frozen_modules: frozenset,
+                 on_unknown: Callable[["PropagateContext", str, bool], None]):
+        self.node = node
+        self.module = module
+        self.module_name = module_name
+        self.store = store
+        self._values = values
+        self._specs = specs
+        self.info = info
+        self.allow_rewrite = allow_rewrite
+        self._frozen_modules = frozen_modules
+        self._on_unknown = on_unknown
+        self._answered = False
+
+    # --- reading the inputs -------------------------------------------------------
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        """The op's argument by position, else by keyword, else ``default``."""
+        if index < len(self.node.args):
+            return self.node.args[index]
+        return self.node.kwargs.get(name, default)
+
+    def value(self, arg: Any) -> Any:
+        """The propagated value of an argument: a :class:`Chan`, a tuple of them, or None."""
+        return self._values.get(arg) if isinstance(arg, fx.Node) else None
+
+    def chan(self, arg: Any) -> Optional[Chan]:
+        """The channels of a tensor argument, or None when it has no tracked channels."""
+        value = self.value(arg)
+        return value if isinstance(value, Chan) else None
+
+    def spec(self, arg: Any) -> Any:
+        """The :class:`TensorSpec` of a tensor argument (None for other arguments)."""
+        return self._specs.get(arg) if isinstance(arg, fx.Node) else None
+
+    @property
+    def out_spec(self) -> Any:
+        """The :class:`TensorSpec` (or tuple of specs) of this op's output."""
+        return self._specs.get(self.node)
+
+    def input_chans(self) -> List[Chan]:
+        """Every tracked tensor among the op's arguments."""
+        chans = []
+        for arg in iter_nodes((self.node.args, self.node.kwargs)):
+            chans.extend(iter_chans(self._values.get(arg)))
+        return chans
+
+    # --- answering ----------------------------------------------------------------
+    def new_labels(self, role: str, size: int) -> np.ndarray:
+        """Fresh labels for ``size`` channels this op creates (owned by this node)."""
+        return self.store.new_space(self.owner, role, size)
+
+    @property
+    def owner(self) -> str:
+        """The name shown for this op: its module's name, or the graph node's name."""
+        return self.module_name or self.node.name
+
+    def module_labels(self, role: str, size: int) -> np.ndarray:
+        """The persistent labels of this module's channel dimension ``role``.
+
+        Every trace of the model (and every call of a shared module) gets the same
+        labels, so the module is rebuilt once, consistently. Modules the user keeps whole
+        (``back_bone_only`` heads) have theirs frozen.
+        """
+        labels, created = self.store.module_space(self.owner, role, size)
+        if created and self.module_name in self._frozen_modules:
+            self.store.freeze(labels, f"{self.module_name} is outside the backbone (back_bone_only)")
+        return labels
+
+    def tie(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Keep or remove ``a[i]`` and ``b[i]`` together."""
+        self.store.tie(a, b)
+
+    def freeze(self, labels: np.ndarray, reason: Optional[str] = None) -> None:
+        """Keep every channel in ``labels`` (and everything tied to it)."""
+        self.store.freeze(labels, reason or f"crosses {self.describe()}")
+
+    def add_source(self, labels: np.ndarray, channels: Optional[np.ndarray] = None) -> None:
+        """Declare this module (a BatchNorm) a MorphNet source of ``labels``."""
+        channels = np.arange(len(labels)) if channels is None else channels
+        self.store.add_source(labels, self.owner, channels)
+
+    def mixes(self, chan: Chan, labels: Optional[np.ndarray] = None) -> None:
+        """Declare that this op mixes ``chan``'s channels into others (a conv's inputs).
+
+        Channels that were not zeroed by a BatchNorm on their way here are then never
+        removed, because removing them would change the output.
+        """
+        labels = chan.labels if labels is None else labels
+        self.store.mark_unguarded(labels[~chan.guard])
+
+    def output(self, value: Any) -> None:
+        """Set what is known of the op's output: a :class:`Chan`, a tuple of them, or None."""
+        self._values[self.node] = value
+        self._answered = True
+
+    def passthrough(self, arg: Any = None, zero_preserving: bool = True) -> None:
+        """The output has the channels of ``arg`` (default: the first argument) unchanged."""
+        arg = self.node.args[0] if arg is None and self.node.args else arg
+        chan = self.chan(arg)
+        out = self.out_spec
+        if chan is None or not isinstance(out, TensorSpec) or out.ndim < 2 or out.shape[1] != len(chan):
+            self.unknown(f"{self.describe()} changes the channel layout", warn=chan is None and out is None)
+            return
+        self.output(Chan(chan.labels, chan.guard if zero_preserving else np.zeros(len(chan), dtype=bool)))
+
+    def unknown(self, reason: str, warn: bool = True) -> None:
+        """Treat the op as opaque: freeze every channel in and out of it."""
+        self._on_unknown(self, reason, warn)
+
+    def fresh_output(self, reason: str) -> None:
+        """Give the op's tensor outputs fresh frozen labels (for ops that make new tensors)."""
+        def build(spec: Any) -> Any:
+            if isinstance(spec, TensorSpec):
+                if spec.ndim < 2:
+                    return None
+                labels = self.new_labels("out", spec.shape[1])
+                self.store.freeze(labels, reason)
+                return Chan(labels)
+            if isinstance(spec, tuple):
+                return tuple(build(s) for s in spec)
+            return None
+        self.output(build(self.out_spec))
+
+    def describe(self) -> str:
+        """A short description of the op for messages."""
+        node = self.node
+        if node.op == "call_module":
+            return f"module {self.module_name} ({type(self.module).__name__})"
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        return f"`{target}` ({node.name})"
+
+
+class RebuildContext:
+    """What a handler's ``rebuild`` sees of one node, and how it answers."""
+
+    def __init__(self, node: fx.Node, module: Optional[nn.Module], module_name: Optional[str],
+                 info: Dict[str, Any], keep_labels: np.ndarray, allow_rewrite: bool):
+        self.node = node
+        self.module = module
+        self.module_name = module_name
+        self.info = info
+        self._keep_labels = keep_labels
+        self.allow_rewrite = allow_rewrite
+        self.new_module: Optional[nn.Module] = None
+        self.new_args: Optional[tuple] = None
+        self.new_kwargs: Optional[dict] = None
+
+    def keep(self, labels: np.ndarray) -> np.ndarray:
+        """A boolean array: which of ``labels`` are kept."""
+        return self._keep_labels[labels]
+
+    def replace_module(self, module: nn.Module) -> None:
+        """Use ``module`` instead of the original one in the generated network."""
+        self.new_module = module
+
+    def set_args(self, args: Optional[Sequence[Any]] = None, kwargs: Optional[Dict[str, Any]] = None) -> None:
+        """Rewrite the op's arguments (literal constants such as a view's sizes)."""
+        if not self.allow_rewrite:
+            raise RuntimeError("a handler rewrote code although the channels it depends on were frozen")
+        if args is not None:
+            self.new_args = tuple(args)
+        if kwargs is not None:
+            self.new_kwargs = dict(kwargs)
+
+
+def index_of(keep: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The kept positions of a boolean array, as an index tensor on ``device``."""
+    return torch.from_numpy(np.flatnonzero(keep)).to(device)
+
+
+def resized(module: nn.Module, tensors: Dict[str, torch.Tensor], attrs: Dict[str, Any]) -> nn.Module:
+    """A deep copy of ``module`` whose named parameters/buffers are replaced and attributes set.
+
+    Only the replaced tensors are new; the copy keeps the module's class, hooks and
+    flags, so subclasses of standard layers keep their own ``forward``.
+    """
+    memo: Dict[int, Any] = {}
+    for name, tensor in tensors.items():
+        old = getattr(module, name)
+        if isinstance(old, nn.Parameter):
+            memo[id(old)] = nn.Parameter(tensor.detach().clone(), requires_grad=old.requires_grad)
+        else:
+            memo[id(old)] = tensor.detach().clone()
+    new = copy.deepcopy(module, memo)
+    for name, value in attrs.items():
+        setattr(new, name, value)
+    return new

@@ -1,0 +1,67 @@
+"""The hook specifications of dnnshrink (pluggy project name ``dnnshrink``).
+
+A plugin is any module or object with functions named like the specs below, marked with
+``from dnnshrink_core import hookimpl``. Default plugins are registered through the
+``dnnshrink`` entry-point group exactly like a third party's, and are marked
+``trylast`` so that a third party's answer for the same question wins.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("dnnshrink")
+
+
+@hookspec(firstresult=True)
+def dnnshrink_op_handler(node: Any, module: Optional[Any]) -> Optional[Any]:
+    """Return the depth-change handler for one traced op, or ``None`` if you do not know it.
+
+    ``node`` is a :class:`torch.fx.Node`; ``module`` is the called ``nn.Module`` when
+    ``node.op == "call_module"`` and ``None`` otherwise. The handler is an
+    :class:`dnnshrink_core.OpHandler`: its ``propagate(ctx)`` says how the channels at
+    the op's inputs and outputs are coupled (ties, slices, blocks after a flatten,
+    new channels, or frozen), and its ``rebuild(ctx)`` rebuilds the op for a keep-set
+    (slice weights, rewrite literal constants). The first non-``None`` answer wins; an
+    op nobody answers for keeps every channel that crosses it, with a warning.
+    """
+
+
+@hookspec(firstresult=True)
+def dnnshrink_leaf_module(module: Any, qualname: str) -> Optional[bool]:
+    """Say whether the tracer keeps ``module`` whole (``True``) or traces into it (``False``).
+
+    Return ``None`` to leave the decision to others (the default keeps the layers of
+    ``torch.nn`` whole). A module kept whole needs an op handler (see
+    :func:`dnnshrink_op_handler`), or its channels are frozen.
+    """
+
+
+@hookspec(firstresult=True)
+def dnnshrink_mask_extractor(name: str) -> Optional[Any]:
+    """Return the mask extractor called ``name``, or ``None``.
+
+    A mask extractor is a callable ``extract(graph, model, **options) -> Masks`` that
+    decides, from the trained model and its :class:`dnnshrink_core.ChannelGraph`, which
+    channel units of every group stay alive. The default, ``"threshold"``, keeps a unit
+    when any BatchNorm source in it has ``|gamma| > threshold``.
+    """
+
+
+@hookspec(firstresult=True)
+def dnnshrink_regularizer(name: str) -> Optional[Any]:
+    """Return the regularizer class or factory called ``name``, or ``None``.
+
+    A regularizer adds its gradient to BatchNorm scales through parameter hooks while
+    the user's own ``train_one_epoch(model, lr)`` runs.
+    """
+
+
+@hookspec(firstresult=True)
+def dnnshrink_exporter(fmt: str) -> Optional[Any]:
+    """Return the exporter for format ``fmt`` (``"pytorch"``, ``"onnx"``, ``"graph"``…), or ``None``.
+
+    An exporter writes an artifact for a shrunk model and verifies it before it reports
+    the export as done.
+    """

@@ -1,0 +1,343 @@
+"""Tracing a model into torch.fx graphs (one per mode it needs) and propagating channels.
+
+Most models give one graph. A model whose forward depends on a mode gives several, all
+propagated into one :class:`~dnnshrink_core.labels.LabelStore` so that every module is
+rebuilt once and works in every mode:
+
+* ``generate_graph`` (the manual's convention for a tensor output): traced with it set,
+  then also in full mode, so layers only the full mode calls keep matching widths;
+* ``back_bone_only``: traced as set; the full mode is traced too and every module only
+  it calls (the head) keeps its widths;
+* train-only or eval-only branches (auxiliary classifiers): the other training mode is
+  traced when the first left modules with weights uncalled.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import fx, nn
+
+from .errors import PluginError, TraceError, UnknownOpWarning, UntracedModuleWarning
+from .handler import OpHandler, PropagateContext, TensorSpec, iter_chans, iter_nodes, spec_of
+from .labels import Chan, LabelStore
+
+GENERATE_GRAPH = "generate_graph"
+BACK_BONE_ONLY = "back_bone_only"
+
+
+def normalize_inputs(example_inputs: Any) -> Tuple[Any, ...]:
+    """Positional arguments for ``model(*args)`` from a tensor or a tuple/list of them."""
+    if example_inputs is None:
+        raise TraceError("example_inputs is None: pass a tensor shaped like one batch of your "
+                         "model's input, e.g. torch.randn(1, 3, 224, 224)")
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that asks the plugins and the user which modules stay whole."""
+
+    def __init__(self, pm: Any, leaf_modules: Sequence[Any]):
+        super().__init__()
+        self._pm = pm
+        self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        self.module_stack_names: List[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
+            return True
+        answer = self._pm.hook.dnnshrink_leaf_module(module=m, qualname=module_qualified_name)
+        if answer is not None:
+            return bool(answer)
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self.module_stack_names.append(self.path_of_module(m))
+        result = super().call_module(m, forward, args, kwargs)
+        self.module_stack_names.pop()
+        return result
+
+
+@dataclass
+class TracedGraph:
+    """One traced mode of the model: its fx graph and what propagation learned of it."""
+
+    mode: Dict[str, Any]
+    gm: fx.GraphModule
+    specs: Dict[fx.Node, Any]
+    module_names: Dict[fx.Node, str] = field(default_factory=dict)
+    handlers: Dict[fx.Node, OpHandler] = field(default_factory=dict)
+    infos: Dict[fx.Node, Dict[str, Any]] = field(default_factory=dict)
+    values: Dict[fx.Node, Any] = field(default_factory=dict)
+    allow_rewrite: bool = False
+
+    def modules_called(self) -> set:
+        """Canonical names of the modules this graph calls or reads weights from."""
+        names = set(self.module_names.values())
+        for node in self.gm.graph.nodes:
+            if node.op == "get_attr":
+                names.add(node.target.rsplit(".", 1)[0] if "." in node.target else "")
+        return names
+
+
+@contextlib.contextmanager
+def model_mode(model: nn.Module, training: Optional[bool] = None, attrs: Optional[Dict[str, Any]] = None) -> Iterator[None]:
+    """Temporarily set training flags and mode attributes; restore them exactly afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    missing = object()
+    saved = {name: getattr(model, name, missing) for name in (attrs or {})}
+    try:
+        if training is not None:
+            for m, _ in flags:
+                m.training = training
+        for name, value in (attrs or {}).items():
+            setattr(model, name, value)
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        for name, value in saved.items():
+            if value is missing:
+                delattr(model, name)
+            else:
+                setattr(model, name, value)
+
+
+def _trace_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any], pm: Any,
+               leaf_modules: Sequence[Any]) -> TracedGraph:
+    attrs = {k: v for k, v in mode.items() if k != "training"}
+    tracer = _Tracer(pm, leaf_modules)
+    with model_mode(model, mode["training"], attrs), _restoring_attributes(model):
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:  # fx raises many types; all mean "cannot trace"
+            where = tracer.module_stack_names[-1] if tracer.module_stack_names else ""
+            culprit = f"module `{where}` ({type(model.get_submodule(where)).__name__})" if where else \
+                f"the forward of {type(model).__name__}"
+            raise TraceError(
+                f"torch.fx could not trace {culprit}: {type(exc).__name__}: {exc}\n"
+                "What to do: make that code traceable (no Python control flow on tensor values), "
+                "or keep the module whole with leaf_modules=['<its name>'] (its channels are then kept), "
+                "or give the model a `generate_graph` attribute that makes forward return a tensor, "
+                "or `back_bone_only = True` to shrink only a traceable backbone."
+            ) from exc
+        gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    specs: Dict[fx.Node, Any] = {}
+    with model_mode(model, False, attrs), torch.no_grad():
+        _Recorder(gm, specs).run(*inputs)
+    canonical = {id(m): name for name, m in model.named_modules()}
+    module_names = {n: canonical.get(id(gm.get_submodule(n.target)), n.target)
+                    for n in gm.graph.nodes if n.op == "call_module"}
+    return TracedGraph(mode=dict(mode), gm=gm, specs=specs, module_names=module_names)
+
+
+def _attribute_names(model: nn.Module) -> Tuple[frozenset, ...]:
+    return tuple(frozenset(d) for d in (vars(model), model._parameters, model._buffers, model._modules))
+
+
+@contextlib.contextmanager
+def _restoring_attributes(model: nn.Module) -> Iterator[None]:
+    """fx stores tensor constants it meets on the traced module; keep the user's model clean."""
+    names = _attribute_names(model)
+    try:
+        yield
+    finally:
+        for added, container in zip((a - b for a, b in zip(_attribute_names(model), names)),
+                                    (vars(model), model._parameters, model._buffers, model._modules)):
+            for name in added:
+                del container[name]
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph once and records the shape of every value."""
+
+    def __init__(self, gm: fx.GraphModule, specs: Dict[fx.Node, Any]):
+        super().__init__(gm, garbage_collect_values=True)
+        self._specs = specs
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            where = n.meta.get("nn_module_stack")
+            module = f" in module `{list(where)[-1]}`" if where else ""
+            raise TraceError(
+                f"running the model on example_inputs failed at `{n.name}`{module}: {type(exc).__name__}: {exc}\n"
+                "What to do: pass example_inputs shaped exactly like one batch of your model's input "
+                "(e.g. torch.randn(1, 3, 224, 224)) on the model's device."
+            ) from exc
+        self._specs[n] = spec_of(result)
+        return result
+
+
+def weighted_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    """Modules that own parameters or buffers themselves, by canonical name."""
+    return {name: m for name, m in model.named_modules()
+            if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))}
+
+
+def _covered(graphs: Iterable[TracedGraph], weighted: Dict[str, nn.Module]) -> set:
+    called: set = set()
+    for g in graphs:
+        called |= g.modules_called()
+    # a module called whole covers its children too
+    def under_called(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in called for i in range(len(parts), 0, -1))
+    return {name for name in weighted if name in called or under_called(name)}
+
+
+def trace_modes(model: nn.Module, inputs: Tuple[Any, ...], pm: Any,
+                leaf_modules: Sequence[Any] = ()) -> Tuple[List[TracedGraph], frozenset]:
+    """Trace every mode the model needs. Returns the graphs and the modules to keep whole."""
+    has_gen = hasattr(model, GENERATE_GRAPH)
+    backbone = bool(getattr(model, BACK_BONE_ONLY, False))
+    primary: Dict[str, Any] = {"training": model.training}
+    if has_gen:
+        primary[GENERATE_GRAPH] = True
+    if hasattr(model, BACK_BONE_ONLY):
+        primary[BACK_BONE_ONLY] = backbone
+    graphs = [_trace_one(model, inputs, primary, pm, leaf_modules)]
+    weighted = weighted_modules(model)
+
+    full = dict(primary)
+    if has_gen:
+        full[GENERATE_GRAPH] = False
+    if backbone:
+        full[BACK_BONE_ONLY] = False
+    candidates = []
+    if full != primary:
+        candidates.append(full)
+    candidates.append({**full, "training": not model.training})
+    frozen: set = set()
+    primary_cover = _covered(graphs, weighted)
+    for mode in candidates:
+        if full != primary and mode is full:
+            needed = True  # the full mode must always match, even if it calls no new module
+        else:
+            needed = bool(set(weighted) - _covered(graphs, weighted))
+        if not needed:
+            continue
+        try:
+            graphs.append(_trace_one(model, inputs, mode, pm, leaf_modules))
+        except TraceError as exc:
+            warnings.warn(f"dnnshrink could not also trace the model in mode {mode}: {exc}. "
+                          "Layers only that mode uses may be left with the wrong widths.",
+                          UntracedModuleWarning, stacklevel=3)
+    if backbone:
+        frozen = _covered(graphs, weighted) - primary_cover
+    missing = sorted(set(weighted) - _covered(graphs, weighted))
+    if missing:
+        shown = ", ".join(missing[:8]) + (" …" if len(missing) > 8 else "")
+        warnings.warn(f"dnnshrink: {len(missing)} module(s) with weights are never called in any traced mode "
+                      f"({shown}); they are left as they are. If forward does call them in some mode, "
+                      "pass leaf_modules or make that mode traceable.", UntracedModuleWarning, stacklevel=3)
+    rewrite = len(graphs) == 1 and not has_gen and not hasattr(model, BACK_BONE_ONLY)
+    for g in graphs:
+        g.allow_rewrite = rewrite
+    return graphs, frozenset(frozen)
+
+
+class _UnknownOps:
+    """Collects ops without a handler so each kind is reported once."""
+
+    def __init__(self) -> None:
+        self.seen: Dict[str, List[str]] = {}
+
+    def __call__(self, ctx: PropagateContext, reason: str, warn: bool) -> None:
+        inputs = ctx.input_chans()
+        if ctx.module_name is not None:
+            ctx.store.make_opaque(ctx.module_name, reason)
+        for chan in inputs:
+            ctx.store.freeze(chan.labels, reason)
+        ctx.fresh_output(reason)
+        if warn and inputs:
+            self.seen.setdefault(_op_key(ctx), []).append(ctx.describe())
+
+    def report(self) -> None:
+        for key, where in self.seen.items():
+            more = f" and {len(where) - 1} more" if len(where) > 1 else ""
+            warnings.warn(
+                f"dnnshrink: no channel handler for `{key}` ({where[0]}{more}); the channels crossing it are "
+                "kept. To prune through it, register a handler with the `dnnshrink_op_handler` hook "
+                "(see docs/plugins.md).", UnknownOpWarning, stacklevel=4)
+
+
+def _op_key(ctx: PropagateContext) -> str:
+    node = ctx.node
+    if node.op == "call_module":
+        return type(ctx.module).__qualname__
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    target = node.target
+    return f"{getattr(target, '__module__', '') or ''}.{getattr(target, '__name__', str(target))}".lstrip(".")
+
+
+def propagate(graphs: Sequence[TracedGraph], store: LabelStore, pm: Any, frozen_modules: frozenset) -> None:
+    """Run every node's handler over every graph, filling ``store``."""
+    unknown = _UnknownOps()
+    for tg in graphs:
+        for node in tg.gm.graph.nodes:
+            _propagate_node(tg, node, store, pm, frozen_modules, unknown)
+    unknown.report()
+
+
+def _propagate_node(tg: TracedGraph, node: fx.Node, store: LabelStore, pm: Any,
+                    frozen_modules: frozenset, unknown: _UnknownOps) -> None:
+    spec = tg.specs.get(node)
+    if node.op == "placeholder":
+        tg.values[node] = _fresh(store, f"input:{node.name}", "input", spec, "network input")
+        return
+    if node.op == "get_attr":
+        tg.values[node] = _fresh(store, node.target, "constant", spec, f"constant tensor {node.target}")
+        return
+    if node.op == "output":
+        for arg in iter_nodes(node.args):
+            for chan in iter_chans(tg.values.get(arg)):
+                store.freeze(chan.labels, "network output")
+        return
+    module = tg.gm.get_submodule(node.target) if node.op == "call_module" else None
+    info: Dict[str, Any] = {}
+    tg.infos[node] = info
+    ctx = PropagateContext(node, module, tg.module_names.get(node), store, tg.values, tg.specs, info,
+                           tg.allow_rewrite, frozen_modules, unknown)
+    handler = pm.hook.dnnshrink_op_handler(node=node, module=module)
+    if handler is None:
+        if spec is None or not _has_tensor(spec):
+            tg.values[node] = None  # sizes, shapes, ints: nothing to do with channels
+            return
+        ctx.unknown(f"{ctx.describe()} has no channel handler")
+        return
+    tg.handlers[node] = handler
+    try:
+        handler.propagate(ctx)
+    except Exception as exc:
+        raise PluginError(f"channel handler {handler!r} failed on {ctx.describe()}: {type(exc).__name__}: {exc}") from exc
+    if not ctx._answered:
+        raise PluginError(f"channel handler {handler!r} did not call ctx.output(...) for {ctx.describe()}")
+
+
+def _fresh(store: LabelStore, owner: str, role: str, spec: Any, reason: str) -> Any:
+    if isinstance(spec, TensorSpec):
+        if spec.ndim < 2:
+            return None
+        labels = store.new_space(owner, role, spec.shape[1])
+        store.freeze(labels, reason)
+        return Chan(labels)
+    if isinstance(spec, tuple):
+        return tuple(_fresh(store, f"{owner}[{i}]", role, s, reason) for i, s in enumerate(spec))
+    return None
+
+
+def _has_tensor(spec: Any) -> bool:
+    if isinstance(spec, TensorSpec):
+        return True
+    return isinstance(spec, tuple) and any(_has_tensor(s) for s in spec)

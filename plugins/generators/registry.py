@@ -1,0 +1,123 @@
+"""Which handler serves which op: lookup tables by module class, function and method name."""
+from __future__ import annotations
+
+import operator
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from dnnshrink_core import OpHandler
+
+from .elementwise import BinaryHandler, ClampHandler, FrozenPassThrough, PassThrough, ReductionHandler, SoftmaxHandler, table
+from .layers import BATCHNORM, CONV, INSTANCENORM, LINEAR, PRELU
+from .padding import PAD_FUNCTION, PAD_MODULE
+from .shape import EXPAND, PERMUTE, RESHAPE
+from .slicing import CAT, CHUNK, GETITEM, SPLIT, TUPLE
+
+ZERO = PassThrough("zero-preserving")
+NONZERO = PassThrough("elementwise", zero_preserving=False)
+FROZEN = FrozenPassThrough("channel-coupling")
+SOFTMAX = SoftmaxHandler()
+ADD, MUL, DIV = BinaryHandler("add", "add"), BinaryHandler("mul", "mul"), BinaryHandler("div", "div")
+CLAMP = ClampHandler((1, "min"), (2, "max"))
+HARDTANH = ClampHandler((1, "min_val", -1.0), (2, "max_val", 1.0))
+REDUCE = ReductionHandler("reduction")
+
+MODULES: Dict[type, OpHandler] = {
+    nn.modules.conv._ConvNd: CONV,
+    nn.Linear: LINEAR,
+    nn.modules.batchnorm._BatchNorm: BATCHNORM,
+    nn.modules.instancenorm._InstanceNorm: INSTANCENORM,
+    nn.PReLU: PRELU,
+    nn.modules.padding._ConstantPadNd: PAD_MODULE,
+    nn.modules.padding._ReflectionPadNd: PAD_MODULE,
+    nn.modules.padding._ReplicationPadNd: PAD_MODULE,
+    nn.Flatten: RESHAPE,
+    nn.Unflatten: RESHAPE,
+    nn.Softmax: SOFTMAX, nn.LogSoftmax: SOFTMAX, nn.Softmin: SOFTMAX,
+    nn.Hardtanh: ZERO,  # ReLU6 derives from it; its range always holds zero
+    **table([nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+             nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.Identity,
+             nn.modules.dropout._DropoutNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+             nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+             nn.modules.pooling._LPPoolNd, nn.Upsample], ZERO),
+    **table([nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, nn.Threshold], NONZERO),
+    **table([nn.GroupNorm, nn.LocalResponseNorm, nn.Softmax2d, nn.ChannelShuffle, nn.PixelShuffle,
+             nn.PixelUnshuffle], FROZEN),
+}
+
+FUNCTIONS: Dict[Any, OpHandler] = {
+    **table([F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.elu, F.selu,
+             F.celu, F.gelu, F.silu, F.mish, F.hardswish, torch.tanh, F.tanh, F.softsign, F.tanhshrink,
+             F.hardshrink, F.softshrink, torch.abs, torch.neg,
+             F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+             F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+             F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+             F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+             F.lp_pool1d, F.lp_pool2d, F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear], ZERO),
+    **table([torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, torch.exp], NONZERO),
+    **table([torch.clamp, torch.clip], CLAMP),
+    F.hardtanh: HARDTANH,
+    **table([F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax], SOFTMAX),
+    **table([torch.mean, torch.sum, torch.amax, torch.amin], REDUCE),
+    **table([torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze], RESHAPE),
+    **table([torch.transpose, torch.permute, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis], PERMUTE),
+    **table([torch.broadcast_to], EXPAND),
+    **table([torch.cat, torch.concat, torch.concatenate], CAT),
+    torch.split: SPLIT,
+    torch.chunk: CHUNK,
+    operator.getitem: GETITEM,
+    **table([operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, torch.subtract], ADD),
+    **table([operator.mul, operator.imul, torch.mul, torch.multiply], MUL),
+    **table([operator.truediv, operator.itruediv, torch.div, torch.divide, torch.true_divide], DIV),
+    F.pad: PAD_FUNCTION,
+}
+
+METHODS: Dict[str, OpHandler] = {
+    **table(["relu", "relu_", "tanh", "tanh_", "abs", "abs_", "neg", "neg_", "sqrt", "contiguous", "clone",
+             "detach", "float", "double", "half", "bfloat16", "to", "type", "type_as", "cpu", "cuda",
+             "requires_grad_"], ZERO),
+    **table(["sigmoid", "sigmoid_", "exp", "exp_"], NONZERO),
+    **table(["clamp", "clamp_", "clip", "clip_"], CLAMP),
+    **table(["softmax", "log_softmax"], SOFTMAX),
+    **table(["mean", "sum", "amax", "amin"], REDUCE),
+    **table(["view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"], RESHAPE),
+    **table(["permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims"], PERMUTE),
+    **table(["expand", "expand_as", "repeat", "broadcast_to"], EXPAND),
+    "split": SPLIT,
+    "chunk": CHUNK,
+    **table(["add", "add_", "sub", "sub_"], ADD),
+    **table(["mul", "mul_"], MUL),
+    **table(["div", "div_"], DIV),
+}
+
+# functions of optional packages, by (module, name), so that nothing is imported for them
+NAMED_FUNCTIONS: Dict[tuple, OpHandler] = {
+    ("torchvision.ops.stochastic_depth", "stochastic_depth"): ZERO,
+}
+
+
+def handler_for(node: fx.Node, module: Optional[nn.Module]) -> Optional[OpHandler]:
+    """The default handler for ``node``, or None."""
+    if node.op == "call_module":
+        for cls in type(module).__mro__:
+            handler = MODULES.get(cls)
+            if handler is not None:
+                return handler
+        return None
+    if node.op == "call_method":
+        return METHODS.get(node.target)
+    if node.op == "call_function":
+        target = node.target
+        try:
+            handler = FUNCTIONS.get(target)
+        except TypeError:  # unhashable callables
+            handler = None
+        if handler is not None:
+            return handler
+        if isinstance(target, type) and issubclass(target, tuple):
+            return TUPLE
+        return NAMED_FUNCTIONS.get((getattr(target, "__module__", None), getattr(target, "__name__", None)))
+    return None

@@ -1,0 +1,47 @@
+"""MorphNet's mask extractor: a channel unit lives if any BatchNorm source has |gamma| > threshold."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+from torch import nn
+
+from dnnshrink_core import ChannelGraph, Masks
+
+
+def gap_threshold(gammas: np.ndarray, floor: float = 1e-12) -> float:
+    """A threshold in the widest gap of the ``log |gamma|`` distribution.
+
+    After MorphNet training the scales are bimodal (dead ones near zero, live ones near
+    one); the geometric middle of the widest gap separates them. With fewer than two
+    distinct values there is no gap and 1e-2 (MorphNet's default) is returned.
+    """
+    values = np.unique(np.log10(np.maximum(np.abs(gammas), floor)))
+    if len(values) < 2:
+        return 1e-2
+    gaps = np.diff(values)
+    i = int(np.argmax(gaps))
+    return float(10 ** ((values[i] + values[i + 1]) / 2))
+
+
+def threshold_masks(graph: ChannelGraph, model: nn.Module, threshold: Optional[float] = 1e-2,
+                    **_: Any) -> Masks:
+    """Keep a unit unless it is removable and all its BatchNorm sources have ``|gamma| <= threshold``.
+
+    ``threshold=None`` picks one with :func:`gap_threshold`. Every group keeps at least
+    its unit with the largest ``|gamma|``.
+    """
+    gammas = graph.unit_gammas(model)
+    if threshold is None:
+        threshold = gap_threshold(gammas[graph.unit_removable])
+    alive = ~graph.unit_removable | (gammas > threshold)
+    masks = {}
+    for group in graph.groups:
+        mask = alive[group.units]
+        if not mask.any():
+            mask = mask.copy()
+            mask[int(np.argmax(gammas[group.units]))] = True
+        masks[group.name] = mask
+    result = Masks(masks, graph)
+    result.threshold = threshold
+    return result
