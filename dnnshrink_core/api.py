@@ -23,7 +23,9 @@ def _fingerprint(model: nn.Module, inputs: tuple, leaf_modules: Sequence[Any]) -
     shapes = tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
     inputs_key = tuple((tuple(x.shape), x.dtype) if hasattr(x, "shape") else repr(x) for x in inputs)
     modes = (model.training, getattr(model, GENERATE_GRAPH, None), getattr(model, BACK_BONE_ONLY, None))
-    return structure, shapes, inputs_key, modes, tuple(map(repr, leaf_modules))
+    pm = get_plugin_manager()
+    plugins = (id(pm), tuple((name, id(plugin)) for name, plugin in pm.list_name_plugin()))
+    return structure, shapes, inputs_key, modes, plugins, tuple(map(repr, leaf_modules))
 
 
 def _check_model(model: Any) -> None:

@@ -71,11 +71,27 @@ def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.M
                 replacements[name] = ctx.new_module
             if ctx.new_args is not None or ctx.new_kwargs is not None:
                 rewrites[node] = (ctx.new_args, ctx.new_kwargs)
-    memo = {id(model.get_submodule(name)): new for name, new in replacements.items()}
-    new_model = copy.deepcopy(model, memo)
+    new_model = copy.deepcopy(model, _clone_memo(model, replacements))
     if not rewrites:
         return new_model
     return _rewritten(graph.traces[0].gm, new_model, rewrites, type(model).__name__)
+
+
+def _clone_memo(model: nn.Module, replacements: Dict[str, nn.Module]) -> Dict[int, Any]:
+    """A deepcopy memo with the rebuilt modules and clones of every other tensor.
+
+    Cloning tensors up front is several times faster than letting deepcopy reach them
+    through ``Parameter.__deepcopy__``.
+    """
+    memo: Dict[int, Any] = {id(model.get_submodule(name)): new for name, new in replacements.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) not in memo:
+                memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        for b in model.buffers():
+            if id(b) not in memo:
+                memo[id(b)] = b.clone()
+    return memo
 
 
 def _rewritten(gm: fx.GraphModule, root: nn.Module, rewrites: Dict[fx.Node, Tuple[Any, Any]],

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from .labels import LabelStore, Space, connected_components
+from .labels import CONSUMER_ROLES, LabelStore, Space, connected_components
 
 
 @dataclass
@@ -93,42 +93,53 @@ class ChannelGraph:
         self.unit_removable = self.unit_has_source & ~self.unit_frozen & ~self.unit_unguarded
 
     def _build_groups(self) -> None:
+        """Cluster units into groups through the producer spaces they share.
+
+        Consumer spaces (a conv's input side, a BatchNorm's features) do not link
+        groups: the BatchNorm after a concat reads several independent groups.
+        """
         spaces = self.store.spaces
+        n_spaces = len(spaces)
         sizes = np.array([s.size for s in spaces], dtype=np.int64)
-        space_of_label = np.repeat(np.arange(len(spaces)), sizes)
-        order = np.argsort(self.unit_of, kind="stable")
-        su, ss = self.unit_of[order], space_of_label[order]
+        space_of_label = np.repeat(np.arange(n_spaces), sizes)
+        producer = np.array([s.role not in CONSUMER_ROLES for s in spaces], dtype=bool)[space_of_label]
+        has_producer = np.bincount(self.unit_of[producer], minlength=self.num_units) > 0
+        linking = np.flatnonzero(producer | ~has_producer[self.unit_of])
+        linking = linking[np.argsort(self.unit_of[linking], kind="stable")]
+        su, ss = self.unit_of[linking], space_of_label[linking]
         same = su[1:] == su[:-1]
-        space_group, n_groups = connected_components(len(spaces), ss[:-1][same], ss[1:][same])
+        space_group, n_groups = connected_components(n_spaces, ss[:-1][same], ss[1:][same])
         _, first = np.unique(su, return_index=True)
-        self.unit_group = space_group[ss[first]]
+        raw_group = space_group[ss[first]]
+        # renumber groups in the order of their first unit (roughly the network's order)
+        _, first_unit = np.unique(raw_group, return_index=True)
+        rank = np.empty(n_groups, dtype=np.int64)
+        used = raw_group[np.sort(first_unit)]
+        rank[used] = np.arange(len(used))
+        self.unit_group = rank[raw_group]
+        n_groups = len(used)
         unit_order = np.lexsort((np.arange(self.num_units), self.unit_group))
-        counts = np.bincount(self.unit_group, minlength=n_groups)
-        starts = np.concatenate([[0], np.cumsum(counts)])
+        starts = np.concatenate([[0], np.cumsum(np.bincount(self.unit_group, minlength=n_groups))])
         self.unit_pos = np.empty(self.num_units, dtype=np.int64)
         self.unit_pos[unit_order] = np.arange(self.num_units) - starts[self.unit_group[unit_order]]
 
+        pairs = np.unique(self.unit_group[self.unit_of] * n_spaces + space_of_label)
         group_spaces: List[List[Space]] = [[] for _ in range(n_groups)]
-        for space in spaces:
-            group_spaces[space_group[space.index]].append(space)
+        for pair in pairs:
+            group_spaces[pair // n_spaces].append(spaces[pair % n_spaces])
         self.groups: List[Group] = []
         self._by_name: Dict[str, Group] = {}
         for g in range(n_groups):
             units = unit_order[starts[g]:starts[g + 1]]
-            if not len(units):
-                continue
             members = group_spaces[g]
-            name = next((s.owner for s in members if s.role == "out"), members[0].name)
+            name = next((s.owner for s in members if s.role == "out" and space_group[s.index] == used[g]),
+                        members[0].name)
             if name in self._by_name:
                 name = f"{name}#{g}"
             reasons = sorted({self.reasons[r] for r in self.unit_reason[units] if r >= 0})
-            group = Group(len(self.groups), name, units, members, self.unit_removable[units], reasons)
+            group = Group(g, name, units, members, self.unit_removable[units], reasons)
             self.groups.append(group)
             self._by_name[name] = group
-        self._group_of_unit_index = np.full(n_groups, -1, dtype=np.int64)
-        for group in self.groups:
-            self._group_of_unit_index[space_group[group.spaces[0].index]] = group.index
-        self.unit_group = self._group_of_unit_index[self.unit_group]
 
     # --- queries --------------------------------------------------------------------
     def __getitem__(self, name: str) -> Group:

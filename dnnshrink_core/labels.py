@@ -18,6 +18,10 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 
+# Roles of spaces that read channels made elsewhere; they never link groups together.
+CONSUMER_ROLES = frozenset({"in", "features"})
+
+
 @dataclass
 class Space:
     """A contiguous range of labels made by one producer.

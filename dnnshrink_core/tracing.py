@@ -125,7 +125,7 @@ def _trace_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any], 
             raise TraceError(
                 f"torch.fx could not trace {culprit}: {type(exc).__name__}: {exc}\n"
                 "What to do: make that code traceable (no Python control flow on tensor values), "
-                "or keep the module whole with leaf_modules=['<its name>'] (its channels are then kept), "
+                f"or keep the module whole with leaf_modules=[{where or '<its name>'!r}] (its channels are then kept), "
                 "or give the model a `generate_graph` attribute that makes forward return a tensor, "
                 "or `back_bone_only = True` to shrink only a traceable backbone."
             ) from exc
@@ -260,15 +260,23 @@ class _UnknownOps:
             ctx.store.freeze(chan.labels, reason)
         ctx.fresh_output(reason)
         if warn and inputs:
-            self.seen.setdefault(_op_key(ctx), []).append(ctx.describe())
+            self.seen.setdefault(_op_key(ctx), []).append(_where(ctx))
 
     def report(self) -> None:
         for key, where in self.seen.items():
-            more = f" and {len(where) - 1} more" if len(where) > 1 else ""
+            places = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
             warnings.warn(
-                f"dnnshrink: no channel handler for `{key}` ({where[0]}{more}); the channels crossing it are "
+                f"dnnshrink: no channel handler for `{key}` (at {places}); the channels crossing it are "
                 "kept. To prune through it, register a handler with the `dnnshrink_op_handler` hook "
                 "(see docs/plugins.md).", UnknownOpWarning, stacklevel=4)
+
+
+def _where(ctx: PropagateContext) -> str:
+    if ctx.module_name is not None:
+        return f"module `{ctx.module_name}`"
+    stack = ctx.node.meta.get("nn_module_stack")
+    inside = f" in `{list(stack)[-1]}`" if stack else ""
+    return f"node `{ctx.node.name}`{inside}"
 
 
 def _op_key(ctx: PropagateContext) -> str:
@@ -294,7 +302,7 @@ def _propagate_node(tg: TracedGraph, node: fx.Node, store: LabelStore, pm: Any,
                     frozen_modules: frozenset, unknown: _UnknownOps) -> None:
     spec = tg.specs.get(node)
     if node.op == "placeholder":
-        tg.values[node] = _fresh(store, f"input:{node.name}", "input", spec, "network input")
+        tg.values[node] = _fresh(store, node.name, "input", spec, "network input")
         return
     if node.op == "get_attr":
         tg.values[node] = _fresh(store, node.target, "constant", spec, f"constant tensor {node.target}")

@@ -1,0 +1,61 @@
+"""Shared test helpers: kill channels, compare outputs."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def kill_half(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Zero gamma and beta of a random half of every BatchNorm's channels and randomise the
+    running statistics, so those channels carry exact zeros. Returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                if m.affine:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+                    dead = torch.randperm(n, generator=g)[: n // 2]
+                    m.weight[dead] = 0.0
+                    m.bias[dead] = 0.0
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                    m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return model
+
+
+def flat_outputs(out: Any) -> list:
+    """Every tensor in a nested output, in a stable order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in out for t in flat_outputs(out[k])]
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in flat_outputs(item)]
+    return []
+
+
+def max_relative_error(a: Any, b: Any) -> float:
+    """Largest relative error between matching tensors of two nested outputs."""
+    fa, fb = flat_outputs(a), flat_outputs(b)
+    assert len(fa) == len(fb), f"{len(fa)} outputs vs {len(fb)}"
+    worst = 0.0
+    for x, y in zip(fa, fb):
+        assert x.shape == y.shape, f"output shape {tuple(x.shape)} vs {tuple(y.shape)}"
+        worst = max(worst, ((x - y).norm() / x.norm().clamp_min(1e-12)).item())
+    return worst
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def state_copy(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

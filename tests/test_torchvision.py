@@ -1,0 +1,47 @@
+"""The invariant on every torchvision classification model that contains BatchNorm.
+
+A sample runs by default; the whole sweep runs with ``pytest -m slow tests/test_torchvision.py``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import dnnshrink_core as ds
+from helpers import kill_half, max_relative_error, n_params
+
+torchvision = pytest.importorskip("torchvision")
+
+SAMPLE = {"resnet18", "mobilenet_v3_small", "densenet121", "efficientnet_b0", "shufflenet_v2_x0_5", "googlenet",
+          "regnet_y_400mf", "mnasnet0_5", "resnext50_32x4d", "vgg11_bn"}
+INPUT_SIZE = {"inception_v3": 96, "maxvit_t": 224}
+MODELS = sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+@pytest.mark.parametrize("name", [n if n in SAMPLE else pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
+def test_torchvision_invariant(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torchvision.models.get_model(name, weights=None)
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        pytest.skip(f"{name} has no BatchNorm")
+    model = kill_half(model).eval()
+    size = INPUT_SIZE.get(name, 64)
+    x = torch.randn(2, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ds.UnknownOpWarning)
+        small = ds.generate(model, x, ds.alive_masks(model, x))
+    assert n_params(small) < n_params(model)
+    with torch.no_grad():
+        assert max_relative_error(model(x), small(x)) < 1e-4
+    if name in ("googlenet", "inception_v3"):  # auxiliary classifiers only run in training mode
+        for net in (model, small):
+            net.train()
+            for m in net.modules():
+                if isinstance(m, nn.modules.dropout._DropoutNd):
+                    m.eval()  # keep the comparison deterministic
+        with torch.no_grad():
+            assert max_relative_error(model(x), small(x)) < 1e-4
