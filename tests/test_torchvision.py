@@ -17,7 +17,7 @@ torchvision = pytest.importorskip("torchvision")
 
 SAMPLE = {"resnet18", "mobilenet_v3_small", "densenet121", "efficientnet_b0", "shufflenet_v2_x0_5", "googlenet",
           "regnet_y_400mf", "mnasnet0_5", "resnext50_32x4d", "vgg11_bn"}
-INPUT_SIZE = {"inception_v3": 96, "maxvit_t": 224}
+INPUT_SIZE = {"inception_v3": 299, "maxvit_t": 224}
 MODELS = sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -38,6 +38,8 @@ def test_torchvision_invariant(name):
     with torch.no_grad():
         assert max_relative_error(model(x), small(x)) < 1e-4
     if name in ("googlenet", "inception_v3"):  # auxiliary classifiers only run in training mode
+        # batch statistics of a batch of 2 amplify float32 rounding: compare in float64
+        model, small, x = model.double(), small.double(), x.double()
         for net in (model, small):
             net.train()
             for m in net.modules():

@@ -55,6 +55,8 @@ class ConvHandler(OpHandler):
 
     def rebuild(self, ctx: RebuildContext) -> None:
         m, info = ctx.module, ctx.info
+        if "in_labels" not in info:  # propagation kept the layer whole
+            return
         in_keep, out_keep = ctx.keep(info["in_labels"]), ctx.keep(info["out_labels"])
         if _all(in_keep) and _all(out_keep):
             return
@@ -110,6 +112,8 @@ class LinearHandler(OpHandler):
 
     def rebuild(self, ctx: RebuildContext) -> None:
         m, info = ctx.module, ctx.info
+        if "in_labels" not in info:  # propagation kept the layer whole
+            return
         in_keep, out_keep = ctx.keep(info["in_labels"]), ctx.keep(info["out_labels"])
         if _all(in_keep) and _all(out_keep):
             return
@@ -156,6 +160,8 @@ class ChannelwiseHandler(OpHandler):
 
     def rebuild(self, ctx: RebuildContext) -> None:
         m = ctx.module
+        if "labels" not in ctx.info:
+            return
         keep = ctx.keep(ctx.info["labels"])
         if _all(keep):
             return
