@@ -7,17 +7,20 @@ one import::
     from dnnshrink_core import hookimpl
 """
 from .api import alive_masks, generate, trace
-from .errors import (DnnshrinkError, DnnshrinkWarning, MaskError, NoBatchNormError, PluginError, TraceError,
-                     UnknownOpWarning, UntracedModuleWarning)
+from .errors import (ArtifactError, DnnshrinkError, DnnshrinkWarning, ExportError, MaskError, NoBatchNormError,
+                     PluginError, TraceError, UnknownOpWarning, UntracedModuleWarning)
+from .export import export, export_formats, load
 from .graph import ChannelGraph, Group
 from .handler import OpHandler, PropagateContext, RebuildContext, TensorSpec
 from .labels import Chan
 from .masks import Masks
 from .plugins import get_plugin_manager, hookimpl, list_plugins
+from .report import Report, layer_report
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArtifactError", "ExportError", "Report", "export", "export_formats", "layer_report", "load",
     "Chan", "ChannelGraph", "DnnshrinkError", "DnnshrinkWarning", "Group", "MaskError", "Masks",
     "NoBatchNormError", "OpHandler", "PluginError", "PropagateContext", "RebuildContext", "TensorSpec",
     "TraceError", "UnknownOpWarning", "UntracedModuleWarning", "alive_masks", "generate",

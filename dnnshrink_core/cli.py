@@ -25,6 +25,34 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from .api import trace
+    from .export import export
+    from .report import layer_report
+    from .userspec import build_model, parse_shape
+
+    model = build_model(args.model).eval()
+    x = torch.randn(parse_shape(args.input_shape))
+    graph = trace(model, x)
+    print(graph if args.all else _graph_head(graph, args.top))
+    report = layer_report(model, x)
+    t = report.totals
+    print(f"\n{len(report.rows)} conv/linear layers, {t['macs_before']:,} MACs, {t['params_before']:,} parameters")
+    out = args.out or f"{args.model.rpartition(':')[2] or 'model'}.svg"
+    result = export(model, x, "graph", out)
+    print(f"picture: {result['path']}")
+    return 0
+
+
+def _graph_head(graph, top: int) -> str:
+    text = str(graph).splitlines()
+    if len(text) <= top + 2:
+        return "\n".join(text)
+    return "\n".join(text[: top + 2] + [f"... {len(text) - top - 2} more groups (--all shows them)"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dnnshrink`` command."""
     parser = argparse.ArgumentParser(prog="dnnshrink", description="Make trained PyTorch networks physically smaller.")
@@ -35,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--block", action="append", default=[], metavar="NAME",
                          help="do not load plugin NAME (repeatable; DNNSHRINK_BLOCK_PLUGINS works too)")
     plugins.set_defaults(func=_cmd_plugins)
+    inspect = sub.add_parser("inspect", help="show the channel groups the generator finds, and draw the network")
+    inspect.add_argument("model", help="`package.module:factory`, `file.py:factory`, or a torchvision model name")
+    inspect.add_argument("--input-shape", required=True, help="one batch's shape, e.g. 1,3,224,224")
+    inspect.add_argument("--out", help="picture path (.svg, .png or .pdf; default MODEL.svg)")
+    inspect.add_argument("--top", type=int, default=40, help="groups to print (default 40)")
+    inspect.add_argument("--all", action="store_true", help="print every group")
+    inspect.set_defaults(func=_cmd_inspect)
     return parser
 
 

@@ -26,6 +26,14 @@ class PluginError(DnnshrinkError):
     """A plugin that a step needs is missing, blocked, or misbehaved."""
 
 
+class ExportError(DnnshrinkError):
+    """An export failed, or its verification did (the message gives the measured error)."""
+
+
+class ArtifactError(DnnshrinkError):
+    """A saved artifact is missing, truncated, tampered with, or holds something unsafe."""
+
+
 class DnnshrinkWarning(UserWarning):
     """Base class of dnnshrink's warnings."""
 

@@ -7,7 +7,7 @@ A plugin is any module or object with functions named like the specs below, mark
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import pluggy
 
@@ -62,6 +62,13 @@ def dnnshrink_regularizer(name: str) -> Optional[Any]:
 def dnnshrink_exporter(fmt: str) -> Optional[Any]:
     """Return the exporter for format ``fmt`` (``"pytorch"``, ``"onnx"``, ``"graph"``…), or ``None``.
 
-    An exporter writes an artifact for a shrunk model and verifies it before it reports
-    the export as done.
+    An exporter is an object with ``export(model, example_inputs, path, **options)``,
+    which writes the file (atomically), verifies it before it reports the export as done,
+    and returns a dict of what it measured (at least ``"path"``). It may also have
+    ``load(path)``; ``suffix`` is the file suffix it suggests.
     """
+
+
+@hookspec
+def dnnshrink_export_formats() -> List[str]:
+    """Return the names of the formats your exporters write (for listings and messages)."""

@@ -169,8 +169,9 @@ class _Recorder(fx.Interpreter):
         except Exception as exc:
             where = n.meta.get("nn_module_stack")
             module = f" in module `{list(where)[-1]}`" if where else ""
+            message = str(exc).split("\n\nWhile executing")[0]
             raise TraceError(
-                f"running the model on example_inputs failed at `{n.name}`{module}: {type(exc).__name__}: {exc}\n"
+                f"running the model on example_inputs failed at `{n.name}`{module}: {type(exc).__name__}: {message}\n"
                 "What to do: pass example_inputs shaped exactly like one batch of your model's input "
                 "(e.g. torch.randn(1, 3, 224, 224)) on the model's device."
             ) from exc

@@ -1,0 +1,53 @@
+"""Exporting a shrunk network: :func:`export` by format name, and :func:`load`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Union
+
+from torch import nn
+
+from .errors import PluginError
+from .plugins import get_plugin_manager
+
+
+def export_formats() -> List[str]:
+    """Every format name the loaded exporter plugins write."""
+    names: List[str] = []
+    for formats in get_plugin_manager().hook.dnnshrink_export_formats():
+        names.extend(f for f in formats if f not in names)
+    return names
+
+
+def _exporter(fmt: str) -> Any:
+    exporter = get_plugin_manager().hook.dnnshrink_exporter(fmt=fmt)
+    if exporter is None:
+        known = ", ".join(export_formats()) or "none (is dnnshrink's `exporters` plugin installed?)"
+        raise PluginError(f"no exporter for format {fmt!r}; the loaded ones are: {known}")
+    return exporter
+
+
+def export(model: nn.Module, example_inputs: Any, fmt: str, path: Union[str, os.PathLike],
+           **options: Any) -> Dict[str, Any]:
+    """Write ``model`` in format ``fmt`` (``"pytorch"``, ``"onnx"``, ``"graph"``…) to ``path``.
+
+    The exporter verifies what it wrote before returning a dict of what it measured.
+    Options go to the exporter: ``opset``, ``dynamic_batch``, ``rtol`` for ONNX;
+    ``baseline`` (the model before shrinking) and ``image_format`` for the graph.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    return _exporter(fmt).export(model, example_inputs, Path(path), **options)
+
+
+def load(path: Union[str, os.PathLike]) -> nn.Module:
+    """Load a ``pytorch`` artifact written by :func:`export`.
+
+    No pickled code runs: the file holds a graph of torch ops, torch.nn layer settings and
+    tensors read with ``weights_only=True``; a truncated or tampered file is refused with
+    an :class:`~dnnshrink_core.errors.ArtifactError`.
+    """
+    exporter = _exporter("pytorch")
+    if not hasattr(exporter, "load"):
+        raise PluginError("the `pytorch` exporter that is loaded cannot read artifacts")
+    return exporter.load(Path(path))

@@ -1,0 +1,156 @@
+"""The per-layer report shared by the pipeline and the CLI: channels, MACs, parameters.
+
+MACs are counted by ``torch.utils.flop_counter`` on the real modules (one multiply-add is
+two FLOPs), so they include every conv and matmul the network really runs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .fileio import atomic_path, atomic_write
+from .tracing import model_mode, normalize_inputs
+
+LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+@dataclass
+class LayerRow:
+    """One conv or linear layer before and after shrinking."""
+
+    name: str
+    kind: str
+    in_before: int
+    in_after: int
+    out_before: int
+    out_after: int
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+
+    @property
+    def kept(self) -> float:
+        """Share of output channels kept."""
+        return self.out_after / self.out_before if self.out_before else 1.0
+
+
+@dataclass
+class Report:
+    """Rows per layer, totals, and any extra figures (score, latency) the caller adds."""
+
+    rows: List[LayerRow]
+    totals: Dict[str, int]
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"totals": self.totals, "layers": [asdict(r) for r in self.rows], **self.extra}
+
+    def table(self) -> str:
+        """A plain-text table (what ``print(report)`` shows)."""
+        head = ("layer", "type", "in", "out", "kept", "MACs", "params")
+        lines = [head]
+        for r in self.rows:
+            lines.append((r.name, r.kind, f"{r.in_before}→{r.in_after}", f"{r.out_before}→{r.out_after}",
+                          f"{r.kept:.0%}", f"{_human(r.macs_before)}→{_human(r.macs_after)}",
+                          f"{_human(r.params_before)}→{_human(r.params_after)}"))
+        t = self.totals
+        lines.append(("total", "", "", "", "", f"{_human(t['macs_before'])}→{_human(t['macs_after'])}",
+                      f"{_human(t['params_before'])}→{_human(t['params_after'])}"))
+        widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def save(self, folder: Path, stem: str = "layers") -> Dict[str, Path]:
+        """Write ``<stem>.json``, ``<stem>.md`` and a bar chart ``<stem>.png`` of channels per layer."""
+        folder = Path(folder)
+        paths = {"json": folder / f"{stem}.json", "md": folder / f"{stem}.md", "png": folder / f"{stem}.png"}
+        with atomic_write(paths["json"], "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        with atomic_write(paths["md"], "w") as f:
+            f.write("```\n" + self.table() + "\n```\n")
+        self.bar_chart(paths["png"])
+        return paths
+
+    def bar_chart(self, path: Path) -> Path:
+        """A PNG bar chart of each layer's output channels before and after."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [r.name for r in self.rows]
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(names) + 2), 4.5))
+        xs = range(len(names))
+        ax.bar(xs, [r.out_before for r in self.rows], color="#c8c8c8", label="before")
+        ax.bar(xs, [r.out_after for r in self.rows], color="#2b7bba", label="after")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(names, rotation=90, fontsize=6)
+        ax.set_ylabel("output channels")
+        t = self.totals
+        ax.set_title(f"MACs {_human(t['macs_before'])} → {_human(t['macs_after'])}, "
+                     f"params {_human(t['params_before'])} → {_human(t['params_after'])}")
+        ax.legend()
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+        return path
+
+
+def _human(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{int(n)}"
+
+
+def count_macs(model: nn.Module, example_inputs: Any) -> Dict[str, int]:
+    """MACs per module name (``""`` for the whole model), counted on one eval-mode forward."""
+    inputs = normalize_inputs(example_inputs)
+    with model_mode(model, training=False), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    macs = {"": counter.get_total_flops() // 2}
+    for key, ops in counter.get_flop_counts().items():
+        if key == "Global":
+            continue
+        name = key.split(".", 1)[1] if "." in key else ""
+        if name:
+            macs[name] = sum(ops.values()) // 2
+    return macs
+
+
+def _width(m: nn.Module) -> tuple:
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    return m.in_channels, m.out_channels
+
+
+def layer_report(model: nn.Module, example_inputs: Any, baseline: Optional[nn.Module] = None) -> Report:
+    """The per-layer report of ``model`` against ``baseline`` (default: itself)."""
+    baseline = model if baseline is None else baseline
+    after_macs = count_macs(model, example_inputs)
+    before_macs = after_macs if baseline is model else count_macs(baseline, example_inputs)
+    rows = []
+    for name, old in baseline.named_modules():
+        if not isinstance(old, LAYER_TYPES):
+            continue
+        try:
+            new = model.get_submodule(name)
+        except AttributeError:
+            continue
+        (ib, ob), (ia, oa) = _width(old), _width(new)
+        rows.append(LayerRow(name, type(old).__name__, ib, ia, ob, oa, before_macs.get(name, 0),
+                             after_macs.get(name, 0), sum(p.numel() for p in old.parameters()),
+                             sum(p.numel() for p in new.parameters())))
+    totals = {"macs_before": before_macs[""], "macs_after": after_macs[""],
+              "params_before": sum(p.numel() for p in baseline.parameters()),
+              "params_after": sum(p.numel() for p in model.parameters())}
+    return Report(rows, totals)

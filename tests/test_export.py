@@ -1,0 +1,234 @@
+"""Exporters: the pytorch artifact round trip, verified ONNX, the picture, the report."""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import subprocess
+import sys
+import warnings
+import zipfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import dnnshrink_core as ds
+from dnnshrink_core.fileio import sha256_bytes
+from helpers import kill_half, max_relative_error
+from models import HANDWRITTEN
+
+
+def shrunk(name):
+    factory, shape = HANDWRITTEN[name]
+    model = kill_half(factory()).eval()
+    x = torch.randn(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ds.UnknownOpWarning)
+        return model, ds.generate(model, x, ds.alive_masks(model, x)), x
+
+
+LOADER = """
+import sys, torch
+try:
+    import models  # the original source must not be importable here
+    raise SystemExit("the model source was importable")
+except ImportError:
+    pass
+import dnnshrink_core as ds
+model = ds.load(sys.argv[1])
+x, expected = torch.load(sys.argv[2], weights_only=True)
+with torch.no_grad():
+    out = model(x)
+flat = lambda o: [o] if torch.is_tensor(o) else [t for v in (o.values() if isinstance(o, dict) else o) for t in flat(v)]
+for a, b in zip(flat(out), flat(expected)):
+    err = ((a - b).norm() / b.norm()).item()
+    assert err < 1e-5, err
+print("ok", type(model).__name__, len(flat(out)))
+"""
+
+
+@pytest.mark.parametrize("name", ["literal_view", "channel_pad_shortcut", "concat", "depthwise", "dict_output",
+                                  "squeeze_excitation"])
+def test_pytorch_artifact_loads_in_a_fresh_process_without_the_source(name, tmp_path):
+    _, small, x = shrunk(name)
+    path = tmp_path / f"{name}.dnnshrink"
+    result = ds.export(small, x, "pytorch", path)
+    assert result["path"] == str(path) and path.is_file()
+    with torch.no_grad():
+        torch.save((x, small(x)), tmp_path / "io.pt")
+    (tmp_path / "load.py").write_text(LOADER)
+    run = subprocess.run([sys.executable, "load.py", str(path), "io.pt"], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("ok")
+
+
+def test_loaded_artifact_matches_in_process(tmp_path):
+    _, small, x = shrunk("grouped")
+    ds.export(small, x, "pytorch", tmp_path / "m.dnnshrink")
+    loaded = ds.load(tmp_path / "m.dnnshrink")
+    with torch.no_grad():
+        assert max_relative_error(small(x), loaded(x)) == 0.0
+        assert loaded(torch.randn(5, *x.shape[1:])).shape[0] == 5
+    assert loaded.dnnshrink_manifest["inputs"] == [list(x.shape)]
+
+
+def _rewrite_member(path, member, data, fix_checksum):
+    with zipfile.ZipFile(path) as archive:
+        contents = {n: archive.read(n) for n in archive.namelist()}
+    contents[member] = data
+    if fix_checksum:
+        manifest = json.loads(contents["manifest.json"])
+        manifest["sha256"][member] = sha256_bytes(data)
+        contents["manifest.json"] = json.dumps(manifest).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for n, d in contents.items():
+            archive.writestr(n, d)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_corrupted_and_malicious_artifacts_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, small, x = shrunk("literal_view")
+    good = tmp_path / "good.dnnshrink"
+    ds.export(small, x, "pytorch", good)
+    blob = good.read_bytes()
+
+    truncated = tmp_path / "truncated.dnnshrink"
+    truncated.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ds.ArtifactError, match="truncated or not a dnnshrink artifact"):
+        ds.load(truncated)
+
+    tampered = tmp_path / "tampered.dnnshrink"
+    tampered.write_bytes(blob)
+    with zipfile.ZipFile(good) as archive:
+        graph = json.loads(archive.read("graph.json"))
+    graph["nodes"][1]["target"] = "conv2"
+    _rewrite_member(tampered, "graph.json", json.dumps(graph).encode(), fix_checksum=False)
+    with pytest.raises(ds.ArtifactError, match="tampered"):
+        ds.load(tampered)
+
+    evil = tmp_path / "evil.dnnshrink"
+    evil.write_bytes(blob)
+    payload = io.BytesIO()
+    pickle.dump({"x": Exploit()}, payload, protocol=2)
+    _rewrite_member(evil, "weights.pt", payload.getvalue(), fix_checksum=True)
+    with pytest.raises(ds.ArtifactError, match="cannot be read safely"):
+        ds.load(evil)
+    assert not (tmp_path / "PWNED").exists()
+
+    sneaky = tmp_path / "sneaky.dnnshrink"
+    sneaky.write_bytes(blob)
+    graph["nodes"][1]["op"], graph["nodes"][1]["target"] = "call_function", "os.system"
+    _rewrite_member(sneaky, "graph.json", json.dumps(graph).encode(), fix_checksum=True)
+    with pytest.raises(ds.ArtifactError, match="refusing to load"):
+        ds.load(sneaky)
+
+    with pytest.raises(ds.ArtifactError, match="does not exist"):
+        ds.load(tmp_path / "missing.dnnshrink")
+
+
+def double_it(x):
+    return x * 2
+
+
+torch.fx.wrap("double_it")
+
+
+class OutsideOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return double_it(self.bn(self.conv(x)))
+
+
+def test_artifact_refuses_ops_outside_torch(tmp_path):
+    with pytest.raises(ds.ExportError, match=r"test_export\.double_it.*Export to ONNX instead"):
+        ds.export(OutsideOps().eval(), torch.randn(1, 3, 4, 4), "pytorch", tmp_path / "n.dnnshrink")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["literal_view", "channel_pad_shortcut"])
+def test_onnx_export_is_verified_and_dynamic(name, tmp_path):
+    _, small, x = shrunk(name)
+    path = tmp_path / "m.onnx"
+    result = ds.export(small, x, "onnx", path, opset=20)
+    assert result["max_relative_error"] < 1e-4 and result["tolerance"] == 1e-4
+    model = onnx.load(str(path))
+    assert any(op.domain in ("", "ai.onnx") and op.version == 20 for op in model.opset_import)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    batch = torch.randn(3, *x.shape[1:])
+    (out,) = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
+    with torch.no_grad():
+        expected = small(batch)
+    assert float(np.linalg.norm(out - expected.numpy()) / np.linalg.norm(expected.numpy())) < 1e-4
+
+
+def test_onnx_mismatch_is_an_error_with_the_measured_error(tmp_path):
+    _, small, x = shrunk("concat")
+    with pytest.raises(ds.ExportError, match=r"relative error \d\.\d+e-\d+ exceeds the tolerance 1e-30"):
+        ds.export(small, x, "onnx", tmp_path / "m.onnx", rtol=1e-30)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_graph_picture_names_the_layers(tmp_path):
+    model, small, x = shrunk("channel_pad_shortcut")
+    result = ds.export(small, x, "graph", tmp_path / "g.svg", baseline=model)
+    svg = (tmp_path / "g.svg").read_text()
+    assert result["rendered"] and svg.lstrip().startswith(("<?xml", "<svg"))
+    for name in ("stem.0", "layer3.0.conv2", "fc", "add"):
+        assert name in svg
+    assert "64 → " in svg and "%" in svg
+    ds.export(small, x, "graph", tmp_path / "g.png")
+    assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_graph_without_dot_writes_source_and_says_how_to_install(tmp_path, monkeypatch):
+    import dnnshrink_plugins.exporters.picture as picture
+    monkeypatch.setattr(picture.shutil, "which", lambda name: None)
+    _, small, x = shrunk("concat")
+    with pytest.warns(ds.DnnshrinkWarning, match="apt-get install graphviz"):
+        result = ds.export(small, x, "graph", tmp_path / "g.svg")
+    assert not result["rendered"] and (tmp_path / "g.dot").read_text().startswith("digraph")
+
+
+def test_unknown_format_lists_the_known_ones():
+    with pytest.raises(ds.PluginError, match="no exporter for format 'tflite'.*pytorch.*onnx.*graph"):
+        ds.export(nn.Linear(2, 2), torch.randn(1, 2), "tflite", "x.tflite")
+
+
+def test_layer_report_counts_macs_on_the_real_modules(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    report = ds.layer_report(model, x)
+    conv, fc = report.rows
+    assert conv.macs_before == 8 * 3 * 9 * 36 and fc.macs_before == 8 * 36 * 5
+    assert report.totals["macs_before"] == conv.macs_before + fc.macs_before
+    small = ds.generate(model, x, {"0": np.arange(8) < 4})
+    report = ds.layer_report(small, x, baseline=model)
+    assert report.rows[0].out_after == 4 and report.rows[1].in_after == 4 * 36
+    assert report.rows[0].macs_after == 4 * 3 * 9 * 36
+    assert "0" in str(report) and "total" in str(report)
+    paths = report.save(tmp_path)
+    assert json.loads(paths["json"].read_text())["totals"]["macs_after"] == report.totals["macs_after"]
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_inspect(tmp_path):
+    out = tmp_path / "r.svg"
+    run = subprocess.run(["dnnshrink", "inspect", "resnet18", "--input-shape", "1,3,32,32", "--out", str(out),
+                          "--top", "3"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "layer1.0.conv1" in run.stdout and "more groups" in run.stdout and out.is_file()
+    bad = subprocess.run(["dnnshrink", "inspect", "resnet81", "--input-shape", "1,3,32,32"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 1 and "Did you mean resnet18" in bad.stderr and "Traceback" not in bad.stderr
