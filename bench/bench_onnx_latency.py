@@ -1,0 +1,113 @@
+"""ONNX Runtime latency of shrunk networks against their MACs reduction.
+
+For ResNet-50 and MobileNetV2 (torchvision, weights=None), half of the removable channel
+units of every group are removed (dnnshrink) and, side by side in the same process, the
+same networks are pruned to 50% channels by Torch-Pruning (magnitude importance, classifier
+kept). Each network is exported to ONNX (dnnshrink's verified exporter), then timed with
+onnxruntime on the CPU: 2 intra-op threads, batch 1, median of repeated runs.
+
+    efficiency = (baseline latency / shrunk latency) / (baseline MACs / shrunk MACs)
+
+1.0 is the physical limit (the speed-up equals the MACs reduction).
+
+    python bench/bench_onnx_latency.py [--models resnet50 mobilenet_v2] [--runs 50] [--no-tp]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torchvision
+from torch import nn
+
+import dnnshrink_core as ds
+
+
+def half_masks(graph, seed: int = 0):
+    """Remove a random half of the removable units of every group."""
+    rng = np.random.default_rng(seed)
+    masks = {}
+    for group in graph:
+        mask = np.ones(group.size, dtype=bool)
+        removable = np.flatnonzero(group.removable)
+        if len(removable) >= 2:
+            mask[rng.choice(removable, len(removable) // 2, replace=False)] = False
+        masks[group.name] = mask
+    return masks
+
+
+def latency(path: Path, x: torch.Tensor, runs: int, warmup: int = 10) -> float:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def torch_pruning_half(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model)
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                  pruning_ratio=0.5, ignored_layers=[last])
+    pruner.step()
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2"])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    warnings.simplefilter("ignore")
+    x = torch.randn(1, 3, 224, 224)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name in args.models:
+            model = torchvision.models.get_model(name, weights=None).eval()
+            variants = {"baseline": model}
+            graph = ds.trace(model, x)
+            variants["dnnshrink"] = ds.generate(model, x, half_masks(graph))
+            if not args.no_tp:
+                try:
+                    variants["torch-pruning"] = torch_pruning_half(model, x)
+                except ImportError:
+                    print("torch-pruning is not installed (pip install -e '.[bench]'); skipping it")
+            measured = {}
+            for label, net in variants.items():
+                path = tmp / f"{name}-{label}.onnx"
+                ds.export(net, x, "onnx", path)
+                macs = ds.layer_report(net, x).totals["macs_before"]
+                measured[label] = (macs, latency(path, x, args.runs))
+            base_macs, base_lat = measured["baseline"]
+            for label, (macs, lat) in measured.items():
+                speedup, reduction = base_lat / lat, base_macs / macs
+                rows.append((name, label, macs / 1e9, lat * 1e3, speedup, reduction, speedup / reduction))
+    print(f"{'model':<13}{'variant':<15}{'GMACs':>7}{'ms':>9}{'speed-up':>10}{'MACs cut':>10}{'efficiency':>12}")
+    for name, label, gmacs, ms, speedup, reduction, eff in rows:
+        print(f"{name:<13}{label:<15}{gmacs:>7.3f}{ms:>9.2f}{speedup:>9.2f}x{reduction:>9.2f}x{eff:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
