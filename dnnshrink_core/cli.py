@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
@@ -53,6 +54,26 @@ def _graph_head(graph, top: int) -> str:
     return "\n".join(text[: top + 2] + [f"... {len(text) - top - 2} more groups (--all shows them)"])
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config, run_config
+
+    data = load_config(args.config)
+    run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    from .config import load_config, run_config
+
+    with resources.as_file(resources.files("dnnshrink_core.demo") / "digits.yaml") as path:
+        data = load_config(path)
+    result = run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet)
+    print(f"\nwrote {len(result.files)} files to {args.out}: " + ", ".join(sorted(Path(p).name for p in result.files.values())))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dnnshrink`` command."""
     parser = argparse.ArgumentParser(prog="dnnshrink", description="Make trained PyTorch networks physically smaller.")
@@ -70,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--top", type=int, default=40, help="groups to print (default 40)")
     inspect.add_argument("--all", action="store_true", help="print every group")
     inspect.set_defaults(func=_cmd_inspect)
+    run = sub.add_parser("run", help="shrink the model a YAML config names")
+    run.add_argument("config", help="the YAML config (see dnnshrink_core/demo/digits.yaml)")
+    demo = sub.add_parser("demo", help="shrink a small CNN on scikit-learn's digits (a few minutes on a CPU)")
+    for p in (run, demo):
+        p.add_argument("--out", required=p is demo, help="output folder" + (" (default: the config's `out`)" if p is run else ""))
+        p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+        p.add_argument("--device", help="cpu, cuda, cuda:1… (default: CUDA when available)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -45,6 +45,24 @@ class Group:
         return f"Group({self.name!r}, size={self.size}, removable={int(self.removable.sum())})"
 
 
+@dataclass
+class LayerCost:
+    """A conv/linear call: the units of its input and output channels and its MACs factor."""
+
+    name: str
+    kind: str
+    in_units: np.ndarray
+    out_units: np.ndarray
+    coef: float
+
+    def macs(self, alive: np.ndarray) -> float:
+        """MACs with only the ``alive`` units (a boolean array over all units) kept."""
+        n_out = float(alive[self.out_units].sum())
+        if self.kind == "depthwise":
+            return self.coef * n_out
+        return self.coef * float(alive[self.in_units].sum()) * n_out
+
+
 class ChannelGraph:
     """The traced model as groups of coupled channels (what :func:`dnnshrink_core.trace` returns).
 
@@ -140,6 +158,22 @@ class ChannelGraph:
             group = Group(g, name, units, members, self.unit_removable[units], reasons)
             self.groups.append(group)
             self._by_name[name] = group
+
+    def layers(self) -> List["LayerCost"]:
+        """Every traced call of a layer whose MACs depend on kept channels (conv, linear).
+
+        Handlers describe them with ``info["layer"]``, ``in_labels``, ``out_labels``,
+        ``kind`` and ``macs_coef`` (MACs = coef · in · out, or coef · out for depthwise).
+        Only the first traced mode counts, so a layer is counted once per call.
+        """
+        result = []
+        trace = self.traces[0]
+        for node, info in trace.infos.items():
+            if info.get("layer") and "macs_coef" in info:
+                result.append(LayerCost(trace.module_names.get(node, node.name), info["kind"],
+                                        self.unit_of[info["in_labels"]], self.unit_of[info["out_labels"]],
+                                        float(info["macs_coef"])))
+        return result
 
     # --- queries --------------------------------------------------------------------
     def __getitem__(self, name: str) -> Group:

@@ -45,7 +45,9 @@ def dnnshrink_mask_extractor(name: str) -> Optional[Any]:
     A mask extractor is a callable ``extract(graph, model, **options) -> Masks`` that
     decides, from the trained model and its :class:`dnnshrink_core.ChannelGraph`, which
     channel units of every group stay alive. The default, ``"threshold"``, keeps a unit
-    when any BatchNorm source in it has ``|gamma| > threshold``.
+    when any BatchNorm source in it has ``|gamma| > threshold``. The pipeline also uses
+    its ``enforce_widths`` and ``expand_to_budget`` methods (minimum widths, rounding,
+    MorphNet's expand step).
     """
 
 

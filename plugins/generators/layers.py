@@ -2,6 +2,8 @@
 the normalisations and PReLU."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -50,7 +52,11 @@ class ConvHandler(OpHandler):
             ctx.mixes(chan)
             guard = np.zeros(cout, dtype=bool)
             kind = "grouped" if groups > 1 else "dense"
-        ctx.info.update(layer=True, kind=kind, in_labels=in_l, out_labels=out_l)
+        # MACs = coef * in * out (depthwise: coef * out); spatial size from the traced shapes
+        spatial = spec.shape[2:] if m.transposed else ctx.out_spec.shape[2:]
+        per_pair = math.prod(m.kernel_size) * math.prod(spatial)
+        ctx.info.update(layer=True, kind=kind, in_labels=in_l, out_labels=out_l,
+                        macs_coef=per_pair if kind == "depthwise" else per_pair / groups)
         ctx.output(Chan(out_l, guard))
 
     def rebuild(self, ctx: RebuildContext) -> None:
@@ -100,7 +106,7 @@ class LinearHandler(OpHandler):
         if chan is not None and isinstance(spec, TensorSpec) and spec.ndim == 2 and len(chan) == m.in_features:
             ctx.tie(in_l, chan.labels)
             ctx.mixes(chan)
-            ctx.info.update(layer=True, kind="dense", in_labels=in_l, out_labels=out_l)
+            ctx.info.update(layer=True, kind="dense", in_labels=in_l, out_labels=out_l, macs_coef=1.0)
             ctx.output(Chan(out_l))
             return
         ctx.store.make_opaque(ctx.module_name, f"{ctx.describe()} works on the last dimension of a "

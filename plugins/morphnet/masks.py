@@ -45,3 +45,23 @@ def threshold_masks(graph: ChannelGraph, model: nn.Module, threshold: Optional[f
     result = Masks(masks, graph)
     result.threshold = threshold
     return result
+
+
+class ThresholdExtractor:
+    """The ``threshold`` mask extractor: :func:`threshold_masks` when called, plus the width
+    rules the pipeline applies after structure learning (minimum width, rounding, and
+    MorphNet's expand step)."""
+
+    def __call__(self, graph: ChannelGraph, model: nn.Module, threshold: Optional[float] = 1e-2,
+                 **options: Any) -> Masks:
+        return threshold_masks(graph, model, threshold, **options)
+
+    @staticmethod
+    def enforce_widths(*args: Any, **kwargs: Any) -> np.ndarray:
+        from .structure import enforce_widths
+        return enforce_widths(*args, **kwargs)
+
+    @staticmethod
+    def expand_to_budget(*args: Any, **kwargs: Any) -> np.ndarray:
+        from .structure import expand_to_budget
+        return expand_to_budget(*args, **kwargs)

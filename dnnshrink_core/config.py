@@ -1,0 +1,145 @@
+"""The YAML config of ``dnnshrink run``: loading, validation, and turning it into a shrink call.
+
+Every key is checked before any work starts; an error names the bad key or value and,
+for a mistyped key, the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import typing
+from pathlib import Path
+from typing import Any, Callable, Dict, Tuple
+
+import yaml
+
+from .errors import DnnshrinkError
+from .pipeline import ShrinkOptions
+from .userspec import build_model, load_object, parse_shape
+
+
+class ConfigError(DnnshrinkError):
+    """The config file is missing, is not valid YAML, or has a bad key or value."""
+
+
+# keys of the config beyond the pipeline options
+GENERAL_KEYS = {
+    "model": "the model factory: `package.module:factory`, `file.py:factory`, or a torchvision model name",
+    "functions": "where train_one_epoch, train and test live: a module (`package.module`) or a `.py` file",
+    "input_shape": "one batch's shape, e.g. [1, 3, 224, 224]",
+    "out": "the output folder",
+    "algorithm": "the algorithm: `morphnet` (uses `regularizer`)",
+}
+OPTION_KEYS = {f.name: f for f in dataclasses.fields(ShrinkOptions) if f.name not in ("out_dir", "force", "progress")}
+HINTS = typing.get_type_hints(ShrinkOptions)
+ALGORITHMS = {"morphnet"}
+FUNCTION_NAMES = ("train_one_epoch", "train", "test")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) is typing.Union:
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)  # Sequence[str]
+
+
+def load_config(path: Any) -> Dict[str, Any]:
+    """Read and validate a config file; relative paths are taken from the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values, not a {type(data).__name__}")
+    valid = sorted(set(GENERAL_KEYS) | set(OPTION_KEYS))
+    for key, value in data.items():
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(valid)}."
+            raise ConfigError(f"{path}: unknown key {key!r}.{hint}")
+        if key in OPTION_KEYS and not _type_ok(value, HINTS[key]):
+            expected = HINTS[key]
+            raise ConfigError(f"{path}: key {key!r} must be {_describe(expected)}, not {value!r}")
+    for key in ("model", "functions", "input_shape"):
+        if key not in data:
+            raise ConfigError(f"{path}: key {key!r} is missing ({GENERAL_KEYS[key]})")
+    algorithm = data.get("algorithm", "morphnet")
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"{path}: algorithm {algorithm!r} is not available; choose one of {', '.join(sorted(ALGORITHMS))}")
+    data["_base"] = str(path.parent.resolve())
+    return data
+
+
+def _describe(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args:
+        return " or ".join(_describe(a) for a in args) + (" or null" if type(None) in typing.get_args(hint) else "")
+    return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(hint, "a list of names")
+
+
+def _resolve(base: str, spec: str) -> str:
+    """Make a file path in ``spec`` (before ``:``) relative to the config's folder."""
+    source, sep, name = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    if source.endswith(".py") and not Path(source).is_absolute():
+        source = str(Path(base) / source)
+    return f"{source}{sep}{name}" if sep else source
+
+
+def load_functions(base: str, spec: str) -> Tuple[Callable, Callable, Callable]:
+    """``train_one_epoch``, ``train`` and ``test`` from a module name or a ``.py`` file."""
+    spec = _resolve(base, spec)
+    functions = []
+    for name in FUNCTION_NAMES:
+        if spec.endswith(".py"):
+            fn = load_object(f"{spec}:{name}", "function")
+        else:
+            try:
+                module = importlib.import_module(spec)
+            except ImportError as exc:
+                raise ConfigError(f"functions module {spec!r} cannot be imported: {exc}") from exc
+            if not hasattr(module, name):
+                raise ConfigError(f"functions module {spec!r} has no function {name!r} "
+                                  f"(it needs {', '.join(FUNCTION_NAMES)})")
+            fn = getattr(module, name)
+        if not callable(fn):
+            raise ConfigError(f"{name} in {spec} is not a function")
+        functions.append(fn)
+    return tuple(functions)
+
+
+def run_config(data: Dict[str, Any], out: Any = None, force: bool = False, **overrides: Any) -> Any:
+    """Build the model, inputs and functions a validated config names, and run :func:`shrink`."""
+    import torch
+
+    from .pipeline import shrink
+
+    base = data["_base"]
+    model = build_model(_resolve(base, data["model"]))
+    shape = parse_shape(",".join(map(str, data["input_shape"])) if isinstance(data["input_shape"], list)
+                        else data["input_shape"])
+    train_one_epoch, train, test = load_functions(base, data["functions"])
+    options = {k: v for k, v in data.items() if k in OPTION_KEYS}
+    if isinstance(options.get("exporters"), list):
+        options["exporters"] = tuple(options["exporters"])
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    out = out or data.get("out")
+    if out is None:
+        raise ConfigError("no output folder: give `out:` in the config or --out on the command line")
+    out_path = Path(out)
+    if not out_path.is_absolute() and out is data.get("out"):
+        out_path = Path(base) / out_path
+    return shrink(model, torch.zeros(shape), train_one_epoch=train_one_epoch, train=train, test=test,
+                  out_dir=str(out_path), force=force, **options)

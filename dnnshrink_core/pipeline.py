@@ -1,0 +1,307 @@
+"""The end-to-end shrink pipeline (the manual's flow).
+
+    train(baseline)?  →  test(baseline)  →  structure learning: train_one_epoch(model, lr)
+    under the regularizer until the target is met  →  masks (+ expand to the budget)  →
+    generate  →  train(shrunk)  →  test(shrunk)  →  report and export
+
+The user's model object is never modified: the pipeline works on a copy.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import numbers
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .api import trace
+from .errors import DnnshrinkError, PluginError
+from .export import export
+from .fileio import atomic_write
+from .generate import build
+from .masks import Masks
+from .plugins import get_plugin_manager
+from .report import Report, layer_report
+from .tracing import normalize_inputs
+
+SUFFIXES = {"pytorch": "model.dnnshrink", "onnx": "model.onnx", "graph": "graph.svg"}
+
+
+@dataclass
+class ShrinkOptions:
+    """Every pipeline option, with its default. Unknown names are an error."""
+
+    regularizer: str = "morphnet_flops"
+    target_macs: float = 0.5
+    max_epochs: int = 20
+    lr: float = 0.1
+    strength: Optional[float] = None
+    strength_scale: float = 1.0
+    threshold: float = 1e-2
+    expand: bool = True
+    min_width: int = 1
+    round_to: int = 1
+    device: Optional[str] = None
+    train_baseline: bool = False
+    finetune: bool = True
+    out_dir: Optional[str] = None
+    force: bool = False
+    exporters: Sequence[str] = ("pytorch", "onnx", "graph")
+    tensorboard: bool = True
+    progress: bool = True
+    latency_runs: int = 20
+
+
+@dataclass
+class ShrinkResult:
+    """What :func:`shrink` returns: the shrunk model (an instance of your class where the code
+    needed no change), the masks, the report, and the files written."""
+
+    model: nn.Module
+    masks: Masks
+    report: Report
+    baseline_score: float
+    score: float
+    epochs: int
+    files: Dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> Dict[str, Any]:
+        """The ``baseline``/``shrunk`` part of ``report.json``."""
+        return {k: self.report.extra[k] for k in ("baseline", "shrunk")}
+
+
+def _score(value: Any, what: str) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(float(value)):
+        raise DnnshrinkError(f"{what} returned {value!r}; test(model) must return one finite number, larger is "
+                             "better (for example the accuracy; return 1/loss for a loss)")
+    return float(value)
+
+
+def pick_device(requested: Optional[str]) -> torch.device:
+    """The requested device, else CUDA when available (the manual's default), else CPU."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    print("dnnshrink: CUDA is not available; running on the CPU.")
+    return torch.device("cpu")
+
+
+def measure_latency(model: nn.Module, inputs: tuple, runs: int) -> float:
+    """Median seconds of one eval-mode forward pass."""
+    was_training = model.training
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(runs + 3):
+            start = time.perf_counter()
+            model(*inputs)
+            if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].is_cuda:
+                torch.cuda.synchronize()
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+    model.train(was_training)
+    return statistics.median(times)
+
+
+def _regularizer(name: str) -> Callable[..., Any]:
+    factory = get_plugin_manager().hook.dnnshrink_regularizer(name=name)
+    if factory is None:
+        raise PluginError(f"no regularizer called {name!r} is loaded; dnnshrink's `morphnet` plugin gives "
+                          "`morphnet_flops` and `morphnet_size` (`dnnshrink plugins` lists what is loaded)")
+    return factory
+
+
+def _structure_helpers() -> Any:
+    helpers = get_plugin_manager().hook.dnnshrink_mask_extractor(name="threshold")
+    if helpers is None:
+        raise PluginError("no `threshold` mask extractor is loaded (it comes with dnnshrink's `morphnet` plugin)")
+    return helpers
+
+
+def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[nn.Module, float], Any],
+           test: Callable[[nn.Module], Any], train: Optional[Callable[[nn.Module], Any]] = None,
+           **options: Any) -> ShrinkResult:
+    """Shrink ``model`` with the user's own training functions; see :class:`ShrinkOptions`.
+
+    ``train_one_epoch(model, lr)`` trains one epoch; ``train(model)`` trains as the original
+    recipe (used for the optional baseline training and to fine-tune the shrunk model);
+    ``test(model)`` returns a number, larger is better. ``target_macs`` is a fraction of
+    the baseline's MACs (≤ 1) or an absolute count.
+    """
+    unknown = set(options) - set(ShrinkOptions.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown shrink option(s): {', '.join(sorted(unknown))}")
+    opts = ShrinkOptions(**options)
+    if opts.finetune and train is None:
+        raise TypeError("shrink needs train(model) to fine-tune the shrunk model (or finetune=False)")
+    out_dir = _prepare_out_dir(opts)
+    factory = _regularizer(opts.regularizer)
+    device = pick_device(opts.device)
+    inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in normalize_inputs(example_inputs))
+
+    work = copy.deepcopy(model).to(device)
+    if opts.train_baseline:
+        _step("training the baseline with train(model)")
+        train(work)
+    _step("testing the baseline")
+    baseline_score = _score(test(work), "test(baseline)")
+    baseline = copy.deepcopy(work)
+
+    graph = trace(work, inputs)
+    if not graph.source_modules:
+        from .errors import NoBatchNormError
+        raise NoBatchNormError(f"{type(model).__name__} has no BatchNorm that scales prunable channels; "
+                               "MorphNet learns from BatchNorm scales")
+    reg = factory(graph, work, strength=opts.strength, strength_scale=opts.strength_scale, threshold=opts.threshold)
+    target = opts.target_macs * reg.initial_cost if opts.target_macs <= 1 else float(opts.target_macs)
+    writer = _tensorboard(out_dir, opts)
+    epochs = _learn(work, reg, graph, train_one_epoch, opts, target, writer)
+
+    helpers = _structure_helpers()
+    gammas = graph.unit_gammas(work)
+    keep = reg.alive(gammas)
+    enforce, expand = helpers.enforce_widths, helpers.expand_to_budget
+    if opts.expand:
+        keep = expand(graph, keep, gammas, reg.cost, target, opts.min_width, opts.round_to)
+    else:
+        keep = enforce(graph, keep, gammas, opts.min_width, opts.round_to)
+    masks = Masks({g.name: keep[g.units] for g in graph.groups}, graph)
+    shrunk = build(work, graph, keep)
+    if opts.finetune:
+        _step("fine-tuning the shrunk model with train(model)")
+        train(shrunk)
+    _step("testing the shrunk model")
+    score = _score(test(shrunk), "test(shrunk)")
+
+    report = layer_report(shrunk, inputs, baseline=baseline)
+    t = report.totals
+    report.extra = {
+        "baseline": {"macs": t["macs_before"], "params": t["params_before"], "score": baseline_score,
+                     "latency_ms": 1e3 * measure_latency(baseline, inputs, opts.latency_runs)},
+        "shrunk": {"macs": t["macs_after"], "params": t["params_after"], "score": score,
+                   "latency_ms": 1e3 * measure_latency(shrunk, inputs, opts.latency_runs)},
+        "structure_learning": {"epochs": epochs, "target_macs": target, "regularizer": opts.regularizer,
+                               "strength": reg.strength, "threshold": opts.threshold,
+                               "learned_macs": reg.cost(reg.alive(gammas))},
+        "device": str(device),
+    }
+    result = ShrinkResult(shrunk, masks, report, baseline_score, score, epochs)
+    print(_summary_table(report))
+    if out_dir is not None:
+        result.files = _write_outputs(result, baseline, inputs, out_dir, opts)
+    if writer is not None:
+        writer.close()
+    return result
+
+
+def _step(text: str) -> None:
+    print(f"dnnshrink: {text}")
+
+
+def _prepare_out_dir(opts: ShrinkOptions) -> Optional[Path]:
+    if opts.out_dir is None:
+        return None
+    out = Path(opts.out_dir)
+    if out.exists() and any(out.iterdir()) and not opts.force:
+        raise DnnshrinkError(f"output folder {out} already exists and is not empty; choose another one or pass "
+                             "--force (force=True) to overwrite it")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _tensorboard(out_dir: Optional[Path], opts: ShrinkOptions) -> Any:
+    if out_dir is None or not opts.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def _learn(model: nn.Module, reg: Any, graph: Any, train_one_epoch: Callable, opts: ShrinkOptions,
+           target: float, writer: Any) -> int:
+    from tqdm import tqdm
+
+    epochs = 0
+    bar = tqdm(range(1, opts.max_epochs + 1), desc="structure learning", disable=not opts.progress, leave=True)
+    with reg.attach():
+        for epoch in bar:
+            model.train()
+            train_one_epoch(model, opts.lr)
+            epochs = epoch
+            gammas = graph.unit_gammas(model)
+            alive = reg.alive(gammas)
+            cost = reg.cost(alive)
+            bar.set_postfix(macs=f"{cost / reg.initial_cost:.1%}", target=f"{target / reg.initial_cost:.0%}")
+            if writer is not None:
+                writer.add_scalar("regularizer/penalty", reg.last_penalty * reg.strength, epoch)
+                writer.add_scalar("cost/estimated_macs", cost, epoch)
+                writer.add_scalar("cost/fraction_of_baseline", cost / reg.initial_cost, epoch)
+                for group in graph.groups:
+                    if group.removable.any():
+                        writer.add_scalar(f"alive/{group.name}", int(alive[group.units].sum()), epoch)
+                writer.add_histogram("gamma/all", gammas[graph.unit_removable], epoch)
+            if cost <= target:
+                break
+    return epochs
+
+
+def _summary_table(report: Report) -> str:
+    b, s = report.extra["baseline"], report.extra["shrunk"]
+    rows = [("", "baseline", "shrunk", "ratio"),
+            ("MACs", f"{b['macs']:,}", f"{s['macs']:,}", f"{s['macs'] / max(b['macs'], 1):.2f}"),
+            ("params", f"{b['params']:,}", f"{s['params']:,}", f"{s['params'] / max(b['params'], 1):.2f}"),
+            ("score", f"{b['score']:.4f}", f"{s['score']:.4f}", f"{s['score'] - b['score']:+.4f}"),
+            ("latency ms", f"{b['latency_ms']:.3f}", f"{s['latency_ms']:.3f}",
+             f"{s['latency_ms'] / max(b['latency_ms'], 1e-12):.2f}")]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def _write_outputs(result: ShrinkResult, baseline: nn.Module, inputs: tuple, out_dir: Path,
+                   opts: ShrinkOptions) -> Dict[str, str]:
+    files: Dict[str, str] = {}
+    cpu_inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in inputs)
+    model = copy.deepcopy(result.model).cpu().eval()
+    for fmt in opts.exporters:
+        options = {"baseline": copy.deepcopy(baseline).cpu()} if fmt == "graph" else {}
+        done = export(model, cpu_inputs, fmt, out_dir / SUFFIXES.get(fmt, f"model.{fmt}"), **options)
+        files[fmt] = done["path"]
+    for kind, path in result.report.save(out_dir, "layers").items():
+        files[f"layers.{kind}"] = str(path)
+    with atomic_write(out_dir / "report.json", "w") as f:
+        json.dump(result.report.to_dict(), f, indent=2)
+    with atomic_write(out_dir / "report.md", "w") as f:
+        f.write(_report_markdown(result))
+    files["report.json"] = str(out_dir / "report.json")
+    files["report.md"] = str(out_dir / "report.md")
+    return files
+
+
+def _report_markdown(result: ShrinkResult) -> str:
+    extra = result.report.extra
+    learn = extra["structure_learning"]
+    return (f"# dnnshrink report\n\n{_markdown_table(result.report)}\n\n"
+            f"Structure learning: {learn['epochs']} epoch(s) of `{learn['regularizer']}` "
+            f"(strength {learn['strength']:.3g}, threshold {learn['threshold']:g}), target {learn['target_macs']:,.0f} MACs.\n\n"
+            f"## Layers\n\n```\n{result.report.table()}\n```\n")
+
+
+def _markdown_table(report: Report) -> str:
+    b, s = report.extra["baseline"], report.extra["shrunk"]
+    lines = ["| | baseline | shrunk | ratio |", "|---|---:|---:|---:|"]
+    for key, label, fmt in (("macs", "MACs", "{:,}"), ("params", "parameters", "{:,}"), ("score", "score", "{:.4f}"),
+                            ("latency_ms", "latency (ms)", "{:.3f}")):
+        ratio = s[key] / b[key] if b[key] else float("nan")
+        lines.append(f"| {label} | {fmt.format(b[key])} | {fmt.format(s[key])} | {ratio:.3f} |")
+    return "\n".join(lines)

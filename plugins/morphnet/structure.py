@@ -1,0 +1,73 @@
+"""Turning learned scales into a structure: minimum widths, rounding, and MorphNet's expand step."""
+from __future__ import annotations
+
+import math
+from typing import Callable, List
+
+import numpy as np
+
+from dnnshrink_core import ChannelGraph
+
+
+def _group_orders(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray) -> List[np.ndarray]:
+    """Per group, its units in the order they are worth keeping: units that cannot be
+    removed, then alive units, then the rest, each by falling ``|gamma|``."""
+    orders = []
+    for group in graph.groups:
+        units = group.units
+        rank = np.lexsort((-gammas[units], ~keep[units], graph.unit_removable[units]))
+        orders.append(units[rank])
+    return orders
+
+
+def _target(n: float, size: int, min_width: int, multiple: int) -> int:
+    t = max(int(math.ceil(n - 1e-9)), min_width, 1)
+    if multiple > 1:
+        t = int(math.ceil(t / multiple) * multiple)
+    return min(t, size)
+
+
+def enforce_widths(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, min_width: int = 1,
+                   multiple: int = 1) -> np.ndarray:
+    """Grow every group to at least ``min_width`` units and to a multiple of ``multiple``
+    (re-adding the units with the largest ``|gamma|``), so no layer collapses."""
+    keep = keep.copy()
+    for group, order in zip(graph.groups, _group_orders(graph, keep, gammas)):
+        n = int(keep[group.units].sum())
+        t = _target(n, group.size, min_width, multiple)
+        if t > n:
+            keep[order[:t]] = True
+    return keep
+
+
+def expand_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, cost: Callable[[np.ndarray], float],
+                     budget: float, min_width: int = 1, multiple: int = 1, steps: int = 40) -> np.ndarray:
+    """MorphNet's expand step: one width multiplier for every group, as large as the budget allows.
+
+    Each group keeps ``ceil(m · alive units)`` (rounded like :func:`enforce_widths`), the
+    units with the largest ``|gamma|`` first; ``m`` is found by bisection on the cost.
+    Returns ``keep`` unchanged when it already costs ``budget`` or more.
+    """
+    keep = enforce_widths(graph, keep, gammas, min_width, multiple)
+    if cost(keep) >= budget:
+        return keep
+    orders = _group_orders(graph, keep, gammas)
+    counts = np.array([keep[g.units].sum() for g in graph.groups], dtype=np.float64)
+    sizes = np.array([g.size for g in graph.groups])
+
+    def build(mult: float) -> np.ndarray:
+        out = np.zeros_like(keep)
+        for order, n, size in zip(orders, counts, sizes):
+            out[order[:_target(n * mult, size, min_width, multiple)]] = True
+        return out
+
+    low, high = 1.0, float(np.max(sizes / np.maximum(counts, 1)))
+    best = keep
+    for _ in range(steps):
+        mid = (low + high) / 2
+        candidate = build(mid)
+        if cost(candidate) <= budget:
+            best, low = candidate, mid
+        else:
+            high = mid
+    return best
