@@ -1,0 +1,191 @@
+"""The shrink pipeline, its config and the run/demo commands."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import dnnshrink_core as ds
+from dnnshrink_core.pipeline import shrink
+from helpers import state_copy, states_equal
+from models import conv_bn
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(3, 16), conv_bn(16, 32), conv_bn(32, 16))
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3)))
+
+
+X = torch.randn(4, 3, 8, 8)
+
+
+def regularizer_only_epoch(model, lr):
+    """An epoch whose data loss has no gradient: only the regularizer moves the scales."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(5):
+        optimizer.zero_grad()
+        (0.0 * model(X).sum()).backward()
+        optimizer.step()
+
+
+def test_target_loop_stops_at_the_target_and_expands_back():
+    model = Tiny()
+    before = state_copy(model)
+    calls = []
+    result = shrink(model, X[:1], train_one_epoch=regularizer_only_epoch, train=lambda m: calls.append("train"),
+                    test=lambda m: 0.5, target_macs=0.7, max_epochs=100, strength_scale=20.0, lr=0.01,
+                    device="cpu", progress=False, latency_runs=1)
+    learn = result.report.extra["structure_learning"]
+    assert 1 <= result.epochs < 100
+    assert learn["learned_macs"] <= learn["target_macs"]
+    shrunk_macs = result.report.extra["shrunk"]["macs"]
+    assert learn["learned_macs"] <= shrunk_macs <= learn["target_macs"]  # the expand step grows it back
+    assert calls == ["train"]  # fine-tuning only: no baseline training by default
+    assert states_equal(before, state_copy(model))
+    assert isinstance(result.model, Tiny) and result.model(X).shape == (4, 4)
+    assert result.summary()["baseline"]["score"] == 0.5
+    for group in result.masks.graph:
+        assert result.masks[group.name].sum() >= 1
+
+
+def test_regularizer_hooks_are_gone_after_the_run():
+    model = Tiny()
+    seen = {}
+
+    def epoch(m, lr):
+        seen["model"] = m
+        regularizer_only_epoch(m, lr)
+
+    shrink(model, X[:1], train_one_epoch=epoch, test=lambda m: 1.0, finetune=False, max_epochs=1,
+           device="cpu", progress=False, latency_runs=1)
+    for module in seen["model"].modules():
+        if isinstance(module, nn.BatchNorm2d):
+            assert not module.weight._backward_hooks
+
+
+def test_test_must_return_a_number():
+    with pytest.raises(ds.DnnshrinkError, match="must return one finite number"):
+        shrink(Tiny(), X[:1], train_one_epoch=regularizer_only_epoch, train=lambda m: None,
+               test=lambda m: {"acc": 1.0}, device="cpu", progress=False)
+
+
+def test_existing_output_folder_is_not_overwritten(tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    with pytest.raises(ds.DnnshrinkError, match="--force"):
+        shrink(Tiny(), X[:1], train_one_epoch=lambda m, lr: pytest.fail("no work before the check"),
+               train=lambda m: None, test=lambda m: 1.0, out_dir=str(tmp_path), device="cpu")
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+FUNCTIONS = """
+import torch
+from torch import nn
+
+X = torch.randn(8, 3, 8, 8)
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.b(self.a(x)).mean((2, 3)))
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+
+def train_one_epoch(model, lr):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(3):
+        opt.zero_grad()
+        (0.0 * model(X).sum()).backward()
+        opt.step()
+
+def train(model):
+    pass
+
+def test(model):
+    return 0.75
+"""
+
+
+def write_config(tmp_path, **extra):
+    (tmp_path / "funcs.py").write_text(FUNCTIONS)
+    config = {"model": "funcs.py:build", "functions": "funcs.py", "input_shape": [1, 3, 8, 8],
+              "max_epochs": 60, "strength_scale": 20.0, "lr": 0.01, "exporters": ["pytorch", "onnx"], **extra}
+    path = tmp_path / "config.yaml"
+    path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()))
+    return path
+
+
+def dnnshrink(*args, cwd=None):
+    return subprocess.run(["dnnshrink", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_run_a_config_end_to_end(tmp_path):
+    config = write_config(tmp_path, device="cpu")
+    run = dnnshrink("run", config, "--out", tmp_path / "out", "--quiet")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["baseline"]["score"] == report["shrunk"]["score"] == 0.75
+    assert report["shrunk"]["macs"] < report["baseline"]["macs"]
+    assert {"macs", "params", "score"} <= set(report["baseline"]) and {"macs", "params", "score"} <= set(report["shrunk"])
+    loaded = ds.load(tmp_path / "out" / "model.dnnshrink")
+    assert loaded(torch.randn(2, 3, 8, 8)).shape == (2, 2)
+    assert (tmp_path / "out" / "model.onnx").is_file() and (tmp_path / "out" / "report.md").is_file()
+    again = dnnshrink("run", config, "--out", tmp_path / "out")
+    assert again.returncode == 1 and "--force" in again.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"max_epoch": 3}, "unknown key 'max_epoch'. Did you mean 'max_epochs'?"),
+    ({"lr": "fast"}, "key 'lr' must be a number, not 'fast'"),
+    ({"algorithm": "pruneit"}, "algorithm 'pruneit' is not available"),
+    ({"functions": "missing.py"}, "function file"),
+    ({"model": "funcs.py:bulid"}, "Did you mean 'build'?"),
+])
+def test_config_errors_are_clear(tmp_path, change, message):
+    config = write_config(tmp_path, **change)
+    run = dnnshrink("run", config, "--out", tmp_path / "out")
+    assert run.returncode == 1
+    assert message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_broken_and_missing_config_files(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    run = dnnshrink("run", tmp_path / "bad.yaml", "--out", tmp_path / "o")
+    assert run.returncode == 1 and "is not valid YAML" in run.stderr
+    run = dnnshrink("run", tmp_path / "nope.yaml", "--out", tmp_path / "o")
+    assert run.returncode == 1 and "does not exist" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "dnnshrink_core", "run", str(tmp_path / "nope.yaml"), "--debug"],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "Traceback" in run.stderr
+
+
+def test_demo_meets_its_goals(tmp_path):
+    out = tmp_path / "demo"
+    run = dnnshrink("demo", "--out", out, "--quiet")
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    base, small = report["baseline"], report["shrunk"]
+    assert small["macs"] <= 0.6 * base["macs"]  # at least 40% fewer MACs
+    assert small["score"] >= base["score"] - 0.01  # accuracy drops at most 0.01
+    for name in ("model.dnnshrink", "model.onnx", "report.md", "layers.png"):
+        assert (out / name).is_file()
+    assert (out / "graph.svg").is_file() or (out / "graph.dot").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    loaded = ds.load(out / "model.dnnshrink")
+    assert loaded(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
