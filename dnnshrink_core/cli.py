@@ -58,7 +58,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config, run_config
 
     data = load_config(args.config)
-    run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet)
+    run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
+               algorithm=args.algorithm)
     return 0
 
 
@@ -69,7 +70,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     with resources.as_file(resources.files("dnnshrink_core.demo") / "digits.yaml") as path:
         data = load_config(path)
-    result = run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet)
+    result = run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
+                        algorithm=args.algorithm)
     print(f"\nwrote {len(result.files)} files to {args.out}: " + ", ".join(sorted(Path(p).name for p in result.files.values())))
     return 0
 
@@ -101,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
         p.add_argument("--device", help="cpu, cuda, cuda:1… (default: CUDA when available)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--algorithm", help="morphnet (default), slimming, magnitude, or a plugin's")
     run.set_defaults(func=_cmd_run)
     demo.set_defaults(func=_cmd_demo)
     return parser

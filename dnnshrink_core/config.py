@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Tuple
 import yaml
 
 from .errors import DnnshrinkError
-from .pipeline import ShrinkOptions
+from .pipeline import ShrinkOptions, get_algorithm
 from .userspec import build_model, load_object, parse_shape
 
 
@@ -29,11 +29,9 @@ GENERAL_KEYS = {
     "functions": "where train_one_epoch, train and test live: a module (`package.module`) or a `.py` file",
     "input_shape": "one batch's shape, e.g. [1, 3, 224, 224]",
     "out": "the output folder",
-    "algorithm": "the algorithm: `morphnet` (uses `regularizer`)",
 }
 OPTION_KEYS = {f.name: f for f in dataclasses.fields(ShrinkOptions) if f.name not in ("out_dir", "force", "progress")}
 HINTS = typing.get_type_hints(ShrinkOptions)
-ALGORITHMS = {"morphnet"}
 FUNCTION_NAMES = ("train_one_epoch", "train", "test")
 
 
@@ -76,9 +74,10 @@ def load_config(path: Any) -> Dict[str, Any]:
     for key in ("model", "functions", "input_shape"):
         if key not in data:
             raise ConfigError(f"{path}: key {key!r} is missing ({GENERAL_KEYS[key]})")
-    algorithm = data.get("algorithm", "morphnet")
-    if algorithm not in ALGORITHMS:
-        raise ConfigError(f"{path}: algorithm {algorithm!r} is not available; choose one of {', '.join(sorted(ALGORITHMS))}")
+    try:
+        get_algorithm(data.get("algorithm", "morphnet"))
+    except DnnshrinkError as exc:
+        raise ConfigError(f"{path}: key 'algorithm': {exc}") from exc
     data["_base"] = str(path.parent.resolve())
     return data
 

@@ -61,6 +61,23 @@ def dnnshrink_regularizer(name: str) -> Optional[Any]:
 
 
 @hookspec(firstresult=True)
+def dnnshrink_algorithm(name: str) -> Optional[Any]:
+    """Return the structure-learning algorithm called ``name`` (``morphnet``, ``slimming``,
+    ``magnitude``…), or ``None``.
+
+    An algorithm is an object with ``learn(ctx) -> LearnResult``: given a
+    :class:`dnnshrink_core.algorithm.LearnContext` (the working model, its channel graph,
+    the user's ``train_one_epoch``, the options and the MACs target) it trains as it needs
+    and returns which channel units to keep. The generator, exporters and report are shared.
+    """
+
+
+@hookspec
+def dnnshrink_algorithm_names() -> List[str]:
+    """Return the names of the algorithms your plugin gives (for listings and messages)."""
+
+
+@hookspec(firstresult=True)
 def dnnshrink_exporter(fmt: str) -> Optional[Any]:
     """Return the exporter for format ``fmt`` (``"pytorch"``, ``"onnx"``, ``"graph"``…), or ``None``.
 

@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from .api import trace
-from .errors import DnnshrinkError, PluginError
+from .algorithm import LearnContext
+from .cost import CostModel
+from .errors import DnnshrinkError, NoBatchNormError, PluginError
 from .export import export
 from .fileio import atomic_write
 from .generate import build
@@ -39,6 +41,7 @@ SUFFIXES = {"pytorch": "model.dnnshrink", "onnx": "model.onnx", "graph": "graph.
 class ShrinkOptions:
     """Every pipeline option, with its default. Unknown names are an error."""
 
+    algorithm: str = "morphnet"
     regularizer: str = "morphnet_flops"
     target_macs: float = 0.5
     max_epochs: int = 20
@@ -114,19 +117,14 @@ def measure_latency(model: nn.Module, inputs: tuple, runs: int) -> float:
     return statistics.median(times)
 
 
-def _regularizer(name: str) -> Callable[..., Any]:
-    factory = get_plugin_manager().hook.dnnshrink_regularizer(name=name)
-    if factory is None:
-        raise PluginError(f"no regularizer called {name!r} is loaded; dnnshrink's `morphnet` plugin gives "
-                          "`morphnet_flops` and `morphnet_size` (`dnnshrink plugins` lists what is loaded)")
-    return factory
-
-
-def _structure_helpers() -> Any:
-    helpers = get_plugin_manager().hook.dnnshrink_mask_extractor(name="threshold")
-    if helpers is None:
-        raise PluginError("no `threshold` mask extractor is loaded (it comes with dnnshrink's `morphnet` plugin)")
-    return helpers
+def get_algorithm(name: str) -> Any:
+    """The algorithm plugin called ``name``; a clear error lists the loaded ones."""
+    pm = get_plugin_manager()
+    algorithm = pm.hook.dnnshrink_algorithm(name=name)
+    if algorithm is None:
+        known = sorted({n for names in pm.hook.dnnshrink_algorithm_names() for n in names})
+        raise PluginError(f"no algorithm called {name!r} is loaded; choose one of: {', '.join(known) or 'none'}")
+    return algorithm
 
 
 def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[nn.Module, float], Any],
@@ -145,8 +143,8 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
     opts = ShrinkOptions(**options)
     if opts.finetune and train is None:
         raise TypeError("shrink needs train(model) to fine-tune the shrunk model (or finetune=False)")
+    algorithm = get_algorithm(opts.algorithm)
     out_dir = _prepare_out_dir(opts)
-    factory = _regularizer(opts.regularizer)
     device = pick_device(opts.device)
     inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in normalize_inputs(example_inputs))
 
@@ -159,23 +157,15 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
     baseline = copy.deepcopy(work)
 
     graph = trace(work, inputs)
-    if not graph.source_modules:
-        from .errors import NoBatchNormError
+    if not graph.source_modules and opts.algorithm != "magnitude":
         raise NoBatchNormError(f"{type(model).__name__} has no BatchNorm that scales prunable channels; "
-                               "MorphNet learns from BatchNorm scales")
-    reg = factory(graph, work, strength=opts.strength, strength_scale=opts.strength_scale, threshold=opts.threshold)
-    target = opts.target_macs * reg.initial_cost if opts.target_macs <= 1 else float(opts.target_macs)
+                               f"{opts.algorithm} learns from BatchNorm scales")
+    costs = CostModel(graph, work)
+    target = opts.target_macs * costs.initial if opts.target_macs <= 1 else float(opts.target_macs)
     writer = _tensorboard(out_dir, opts)
-    epochs = _learn(work, reg, graph, train_one_epoch, opts, target, writer)
-
-    helpers = _structure_helpers()
-    gammas = graph.unit_gammas(work)
-    keep = reg.alive(gammas)
-    enforce, expand = helpers.enforce_widths, helpers.expand_to_budget
-    if opts.expand:
-        keep = expand(graph, keep, gammas, reg.cost, target, opts.min_width, opts.round_to)
-    else:
-        keep = enforce(graph, keep, gammas, opts.min_width, opts.round_to)
+    learned = algorithm.learn(LearnContext(work, graph, inputs, train_one_epoch, opts, target, costs, writer,
+                                           opts.progress))
+    keep, epochs = learned.keep, learned.epochs
     masks = Masks({g.name: keep[g.units] for g in graph.groups}, graph)
     shrunk = build(work, graph, keep)
     if opts.finetune:
@@ -191,9 +181,8 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
                      "latency_ms": 1e3 * measure_latency(baseline, inputs, opts.latency_runs)},
         "shrunk": {"macs": t["macs_after"], "params": t["params_after"], "score": score,
                    "latency_ms": 1e3 * measure_latency(shrunk, inputs, opts.latency_runs)},
-        "structure_learning": {"epochs": epochs, "target_macs": target, "regularizer": opts.regularizer,
-                               "strength": reg.strength, "threshold": opts.threshold,
-                               "learned_macs": reg.cost(reg.alive(gammas))},
+        "structure_learning": {"algorithm": opts.algorithm, "epochs": epochs, "target_macs": target,
+                               **learned.info},
         "device": str(device),
     }
     result = ShrinkResult(shrunk, masks, report, baseline_score, score, epochs)
@@ -225,34 +214,6 @@ def _tensorboard(out_dir: Optional[Path], opts: ShrinkOptions) -> Any:
         return None
     from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(str(out_dir / "tensorboard"))
-
-
-def _learn(model: nn.Module, reg: Any, graph: Any, train_one_epoch: Callable, opts: ShrinkOptions,
-           target: float, writer: Any) -> int:
-    from tqdm import tqdm
-
-    epochs = 0
-    bar = tqdm(range(1, opts.max_epochs + 1), desc="structure learning", disable=not opts.progress, leave=True)
-    with reg.attach():
-        for epoch in bar:
-            model.train()
-            train_one_epoch(model, opts.lr)
-            epochs = epoch
-            gammas = graph.unit_gammas(model)
-            alive = reg.alive(gammas)
-            cost = reg.cost(alive)
-            bar.set_postfix(macs=f"{cost / reg.initial_cost:.1%}", target=f"{target / reg.initial_cost:.0%}")
-            if writer is not None:
-                writer.add_scalar("regularizer/penalty", reg.last_penalty * reg.strength, epoch)
-                writer.add_scalar("cost/estimated_macs", cost, epoch)
-                writer.add_scalar("cost/fraction_of_baseline", cost / reg.initial_cost, epoch)
-                for group in graph.groups:
-                    if group.removable.any():
-                        writer.add_scalar(f"alive/{group.name}", int(alive[group.units].sum()), epoch)
-                writer.add_histogram("gamma/all", gammas[graph.unit_removable], epoch)
-            if cost <= target:
-                break
-    return epochs
 
 
 def _summary_table(report: Report) -> str:

@@ -153,7 +153,7 @@ def test_run_a_config_end_to_end(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"max_epoch": 3}, "unknown key 'max_epoch'. Did you mean 'max_epochs'?"),
     ({"lr": "fast"}, "key 'lr' must be a number, not 'fast'"),
-    ({"algorithm": "pruneit"}, "algorithm 'pruneit' is not available"),
+    ({"algorithm": "pruneit"}, "no algorithm called 'pruneit' is loaded; choose one of: magnitude, morphnet, slimming"),
     ({"functions": "missing.py"}, "function file"),
     ({"model": "funcs.py:bulid"}, "Did you mean 'build'?"),
 ])

@@ -17,7 +17,6 @@ returns a handle whose ``remove()`` (or ``with``) takes the hooks away.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -25,48 +24,35 @@ import torch
 from torch import nn
 
 from dnnshrink_core import ChannelGraph
+from dnnshrink_core.cost import CostModel
 
 
 class GammaRegularizer:
-    """A FLOP- or size-weighted L1 penalty on BatchNorm scales (see the module docstring).
+    """An L1 penalty on BatchNorm scales, weighted by each unit's share of the cost.
 
-    ``strength`` defaults to ``strength_scale / initial cost`` (MorphNet's rule of thumb).
+    ``cost``: ``"flops"`` (MorphNet's GammaFlops), ``"size"`` (parameters), or
+    ``"uniform"`` (every unit weighs 1: Network Slimming's plain L1). ``strength`` defaults
+    to ``strength_scale / initial cost`` (MorphNet's rule of thumb; 1e-4 for uniform).
     """
 
     def __init__(self, graph: ChannelGraph, model: nn.Module, cost: str = "flops",
                  strength: Optional[float] = None, strength_scale: float = 1.0, threshold: float = 1e-2):
-        if cost not in ("flops", "size"):
-            raise ValueError(f"cost must be 'flops' or 'size', not {cost!r}")
+        if cost not in ("flops", "size", "uniform"):
+            raise ValueError(f"cost must be 'flops', 'size' or 'uniform', not {cost!r}")
         self.graph, self.model, self.cost_kind, self.threshold = graph, model, cost, threshold
-        layers = graph.layers()
-        if not layers:
-            raise ValueError("the model has no conv or linear layer whose channels the graph follows")
-        self._coef = np.array([self._layer_coef(l) for l in layers], dtype=np.float64)
-        self._depthwise = np.array([l.kind == "depthwise" for l in layers], dtype=bool)
-        self._in_units = np.concatenate([l.in_units for l in layers])
-        self._in_layer = np.concatenate([np.full(len(l.in_units), i) for i, l in enumerate(layers)])
-        self._out_units = np.concatenate([l.out_units for l in layers])
-        self._out_layer = np.concatenate([np.full(len(l.out_units), i) for i, l in enumerate(layers)])
-        self.layer_names = [l.name for l in layers]
+        self.costs = CostModel(graph, model, "size" if cost == "size" else "flops")
         self._removable = graph.unit_removable
         self._params: List[nn.Parameter] = [model.get_submodule(name).weight for name in graph.source_modules]
         self._src_param = graph.src_module
         self._src_channel = graph.src_channel
         self._src_unit = graph.src_unit
-        self.initial_cost = self.cost(np.ones(graph.num_units, dtype=bool))
-        self.strength = strength if strength is not None else strength_scale / max(self.initial_cost, 1.0)
+        self.initial_cost = self.costs.initial
+        if strength is None:
+            strength = strength_scale * (1e-4 if cost == "uniform" else 1.0 / max(self.initial_cost, 1.0))
+        self.strength = strength
         self._cache_key: Optional[tuple] = None
         self._grads: Dict[int, torch.Tensor] = {}
         self.last_penalty = 0.0
-
-    def _layer_coef(self, layer: Any) -> float:
-        if self.cost_kind == "flops":
-            return layer.coef
-        module = self.model.get_submodule(layer.name)
-        if isinstance(module, nn.modules.conv._ConvNd):
-            per_pair = math.prod(module.kernel_size)
-            return per_pair if layer.kind == "depthwise" else per_pair / module.groups
-        return 1.0
 
     # --- the cost model -------------------------------------------------------------
     def unit_gammas(self) -> np.ndarray:
@@ -78,27 +64,16 @@ class GammaRegularizer:
         gammas = self.unit_gammas() if gammas is None else gammas
         return ~self._removable | (gammas > self.threshold)
 
-    def _alive_counts(self, alive: np.ndarray):
-        n = len(self._coef)
-        alive_in = np.bincount(self._in_layer, weights=alive[self._in_units], minlength=n)
-        alive_out = np.bincount(self._out_layer, weights=alive[self._out_units], minlength=n)
-        return alive_in, alive_out
-
     def cost(self, alive: Optional[np.ndarray] = None) -> float:
         """MACs (or parameters) of the network with only ``alive`` units kept."""
-        alive = self.alive() if alive is None else alive
-        alive_in, alive_out = self._alive_counts(alive)
-        per_layer = np.where(self._depthwise, self._coef * alive_out, self._coef * alive_in * alive_out)
-        return float(per_layer.sum())
+        return self.costs.cost(self.alive() if alive is None else alive)
 
     def unit_weights(self, alive: np.ndarray) -> np.ndarray:
         """``dP / d gamma_unit`` for every unit (zero for units that cannot be removed)."""
-        alive_in, alive_out = self._alive_counts(alive)
-        w = np.zeros(self.graph.num_units, dtype=np.float64)
-        out_w = np.where(self._depthwise, self._coef, self._coef * alive_in)[self._out_layer]
-        in_w = np.where(self._depthwise, 0.0, self._coef * alive_out)[self._in_layer]
-        np.add.at(w, self._out_units, out_w)
-        np.add.at(w, self._in_units, in_w)
+        if self.cost_kind == "uniform":
+            w = np.ones(self.graph.num_units, dtype=np.float64)
+        else:
+            w = self.costs.unit_weights(alive)
         w[~self._removable] = 0.0
         return w
 
@@ -182,3 +157,8 @@ def morphnet_flops(graph: ChannelGraph, model: nn.Module, **options: Any) -> Gam
 def morphnet_size(graph: ChannelGraph, model: nn.Module, **options: Any) -> GammaRegularizer:
     """MorphNet's model-size regularizer (parameter count instead of MACs)."""
     return GammaRegularizer(graph, model, cost="size", **options)
+
+
+def slimming_l1(graph: ChannelGraph, model: nn.Module, **options: Any) -> GammaRegularizer:
+    """Network Slimming's uniform L1 penalty on BatchNorm scales (Liu et al. 2017)."""
+    return GammaRegularizer(graph, model, cost="uniform", **options)

@@ -71,3 +71,37 @@ def expand_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, 
         else:
             high = mid
     return best
+
+
+def uniform_fraction(graph: ChannelGraph, scores: np.ndarray, cost: Callable[[np.ndarray], float], budget: float,
+                     removable: np.ndarray, min_width: int = 1, multiple: int = 1, steps: int = 40) -> np.ndarray:
+    """Keep the same fraction of every group's removable units (the best by ``scores``), the
+    largest fraction whose cost fits ``budget`` (a uniform width multiplier on the groups)."""
+    orders = []
+    for group in graph.groups:
+        units = group.units
+        fixed = units[~removable[units]]
+        free = units[removable[units]]
+        orders.append((fixed, free[np.argsort(-scores[free], kind="stable")]))
+
+    def build(fraction: float) -> np.ndarray:
+        keep = np.zeros(graph.num_units, dtype=bool)
+        for fixed, free in orders:
+            keep[fixed] = True
+            size = len(fixed) + len(free)
+            n = _target(len(free) * fraction + len(fixed), size, min_width, multiple) - len(fixed)
+            keep[free[:max(n, 0)]] = True
+        return keep
+
+    low, high = 0.0, 1.0
+    best = build(0.0)
+    if cost(build(1.0)) <= budget:
+        return build(1.0)
+    for _ in range(steps):
+        mid = (low + high) / 2
+        candidate = build(mid)
+        if cost(candidate) <= budget:
+            best, low = candidate, mid
+        else:
+            high = mid
+    return best

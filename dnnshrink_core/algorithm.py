@@ -1,0 +1,63 @@
+"""What an algorithm plugin gets and gives back (see the ``dnnshrink_algorithm`` hook).
+
+The pipeline hands a :class:`LearnContext` to the algorithm's ``learn(ctx)``; the
+algorithm trains (or not) and returns a :class:`LearnResult`: one keep flag per channel
+unit of ``ctx.graph``. The generator, exporters and report are shared by every algorithm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+from torch import nn
+
+from .cost import CostModel
+from .graph import ChannelGraph
+
+
+@dataclass
+class LearnContext:
+    """Everything an algorithm may use.
+
+    ``model`` is the pipeline's working copy (train it in place); ``target`` is the MACs
+    budget (absolute); ``costs`` computes MACs for any keep-set; ``options`` holds every
+    pipeline option (``lr``, ``max_epochs``, ``strength``…); ``writer`` is a TensorBoard
+    ``SummaryWriter`` or None.
+    """
+
+    model: nn.Module
+    graph: ChannelGraph
+    inputs: tuple
+    train_one_epoch: Callable[[nn.Module, float], Any]
+    options: Any
+    target: float
+    costs: CostModel
+    writer: Any = None
+    progress: bool = True
+
+
+@dataclass
+class LearnResult:
+    """The structure an algorithm chose: ``keep[u]`` for every unit ``u`` of the graph."""
+
+    keep: np.ndarray
+    epochs: int = 0
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+def log_epoch(ctx: LearnContext, epoch: int, alive: np.ndarray, gammas: Optional[np.ndarray] = None,
+              penalty: Optional[float] = None) -> float:
+    """Write one epoch's figures to TensorBoard; returns the estimated MACs."""
+    cost = ctx.costs.cost(alive)
+    if ctx.writer is not None:
+        ctx.writer.add_scalar("cost/estimated_macs", cost, epoch)
+        ctx.writer.add_scalar("cost/fraction_of_baseline", cost / ctx.costs.initial, epoch)
+        if penalty is not None:
+            ctx.writer.add_scalar("regularizer/penalty", penalty, epoch)
+        for group in ctx.graph.groups:
+            if group.removable.any():
+                ctx.writer.add_scalar(f"alive/{group.name}", int(alive[group.units].sum()), epoch)
+        if gammas is not None and ctx.graph.unit_removable.any():
+            ctx.writer.add_histogram("gamma/removable_units", gammas[ctx.graph.unit_removable], epoch)
+    return cost

@@ -1,0 +1,145 @@
+"""The algorithms: ``morphnet`` (default), ``slimming`` and ``magnitude``.
+
+* ``morphnet``: train with the FLOP-weighted penalty until the alive channels meet the
+  target (or ``max_epochs``), threshold, then MorphNet's expand step back to the budget.
+* ``slimming`` (Network Slimming, Liu et al. 2017): train ``max_epochs`` with a uniform L1
+  penalty on the scales, then drop the smallest ``|gamma|`` across the network until the
+  MACs meet the target.
+* ``magnitude`` (Li et al. 2017): no structure-learning epochs; rank each group's channels
+  by the L1 norm of the filters that make them and cut the same share of every group, the
+  weakest first, until the MACs meet the target.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+from torch import nn
+
+from dnnshrink_core import DnnshrinkError, DnnshrinkWarning
+from dnnshrink_core.algorithm import LearnContext, LearnResult, log_epoch
+
+from .regularizer import GammaRegularizer, morphnet_flops, morphnet_size, slimming_l1
+from .structure import enforce_widths, expand_to_budget, uniform_fraction
+
+REGULARIZERS = {"morphnet_flops": morphnet_flops, "morphnet_size": morphnet_size, "slimming_l1": slimming_l1}
+
+
+def train_regularized(ctx: LearnContext, reg: GammaRegularizer, stop_at_target: bool) -> int:
+    """Run ``train_one_epoch`` under the regularizer's hooks; returns the epochs run.
+
+    Stops early when ``stop_at_target`` and the alive channels meet the target. Scales that
+    turn NaN or infinite stop the run with an error naming the epoch.
+    """
+    from tqdm import tqdm
+
+    opts, epochs = ctx.options, 0
+    bar = tqdm(range(1, opts.max_epochs + 1), desc="structure learning", disable=not ctx.progress)
+    with reg.attach():
+        for epoch in bar:
+            ctx.model.train()
+            ctx.train_one_epoch(ctx.model, opts.lr)
+            epochs = epoch
+            gammas = ctx.graph.unit_gammas(ctx.model)
+            if not np.isfinite(gammas).all() or not np.isfinite(reg.last_penalty):
+                raise DnnshrinkError(f"structure learning diverged in epoch {epoch}: BatchNorm scales or the "
+                                     "regularizer became NaN or infinite. Lower the learning rate (lr) or the "
+                                     "regularizer's strength (strength_scale).")
+            alive = reg.alive(gammas)
+            cost = log_epoch(ctx, epoch, alive, gammas, reg.last_penalty * reg.strength)
+            bar.set_postfix(macs=f"{cost / ctx.costs.initial:.1%}", target=f"{ctx.target / ctx.costs.initial:.0%}")
+            if stop_at_target and cost <= ctx.target:
+                break
+    return epochs
+
+
+class MorphNet:
+    """MorphNet: learn the structure under the target, then expand back to the budget."""
+
+    name = "morphnet"
+
+    def __init__(self, regularizers: Callable[[str], Any]):
+        self._regularizers = regularizers
+
+    def learn(self, ctx: LearnContext) -> LearnResult:
+        opts = ctx.options
+        reg = self._regularizers(opts.regularizer)(ctx.graph, ctx.model, strength=opts.strength,
+                                                    strength_scale=opts.strength_scale, threshold=opts.threshold)
+        epochs = train_regularized(ctx, reg, stop_at_target=True)
+        gammas = ctx.graph.unit_gammas(ctx.model)
+        learned = reg.alive(gammas)
+        info = {}
+        if ctx.costs.cost(learned) > ctx.target:
+            # the target was not reached in max_epochs: cut the smallest scales to meet it
+            info["target_reached_by_training"] = False
+            warnings.warn(f"dnnshrink: MorphNet did not reach the target in {epochs} epoch(s); the channels with "
+                          "the smallest scales are cut to meet it. Raise max_epochs or strength_scale for a "
+                          "learned structure.", DnnshrinkWarning, stacklevel=2)
+            learned = ctx.costs.cheapest_first(learned, gammas, ctx.target)
+        if opts.expand:
+            keep = expand_to_budget(ctx.graph, learned, gammas, ctx.costs.cost, ctx.target, opts.min_width,
+                                    opts.round_to)
+        else:
+            keep = enforce_widths(ctx.graph, learned, gammas, opts.min_width, opts.round_to)
+        return LearnResult(keep, epochs, {"regularizer": opts.regularizer, "strength": reg.strength,
+                                          "threshold": opts.threshold, "learned_macs": ctx.costs.cost(learned),
+                                          **info})
+
+
+class Slimming:
+    """Network Slimming: uniform L1 on the scales for ``max_epochs``, then a global cut."""
+
+    name = "slimming"
+
+    def learn(self, ctx: LearnContext) -> LearnResult:
+        opts = ctx.options
+        reg = slimming_l1(ctx.graph, ctx.model, strength=opts.strength, strength_scale=opts.strength_scale,
+                          threshold=opts.threshold)
+        epochs = train_regularized(ctx, reg, stop_at_target=False)
+        gammas = ctx.graph.unit_gammas(ctx.model)
+        keep = ctx.costs.cheapest_first(np.ones(ctx.graph.num_units, dtype=bool), gammas, ctx.target)
+        keep = enforce_widths(ctx.graph, keep, gammas, opts.min_width, opts.round_to)
+        return LearnResult(keep, epochs, {"regularizer": "slimming_l1", "strength": reg.strength})
+
+
+def filter_l1(model: nn.Module, ctx: LearnContext) -> np.ndarray:
+    """Per unit, the mean ``|w|`` of the conv/linear filters that produce its channels."""
+    scores = np.zeros(ctx.graph.num_units, dtype=np.float64)
+    for layer in ctx.costs.layers:
+        module = model.get_submodule(layer.name)
+        weight = module.weight.detach().float()
+        if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+            # (in, out/g, k…) → one row per output channel
+            g = module.groups
+            weight = weight.reshape(g, weight.shape[0] // g, weight.shape[1], -1).permute(0, 2, 1, 3)
+            weight = weight.reshape(g * weight.shape[1], -1)
+        per_filter = weight.abs().flatten(1).mean(1).cpu().numpy()
+        np.add.at(scores, layer.out_units, per_filter[: len(layer.out_units)])
+    return scores
+
+
+class Magnitude:
+    """One-shot L1-norm filter ranking down to the MACs target (no structure-learning epochs)."""
+
+    name = "magnitude"
+
+    def learn(self, ctx: LearnContext) -> LearnResult:
+        opts = ctx.options
+        scores = filter_l1(ctx.model, ctx)
+        keep = uniform_fraction(ctx.graph, scores, ctx.costs.cost, ctx.target, ~ctx.graph.unit_frozen,
+                                opts.min_width, opts.round_to)
+        log_epoch(ctx, 0, keep)
+        return LearnResult(keep, 0, {"ranking": "filter L1 norm, the same share cut in every group"})
+
+
+ALGORITHMS = {a.name: a for a in (MorphNet(lambda name: _regularizer(name)), Slimming(), Magnitude())}
+
+
+def _regularizer(name: str) -> Callable[..., GammaRegularizer]:
+    from dnnshrink_core.plugins import get_plugin_manager
+
+    factory = get_plugin_manager().hook.dnnshrink_regularizer(name=name)
+    if factory is None:
+        raise DnnshrinkError(f"no regularizer called {name!r} is loaded; `dnnshrink plugins` lists the plugins")
+    return factory
