@@ -250,11 +250,12 @@ def _write_outputs(result: ShrinkResult, baseline: nn.Module, inputs: tuple, out
 
 
 def _report_markdown(result: ShrinkResult) -> str:
-    extra = result.report.extra
-    learn = extra["structure_learning"]
+    learn = result.report.extra["structure_learning"]
+    details = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in learn.items()
+                        if k not in ("algorithm", "epochs", "target_macs"))
     return (f"# dnnshrink report\n\n{_markdown_table(result.report)}\n\n"
-            f"Structure learning: {learn['epochs']} epoch(s) of `{learn['regularizer']}` "
-            f"(strength {learn['strength']:.3g}, threshold {learn['threshold']:g}), target {learn['target_macs']:,.0f} MACs.\n\n"
+            f"Structure learning: `{learn['algorithm']}`, {learn['epochs']} epoch(s), target "
+            f"{learn['target_macs']:,.0f} MACs" + (f" ({details})" if details else "") + ".\n\n"
             f"## Layers\n\n```\n{result.report.table()}\n```\n")
 
 

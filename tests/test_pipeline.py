@@ -189,3 +189,33 @@ def test_demo_meets_its_goals(tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     loaded = ds.load(out / "model.dnnshrink")
     assert loaded(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("algorithm, epochs", [("magnitude", 0), ("slimming", 3)])
+def test_other_algorithms_meet_the_target(algorithm, epochs):
+    model = Tiny()
+    result = shrink(model, X[:1], train_one_epoch=regularizer_only_epoch, train=lambda m: None,
+                    test=lambda m: 1.0, algorithm=algorithm, target_macs=0.4, max_epochs=3, device="cpu",
+                    progress=False, latency_runs=1)
+    assert result.epochs == epochs
+    extra = result.report.extra
+    assert extra["shrunk"]["macs"] <= 0.4 * extra["baseline"]["macs"]
+    assert extra["structure_learning"]["algorithm"] == algorithm
+    widths = [m.out_channels for m in result.model.modules() if isinstance(m, nn.Conv2d)]
+    assert min(widths) >= 1 and result.model(X).shape == (4, 4)
+
+
+def test_morphnet_meets_the_target_even_when_training_falls_short():
+    with pytest.warns(ds.DnnshrinkWarning, match="did not reach the target"):
+        result = shrink(Tiny(), X[:1], train_one_epoch=regularizer_only_epoch, train=lambda m: None,
+                        test=lambda m: 1.0, target_macs=0.3, max_epochs=1, strength_scale=1e-6, device="cpu",
+                        progress=False, latency_runs=1)
+    assert result.report.extra["shrunk"]["macs"] <= 0.3 * result.report.extra["baseline"]["macs"]
+
+
+def test_cli_algorithm_option(tmp_path):
+    config = write_config(tmp_path, device="cpu", exporters=[])
+    run = dnnshrink("run", config, "--out", tmp_path / "out", "--algorithm", "magnitude", "--quiet")
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["structure_learning"]["algorithm"] == "magnitude" and report["structure_learning"]["epochs"] == 0
