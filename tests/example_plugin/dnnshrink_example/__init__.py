@@ -1,0 +1,1 @@
+"""A third-party dnnshrink plugin (the worked example of docs/plugins.md)."""
