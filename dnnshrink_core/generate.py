@@ -54,13 +54,14 @@ def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.M
     """Rebuild every traced op for ``keep_units`` and assemble the new model."""
     keep_labels = graph.keep_labels(keep_units)
     replacements: Dict[str, nn.Module] = {}
+    resizes: Dict[str, Tuple[Dict[str, torch.Tensor], Dict[str, Any]]] = {}
     rewrites: Dict[fx.Node, Tuple[Any, Any]] = {}
     for tg in graph.traces:
         for node, handler in tg.handlers.items():
             name = tg.module_names.get(node)
-            if name is not None and name in replacements:
+            if name is not None and (name in replacements or name in resizes):
                 continue
-            module = tg.gm.get_submodule(node.target) if node.op == "call_module" else None
+            module = tg.get_submodule(node.target) if node.op == "call_module" else None
             ctx = RebuildContext(node, module, name, tg.infos[node], keep_labels, tg.allow_rewrite)
             try:
                 handler.rebuild(ctx)
@@ -69,22 +70,36 @@ def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.M
                                   f"{type(exc).__name__}: {exc}") from exc
             if ctx.new_module is not None:
                 replacements[name] = ctx.new_module
+            elif ctx.new_tensors is not None:
+                resizes[name] = (ctx.new_tensors, ctx.new_attrs)
             if ctx.new_args is not None or ctx.new_kwargs is not None:
                 rewrites[node] = (ctx.new_args, ctx.new_kwargs)
-    new_model = copy.deepcopy(model, _clone_memo(model, replacements))
+    new_model = copy.deepcopy(model, _clone_memo(model, replacements, resizes))
+    for name, (_, attrs) in resizes.items():
+        module = new_model.get_submodule(name)
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
     if not rewrites:
         return new_model
-    return _rewritten(graph.traces[0].gm, new_model, rewrites, type(model).__name__)
+    return _rewritten(graph.traces[0], new_model, rewrites, type(model).__name__)
 
 
-def _clone_memo(model: nn.Module, replacements: Dict[str, nn.Module]) -> Dict[int, Any]:
-    """A deepcopy memo with the rebuilt modules and clones of every other tensor.
+def _clone_memo(model: nn.Module, replacements: Dict[str, nn.Module],
+                resizes: Dict[str, Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]) -> Dict[int, Any]:
+    """A deepcopy memo with the rebuilt modules, the resized tensors, and clones of every
+    other tensor.
 
     Cloning tensors up front is several times faster than letting deepcopy reach them
     through ``Parameter.__deepcopy__``.
     """
     memo: Dict[int, Any] = {id(model.get_submodule(name)): new for name, new in replacements.items()}
     with torch.no_grad():
+        for name, (tensors, _) in resizes.items():
+            module = model.get_submodule(name)
+            for attr, tensor in tensors.items():
+                old = getattr(module, attr)
+                memo[id(old)] = (nn.Parameter(tensor.detach(), requires_grad=old.requires_grad)
+                                 if isinstance(old, nn.Parameter) else tensor.detach())
         for p in model.parameters():
             if id(p) not in memo:
                 memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
@@ -94,12 +109,12 @@ def _clone_memo(model: nn.Module, replacements: Dict[str, nn.Module]) -> Dict[in
     return memo
 
 
-def _rewritten(gm: fx.GraphModule, root: nn.Module, rewrites: Dict[fx.Node, Tuple[Any, Any]],
+def _rewritten(trace: Any, root: nn.Module, rewrites: Dict[fx.Node, Tuple[Any, Any]],
                class_name: str) -> fx.GraphModule:
     """A GraphModule over ``root``'s (rebuilt) modules whose code has the rewritten constants."""
     new_graph = fx.Graph()
     env: Dict[fx.Node, fx.Node] = {}
-    for node in gm.graph.nodes:
+    for node in trace.graph.nodes:
         new_node = new_graph.node_copy(node, lambda n: env[n])
         if node in rewrites:
             args, kwargs = rewrites[node]
@@ -108,10 +123,10 @@ def _rewritten(gm: fx.GraphModule, root: nn.Module, rewrites: Dict[fx.Node, Tupl
             if kwargs is not None:
                 new_node.kwargs = fx.map_arg(kwargs, lambda n: env[n])
         env[node] = new_node
-    # constants fx lifted out of forward live on the traced module, not on the user's model
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and "." not in node.target and not hasattr(root, node.target):
-            setattr(root, node.target, getattr(gm, node.target))
+    # constants fx lifted out of forward were kept beside the graph, not on the user's model
+    for name, value in trace.constants.items():
+        if not hasattr(root, name):
+            setattr(root, name, value)
     result = fx.GraphModule(root, new_graph, class_name=class_name)
     result.train(root.training)
     return result

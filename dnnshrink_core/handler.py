@@ -242,6 +242,8 @@ class RebuildContext:
         self._keep_labels = keep_labels
         self.allow_rewrite = allow_rewrite
         self.new_module: Optional[nn.Module] = None
+        self.new_tensors: Optional[Dict[str, torch.Tensor]] = None
+        self.new_attrs: Optional[Dict[str, Any]] = None
         self.new_args: Optional[tuple] = None
         self.new_kwargs: Optional[dict] = None
 
@@ -252,6 +254,14 @@ class RebuildContext:
     def replace_module(self, module: nn.Module) -> None:
         """Use ``module`` instead of the original one in the generated network."""
         self.new_module = module
+
+    def resize(self, tensors: Dict[str, torch.Tensor], attrs: Dict[str, Any]) -> None:
+        """Give the module's copy new parameters/buffers (by name) and attributes.
+
+        Cheaper than :meth:`replace_module`: the generator applies it while it copies the
+        model once, and the copy keeps the module's class, hooks and flags.
+        """
+        self.new_tensors, self.new_attrs = dict(tensors), dict(attrs)
 
     def set_args(self, args: Optional[Sequence[Any]] = None, kwargs: Optional[Dict[str, Any]] = None) -> None:
         """Rewrite the op's arguments (literal constants such as a view's sizes)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -68,10 +69,17 @@ class _Tracer(fx.Tracer):
 
 @dataclass
 class TracedGraph:
-    """One traced mode of the model: its fx graph and what propagation learned of it."""
+    """One traced mode of the model: its fx graph and what propagation learned of it.
+
+    ``graph``'s ``call_module``/``get_attr`` targets are paths from the model's root;
+    ``constants`` holds the tensors fx lifted out of ``forward`` (they are not left on the
+    user's model). The model itself is held weakly, so a cached graph does not keep it alive.
+    """
 
     mode: Dict[str, Any]
-    gm: fx.GraphModule
+    graph: fx.Graph
+    root: Any
+    constants: Dict[str, Any]
     specs: Dict[fx.Node, Any]
     module_names: Dict[fx.Node, str] = field(default_factory=dict)
     handlers: Dict[fx.Node, OpHandler] = field(default_factory=dict)
@@ -79,10 +87,17 @@ class TracedGraph:
     values: Dict[fx.Node, Any] = field(default_factory=dict)
     allow_rewrite: bool = False
 
+    def get_submodule(self, target: str) -> nn.Module:
+        """The module at ``target`` in the traced model."""
+        root = self.root()
+        if root is None:
+            raise TraceError("the model this graph was traced from no longer exists")
+        return root.get_submodule(target)
+
     def modules_called(self) -> set:
         """Canonical names of the modules this graph calls or reads weights from."""
         names = set(self.module_names.values())
-        for node in self.gm.graph.nodes:
+        for node in self.graph.nodes:
             if node.op == "get_attr":
                 names.add(node.target.rsplit(".", 1)[0] if "." in node.target else "")
         return names
@@ -115,7 +130,7 @@ def _trace_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any], 
                leaf_modules: Sequence[Any]) -> TracedGraph:
     attrs = {k: v for k, v in mode.items() if k != "training"}
     tracer = _Tracer(pm, leaf_modules)
-    with model_mode(model, mode["training"], attrs), _restoring_attributes(model):
+    with model_mode(model, mode["training"], attrs), _restoring_attributes(model) as constants:
         try:
             graph = tracer.trace(model)
         except Exception as exc:  # fx raises many types; all mean "cannot trace"
@@ -129,14 +144,14 @@ def _trace_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any], 
                 "or give the model a `generate_graph` attribute that makes forward return a tensor, "
                 "or `back_bone_only = True` to shrink only a traceable backbone."
             ) from exc
-        gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
-    specs: Dict[fx.Node, Any] = {}
-    with model_mode(model, False, attrs), torch.no_grad():
-        _Recorder(gm, specs).run(*inputs)
+        specs: Dict[fx.Node, Any] = {}
+        with model_mode(model, False), torch.no_grad():
+            _Recorder(model, graph, specs).run(*inputs)
     canonical = {id(m): name for name, m in model.named_modules()}
-    module_names = {n: canonical.get(id(gm.get_submodule(n.target)), n.target)
-                    for n in gm.graph.nodes if n.op == "call_module"}
-    return TracedGraph(mode=dict(mode), gm=gm, specs=specs, module_names=module_names)
+    module_names = {n: canonical.get(id(model.get_submodule(n.target)), n.target)
+                    for n in graph.nodes if n.op == "call_module"}
+    return TracedGraph(mode=dict(mode), graph=graph, root=weakref.ref(model), constants=constants, specs=specs,
+                       module_names=module_names)
 
 
 def _attribute_names(model: nn.Module) -> Tuple[frozenset, ...]:
@@ -144,23 +159,24 @@ def _attribute_names(model: nn.Module) -> Tuple[frozenset, ...]:
 
 
 @contextlib.contextmanager
-def _restoring_attributes(model: nn.Module) -> Iterator[None]:
+def _restoring_attributes(model: nn.Module) -> Iterator[Dict[str, Any]]:
     """fx stores tensor constants it meets on the traced module; keep the user's model clean."""
     names = _attribute_names(model)
+    removed: Dict[str, Any] = {}
     try:
-        yield
+        yield removed
     finally:
         for added, container in zip((a - b for a, b in zip(_attribute_names(model), names)),
                                     (vars(model), model._parameters, model._buffers, model._modules)):
             for name in added:
-                del container[name]
+                removed[name] = container.pop(name)
 
 
 class _Recorder(fx.Interpreter):
     """Runs the graph once and records the shape of every value."""
 
-    def __init__(self, gm: fx.GraphModule, specs: Dict[fx.Node, Any]):
-        super().__init__(gm, garbage_collect_values=True)
+    def __init__(self, root: nn.Module, graph: fx.Graph, specs: Dict[fx.Node, Any]):
+        super().__init__(root, garbage_collect_values=True, graph=graph)
         self._specs = specs
 
     def run_node(self, n: fx.Node) -> Any:
@@ -294,7 +310,7 @@ def propagate(graphs: Sequence[TracedGraph], store: LabelStore, pm: Any, frozen_
     """Run every node's handler over every graph, filling ``store``."""
     unknown = _UnknownOps()
     for tg in graphs:
-        for node in tg.gm.graph.nodes:
+        for node in tg.graph.nodes:
             _propagate_node(tg, node, store, pm, frozen_modules, unknown)
     unknown.report()
 
@@ -313,7 +329,7 @@ def _propagate_node(tg: TracedGraph, node: fx.Node, store: LabelStore, pm: Any,
             for chan in iter_chans(tg.values.get(arg)):
                 store.freeze(chan.labels, "network output")
         return
-    module = tg.gm.get_submodule(node.target) if node.op == "call_module" else None
+    module = tg.get_submodule(node.target) if node.op == "call_module" else None
     info: Dict[str, Any] = {}
     tg.infos[node] = info
     ctx = PropagateContext(node, module, tg.module_names.get(node), store, tg.values, tg.specs, info,

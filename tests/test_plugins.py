@@ -27,7 +27,9 @@ def fresh_manager():
 def test_defaults_come_from_entry_points():
     infos = {i.name: i for i in list_plugins()}
     assert infos["generators"].hooks == ("dnnshrink_op_handler",)
-    assert infos["morphnet"].hooks == ("dnnshrink_mask_extractor",)
+    assert infos["morphnet"].hooks == ("dnnshrink_algorithm", "dnnshrink_algorithm_names",
+                                       "dnnshrink_mask_extractor", "dnnshrink_regularizer")
+    assert infos["exporters"].hooks == ("dnnshrink_export_formats", "dnnshrink_exporter")
     assert infos["generators"].distribution.startswith("dnnshrink ")
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dnnshrink_core import Chan, OpHandler, PropagateContext, RebuildContext
-from dnnshrink_core.handler import TensorSpec, index_of, resized
+from dnnshrink_core.handler import TensorSpec, index_of
 
 
 def _all(keep: np.ndarray) -> bool:
@@ -87,7 +87,7 @@ class ConvHandler(OpHandler):
         tensors = {"weight": w}
         if m.bias is not None:
             tensors["bias"] = m.bias.detach().index_select(0, out_idx)
-        ctx.replace_module(resized(m, tensors, {"in_channels": kept_in, "out_channels": kept_out, "groups": groups}))
+        ctx.resize(tensors, {"in_channels": kept_in, "out_channels": kept_out, "groups": groups})
 
 
 class LinearHandler(OpHandler):
@@ -128,7 +128,7 @@ class LinearHandler(OpHandler):
         tensors = {"weight": m.weight.detach().index_select(0, out_idx).index_select(1, index_of(in_keep, dev))}
         if m.bias is not None:
             tensors["bias"] = m.bias.detach().index_select(0, out_idx)
-        ctx.replace_module(resized(m, tensors, {"in_features": int(in_keep.sum()), "out_features": int(out_keep.sum())}))
+        ctx.resize(tensors, {"in_features": int(in_keep.sum()), "out_features": int(out_keep.sum())})
 
 
 class ChannelwiseHandler(OpHandler):
@@ -176,7 +176,7 @@ class ChannelwiseHandler(OpHandler):
             t = getattr(m, name, None)
             if isinstance(t, torch.Tensor) and t.ndim >= 1 and t.shape[0] == len(keep):
                 tensors[name] = t.detach().index_select(0, index_of(keep, t.device))
-        ctx.replace_module(resized(m, tensors, {self.size_attr: int(keep.sum())}))
+        ctx.resize(tensors, {self.size_attr: int(keep.sum())})
 
 
 class PReLUHandler(ChannelwiseHandler):

@@ -13,7 +13,7 @@ import numpy as np
 from torch import fx
 
 from dnnshrink_core import Chan, OpHandler, PropagateContext, RebuildContext
-from dnnshrink_core.handler import TensorSpec, resized
+from dnnshrink_core.handler import TensorSpec
 
 
 def channel_pad(ndim: int, pad: Sequence[int]) -> Optional[Tuple[int, int]]:
@@ -108,7 +108,7 @@ class PadModuleHandler(_PadBase):
     def rebuild(self, ctx: RebuildContext) -> None:
         new = self._new_pad(ctx, tuple(ctx.module.padding))
         if new is not None:
-            ctx.replace_module(resized(ctx.module, {}, {"padding": new}))
+            ctx.resize({}, {"padding": new})
 
 
 PAD_FUNCTION = PadFunctionHandler()
