@@ -4,7 +4,8 @@ For ResNet-50 and MobileNetV2 (torchvision, weights=None), half of the removable
 units of every group are removed (dnnshrink) and, side by side in the same process, the
 same networks are pruned to 50% channels by Torch-Pruning (magnitude importance, classifier
 kept). Each network is exported to ONNX (dnnshrink's verified exporter), then timed with
-onnxruntime on the CPU: 2 intra-op threads, batch 1, median of repeated runs.
+onnxruntime on the CPU: 2 intra-op threads, batch 1, median of repeated runs; the variants
+take turns run by run, so that drift of the machine hits them alike.
 
     efficiency = (baseline latency / shrunk latency) / (baseline MACs / shrunk MACs)
 
@@ -44,20 +45,26 @@ def half_masks(graph, seed: int = 0):
     return masks
 
 
-def latency(path: Path, x: torch.Tensor, runs: int, warmup: int = 10) -> float:
+def session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: x.numpy()}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def latencies(paths: dict, x: torch.Tensor, runs: int, warmup: int = 10) -> dict:
+    """Median seconds per run of each ONNX file, the files taking turns run by run so that
+    the machine's drift hits every variant alike."""
+    sessions = {label: session(path) for label, path in paths.items()}
+    feeds = {label: {s.get_inputs()[0].name: x.numpy()} for label, s in sessions.items()}
+    times = {label: [] for label in sessions}
+    for i in range(warmup + runs):
+        for label, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feeds[label])
+            if i >= warmup:
+                times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def torch_pruning_half(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -94,12 +101,13 @@ def main() -> None:
                     variants["torch-pruning"] = torch_pruning_half(model, x)
                 except ImportError:
                     print("torch-pruning is not installed (pip install -e '.[bench]'); skipping it")
-            measured = {}
+            paths, macs = {}, {}
             for label, net in variants.items():
-                path = tmp / f"{name}-{label}.onnx"
-                ds.export(net, x, "onnx", path)
-                macs = ds.layer_report(net, x).totals["macs_before"]
-                measured[label] = (macs, latency(path, x, args.runs))
+                paths[label] = tmp / f"{name}-{label}.onnx"
+                ds.export(net, x, "onnx", paths[label])
+                macs[label] = ds.layer_report(net, x).totals["macs_before"]
+            timed = latencies(paths, x, args.runs)
+            measured = {label: (macs[label], timed[label]) for label in variants}
             base_macs, base_lat = measured["baseline"]
             for label, (macs, lat) in measured.items():
                 speedup, reduction = base_lat / lat, base_macs / macs

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import typing
 from pathlib import Path
 from typing import Any, Callable, Dict, Tuple
@@ -102,17 +101,7 @@ def load_functions(base: str, spec: str) -> Tuple[Callable, Callable, Callable]:
     spec = _resolve(base, spec)
     functions = []
     for name in FUNCTION_NAMES:
-        if spec.endswith(".py"):
-            fn = load_object(f"{spec}:{name}", "function")
-        else:
-            try:
-                module = importlib.import_module(spec)
-            except ImportError as exc:
-                raise ConfigError(f"functions module {spec!r} cannot be imported: {exc}") from exc
-            if not hasattr(module, name):
-                raise ConfigError(f"functions module {spec!r} has no function {name!r} "
-                                  f"(it needs {', '.join(FUNCTION_NAMES)})")
-            fn = getattr(module, name)
+        fn = load_object(f"{spec}:{name}", "function")
         if not callable(fn):
             raise ConfigError(f"{name} in {spec} is not a function")
         functions.append(fn)

@@ -52,10 +52,11 @@ class CostModel:
         """``d cost / d (kept units)`` per unit, with the other side's counts held: MorphNet's
         weight of each unit's ``|gamma|``."""
         kept_in, kept_out = self.counts(alive)
-        w = np.zeros(self.graph.num_units, dtype=np.float64)
-        np.add.at(w, self.out_units, np.where(self.depthwise, self.coef, self.coef * kept_in)[self.out_layer])
-        np.add.at(w, self.in_units, np.where(self.depthwise, 0.0, self.coef * kept_out)[self.in_layer])
-        return w
+        units = self.graph.num_units
+        out_w = np.where(self.depthwise, self.coef, self.coef * kept_in)[self.out_layer]
+        in_w = np.where(self.depthwise, 0.0, self.coef * kept_out)[self.in_layer]
+        return (np.bincount(self.out_units, weights=out_w, minlength=units)
+                + np.bincount(self.in_units, weights=in_w, minlength=units))
 
     def cheapest_first(self, keep: np.ndarray, scores: np.ndarray, target: float,
                        removable: Optional[np.ndarray] = None) -> np.ndarray:

@@ -26,7 +26,9 @@ def load_object(spec: str, what: str = "object") -> Any:
         path = Path(source)
         if not path.is_file():
             raise SpecError(f"{what} file {source} does not exist")
-        module_name = f"dnnshrink_user_{path.stem}"
+        module_name = f"dnnshrink_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+        if module_name in sys.modules:  # the model factory and the functions often share a file
+            return _attribute(sys.modules[module_name], source, name, what)
         spec_obj = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec_obj)
         sys.modules[module_name] = module
@@ -34,6 +36,7 @@ def load_object(spec: str, what: str = "object") -> Any:
         try:
             spec_obj.loader.exec_module(module)
         except Exception as exc:
+            del sys.modules[module_name]
             raise SpecError(f"importing {source} failed: {type(exc).__name__}: {exc}") from exc
         finally:
             sys.path.pop(0)
@@ -42,6 +45,10 @@ def load_object(spec: str, what: str = "object") -> Any:
             module = importlib.import_module(source)
         except ImportError as exc:
             raise SpecError(f"cannot import module {source!r} for {what} {spec!r}: {exc}") from exc
+    return _attribute(module, source, name, what)
+
+
+def _attribute(module: Any, source: str, name: str, what: str) -> Any:
     if not hasattr(module, name):
         names = [n for n in dir(module) if not n.startswith("_")]
         close = difflib.get_close_matches(name, names, n=1)

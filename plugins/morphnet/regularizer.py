@@ -83,32 +83,41 @@ class GammaRegularizer:
         return float((self.unit_weights(self.alive(gammas)) * gammas).sum())
 
     # --- gradients --------------------------------------------------------------------
+    def _prepare_gather(self) -> None:
+        """Index arrays that gather every source's scale from one flat vector of all scales."""
+        sizes = [p.numel() for p in self._params]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._flat_index = offsets[self._src_param] + self._src_channel
+        self._flat_size = int(offsets[-1])
+        self._sizes = sizes
+        self._by_unit = np.argsort(self._src_unit, kind="stable")
+        self._unit_starts = np.flatnonzero(np.r_[True, np.diff(self._src_unit[self._by_unit]) != 0])
+        self._units_with_source = self._src_unit[self._by_unit][self._unit_starts]
+
     def source_gradients(self) -> Dict[int, torch.Tensor]:
         """``strength · dP/d weight`` for each source BatchNorm weight (by index in ``graph.source_modules``)."""
+        if not hasattr(self, "_flat_index"):
+            self._prepare_gather()
+        units = self.graph.num_units
         with torch.no_grad():
-            values = np.zeros(len(self._src_unit), dtype=np.float64)
-            signs = np.zeros(len(self._src_unit), dtype=np.float64)
-            for idx, param in enumerate(self._params):
-                mask = self._src_param == idx
-                w = param.detach().float().cpu().numpy()[self._src_channel[mask]]
-                values[mask] = np.abs(w)
-                signs[mask] = np.sign(w)
-            unit_max = np.zeros(self.graph.num_units, dtype=np.float64)
-            np.maximum.at(unit_max, self._src_unit, values)
-            alive = ~self._removable | (unit_max > self.threshold)
-            w_unit = self.unit_weights(alive)
-            self.last_penalty = float((w_unit * unit_max).sum())
-            is_max = values == unit_max[self._src_unit]
-            ties = np.bincount(self._src_unit[is_max], minlength=self.graph.num_units)
-            share = np.where(is_max, w_unit[self._src_unit] / np.maximum(ties[self._src_unit], 1), 0.0)
-            grad_values = self.strength * share * signs
-            grads: Dict[int, torch.Tensor] = {}
-            for idx, param in enumerate(self._params):
-                mask = self._src_param == idx
-                g = np.zeros(param.shape[0], dtype=np.float64)
-                np.add.at(g, self._src_channel[mask], grad_values[mask])
-                grads[idx] = torch.from_numpy(g).to(device=param.device, dtype=param.dtype)
-            return grads
+            flat = torch.cat([p.detach().reshape(-1) for p in self._params]).double().cpu().numpy()
+        raw = flat[self._flat_index]
+        values, signs = np.abs(raw), np.sign(raw)
+        unit_max = np.zeros(units, dtype=np.float64)
+        if len(values):
+            unit_max[self._units_with_source] = np.maximum.reduceat(values[self._by_unit], self._unit_starts)
+        alive = ~self._removable | (unit_max > self.threshold)
+        w_unit = self.unit_weights(alive)
+        self.last_penalty = float((w_unit * unit_max).sum())
+        is_max = values == unit_max[self._src_unit]
+        ties = np.bincount(self._src_unit[is_max], minlength=units)
+        share = np.where(is_max, w_unit[self._src_unit] / np.maximum(ties[self._src_unit], 1), 0.0)
+        flat_grad = np.bincount(self._flat_index, weights=self.strength * share * signs, minlength=self._flat_size)
+        first = self._params[0] if self._params else None
+        if first is None:
+            return {}
+        moved = torch.from_numpy(flat_grad).to(device=first.device, dtype=first.dtype)
+        return {idx: chunk.view_as(p) for idx, (chunk, p) in enumerate(zip(moved.split(self._sizes), self._params))}
 
     def _grad_for(self, idx: int) -> torch.Tensor:
         key = tuple(p._version for p in self._params) + tuple(p.data_ptr() for p in self._params)

@@ -61,16 +61,7 @@ def expand_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, 
             out[order[:_target(n * mult, size, min_width, multiple)]] = True
         return out
 
-    low, high = 1.0, float(np.max(sizes / np.maximum(counts, 1)))
-    best = keep
-    for _ in range(steps):
-        mid = (low + high) / 2
-        candidate = build(mid)
-        if cost(candidate) <= budget:
-            best, low = candidate, mid
-        else:
-            high = mid
-    return best
+    return _largest_fitting(build, cost, budget, 1.0, float(np.max(sizes / np.maximum(counts, 1))), keep, steps)
 
 
 def uniform_fraction(graph: ChannelGraph, scores: np.ndarray, cost: Callable[[np.ndarray], float], budget: float,
@@ -93,10 +84,17 @@ def uniform_fraction(graph: ChannelGraph, scores: np.ndarray, cost: Callable[[np
             keep[free[:max(n, 0)]] = True
         return keep
 
-    low, high = 0.0, 1.0
-    best = build(0.0)
-    if cost(build(1.0)) <= budget:
-        return build(1.0)
+    whole = build(1.0)
+    if cost(whole) <= budget:
+        return whole
+    return _largest_fitting(build, cost, budget, 0.0, 1.0, build(0.0), steps)
+
+
+def _largest_fitting(build: Callable[[float], np.ndarray], cost: Callable[[np.ndarray], float], budget: float,
+                     low: float, high: float, fallback: np.ndarray, steps: int) -> np.ndarray:
+    """Bisection for the largest ``x`` in ``[low, high]`` whose ``build(x)`` costs at most
+    ``budget`` (the cost grows with ``x``); ``fallback`` when none does."""
+    best = fallback
     for _ in range(steps):
         mid = (low + high) / 2
         candidate = build(mid)
