@@ -63,6 +63,8 @@ class SplitHandler(OpHandler):
         bounds = np.cumsum(sizes)[:-1]
         pieces = np.split(chan.labels, bounds)
         guards = np.split(chan.guard, bounds)
+        for piece in pieces:  # no piece ends up empty: its first channel stays
+            ctx.freeze(piece[:1], f"{ctx.describe()} keeps at least one channel per piece")
         if self.equal_pieces:
             if len(set(sizes)) != 1:
                 ctx.freeze(chan.labels, f"{ctx.describe()} makes unequal chunks")
@@ -143,6 +145,8 @@ class GetItemHandler(OpHandler):
             ctx.unknown(f"{ctx.describe()} takes every {step}th channel", warn=False)
             return
         if (start, stop) != (0, spec.shape[1]):
+            if stop > start:  # a slice never ends up empty: its first channel stays
+                ctx.freeze(value.labels[start:start + 1], f"{ctx.describe()} keeps at least one channel")
             if ctx.allow_rewrite:
                 ctx.info.update(labels=value.labels, items=items, start=start, stop=stop)
             else:
