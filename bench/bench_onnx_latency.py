@@ -5,13 +5,13 @@ units of every group are removed (dnnshrink) and, side by side in the same proce
 same networks are pruned to 50% channels by Torch-Pruning (magnitude importance, classifier
 kept). Each network is exported to ONNX (dnnshrink's verified exporter), then timed with
 onnxruntime on the CPU: 2 intra-op threads, batch 1, median of repeated runs; the variants
-take turns run by run, so that drift of the machine hits them alike.
+take turns in blocks of consecutive runs, so that drift of the machine hits them alike.
 
     efficiency = (baseline latency / shrunk latency) / (baseline MACs / shrunk MACs)
 
 1.0 is the physical limit (the speed-up equals the MACs reduction).
 
-    python bench/bench_onnx_latency.py [--models resnet50 mobilenet_v2] [--runs 50] [--no-tp]
+    python bench/bench_onnx_latency.py [--models resnet50 mobilenet_v2] [--runs 15] [--no-tp]
 """
 from __future__ import annotations
 
@@ -52,18 +52,20 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def latencies(paths: dict, x: torch.Tensor, runs: int, warmup: int = 10) -> dict:
-    """Median seconds per run of each ONNX file, the files taking turns run by run so that
-    the machine's drift hits every variant alike."""
+def latencies(paths: dict, x: torch.Tensor, runs: int, rounds: int = 5, warmup: int = 5) -> dict:
+    """Median seconds per run of each ONNX file. The files take turns in blocks of ``runs``
+    consecutive runs (warm caches within a block), ``rounds`` times, so that drift of the
+    machine hits every variant alike; the result is the median over all timed runs."""
     sessions = {label: session(path) for label, path in paths.items()}
     feeds = {label: {s.get_inputs()[0].name: x.numpy()} for label, s in sessions.items()}
     times = {label: [] for label in sessions}
-    for i in range(warmup + runs):
+    for _ in range(rounds):
         for label, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feeds[label])
-            if i >= warmup:
-                times[label].append(time.perf_counter() - start)
+            for i in range(warmup + runs):
+                start = time.perf_counter()
+                s.run(None, feeds[label])
+                if i >= warmup:
+                    times[label].append(time.perf_counter() - start)
     return {label: statistics.median(t) for label, t in times.items()}
 
 
@@ -81,7 +83,7 @@ def torch_pruning_half(model: nn.Module, x: torch.Tensor) -> nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2"])
-    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--runs", type=int, default=15, help="runs per block (5 blocks per variant)")
     parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     args = parser.parse_args()
     torch.set_num_threads(2)
