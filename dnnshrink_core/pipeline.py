@@ -186,6 +186,8 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
         "device": str(device),
     }
     result = ShrinkResult(shrunk, masks, report, baseline_score, score, epochs)
+    if opts.progress:
+        print(report.table())
     print(_summary_table(report))
     if out_dir is not None:
         result.files = _write_outputs(result, baseline, inputs, out_dir, opts)
