@@ -6,7 +6,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
-from .errors import NoBatchNormError, PluginError, TraceError
+from .errors import NoBatchNormError, PluginError
 from .generate import build, units_to_keep
 from .graph import ChannelGraph
 from .labels import LabelStore

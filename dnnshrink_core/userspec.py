@@ -6,7 +6,7 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Any, Callable, Tuple
+from typing import Any, Tuple
 
 from torch import nn
 
@@ -89,5 +89,3 @@ def parse_shape(text: str) -> Tuple[int, ...]:
         raise SpecError(f"input shape {text!r} must have a batch and a channel dimension, all positive")
     return shape
 
-
-Factory = Callable[[], nn.Module]

@@ -1,7 +1,6 @@
 """The public API's contract: errors, caching, masks, and leaving the user's model alone."""
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest

@@ -22,11 +22,10 @@ import importlib
 import io
 import json
 import math
-import operator
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 import torch
 from torch import fx, nn

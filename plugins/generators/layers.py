@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
 
 from dnnshrink_core import Chan, OpHandler, PropagateContext, RebuildContext
 from dnnshrink_core.handler import TensorSpec, index_of

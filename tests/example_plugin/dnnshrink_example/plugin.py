@@ -9,11 +9,9 @@
 from __future__ import annotations
 
 import io
-import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from dnnshrink_core import Chan, Masks, OpHandler, hookimpl
