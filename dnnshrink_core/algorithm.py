@@ -35,6 +35,15 @@ class LearnContext:
     costs: CostModel
     writer: Any = None
     progress: bool = True
+    start_epoch: int = 1
+    on_epoch: Optional[Callable[[int], Any]] = None
+
+    def epoch_done(self, epoch: int) -> None:
+        """Tell the pipeline an epoch finished cleanly (it writes a checkpoint)."""
+        if self.on_epoch is not None:
+            self.last_good = self.on_epoch(epoch)
+
+    last_good: Any = None
 
 
 @dataclass

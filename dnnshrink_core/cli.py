@@ -59,7 +59,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     data = load_config(args.config)
     run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
-               algorithm=args.algorithm)
+               algorithm=args.algorithm, resume=args.resume)
     return 0
 
 
@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="cpu, cuda, cuda:1… (default: CUDA when available)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--algorithm", help="morphnet (default), slimming, magnitude, or a plugin's")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run from its last checkpoint (same --out)")
     run.set_defaults(func=_cmd_run)
     demo.set_defaults(func=_cmd_demo)
     return parser
@@ -123,6 +125,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"dnnshrink: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("dnnshrink: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

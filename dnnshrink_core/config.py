@@ -29,7 +29,8 @@ GENERAL_KEYS = {
     "input_shape": "one batch's shape, e.g. [1, 3, 224, 224]",
     "out": "the output folder",
 }
-OPTION_KEYS = {f.name: f for f in dataclasses.fields(ShrinkOptions) if f.name not in ("out_dir", "force", "progress")}
+OPTION_KEYS = {f.name: f for f in dataclasses.fields(ShrinkOptions)
+               if f.name not in ("out_dir", "force", "progress", "resume")}
 HINTS = typing.get_type_hints(ShrinkOptions)
 FUNCTION_NAMES = ("train_one_epoch", "train", "test")
 
@@ -108,7 +109,8 @@ def load_functions(base: str, spec: str) -> Tuple[Callable, Callable, Callable]:
     return tuple(functions)
 
 
-def run_config(data: Dict[str, Any], out: Any = None, force: bool = False, **overrides: Any) -> Any:
+def run_config(data: Dict[str, Any], out: Any = None, force: bool = False, resume: bool = False,
+               **overrides: Any) -> Any:
     """Build the model, inputs and functions a validated config names, and run :func:`shrink`."""
     import torch
 
@@ -130,4 +132,4 @@ def run_config(data: Dict[str, Any], out: Any = None, force: bool = False, **ove
     if not out_path.is_absolute() and out is data.get("out"):
         out_path = Path(base) / out_path
     return shrink(model, torch.zeros(shape), train_one_epoch=train_one_epoch, train=train, test=test,
-                  out_dir=str(out_path), force=force, **options)
+                  out_dir=str(out_path), force=force, resume=resume, **options)

@@ -23,6 +23,7 @@ from torch import nn
 
 from .api import trace
 from .algorithm import LearnContext
+from .checkpoint import Checkpoints
 from .cost import CostModel
 from .errors import DnnshrinkError, NoBatchNormError, PluginError
 from .export import export
@@ -56,6 +57,7 @@ class ShrinkOptions:
     finetune: bool = True
     out_dir: Optional[str] = None
     force: bool = False
+    resume: bool = False
     exporters: Sequence[str] = ("pytorch", "onnx", "graph")
     tensorboard: bool = True
     progress: bool = True
@@ -148,12 +150,21 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
     inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in normalize_inputs(example_inputs))
 
     work = copy.deepcopy(model).to(device)
-    if opts.train_baseline:
-        _step("training the baseline with train(model)")
-        train(work)
-    _step("testing the baseline")
-    baseline_score = _score(test(work), "test(baseline)")
-    baseline = copy.deepcopy(work)
+    checkpoints = Checkpoints(out_dir / "checkpoints") if out_dir is not None else None
+    start_epoch = 1
+    if opts.resume:
+        start_epoch, baseline_score = _resume(work, checkpoints)
+        baseline = copy.deepcopy(work)
+        work.load_state_dict(checkpoints.load(checkpoints.latest())["state"])
+    else:
+        if opts.train_baseline:
+            _step("training the baseline with train(model)")
+            train(work)
+        _step("testing the baseline")
+        baseline_score = _score(test(work), "test(baseline)")
+        baseline = copy.deepcopy(work)
+        if checkpoints is not None:
+            checkpoints.save_baseline(baseline.state_dict(), baseline_score)
 
     graph = trace(work, inputs)
     if not graph.source_modules and opts.algorithm != "magnitude":
@@ -162,8 +173,16 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
     costs = CostModel(graph, work)
     target = opts.target_macs * costs.initial if opts.target_macs <= 1 else float(opts.target_macs)
     writer = _tensorboard(out_dir, opts)
-    learned = algorithm.learn(LearnContext(work, graph, inputs, train_one_epoch, opts, target, costs, writer,
-                                           opts.progress))
+    on_epoch = (lambda epoch: checkpoints.save_epoch(epoch, work.state_dict())) if checkpoints else None
+    context = LearnContext(work, graph, inputs, train_one_epoch, opts, target, costs, writer, opts.progress,
+                           start_epoch, on_epoch)
+    try:
+        learned = algorithm.learn(context)
+    except KeyboardInterrupt:
+        if checkpoints is not None and checkpoints.latest() is not None:
+            print(f"\ndnnshrink: interrupted. The last checkpoint is {checkpoints.latest()}; continue with "
+                  "`dnnshrink run CONFIG --resume` (or shrink(..., resume=True)).")
+        raise
     keep, epochs = learned.keep, learned.epochs
     masks = Masks({g.name: keep[g.units] for g in graph.groups}, graph)
     shrunk = build(work, graph, keep)
@@ -199,10 +218,27 @@ def _step(text: str) -> None:
     print(f"dnnshrink: {text}")
 
 
+def _resume(work: nn.Module, checkpoints: Optional[Checkpoints]) -> tuple:
+    """Load the baseline into ``work``; return the epoch to continue from and the baseline score."""
+    latest = checkpoints.latest() if checkpoints is not None else None
+    if latest is None or not (checkpoints.folder / "baseline.pt").is_file():
+        where = checkpoints.folder if checkpoints is not None else "(no output folder given)"
+        raise DnnshrinkError(f"nothing to resume: no checkpoints in {where}. Start the run without --resume.")
+    base = checkpoints.load(checkpoints.folder / "baseline.pt")
+    work.load_state_dict(base["state"])
+    epoch = int(checkpoints.load(latest)["epoch"])
+    _step(f"resuming after epoch {epoch} ({latest})")
+    return epoch + 1, float(base["score"])
+
+
 def _prepare_out_dir(opts: ShrinkOptions) -> Optional[Path]:
     if opts.out_dir is None:
+        if opts.resume:
+            raise DnnshrinkError("resume needs the output folder of the run to continue (out_dir / --out)")
         return None
     out = Path(opts.out_dir)
+    if opts.resume:
+        return out
     if out.exists() and any(out.iterdir()) and not opts.force:
         raise DnnshrinkError(f"output folder {out} already exists and is not empty; choose another one or pass "
                              "--force (force=True) to overwrite it")

@@ -218,3 +218,48 @@ def test_cli_algorithm_option(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["structure_learning"]["algorithm"] == "magnitude" and report["structure_learning"]["epochs"] == 0
+
+
+def test_checkpoints_and_resume(tmp_path):
+    calls = []
+
+    def epoch(model, lr):
+        calls.append(lr)
+        regularizer_only_epoch(model, lr)
+
+    options = dict(train_one_epoch=epoch, train=lambda m: None, test=lambda m: 0.5, target_macs=0.01,
+                   strength_scale=1e-6, device="cpu", progress=False, latency_runs=1, exporters=[],
+                   out_dir=str(tmp_path / "run"), tensorboard=False)
+    with pytest.warns(ds.DnnshrinkWarning):
+        shrink(Tiny(), X[:1], max_epochs=2, **options)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "baseline.pt", "epoch-0001.pt", "epoch-0002.pt"]
+    calls.clear()
+    with pytest.warns(ds.DnnshrinkWarning):
+        result = shrink(Tiny(), X[:1], max_epochs=4, resume=True, **options)
+    assert len(calls) == 2 and result.epochs == 4  # epochs 3 and 4 only
+    assert (tmp_path / "run" / "checkpoints" / "epoch-0004.pt").is_file()
+    with pytest.raises(ds.DnnshrinkError, match="nothing to resume"):
+        shrink(Tiny(), X[:1], max_epochs=4, **{**options, "out_dir": str(tmp_path / "empty"), "resume": True})
+
+
+def test_divergence_names_the_epoch_and_the_last_checkpoint(tmp_path):
+    def epoch(model, lr):
+        epoch.count = getattr(epoch, "count", 0) + 1
+        if epoch.count == 2:
+            with torch.no_grad():
+                model.body[0][1].weight.fill_(float("nan"))
+
+    with pytest.raises(ds.DnnshrinkError, match=r"diverged in epoch 2.*epoch-0001\.pt"):
+        shrink(Tiny(), X[:1], train_one_epoch=epoch, train=lambda m: None, test=lambda m: 1.0, max_epochs=5,
+               device="cpu", progress=False, out_dir=str(tmp_path / "run"), exporters=[], tensorboard=False)
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    from dnnshrink_core.checkpoint import Checkpoints
+
+    store = Checkpoints(tmp_path)
+    path = store.save_epoch(1, Tiny().state_dict())
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ds.ArtifactError, match="cannot be read safely"):
+        store.load(path)

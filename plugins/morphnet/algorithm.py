@@ -34,8 +34,8 @@ def train_regularized(ctx: LearnContext, reg: GammaRegularizer, stop_at_target: 
     """
     from tqdm import tqdm
 
-    opts, epochs = ctx.options, 0
-    bar = tqdm(range(1, opts.max_epochs + 1), desc="structure learning", disable=not ctx.progress)
+    opts, epochs = ctx.options, ctx.start_epoch - 1
+    bar = tqdm(range(ctx.start_epoch, opts.max_epochs + 1), desc="structure learning", disable=not ctx.progress)
     with reg.attach():
         for epoch in bar:
             ctx.model.train()
@@ -43,11 +43,13 @@ def train_regularized(ctx: LearnContext, reg: GammaRegularizer, stop_at_target: 
             epochs = epoch
             gammas = ctx.graph.unit_gammas(ctx.model)
             if not np.isfinite(gammas).all() or not np.isfinite(reg.last_penalty):
+                last = f" The last good checkpoint is {ctx.last_good}." if ctx.last_good else ""
                 raise DnnshrinkError(f"structure learning diverged in epoch {epoch}: BatchNorm scales or the "
                                      "regularizer became NaN or infinite. Lower the learning rate (lr) or the "
-                                     "regularizer's strength (strength_scale).")
+                                     f"regularizer's strength (strength_scale).{last}")
             alive = reg.alive(gammas)
             cost = log_epoch(ctx, epoch, alive, gammas, reg.last_penalty * reg.strength)
+            ctx.epoch_done(epoch)
             bar.set_postfix(macs=f"{cost / ctx.costs.initial:.1%}", target=f"{ctx.target / ctx.costs.initial:.0%}")
             if stop_at_target and cost <= ctx.target:
                 break
