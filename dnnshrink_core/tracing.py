@@ -25,6 +25,7 @@ from torch import fx, nn
 from .errors import PluginError, TraceError, UnknownOpWarning, UntracedModuleWarning
 from .handler import OpHandler, PropagateContext, TensorSpec, iter_chans, iter_nodes, spec_of
 from .labels import Chan, LabelStore
+from .plugins import get_plugin_manager
 
 GENERATE_GRAPH = "generate_graph"
 BACK_BONE_ONLY = "back_bone_only"
@@ -152,6 +153,18 @@ def _trace_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any], 
                     for n in graph.nodes if n.op == "call_module"}
     return TracedGraph(mode=dict(mode), graph=graph, root=weakref.ref(model), constants=constants, specs=specs,
                        module_names=module_names)
+
+
+def eval_graph_module(model: nn.Module) -> fx.GraphModule:
+    """The model's eval-mode fx graph as a GraphModule, traced with the plugins' leaf rules.
+
+    Tensor constants fx lifts out of ``forward`` are copied into the GraphModule and not left
+    on ``model``.
+    """
+    tracer = _Tracer(get_plugin_manager(), ())
+    with model_mode(model, training=False), _restoring_attributes(model):
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
 
 
 def _attribute_names(model: nn.Module) -> Tuple[frozenset, ...]:

@@ -235,3 +235,22 @@ def test_cli_inspect(tmp_path):
     bad = subprocess.run(["dnnshrink", "inspect", "resnet81", "--input-shape", "1,3,32,32"], capture_output=True,
                          text=True)
     assert bad.returncode == 1 and "Did you mean resnet18" in bad.stderr and "Traceback" not in bad.stderr
+
+
+class WithConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)
+
+
+def test_exports_leave_the_model_untouched(tmp_path):
+    model, x = WithConstant().eval(), torch.randn(1, 3, 4, 4)
+    names = set(vars(model)) | set(model._buffers)
+    ds.export(model, x, "pytorch", tmp_path / "m.dnnshrink")
+    ds.export(model, x, "graph", tmp_path / "m.svg")
+    assert set(vars(model)) | set(model._buffers) == names  # fx's lifted constants stay off the model
+    with torch.no_grad():
+        assert torch.allclose(ds.load(tmp_path / "m.dnnshrink")(x), model(x))

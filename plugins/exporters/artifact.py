@@ -33,8 +33,7 @@ from torch import fx, nn
 from dnnshrink_core import __version__
 from dnnshrink_core.errors import ArtifactError, ExportError
 from dnnshrink_core.fileio import atomic_write, sha256_bytes
-from dnnshrink_core.plugins import get_plugin_manager
-from dnnshrink_core.tracing import _Tracer, model_mode, normalize_inputs
+from dnnshrink_core.tracing import eval_graph_module, normalize_inputs
 
 FORMAT = "dnnshrink-graph/1"
 MEMBERS = ("graph.json", "modules.json", "weights.pt")
@@ -222,10 +221,8 @@ def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
 def save_artifact(model: nn.Module, example_inputs: Any, path: Path) -> Dict[str, Any]:
     """Write ``model`` (its eval-mode graph) as a pytorch artifact at ``path``."""
     inputs = normalize_inputs(example_inputs)
-    tracer = _Tracer(get_plugin_manager(), ())
-    with model_mode(model, training=False):
-        graph = tracer.trace(model)
-    gm = fx.GraphModule(tracer.root, graph)
+    gm = eval_graph_module(model)
+    graph = gm.graph
     tensors: Dict[str, torch.Tensor] = {}
     nodes: List[Dict[str, Any]] = []
     modules: Dict[str, Any] = {}

@@ -22,9 +22,8 @@ from torch import fx, nn
 
 from dnnshrink_core.errors import DnnshrinkWarning, ExportError
 from dnnshrink_core.fileio import atomic_write
-from dnnshrink_core.plugins import get_plugin_manager
 from dnnshrink_core.report import LAYER_TYPES, _width
-from dnnshrink_core.tracing import _Tracer, model_mode
+from dnnshrink_core.tracing import eval_graph_module
 
 JOINS = {operator.add: "add", operator.iadd: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
          operator.mul: "mul", operator.imul: "mul", torch.mul: "mul", torch.cat: "concat", torch.concat: "concat"}
@@ -56,10 +55,8 @@ def build_digraph(model: nn.Module, baseline: Optional[nn.Module] = None, fmt: s
     """The graphviz ``Digraph`` of ``model`` (widths compared with ``baseline`` when given)."""
     import graphviz
 
-    tracer = _Tracer(get_plugin_manager(), ())
-    with model_mode(model, training=False):
-        graph = tracer.trace(model)
-    gm = fx.GraphModule(tracer.root, graph)
+    gm = eval_graph_module(model)
+    graph = gm.graph
     dot = graphviz.Digraph(type(model).__name__, format=fmt)
     dot.attr(rankdir="TB", fontname="Helvetica", fontsize="10")
     dot.attr("node", fontname="Helvetica", fontsize="9")
