@@ -11,6 +11,7 @@ from .errors import (ArtifactError, DnnshrinkError, DnnshrinkWarning, ExportErro
                      PluginError, TraceError, UnknownOpWarning, UntracedModuleWarning)
 from .export import export, export_formats, load
 from .graph import ChannelGraph, Group
+from .guard import DivergenceError
 from .handler import OpHandler, PropagateContext, RebuildContext, TensorSpec
 from .labels import Chan
 from .masks import Masks
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError", "ExportError", "Report", "export", "export_formats", "layer_report", "load",
-    "Chan", "ChannelGraph", "DnnshrinkError", "DnnshrinkWarning", "Group", "MaskError", "Masks",
+    "Chan", "ChannelGraph", "DivergenceError", "DnnshrinkError", "DnnshrinkWarning", "Group", "MaskError", "Masks",
     "NoBatchNormError", "OpHandler", "PluginError", "PropagateContext", "RebuildContext", "TensorSpec",
     "TraceError", "UnknownOpWarning", "UntracedModuleWarning", "alive_masks", "generate",
     "get_plugin_manager", "hookimpl", "list_plugins", "trace", "__version__",

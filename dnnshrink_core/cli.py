@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from . import __version__
+from . import __version__, distributed
 from .errors import DnnshrinkError
 from .plugins import blocked_plugins, get_plugin_manager, list_plugins
 
@@ -72,7 +72,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         data = load_config(path)
     result = run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
                         algorithm=args.algorithm)
-    print(f"\nwrote {len(result.files)} files to {args.out}: " + ", ".join(sorted(Path(p).name for p in result.files.values())))
+    if distributed.is_main():
+        print(f"\nwrote {len(result.files)} files to {args.out}: " + ", ".join(sorted(Path(p).name for p in result.files.values())))
     return 0
 
 
@@ -118,18 +119,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # under torchrun, join the process group before the user's code is imported, so that it
+    # can ask torch.distributed for its rank (to shard its data)
+    owns_group, status = False, 1
     try:
-        return args.func(args)
+        if args.command in ("run", "demo"):
+            owns_group = distributed.init_from_env(args.device)
+        status = args.func(args)
+        return status
     except DnnshrinkError as exc:
         if args.debug:
             raise
-        print(f"dnnshrink: error: {exc}", file=sys.stderr)
+        print(f"dnnshrink: error{_rank_tag()}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("dnnshrink: interrupted", file=sys.stderr)
+        print(f"dnnshrink: interrupted{_rank_tag()}", file=sys.stderr)
         return 130
+    finally:
+        if owns_group:
+            distributed.shutdown(barrier=status == 0)
+
+
+def _rank_tag() -> str:
+    return f" (rank {distributed.rank()})" if distributed.active() else ""
 
 
 if __name__ == "__main__":  # pragma: no cover

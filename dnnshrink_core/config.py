@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Callable, Dict, Tuple
@@ -35,6 +36,20 @@ HINTS = typing.get_type_hints(ShrinkOptions)
 FUNCTION_NAMES = ("train_one_epoch", "train", "test")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, reading ``1e-6`` as a number (YAML 1.2) instead of a string (1.1)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
 def _type_ok(value: Any, hint: Any) -> bool:
     if typing.get_origin(hint) is typing.Union:
         return any(_type_ok(value, arg) for arg in typing.get_args(hint))
@@ -57,7 +72,7 @@ def load_config(path: Any) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_Loader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

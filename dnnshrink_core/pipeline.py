@@ -13,6 +13,7 @@ import json
 import numbers
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -21,13 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .api import trace
 from .algorithm import LearnContext
 from .checkpoint import Checkpoints
 from .cost import CostModel
-from .errors import DnnshrinkError, NoBatchNormError, PluginError
+from .errors import DnnshrinkError, DnnshrinkWarning, NoBatchNormError, PluginError
 from .export import export
 from .fileio import atomic_write
+from .guard import FiniteGuard
 from .generate import build
 from .masks import Masks
 from .plugins import get_plugin_manager
@@ -91,13 +94,14 @@ def _score(value: Any, what: str) -> float:
     return float(value)
 
 
-def pick_device(requested: Optional[str]) -> torch.device:
+def pick_device(requested: Optional[str], quiet: bool = False) -> torch.device:
     """The requested device, else CUDA when available (the manual's default), else CPU."""
     if requested:
         return torch.device(requested)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    print("dnnshrink: CUDA is not available; running on the CPU.")
+    if not quiet:
+        print("dnnshrink: CUDA is not available; running on the CPU.")
     return torch.device("cpu")
 
 
@@ -137,6 +141,10 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
     recipe (used for the optional baseline training and to fine-tune the shrunk model);
     ``test(model)`` returns a number, larger is better. ``target_macs`` is a fraction of
     the baseline's MACs (≤ 1) or an absolute count.
+
+    Under ``torchrun`` every rank calls this: the training functions get the model in
+    DistributedDataParallel on every rank, while ``test``, generation, export and every file
+    are rank 0's (see :mod:`dnnshrink_core.distributed`).
     """
     unknown = set(options) - set(ShrinkOptions.__dataclass_fields__)
     if unknown:
@@ -145,26 +153,56 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
     if opts.finetune and train is None:
         raise TypeError("shrink needs train(model) to fine-tune the shrunk model (or finetune=False)")
     algorithm = get_algorithm(opts.algorithm)
-    out_dir = _prepare_out_dir(opts)
-    device = pick_device(opts.device)
+    owns_group = distributed.init_from_env(opts.device)
+    try:
+        with warnings.catch_warnings():
+            if not distributed.is_main():  # the same warnings would come from every rank
+                warnings.simplefilter("ignore", DnnshrinkWarning)
+            result = _shrink(model, example_inputs, train_one_epoch, test, train, opts, algorithm)
+    except BaseException:
+        if owns_group:
+            distributed.shutdown(barrier=False)
+        raise
+    if owns_group:
+        distributed.shutdown()
+    return result
+
+
+def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, test: Callable,
+            train: Optional[Callable], opts: ShrinkOptions, algorithm: Any) -> ShrinkResult:
+    main = distributed.is_main()
+    out_dir = distributed.on_main(lambda: _prepare_out_dir(opts))
+    device = pick_device(distributed.local_device(opts.device), quiet=not main)
     inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in normalize_inputs(example_inputs))
 
     work = copy.deepcopy(model).to(device)
-    checkpoints = Checkpoints(out_dir / "checkpoints") if out_dir is not None else None
+    checkpoints = Checkpoints(out_dir / "checkpoints") if out_dir is not None and main else None
+    kept: Dict[str, nn.Module] = {}  # rank 0's copy of the baseline, for the report
     start_epoch = 1
     if opts.resume:
-        start_epoch, baseline_score = _resume(work, checkpoints)
-        baseline = copy.deepcopy(work)
-        work.load_state_dict(checkpoints.load(checkpoints.latest())["state"])
+        def resume() -> tuple:
+            start, score = _resume(work, checkpoints, out_dir)
+            kept["baseline"] = copy.deepcopy(work)
+            work.load_state_dict(checkpoints.load(checkpoints.latest())["state"])
+            return start, score
+
+        start_epoch, baseline_score = distributed.on_main(resume)
+        trainee = distributed.wrap(work)  # every rank starts from rank 0's weights
     else:
+        trainee = distributed.wrap(work)
         if opts.train_baseline:
             _step("training the baseline with train(model)")
-            train(work)
-        _step("testing the baseline")
-        baseline_score = _score(test(work), "test(baseline)")
-        baseline = copy.deepcopy(work)
-        if checkpoints is not None:
-            checkpoints.save_baseline(baseline.state_dict(), baseline_score)
+            _guarded(train, trainee, work, "training the baseline with train(model)")
+
+        def test_baseline() -> float:
+            _step("testing the baseline")
+            score = _score(test(work), "test(baseline)")
+            kept["baseline"] = copy.deepcopy(work)
+            if checkpoints is not None:
+                checkpoints.save_baseline(work.state_dict(), score)
+            return score
+
+        baseline_score = distributed.on_main(test_baseline)
 
     graph = trace(work, inputs)
     if not graph.source_modules and opts.algorithm != "magnitude":
@@ -172,10 +210,11 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
                                f"{opts.algorithm} learns from BatchNorm scales")
     costs = CostModel(graph, work)
     target = opts.target_macs * costs.initial if opts.target_macs <= 1 else float(opts.target_macs)
-    writer = _tensorboard(out_dir, opts)
+    writer = _tensorboard(out_dir, opts) if main else None
     on_epoch = (lambda epoch: checkpoints.save_epoch(epoch, work.state_dict())) if checkpoints else None
-    context = LearnContext(work, graph, inputs, train_one_epoch, opts, target, costs, writer, opts.progress,
-                           start_epoch, on_epoch)
+    context = LearnContext(work, graph, inputs, train_one_epoch, opts, target, costs, writer,
+                           opts.progress and main, start_epoch, on_epoch)
+    context.train_one_epoch = _epoch_runner(context, train_one_epoch, trainee)
     try:
         learned = algorithm.learn(context)
     except KeyboardInterrupt:
@@ -184,45 +223,78 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
                   "`dnnshrink run CONFIG --resume` (or shrink(..., resume=True)).")
         raise
     keep, epochs = learned.keep, learned.epochs
+    digests = distributed.gather_digests(keep)  # raises unless every rank chose the same channels
     masks = Masks({g.name: keep[g.units] for g in graph.groups}, graph)
-    shrunk = build(work, graph, keep)
+    shrunk = distributed.on_main(lambda: build(work, graph, keep))
     if opts.finetune:
         _step("fine-tuning the shrunk model with train(model)")
-        train(shrunk)
-    _step("testing the shrunk model")
-    score = _score(test(shrunk), "test(shrunk)")
+        _guarded(train, distributed.wrap(shrunk), shrunk, "fine-tuning the shrunk model with train(model)")
 
-    report = layer_report(shrunk, inputs, baseline=baseline)
-    t = report.totals
-    report.extra = {
-        "baseline": {"macs": t["macs_before"], "params": t["params_before"], "score": baseline_score,
-                     "latency_ms": 1e3 * measure_latency(baseline, inputs, opts.latency_runs)},
-        "shrunk": {"macs": t["macs_after"], "params": t["params_after"], "score": score,
-                   "latency_ms": 1e3 * measure_latency(shrunk, inputs, opts.latency_runs)},
-        "structure_learning": {"algorithm": opts.algorithm, "epochs": epochs, "target_macs": target,
-                               **learned.info},
-        "device": str(device),
-    }
-    result = ShrinkResult(shrunk, masks, report, baseline_score, score, epochs)
-    if opts.progress:
-        print(report.table())
-    print(_summary_table(report))
-    if out_dir is not None:
-        result.files = _write_outputs(result, baseline, inputs, out_dir, opts)
-    if writer is not None:
-        writer.close()
-    return result
+    def finish() -> tuple:
+        _step("testing the shrunk model")
+        score = _score(test(shrunk), "test(shrunk)")
+        baseline = kept["baseline"]
+        report = layer_report(shrunk, inputs, baseline=baseline)
+        t = report.totals
+        report.extra = {
+            "baseline": {"macs": t["macs_before"], "params": t["params_before"], "score": baseline_score,
+                         "latency_ms": 1e3 * measure_latency(baseline, inputs, opts.latency_runs)},
+            "shrunk": {"macs": t["macs_after"], "params": t["params_after"], "score": score,
+                       "latency_ms": 1e3 * measure_latency(shrunk, inputs, opts.latency_runs)},
+            "structure_learning": {"algorithm": opts.algorithm, "epochs": epochs, "target_macs": target,
+                                   **learned.info},
+            "device": str(device),
+            "distributed": {"world_size": distributed.world_size(), "mask_digests": digests},
+        }
+        result = ShrinkResult(shrunk, masks, report, baseline_score, score, epochs)
+        if opts.progress:
+            print(report.table())
+        print(_summary_table(report))
+        if out_dir is not None:
+            result.files = _write_outputs(result, baseline, inputs, out_dir, opts)
+        if writer is not None:
+            writer.close()
+        return score, report, result.files
+
+    score, report, files = distributed.on_main(finish)
+    return ShrinkResult(shrunk, masks, report, baseline_score, score, epochs, files)
+
+
+DIVERGENCE_ADVICE = "Lower the learning rate (lr) or the regularizer's strength (strength_scale)."
+
+
+def _epoch_runner(context: LearnContext, train_one_epoch: Callable, trainee: nn.Module) -> Callable:
+    """The user's ``train_one_epoch`` as the algorithm calls it: the working model is swapped
+    for its DistributedDataParallel wrapper, and a loss that turned NaN stops the run."""
+    calls = [0]
+
+    def run(model: nn.Module, lr: float) -> Any:
+        epoch = context.start_epoch + calls[0]
+        calls[0] += 1
+        with FiniteGuard(context.model) as guard:
+            out = train_one_epoch(trainee if model is context.model else model, lr)
+        guard.check(f"structure learning diverged in epoch {epoch}", DIVERGENCE_ADVICE, context.last_good)
+        return out
+
+    return run
+
+
+def _guarded(train: Callable, trainee: nn.Module, model: nn.Module, what: str) -> None:
+    with FiniteGuard(model) as guard:
+        train(trainee)
+    guard.check(f"{what} diverged", "Lower the learning rate of train(model).")
 
 
 def _step(text: str) -> None:
-    print(f"dnnshrink: {text}")
+    if distributed.is_main():
+        print(f"dnnshrink: {text}")
 
 
-def _resume(work: nn.Module, checkpoints: Optional[Checkpoints]) -> tuple:
+def _resume(work: nn.Module, checkpoints: Optional[Checkpoints], out_dir: Optional[Path]) -> tuple:
     """Load the baseline into ``work``; return the epoch to continue from and the baseline score."""
     latest = checkpoints.latest() if checkpoints is not None else None
     if latest is None or not (checkpoints.folder / "baseline.pt").is_file():
-        where = checkpoints.folder if checkpoints is not None else "(no output folder given)"
+        where = out_dir / "checkpoints" if out_dir is not None else "(no output folder given)"
         raise DnnshrinkError(f"nothing to resume: no checkpoints in {where}. Start the run without --resume.")
     base = checkpoints.load(checkpoints.folder / "baseline.pt")
     work.load_state_dict(base["state"])

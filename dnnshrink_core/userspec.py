@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -26,7 +27,10 @@ def load_object(spec: str, what: str = "object") -> Any:
         path = Path(source)
         if not path.is_file():
             raise SpecError(f"{what} file {source} does not exist")
-        module_name = f"dnnshrink_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+        # a name every process derives alike, so that objects of the file's classes can travel
+        # between the ranks of a distributed run (pickle finds classes by module name)
+        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+        module_name = f"dnnshrink_user_{path.stem}_{digest}"
         if module_name in sys.modules:  # the model factory and the functions often share a file
             return _attribute(sys.modules[module_name], source, name, what)
         spec_obj = importlib.util.spec_from_file_location(module_name, path)

@@ -263,3 +263,12 @@ def test_truncated_checkpoint_is_refused(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ds.ArtifactError, match="cannot be read safely"):
         store.load(path)
+
+
+def test_config_reads_exponent_numbers(tmp_path):
+    from dnnshrink_core.config import load_config
+
+    path = write_config(tmp_path)
+    path.write_text(path.read_text() + "\nthreshold: 1e-3\ntarget_macs: 2E+5")
+    data = load_config(path)
+    assert data["threshold"] == 1e-3 and data["target_macs"] == 2e5 and data["strength_scale"] == 20.0

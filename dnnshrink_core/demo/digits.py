@@ -9,7 +9,9 @@ Copy this file and replace the model and the data. dnnshrink needs three functio
 * ``test(model)`` — a number, larger is better (here the accuracy as a fraction).
 
 Use the model's own device (``next(model.parameters()).device``): dnnshrink moves the model
-to CUDA when it is available.
+to CUDA when it is available. Under ``torchrun`` the model you get is wrapped in
+DistributedDataParallel; give each rank its own share of the data (``_shard`` below), and
+the same number of steps on every rank.
 """
 from __future__ import annotations
 
@@ -70,14 +72,28 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _shard(order: torch.Tensor, batch: int) -> Tuple[torch.Tensor, int]:
+    """This rank's share of a shuffled epoch and its batch size (the global batch stays ``batch``).
+
+    Every rank draws the same permutation (same seed) and takes every N-th sample of an
+    equal-length prefix, so all ranks run the same number of steps, as DDP requires.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return order, batch
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return order[: len(order) - len(order) % world][rank::world], max(1, batch // world)
+
+
 def _epoch(model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, batch: int = 64) -> None:
     x, y, _, _ = _data()
     device = _device(model)
     model.train()
-    order = torch.randperm(len(y), generator=generator)
-    for start in range(0, len(y), batch):
+    order, batch = _shard(torch.randperm(len(y), generator=generator), batch)
+    for start in range(0, len(order), batch):
         idx = order[start:start + batch]
-        if len(idx) < 2:
+        if len(idx) < 2:  # BatchNorm needs two samples; the same on every rank
             continue
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 from torch import nn
 
-from dnnshrink_core import DnnshrinkError, DnnshrinkWarning
+from dnnshrink_core import DivergenceError, DnnshrinkError, DnnshrinkWarning
 from dnnshrink_core.algorithm import LearnContext, LearnResult, log_epoch
 
 from .regularizer import GammaRegularizer, morphnet_flops, morphnet_size, slimming_l1
@@ -44,9 +44,9 @@ def train_regularized(ctx: LearnContext, reg: GammaRegularizer, stop_at_target: 
             gammas = ctx.graph.unit_gammas(ctx.model)
             if not np.isfinite(gammas).all() or not np.isfinite(reg.last_penalty):
                 last = f" The last good checkpoint is {ctx.last_good}." if ctx.last_good else ""
-                raise DnnshrinkError(f"structure learning diverged in epoch {epoch}: BatchNorm scales or the "
-                                     "regularizer became NaN or infinite. Lower the learning rate (lr) or the "
-                                     f"regularizer's strength (strength_scale).{last}")
+                raise DivergenceError(f"structure learning diverged in epoch {epoch}: BatchNorm scales or the "
+                                      "regularizer became NaN or infinite. Lower the learning rate (lr) or the "
+                                      f"regularizer's strength (strength_scale).{last}")
             alive = reg.alive(gammas)
             cost = log_epoch(ctx, epoch, alive, gammas, reg.last_penalty * reg.strength)
             ctx.epoch_done(epoch)

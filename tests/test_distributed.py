@@ -1,0 +1,164 @@
+"""Runs under torchrun with two CPU processes (gloo): every rank trains under DDP, the masks
+agree on every rank, and rank 0 alone tests, generates and writes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dnnshrink_core as ds
+from dnnshrink_core import distributed
+
+# Each rank records what it was given; test() may only run on rank 0.
+FUNCTIONS = '''
+import json, os
+import torch
+import torch.distributed as dist
+from torch import nn
+
+X = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+def conv_bn(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(3, 16), conv_bn(16, 16))
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.fc(self.body(x).mean((2, 3)))
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+
+def record(what, model):
+    rank = dist.get_rank() if dist.is_initialized() else -1
+    with open(os.path.join(os.environ["CALLS_DIR"], f"rank{rank}.jsonl"), "a") as f:
+        f.write(json.dumps([what, type(model).__name__]) + "\\n")
+
+def steps(model, lr, n):
+    rank = dist.get_rank()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(n):
+        opt.zero_grad()
+        model(X[rank::2]).square().mean().backward()  # each rank its own half of the data
+        opt.step()
+
+def train_one_epoch(model, lr):
+    record("train_one_epoch", model)
+    steps(model, lr, 3)
+    if os.environ.get("BREAK_DDP") and dist.get_rank() == 1:
+        with torch.no_grad():  # behind DDP's back: rank 1's scales drift apart
+            model.module.body[0][1].weight[:8] = 0.0
+
+def train(model):
+    record("train", model)
+    steps(model, 0.01, 2)
+
+def test(model):
+    record("test", model)
+    return 0.5
+'''
+
+
+def torchrun(*args, env=None, cwd=None):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "dnnshrink_core", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def setup_run(tmp_path, **extra):
+    (tmp_path / "funcs.py").write_text(FUNCTIONS)
+    config = {"model": "funcs.py:build", "functions": "funcs.py", "input_shape": [1, 3, 8, 8], "device": "cpu",
+              "max_epochs": 40, "strength_scale": 20.0, "lr": 0.05, "train_baseline": True,
+              "exporters": ["pytorch", "onnx"], **extra}
+    path = tmp_path / "config.yaml"
+    path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()))
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    import os
+    return path, calls, {**os.environ, "CALLS_DIR": str(calls)}
+
+
+def read_calls(calls, rank):
+    path = calls / f"rank{rank}.jsonl"
+    return [tuple(json.loads(line)) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_run_under_torchrun_trains_every_rank_under_ddp(tmp_path):
+    config, calls, env = setup_run(tmp_path)
+    run = torchrun("run", config, "--out", tmp_path / "out", "--quiet", env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    rank0, rank1 = read_calls(calls, 0), read_calls(calls, 1)
+    training = [c for c in rank0 if c[0] != "test"]
+    # the user's training ran on both ranks, in step, always on the DDP wrapper
+    assert training == rank1 and len(training) >= 3
+    assert {c[1] for c in training} == {"DistributedDataParallel"}
+    assert [c[0] for c in training][0] == "train" and [c[0] for c in training][-1] == "train"
+    # test() only on rank 0, with the plain model (baseline, then the shrunk one)
+    assert [c for c in rank0 if c[0] == "test"] == [("test", "Net"), ("test", "Net")]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["distributed"]["world_size"] == 2
+    first, second = report["distributed"]["mask_digests"]
+    assert first == second
+    assert report["shrunk"]["macs"] < report["baseline"]["macs"]
+    loaded = ds.load(tmp_path / "out" / "model.dnnshrink")
+    assert loaded(torch.randn(2, 3, 8, 8)).shape == (2, 2)
+    # one process printed the results
+    assert run.stdout.count("testing the shrunk model") == 1
+
+
+def test_ranks_that_disagree_on_the_masks_stop_with_a_clear_error(tmp_path):
+    config, calls, env = setup_run(tmp_path, max_epochs=2, strength_scale=1e-6, train_baseline=False,
+                                   exporters=[])
+    run = torchrun("run", config, "--out", tmp_path / "out", "--quiet", env={**env, "BREAK_DDP": "1"})
+    assert run.returncode != 0
+    assert "the ranks chose different channels (rank 0: " in run.stderr
+    assert "[rank0]: Traceback" not in run.stderr and "[rank1]: Traceback" not in run.stderr
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_demo_under_torchrun(tmp_path):
+    out = tmp_path / "demo"
+    run = torchrun("demo", "--out", out, "--quiet")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["distributed"]["world_size"] == 2
+    assert len(set(report["distributed"]["mask_digests"])) == 1
+    assert report["shrunk"]["macs"] <= 0.6 * report["baseline"]["macs"]
+    assert report["shrunk"]["score"] >= report["baseline"]["score"] - 0.01
+    assert ds.load(out / "model.dnnshrink")(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_single_process_helpers_are_plain():
+    assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1
+    assert distributed.on_main(lambda: 41 + 1) == 42
+    model = torch.nn.Linear(2, 2)
+    assert distributed.wrap(model) is model
+    with pytest.raises(ValueError):
+        distributed.on_main(lambda: int("x"))
+
+
+def test_resume_under_torchrun(tmp_path):
+    config, calls, env = setup_run(tmp_path, max_epochs=5, strength_scale=1e-6, train_baseline=False, exporters=[])
+    first = torchrun("run", config, "--out", tmp_path / "out", "--quiet", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    digests = json.loads((tmp_path / "out" / "report.json").read_text())["distributed"]["mask_digests"]
+    for path in (tmp_path / "out" / "checkpoints").glob("epoch-000[3-5].pt"):
+        path.unlink()  # as if the run had stopped after epoch 2
+    for path in calls.iterdir():
+        path.unlink()
+    resumed = torchrun("run", config, "--out", tmp_path / "out", "--quiet", "--resume", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.count("resuming after epoch 2") == 1
+    for rank in (0, 1):  # epochs 3 to 5 only, on both ranks
+        assert [c[0] for c in read_calls(calls, rank)].count("train_one_epoch") == 3
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["structure_learning"]["epochs"] == 5
+    assert report["distributed"]["mask_digests"] == digests  # the same training, the same channels
