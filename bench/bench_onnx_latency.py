@@ -4,14 +4,15 @@ For ResNet-50 and MobileNetV2 (torchvision, weights=None), half of the removable
 units of every group are removed (dnnshrink) and, side by side in the same process, the
 same networks are pruned to 50% channels by Torch-Pruning (magnitude importance, classifier
 kept). Each network is exported to ONNX (dnnshrink's verified exporter), then timed with
-onnxruntime on the CPU: 2 intra-op threads, batch 1, median of repeated runs; the variants
-take turns in blocks of consecutive runs, so that drift of the machine hits them alike.
+onnxruntime on the CPU: 2 intra-op threads, batch 1, median of repeated runs (the minimum
+too); the variants take turns in short blocks of consecutive runs, so that drift of the
+machine hits them alike.
 
     efficiency = (baseline latency / shrunk latency) / (baseline MACs / shrunk MACs)
 
 1.0 is the physical limit (the speed-up equals the MACs reduction).
 
-    python bench/bench_onnx_latency.py [--models resnet50 mobilenet_v2] [--runs 15] [--no-tp]
+    python bench/bench_onnx_latency.py [--models resnet50 mobilenet_v2] [--runs 8] [--rounds 20] [--no-tp]
 """
 from __future__ import annotations
 
@@ -52,21 +53,28 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def latencies(paths: dict, x: torch.Tensor, runs: int, rounds: int = 5, warmup: int = 5) -> dict:
-    """Median seconds per run of each ONNX file. The files take turns in blocks of ``runs``
-    consecutive runs (warm caches within a block), ``rounds`` times, so that drift of the
-    machine hits every variant alike; the result is the median over all timed runs."""
+def latencies(paths: dict, x: torch.Tensor, runs: int, rounds: int = 20, warmup: int = 3) -> dict:
+    """Median and minimum seconds per run of each ONNX file.
+
+    The files take turns in short blocks (``warmup`` + ``runs`` consecutive runs, caches warm
+    within a block), ``rounds`` times, the order rotated every round, so that the machine's
+    drift and the cache left by the previous variant hit every variant alike. Returns ``{label: (median, minimum)}`` over all timed runs.
+    """
     sessions = {label: session(path) for label, path in paths.items()}
     feeds = {label: {s.get_inputs()[0].name: x.numpy()} for label, s in sessions.items()}
     times = {label: [] for label in sessions}
-    for _ in range(rounds):
-        for label, s in sessions.items():
+    order = list(sessions)
+    for r in range(rounds):
+        # rotate, so that every variant follows every other one equally often and never itself
+        shift = r % len(order)
+        for label in order[shift:] + order[:shift]:
+            s = sessions[label]
             for i in range(warmup + runs):
                 start = time.perf_counter()
                 s.run(None, feeds[label])
                 if i >= warmup:
                     times[label].append(time.perf_counter() - start)
-    return {label: statistics.median(t) for label, t in times.items()}
+    return {label: (statistics.median(t), min(t)) for label, t in times.items()}
 
 
 def torch_pruning_half(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -83,7 +91,8 @@ def torch_pruning_half(model: nn.Module, x: torch.Tensor) -> nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2"])
-    parser.add_argument("--runs", type=int, default=15, help="runs per block (5 blocks per variant)")
+    parser.add_argument("--runs", type=int, default=8, help="timed runs per block")
+    parser.add_argument("--rounds", type=int, default=20, help="blocks per variant")
     parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -108,15 +117,18 @@ def main() -> None:
                 paths[label] = tmp / f"{name}-{label}.onnx"
                 ds.export(net, x, "onnx", paths[label])
                 macs[label] = ds.layer_report(net, x).totals["macs_before"]
-            timed = latencies(paths, x, args.runs)
-            measured = {label: (macs[label], timed[label]) for label in variants}
-            base_macs, base_lat = measured["baseline"]
-            for label, (macs, lat) in measured.items():
-                speedup, reduction = base_lat / lat, base_macs / macs
-                rows.append((name, label, macs / 1e9, lat * 1e3, speedup, reduction, speedup / reduction))
-    print(f"{'model':<13}{'variant':<15}{'GMACs':>7}{'ms':>9}{'speed-up':>10}{'MACs cut':>10}{'efficiency':>12}")
-    for name, label, gmacs, ms, speedup, reduction, eff in rows:
-        print(f"{name:<13}{label:<15}{gmacs:>7.3f}{ms:>9.2f}{speedup:>9.2f}x{reduction:>9.2f}x{eff:>12.2f}")
+            timed = latencies(paths, x, args.runs, args.rounds)
+            (base_med, base_min), base_macs = timed["baseline"], macs["baseline"]
+            for label in variants:
+                med, fastest = timed[label]
+                speedup, reduction = base_med / med, base_macs / macs[label]
+                rows.append((name, label, macs[label] / 1e9, med * 1e3, speedup, reduction, speedup / reduction,
+                             base_min / fastest / reduction))
+    print(f"{'model':<13}{'variant':<15}{'GMACs':>7}{'ms':>9}{'speed-up':>10}{'MACs cut':>10}{'efficiency':>12}"
+          f"{'(by min)':>10}")
+    for name, label, gmacs, ms, speedup, reduction, eff, eff_min in rows:
+        print(f"{name:<13}{label:<15}{gmacs:>7.3f}{ms:>9.2f}{speedup:>9.2f}x{reduction:>9.2f}x{eff:>12.2f}"
+              f"{eff_min:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,13 @@ from .graph import ChannelGraph
 class LearnContext:
     """Everything an algorithm may use.
 
-    ``model`` is the pipeline's working copy (train it in place); ``target`` is the MACs
-    budget (absolute); ``costs`` computes MACs for any keep-set; ``options`` holds every
-    pipeline option (``lr``, ``max_epochs``, ``strength``…); ``writer`` is a TensorBoard
-    ``SummaryWriter`` or None.
+    ``model`` is the pipeline's working copy (train it in place with
+    ``train_one_epoch(model, lr)``: the user's function, which under torchrun gets the
+    model's DistributedDataParallel wrapper and stops the run with
+    :class:`~dnnshrink_core.DivergenceError` when the loss turns NaN); ``target`` is the
+    MACs budget (absolute); ``costs`` computes MACs for any keep-set; ``options`` holds
+    every pipeline option (``lr``, ``max_epochs``, ``strength``…); ``writer`` is a
+    TensorBoard ``SummaryWriter`` or None (always None on ranks other than 0).
     """
 
     model: nn.Module
