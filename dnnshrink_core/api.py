@@ -6,6 +6,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
+from .compensate import compensate as fold_removed_channels
 from .errors import NoBatchNormError, PluginError
 from .generate import build, units_to_keep
 from .graph import ChannelGraph
@@ -98,7 +99,8 @@ def alive_masks(model: nn.Module, example_inputs: Any, threshold: Optional[float
     return extract(graph, model, threshold=threshold, **options)
 
 
-def generate(model: nn.Module, example_inputs: Any, masks: Mapping[str, Any]) -> nn.Module:
+def generate(model: nn.Module, example_inputs: Any, masks: Mapping[str, Any], *,
+             compensate: bool = True) -> nn.Module:
     """A new, physically smaller network keeping the channel units ``masks`` keeps.
 
     ``masks`` maps group names (see :func:`trace`) to one boolean per unit; groups not
@@ -106,8 +108,16 @@ def generate(model: nn.Module, example_inputs: Any, masks: Mapping[str, Any]) ->
     layers, or a :class:`torch.fx.GraphModule` when the network's code itself carries a
     channel count that had to be rewritten (such as ``x.view(-1, 16 * 5 * 5)``).
     ``model`` is not modified.
+
+    With ``compensate`` (the default), what a removed channel still carried (``act(beta)``
+    when its BatchNorm scale is zero but its shift is not) is folded into the bias of the
+    conv/linear layers that read it, measured on ``example_inputs``; see
+    :mod:`dnnshrink_core.compensate`. Channels that carried zeros change nothing.
     """
     _check_model(model)
     graph = _graph_for(model, example_inputs, masks)
     keep = units_to_keep(graph, masks, model)
-    return build(model, graph, keep)
+    shrunk = build(model, graph, keep)
+    if compensate:
+        fold_removed_channels(model, shrunk, graph, keep, normalize_inputs(example_inputs))
+    return shrunk

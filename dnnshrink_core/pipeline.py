@@ -26,6 +26,7 @@ from . import distributed
 from .api import trace
 from .algorithm import LearnContext
 from .checkpoint import Checkpoints
+from .compensate import compensate as fold_removed_channels
 from .cost import CostModel
 from .errors import DnnshrinkError, DnnshrinkWarning, NoBatchNormError, PluginError
 from .export import export
@@ -55,6 +56,7 @@ class ShrinkOptions:
     expand: bool = True
     min_width: int = 1
     round_to: int = 1
+    compensate: bool = True
     device: Optional[str] = None
     train_baseline: bool = False
     finetune: bool = True
@@ -225,7 +227,13 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
     keep, epochs = learned.keep, learned.epochs
     digests = distributed.gather_digests(keep)  # raises unless every rank chose the same channels
     masks = Masks({g.name: keep[g.units] for g in graph.groups}, graph)
-    shrunk = distributed.on_main(lambda: build(work, graph, keep))
+    def generate() -> nn.Module:
+        model = build(work, graph, keep)
+        if opts.compensate:
+            fold_removed_channels(work, model, graph, keep, inputs)
+        return model
+
+    shrunk = distributed.on_main(generate)
     if opts.finetune:
         _step("fine-tuning the shrunk model with train(model)")
         _guarded(train, distributed.wrap(shrunk), shrunk, "fine-tuning the shrunk model with train(model)")

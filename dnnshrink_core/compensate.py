@@ -1,0 +1,124 @@
+"""Fold what removed channels still carried into the next layer's bias.
+
+A channel whose BatchNorm scale is zero is not silent: it carries the constant
+``act(beta)``. Removing it shifts every conv or linear layer that read it by
+``sum_k W[o, c, k] · act(beta_c)``. This module measures the mean each removed input
+channel has at such a layer (one forward pass of the original model, in eval mode, on the
+example inputs) and adds the shift to the shrunk layer's bias, creating a bias where the
+layer had none. For a constant channel that is exact wherever the kernel does not overlap
+zero padding (always for 1×1 convs and linear layers); for a channel that was not
+constant (a removed channel with a small but non-zero scale) it is the best constant
+stand-in for it on the example inputs. Channels that carried exact zeros change nothing.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+from torch import nn
+
+from .graph import ChannelGraph, LayerCost
+from .tracing import model_mode
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _candidates(model: nn.Module, graph: ChannelGraph, keep: np.ndarray) -> Dict[str, LayerCost]:
+    """Conv/linear modules called once whose input loses channels (not depthwise, not transposed)."""
+    layers = graph.layers()
+    calls: Dict[str, int] = {}
+    for layer in layers:
+        calls[layer.name] = calls.get(layer.name, 0) + 1
+    chosen = {}
+    for layer in layers:
+        if calls[layer.name] != 1 or layer.kind == "depthwise" or keep[layer.in_units].all():
+            continue
+        try:
+            module = model.get_submodule(layer.name)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Linear) or (isinstance(module, _CONV) and module.padding_mode == "zeros"):
+            chosen[layer.name] = layer
+    return chosen
+
+
+def input_means(model: nn.Module, names: List[str], inputs: tuple) -> Dict[str, torch.Tensor]:
+    """The mean of every input column (conv channel or linear feature) of each named layer,
+    over batch and positions, from one eval-mode forward pass of ``model`` on ``inputs``."""
+    means: Dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            if isinstance(module, nn.Linear):
+                means[name] = x.reshape(-1, x.shape[-1]).double().mean(0)
+            else:
+                means[name] = x.transpose(0, 1).reshape(x.shape[1], -1).double().mean(1)
+        return record
+
+    for name in names:
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+    try:
+        with torch.no_grad(), model_mode(model, False):
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return means
+
+
+def bias_shifts(model: nn.Module, graph: ChannelGraph, keep: np.ndarray, inputs: tuple) -> Dict[str, torch.Tensor]:
+    """Per layer name, the shift of every output (of the original layer) that removing the
+    dropped input channels causes; layers whose shift is exactly zero are left out."""
+    chosen = _candidates(model, graph, keep)
+    if not chosen:
+        return {}
+    means = input_means(model, list(chosen), inputs)
+    shifts = {}
+    for name, layer in chosen.items():
+        if name not in means:
+            continue
+        module = model.get_submodule(name)
+        weight = module.weight.detach().double()
+        removed = torch.from_numpy(~keep[layer.in_units])
+        if removed.numel() != weight.shape[1] * getattr(module, "groups", 1):
+            continue  # the handler described the input differently from the weight's columns
+        mean = torch.where(removed, means[name].cpu(), torch.zeros((), dtype=torch.float64))
+        if not mean.any():
+            continue
+        per_column = weight.flatten(2).sum(2).cpu() if weight.dim() > 2 else weight.cpu()
+        groups = getattr(module, "groups", 1)
+        out_per_group, in_per_group = per_column.shape[0] // groups, per_column.shape[1]
+        shift = torch.cat([per_column[g * out_per_group:(g + 1) * out_per_group]
+                           @ mean[g * in_per_group:(g + 1) * in_per_group] for g in range(groups)])
+        if shift.any():
+            shifts[name] = shift
+    return shifts
+
+
+def apply_shifts(original: nn.Module, shrunk: nn.Module, graph: ChannelGraph, keep: np.ndarray,
+                 shifts: Dict[str, torch.Tensor]) -> None:
+    """Add each shift (kept outputs only) to the shrunk layer's bias, creating the bias if needed."""
+    out_of = {layer.name: layer.out_units for layer in graph.layers()}
+    for name, shift in shifts.items():
+        module = shrunk.get_submodule(name)
+        kept = torch.from_numpy(keep[out_of[name]])
+        delta = shift[kept] if kept.numel() == shift.numel() else shift
+        if delta.numel() != module.weight.shape[0]:
+            continue
+        with torch.no_grad():
+            delta = delta.to(dtype=module.weight.dtype, device=module.weight.device)
+            if module.bias is None:
+                module.bias = nn.Parameter(delta.clone(), requires_grad=module.weight.requires_grad)
+            else:
+                module.bias.add_(delta)
+
+
+def compensate(original: nn.Module, shrunk: nn.Module, graph: ChannelGraph, keep: np.ndarray,
+               inputs: Any) -> List[str]:
+    """Fold the removed channels' means into ``shrunk``'s biases; returns the layers changed."""
+    shifts = bias_shifts(original, graph, keep, tuple(inputs))
+    apply_shifts(original, shrunk, graph, keep, shifts)
+    return sorted(shifts)
