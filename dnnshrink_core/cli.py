@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from . import __version__, distributed
 from .errors import DnnshrinkError
@@ -54,12 +56,27 @@ def _graph_head(graph, top: int) -> str:
     return "\n".join(text[: top + 2] + [f"... {len(text) - top - 2} more groups (--all shows them)"])
 
 
+@contextlib.contextmanager
+def _process_group(device: Optional[str]) -> Iterator[None]:
+    """Under torchrun, join the process group for the block (before the user's code is
+    imported, so that it can ask torch.distributed for its rank to shard its data)."""
+    owns = distributed.init_from_env(device)
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        if owns:
+            distributed.shutdown(barrier=done)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config, run_config
 
     data = load_config(args.config)
-    run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
-               algorithm=args.algorithm, resume=args.resume)
+    with _process_group(args.device or data.get("device")):
+        run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
+                   algorithm=args.algorithm, resume=args.resume)
     return 0
 
 
@@ -70,10 +87,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     with resources.as_file(resources.files("dnnshrink_core.demo") / "digits.yaml") as path:
         data = load_config(path)
-    result = run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
-                        algorithm=args.algorithm)
-    if distributed.is_main():
-        print(f"\nwrote {len(result.files)} files to {args.out}: " + ", ".join(sorted(Path(p).name for p in result.files.values())))
+    with _process_group(args.device or data.get("device")):
+        result = run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
+                            algorithm=args.algorithm)
+        if distributed.is_main():
+            print(f"\nwrote {len(result.files)} files to {args.out}: "
+                  + ", ".join(sorted(Path(p).name for p in result.files.values())))
     return 0
 
 
@@ -119,31 +138,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    # under torchrun, join the process group before the user's code is imported, so that it
-    # can ask torch.distributed for its rank (to shard its data)
-    owns_group, status = False, 1
     try:
-        if args.command in ("run", "demo"):
-            owns_group = distributed.init_from_env(args.device)
-        status = args.func(args)
-        return status
+        return args.func(args)
     except DnnshrinkError as exc:
         if args.debug:
             raise
-        print(f"dnnshrink: error{_rank_tag()}: {exc}", file=sys.stderr)
+        # every rank meets the same errors; the others print only their own distributed trouble
+        if _launch_rank() == 0 or isinstance(exc, distributed.DistributedError):
+            print(f"dnnshrink: error{_rank_tag()}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"dnnshrink: interrupted{_rank_tag()}", file=sys.stderr)
+        if _launch_rank() == 0:
+            print("dnnshrink: interrupted", file=sys.stderr)
         return 130
-    finally:
-        if owns_group:
-            distributed.shutdown(barrier=status == 0)
+
+
+def _launch_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def _rank_tag() -> str:
-    return f" (rank {distributed.rank()})" if distributed.active() else ""
+    return f" (rank {_launch_rank()})" if distributed.launched() else ""
 
 
 if __name__ == "__main__":  # pragma: no cover

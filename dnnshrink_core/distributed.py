@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from datetime import timedelta
 from typing import Any, Callable, List, Optional, TypeVar
 
@@ -64,17 +65,32 @@ def local_device(requested: Optional[str]) -> Optional[str]:
     CUDA is there) becomes ``cuda:LOCAL_RANK``; anything else is left as it is."""
     if not launched():
         return requested
+    if requested is not None and requested.startswith("cuda:"):
+        raise DistributedError(f"device {requested!r} would put every rank on the same GPU; under torchrun give "
+                               "`cuda` (each rank takes the GPU of its LOCAL_RANK; choose the GPUs with "
+                               "CUDA_VISIBLE_DEVICES) or `cpu`")
     wants_cuda = requested in (None, "cuda") and torch.cuda.is_available()
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if wants_cuda else requested
+    if not wants_cuda:
+        return requested
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if local >= torch.cuda.device_count():
+        raise DistributedError(f"local rank {local} has no GPU of its own: this machine shows "
+                               f"{torch.cuda.device_count()} GPU(s). Start at most that many processes per node "
+                               "(--nproc_per_node), or run on the CPU with device: cpu")
+    return f"cuda:{local}"
 
 
-def init_from_env(device: Optional[str] = None, timeout_s: float = 1800.0) -> bool:
+def init_from_env(device: Optional[str] = None, timeout_s: Optional[float] = None) -> bool:
     """Join the process group torchrun describes in the environment; returns True when this
     call initialized it (the caller then owns it and should :func:`shutdown` it).
 
     Does nothing outside torchrun or when the group already exists (a program that set up
-    torch.distributed itself keeps its own group and backend).
+    torch.distributed itself keeps its own group and backend). ``timeout_s`` bounds every
+    wait of one rank for another, rank 0's testing and exporting included (default
+    ``DNNSHRINK_DIST_TIMEOUT`` seconds, else 1800).
     """
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("DNNSHRINK_DIST_TIMEOUT", "1800"))
     if not launched() or (dist.is_available() and dist.is_initialized()):
         return False
     if not dist.is_available():
@@ -110,40 +126,48 @@ def broadcast(obj: T, src: int = 0) -> T:
     return box[0]
 
 
-def on_main(step: Callable[[], T]) -> Optional[T]:
-    """Run ``step`` on rank 0 only and give its result to every rank.
+def on_main(step: Callable[[], T], share: bool = True) -> Optional[T]:
+    """Run ``step`` on rank 0 only and give its result to every rank (``share=False``: only
+    whether it succeeded; the other ranks get None).
 
-    When it fails on rank 0, the error is raised there as it is, and on the other ranks as
-    :class:`RankFailed` with its message, so that every process stops instead of waiting.
+    When it fails on rank 0 (or its result cannot be sent), the error is raised there as it
+    is, and on the other ranks as :class:`RankFailed` with its message, so that every
+    process stops instead of waiting. Ctrl-C is not forwarded: every rank receives it.
     """
     if not active():
         return step()
-    outcome: Any = None
+    payload: Any = None
     error: Optional[BaseException] = None
+    result: Any = None
     if is_main():
         try:
-            outcome = ("ok", step())
-        except BaseException as exc:  # Ctrl-C too: the other ranks must not wait for rank 0
+            result = step()
+            payload = pickle.dumps(("ok", result if share else None))
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # the other ranks must hear of it, or they wait forever
             error = exc
-            outcome = ("error", f"{type(exc).__name__}: {exc}")
-    outcome = broadcast(outcome)
+            payload = pickle.dumps(("error", f"{type(exc).__name__}: {exc}"))
+    payload = broadcast(payload)
     if error is not None:
         raise error
-    if outcome[0] == "error":
-        raise RankFailed(f"rank 0 failed, so rank {rank()} stops too: {outcome[1]}")
-    return outcome[1]
+    status, value = pickle.loads(payload)
+    if status == "error":
+        raise RankFailed(f"rank 0 failed, so rank {rank()} stops too: {value}")
+    return result if is_main() else value
 
 
-def wrap(model: nn.Module) -> nn.Module:
+def wrap(model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
     """``model`` in DistributedDataParallel when distributed (its parameters and buffers are
-    copied from rank 0 now), else ``model`` itself."""
+    copied from rank 0 now), else ``model`` itself. ``find_unused_parameters`` is DDP's
+    option for models whose forward leaves some parameters out (auxiliary heads, branches)."""
     if not active():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
 def digest(array: np.ndarray) -> str:

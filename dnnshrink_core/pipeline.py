@@ -58,6 +58,7 @@ class ShrinkOptions:
     round_to: int = 1
     compensate: bool = True
     device: Optional[str] = None
+    find_unused_parameters: bool = False
     train_baseline: bool = False
     finetune: bool = True
     out_dir: Optional[str] = None
@@ -175,6 +176,8 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
     main = distributed.is_main()
     out_dir = distributed.on_main(lambda: _prepare_out_dir(opts))
     device = pick_device(distributed.local_device(opts.device), quiet=not main)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # collectives of objects use the current device
     inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in normalize_inputs(example_inputs))
 
     work = copy.deepcopy(model).to(device)
@@ -189,9 +192,9 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
             return start, score
 
         start_epoch, baseline_score = distributed.on_main(resume)
-        trainee = distributed.wrap(work)  # every rank starts from rank 0's weights
+        trainee = distributed.wrap(work, opts.find_unused_parameters)  # every rank starts from rank 0's weights
     else:
-        trainee = distributed.wrap(work)
+        trainee = distributed.wrap(work, opts.find_unused_parameters)
         if opts.train_baseline:
             _step("training the baseline with train(model)")
             _guarded(train, trainee, work, "training the baseline with train(model)")
@@ -212,8 +215,10 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
                                f"{opts.algorithm} learns from BatchNorm scales")
     costs = CostModel(graph, work)
     target = opts.target_macs * costs.initial if opts.target_macs <= 1 else float(opts.target_macs)
-    writer = _tensorboard(out_dir, opts) if main else None
-    on_epoch = (lambda epoch: checkpoints.save_epoch(epoch, work.state_dict())) if checkpoints else None
+    writer = distributed.on_main(lambda: _tensorboard(out_dir, opts), share=False)
+    # rank 0 writes the checkpoint; every rank learns its name (or that writing it failed)
+    on_epoch = ((lambda epoch: distributed.on_main(lambda: checkpoints.save_epoch(epoch, work.state_dict())))
+                if out_dir is not None else None)
     context = LearnContext(work, graph, inputs, train_one_epoch, opts, target, costs, writer,
                            opts.progress and main, start_epoch, on_epoch)
     context.train_one_epoch = _epoch_runner(context, train_one_epoch, trainee)
@@ -231,12 +236,14 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
         model = build(work, graph, keep)
         if opts.compensate:
             fold_removed_channels(work, model, graph, keep, inputs)
-        return model
+        # sent to the other ranks from the CPU, so that each puts it on its own device
+        return model.cpu() if distributed.active() else model
 
-    shrunk = distributed.on_main(generate)
+    shrunk = distributed.on_main(generate).to(device)
     if opts.finetune:
         _step("fine-tuning the shrunk model with train(model)")
-        _guarded(train, distributed.wrap(shrunk), shrunk, "fine-tuning the shrunk model with train(model)")
+        _guarded(train, distributed.wrap(shrunk, opts.find_unused_parameters), shrunk,
+                 "fine-tuning the shrunk model with train(model)")
 
     def finish() -> tuple:
         _step("testing the shrunk model")
@@ -279,7 +286,7 @@ def _epoch_runner(context: LearnContext, train_one_epoch: Callable, trainee: nn.
     def run(model: nn.Module, lr: float) -> Any:
         epoch = context.start_epoch + calls[0]
         calls[0] += 1
-        with FiniteGuard(context.model) as guard:
+        with FiniteGuard(model) as guard:
             out = train_one_epoch(trainee if model is context.model else model, lr)
         guard.check(f"structure learning diverged in epoch {epoch}", DIVERGENCE_ADVICE, context.last_good)
         return out
@@ -323,6 +330,9 @@ def _prepare_out_dir(opts: ShrinkOptions) -> Optional[Path]:
         raise DnnshrinkError(f"output folder {out} already exists and is not empty; choose another one or pass "
                              "--force (force=True) to overwrite it")
     out.mkdir(parents=True, exist_ok=True)
+    # a fresh run: an older run's checkpoints must not be resumed as if they were this one's
+    for stale in (out / "checkpoints").glob("*.pt"):
+        stale.unlink()
     return out
 
 

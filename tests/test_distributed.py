@@ -3,6 +3,8 @@ agree on every rank, and rank 0 alone tests, generates and writes."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -45,10 +47,15 @@ def record(what, model):
 def steps(model, lr, n):
     rank = dist.get_rank()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
+    scaler = torch.amp.GradScaler("cpu", enabled=bool(os.environ.get("INF_ON_RANK1")))
     for _ in range(n):
         opt.zero_grad()
-        model(X[rank::2]).square().mean().backward()  # each rank its own half of the data
-        opt.step()
+        loss = model(X[rank::2]).square().mean()  # each rank its own half of the data
+        if os.environ.get("INF_ON_RANK1") and rank == 1:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        scaler.step(opt)  # skipped on both ranks: DDP averaged the infinite gradients
+        scaler.update()
 
 def train_one_epoch(model, lr):
     record("train_one_epoch", model)
@@ -63,14 +70,24 @@ def train(model):
 
 def test(model):
     record("test", model)
-    return 0.5
+    return "good" if os.environ.get("BAD_TEST") else 0.5
 '''
 
 
-def torchrun(*args, env=None, cwd=None):
+def torchrun(*args, env=None, cwd=None, timeout=600):
+    """Run dnnshrink under torchrun with two processes; a hang kills the whole process group."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "dnnshrink_core", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    env = {**(env or os.environ), "DNNSHRINK_DIST_TIMEOUT": "120"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"torchrun {' '.join(map(str, args))} hung for {timeout} s")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def setup_run(tmp_path, **extra):
@@ -82,7 +99,6 @@ def setup_run(tmp_path, **extra):
     path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()))
     calls = tmp_path / "calls"
     calls.mkdir()
-    import os
     return path, calls, {**os.environ, "CALLS_DIR": str(calls)}
 
 
@@ -150,7 +166,9 @@ def test_resume_under_torchrun(tmp_path):
     first = torchrun("run", config, "--out", tmp_path / "out", "--quiet", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     digests = json.loads((tmp_path / "out" / "report.json").read_text())["distributed"]["mask_digests"]
-    for path in (tmp_path / "out" / "checkpoints").glob("epoch-000[3-5].pt"):
+    folder = tmp_path / "out" / "checkpoints"
+    uninterrupted = torch.load(folder / "epoch-0005.pt", weights_only=True)["state"]
+    for path in folder.glob("epoch-000[3-5].pt"):
         path.unlink()  # as if the run had stopped after epoch 2
     for path in calls.iterdir():
         path.unlink()
@@ -162,3 +180,24 @@ def test_resume_under_torchrun(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["structure_learning"]["epochs"] == 5
     assert report["distributed"]["mask_digests"] == digests  # the same training, the same channels
+    resumed_state = torch.load(folder / "epoch-0005.pt", weights_only=True)["state"]
+    assert all(torch.equal(resumed_state[k], v) for k, v in uninterrupted.items())  # bit for bit
+
+
+def test_a_failure_on_rank_0_stops_every_rank(tmp_path):
+    config, calls, env = setup_run(tmp_path, max_epochs=1, train_baseline=False, exporters=[])
+    run = torchrun("run", config, "--out", tmp_path / "out", "--quiet", env={**env, "BAD_TEST": "1"}, timeout=300)
+    assert run.returncode != 0
+    message = "test(baseline) returned 'good'; test(model) must return one finite number"
+    assert run.stderr.count(message) == 1  # said once, by rank 0
+    assert read_calls(calls, 1) == []  # rank 1 never started training on its own
+
+
+def test_every_rank_stops_when_one_rank_s_loss_diverges(tmp_path):
+    config, calls, env = setup_run(tmp_path, max_epochs=3, train_baseline=False, exporters=[])
+    run = torchrun("run", config, "--out", tmp_path / "out", "--quiet", env={**env, "INF_ON_RANK1": "1"},
+                   timeout=300)
+    assert run.returncode != 0
+    assert run.stderr.count("structure learning diverged in epoch 1: the loss became NaN or infinite: all 3 "
+                            "backward passes gave non-finite gradients") == 1
+    assert "[rank0]: Traceback" not in run.stderr and "[rank1]: Traceback" not in run.stderr

@@ -83,6 +83,6 @@ def test_guard_counts_without_stopping_and_leaves_no_hook():
         for bad in (False, True, False):
             loss = model(X).sum() * (float("nan") if bad else 1.0)
             loss.backward()
-    assert (guard.steps, guard.bad_steps) == (3, 1)
+    assert (guard.steps, guard.trailing_bad_steps) == (3, 0)
     guard.check("x", "y")  # finite weights, one bad step of three: no error
     assert not first._backward_hooks

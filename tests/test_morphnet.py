@@ -61,29 +61,58 @@ def test_cost_model_equals_counted_macs_and_size():
         assert morphnet_size(graph, model).initial_cost == weights
 
 
-def test_hooks_add_the_gradient_and_are_removed():
+def test_hook_adds_the_gradient_at_each_optimizer_step_and_is_removed():
     factory, shape = HANDWRITTEN["depthwise"]
     model, x = factory().eval(), torch.randn(shape)  # eval: no dropout noise between the passes
     graph = ds.trace(model, x)
     reg = morphnet_flops(graph, model, strength=1e-3)
     params = [model.get_submodule(n).weight for n in graph.source_modules]
 
-    def grads():
+    def step():
+        """One SGD step (lr 1) from the same weights; returns how far each scale moved."""
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        before = [p.detach().clone() for p in params]
         model.zero_grad()
         model(x).square().mean().backward()
-        return [p.grad.clone() for p in params]
+        torch.optim.SGD(model.parameters(), lr=1.0).step()
+        moved = [b - p.detach() for b, p in zip(before, params)]
+        model.load_state_dict(state)  # every weight back, for the next step
+        return moved
 
-    plain = grads()
+    plain = step()
     expected = reg.source_gradients()
     with reg.attach() as handle:
-        assert handle.active == len(params)
-        hooked = grads()
-    assert handle.active == 0
+        assert handle.active == 1
+        hooked = step()
+    assert handle.active == 0 and reg.steps == 1
     for i, (a, b) in enumerate(zip(plain, hooked)):
         torch.testing.assert_close(b - a, expected[i])
-    after = grads()
+    after = step()
     for a, b in zip(plain, after):
         torch.testing.assert_close(a, b)
+
+
+def test_mixed_precision_loss_scaling_does_not_dilute_the_penalty():
+    factory, shape = HANDWRITTEN["depthwise"]
+    x = torch.randn(shape)
+    moved = []
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        model = factory().eval()
+        graph = ds.trace(model, x)
+        reg = morphnet_flops(graph, model, strength=1e-3)
+        params = [model.get_submodule(n).weight for n in graph.source_modules]
+        before = [p.detach().clone() for p in params]
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=scaled)
+        with reg.attach():
+            loss = 0.0 * model(x).sum()  # only the penalty moves the scales
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        moved.append(torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params)]))
+    assert moved[0].abs().max() > 0
+    torch.testing.assert_close(moved[1], moved[0])
 
 
 def test_default_strength_follows_initial_cost():

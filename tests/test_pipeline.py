@@ -67,9 +67,11 @@ def test_regularizer_hooks_are_gone_after_the_run():
 
     shrink(model, X[:1], train_one_epoch=epoch, test=lambda m: 1.0, finetune=False, max_epochs=1,
            device="cpu", progress=False, latency_runs=1)
-    for module in seen["model"].modules():
-        if isinstance(module, nn.BatchNorm2d):
-            assert not module.weight._backward_hooks
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+
+    assert not _global_optimizer_pre_hooks  # the regularizer's step hook
+    for p in seen["model"].parameters():
+        assert not p._backward_hooks  # the divergence guard's gradient hook
 
 
 def test_test_must_return_a_number():
@@ -246,6 +248,7 @@ def test_checkpoints_and_resume(tmp_path):
 def test_divergence_names_the_epoch_and_the_last_checkpoint(tmp_path):
     def epoch(model, lr):
         epoch.count = getattr(epoch, "count", 0) + 1
+        regularizer_only_epoch(model, lr)
         if epoch.count == 2:
             with torch.no_grad():
                 model.body[0][1].weight.fill_(float("nan"))
@@ -272,3 +275,9 @@ def test_config_reads_exponent_numbers(tmp_path):
     path.write_text(path.read_text() + "\nthreshold: 1e-3\ntarget_macs: 2E+5")
     data = load_config(path)
     assert data["threshold"] == 1e-3 and data["target_macs"] == 2e5 and data["strength_scale"] == 20.0
+
+
+def test_an_epoch_without_an_optimizer_step_is_an_error():
+    with pytest.raises(ds.DnnshrinkError, match="made no step of a torch.optim optimizer in epoch 1"):
+        shrink(Tiny(), X[:1], train_one_epoch=lambda m, lr: m(X).sum().backward(), test=lambda m: 1.0,
+               finetune=False, device="cpu", progress=False, latency_runs=1)

@@ -41,6 +41,11 @@ def train_regularized(ctx: LearnContext, reg: GammaRegularizer, stop_at_target: 
             ctx.model.train()
             ctx.train_one_epoch(ctx.model, opts.lr)
             epochs = epoch
+            if getattr(reg, "steps", None) == 0:
+                raise DnnshrinkError(
+                    f"train_one_epoch made no step of a torch.optim optimizer in epoch {epoch}, so the "
+                    f"{opts.regularizer} penalty was never applied (it is added to the BatchNorm scales' "
+                    "gradients at each optimizer step). Train with a torch.optim optimizer (any kind).")
             gammas = ctx.graph.unit_gammas(ctx.model)
             if not np.isfinite(gammas).all() or not np.isfinite(reg.last_penalty):
                 last = f" The last good checkpoint is {ctx.last_good}." if ctx.last_good else ""

@@ -11,9 +11,13 @@ channel unit is the largest over its BatchNorm sources (MorphNet's rule for tied
 channels), so only that source gets the gradient (split evenly between equal maxima, as
 autograd would). ``morphnet_size`` is the same with parameter counts.
 
-The gradient is added in hooks on the BatchNorm weights, so the user's own
-``train_one_epoch(model, lr)`` runs unchanged with any optimizer; :meth:`attach`
-returns a handle whose ``remove()`` (or ``with``) takes the hooks away.
+The gradient is added to the BatchNorm weights' ``.grad`` just before every step of a
+``torch.optim`` optimizer (a global optimizer step pre-hook), so the user's own
+``train_one_epoch(model, lr)`` runs unchanged with any optimizer. Added there, it
+meets the gradients after a ``GradScaler`` has unscaled them and after
+DistributedDataParallel has averaged them, so mixed precision does not dilute it and every
+rank adds the same. :meth:`attach` returns a handle whose ``remove()`` (or ``with``)
+takes the hook away.
 """
 from __future__ import annotations
 
@@ -50,8 +54,8 @@ class GammaRegularizer:
         if strength is None:
             strength = strength_scale * (1e-4 if cost == "uniform" else 1.0 / max(self.initial_cost, 1.0))
         self.strength = strength
-        self._cache_key: Optional[tuple] = None
-        self._grads: Dict[int, torch.Tensor] = {}
+        self._index: Dict[int, int] = {}
+        self.steps = 0  # optimizer steps that took the penalty since attach()
         self.last_penalty = 0.0
 
     # --- the cost model -------------------------------------------------------------
@@ -119,24 +123,34 @@ class GammaRegularizer:
         moved = torch.from_numpy(flat_grad).to(device=first.device, dtype=first.dtype)
         return {idx: chunk.view_as(p) for idx, (chunk, p) in enumerate(zip(moved.split(self._sizes), self._params))}
 
-    def _grad_for(self, idx: int) -> torch.Tensor:
-        key = tuple(p._version for p in self._params) + tuple(p.data_ptr() for p in self._params)
-        if key != self._cache_key:
-            self._grads = self.source_gradients()
-            self._cache_key = key
-        return self._grads[idx]
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Add ``strength · dP/d gamma`` to the ``.grad`` of every scale this optimizer steps."""
+        grads: Optional[Dict[int, torch.Tensor]] = None
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                idx = self._index.get(id(param))
+                if idx is None:
+                    continue
+                if grads is None:
+                    grads = self.source_gradients()  # once per step, from the current scales
+                if param.grad is None:
+                    param.grad = grads[idx].clone()
+                else:
+                    param.grad.add_(grads[idx])
+        if grads is not None:
+            self.steps += 1
 
     def attach(self) -> "HookHandle":
         """Add the penalty's gradient to every source BatchNorm weight from now on."""
-        handles = []
-        for idx, param in enumerate(self._params):
-            if param.requires_grad:
-                handles.append(param.register_hook(lambda grad, idx=idx: grad + self._grad_for(idx)))
-        return HookHandle(handles)
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self._index = {id(p): idx for idx, p in enumerate(self._params) if p.requires_grad}
+        self.steps = 0
+        return HookHandle([register_optimizer_step_pre_hook(self._before_step)])
 
 
 class HookHandle:
-    """Removes the regularizer's hooks: ``handle.remove()`` or leave a ``with`` block."""
+    """Removes the regularizer's hook(s): ``handle.remove()`` or leave a ``with`` block."""
 
     def __init__(self, handles: list):
         self._handles = handles
