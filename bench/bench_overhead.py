@@ -1,6 +1,6 @@
-"""Time per training step with MorphNet's regularizer hooks against without.
+"""Time per training step with MorphNet's regularizer (its optimizer step hook) against without.
 
-The hooks add the penalty's gradient to the BatchNorm scales once per step. Timed on the
+The hook adds the penalty's gradient to the BatchNorm scales once per step. Timed on the
 digits demo model (real data, the demo's batch of 64) and on ResNet-18 (random 2×3×64×64
 batches); the two settings alternate in blocks, and the overhead is the median of the
 per-pair ratios, so drift of the machine cancels.
