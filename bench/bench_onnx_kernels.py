@@ -71,7 +71,8 @@ def main() -> None:
         speedups.append(full / half)
         mac_cuts.append(macs / macs_h)
         byte_cuts.append(traffic / traffic_h)
-        print(f"{name:<26}{full:>9.1f}{half:>9.1f}{full / half:>9.2f}x{macs / macs_h:>9.2f}x{traffic / traffic_h:>10.2f}x")
+        print(f"{name:<26}{full:>9.1f}{half:>9.1f}{full / half:>9.2f}x{macs / macs_h:>9.2f}x"
+              f"{traffic / traffic_h:>10.2f}x")
     print(f"geometric means: speed-up {statistics.geometric_mean(speedups):.2f}x, MACs cut "
           f"{statistics.geometric_mean(mac_cuts):.2f}x, bytes cut {statistics.geometric_mean(byte_cuts):.2f}x")
 

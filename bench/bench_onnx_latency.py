@@ -58,7 +58,8 @@ def latencies(paths: dict, x: torch.Tensor, runs: int, rounds: int = 20, warmup:
 
     The files take turns in short blocks (``warmup`` + ``runs`` consecutive runs, caches warm
     within a block), ``rounds`` times, the order rotated every round, so that the machine's
-    drift and the cache left by the previous variant hit every variant alike. Returns ``{label: (median, minimum)}`` over all timed runs.
+    drift and the cache left by the previous variant hit every variant alike. Returns
+    ``{label: (median, minimum)}`` over all timed runs.
     """
     sessions = {label: session(path) for label, path in paths.items()}
     feeds = {label: {s.get_inputs()[0].name: x.numpy()} for label, s in sessions.items()}

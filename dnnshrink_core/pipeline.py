@@ -232,6 +232,7 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
     keep, epochs = learned.keep, learned.epochs
     digests = distributed.gather_digests(keep)  # raises unless every rank chose the same channels
     masks = Masks({g.name: keep[g.units] for g in graph.groups}, graph)
+
     def generate() -> nn.Module:
         model = build(work, graph, keep)
         if opts.compensate:
