@@ -5,10 +5,13 @@ A channel whose BatchNorm scale is zero is not silent: it carries the constant
 ``sum_k W[o, c, k] · act(beta_c)``. This module measures the mean each removed input
 channel has at such a layer (one forward pass of the original model, in eval mode, on the
 example inputs) and adds the shift to the shrunk layer's bias, creating a bias where the
-layer had none. For a constant channel that is exact wherever the kernel does not overlap
-zero padding (always for 1×1 convs and linear layers); for a channel that was not
-constant (a removed channel with a small but non-zero scale) it is the best constant
-stand-in for it on the example inputs. Channels that carried exact zeros change nothing.
+layer had none. Only channels whose scales are all at most ``max_gamma`` (MorphNet's alive
+threshold, 1e-2 by default) count: they are constant up to that scale, so the example
+inputs tell their value well; a channel cut for another reason (a magnitude ranking) is
+not constant, and one batch of example inputs would be a poor estimate of its mean. For a
+constant channel the fold is exact wherever the kernel does not overlap zero padding
+(always for 1×1 convs and linear layers). Channels that carried exact zeros change
+nothing.
 """
 from __future__ import annotations
 
@@ -24,15 +27,15 @@ from .tracing import model_mode
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _candidates(model: nn.Module, graph: ChannelGraph, keep: np.ndarray) -> Dict[str, LayerCost]:
-    """Conv/linear modules called once whose input loses channels (not depthwise, not transposed)."""
+def _candidates(model: nn.Module, graph: ChannelGraph, folded: np.ndarray) -> Dict[str, LayerCost]:
+    """Conv/linear modules called once that read ``folded`` units (not depthwise, not transposed)."""
     layers = graph.layers()
     calls: Dict[str, int] = {}
     for layer in layers:
         calls[layer.name] = calls.get(layer.name, 0) + 1
     chosen = {}
     for layer in layers:
-        if calls[layer.name] != 1 or layer.kind == "depthwise" or keep[layer.in_units].all():
+        if calls[layer.name] != 1 or layer.kind == "depthwise" or not folded[layer.in_units].any():
             continue
         try:
             module = model.get_submodule(layer.name)
@@ -69,10 +72,12 @@ def input_means(model: nn.Module, names: List[str], inputs: tuple) -> Dict[str, 
     return means
 
 
-def bias_shifts(model: nn.Module, graph: ChannelGraph, keep: np.ndarray, inputs: tuple) -> Dict[str, torch.Tensor]:
+def bias_shifts(model: nn.Module, graph: ChannelGraph, keep: np.ndarray, inputs: tuple,
+                max_gamma: float = 1e-2) -> Dict[str, torch.Tensor]:
     """Per layer name, the shift of every output (of the original layer) that removing the
-    dropped input channels causes; layers whose shift is exactly zero are left out."""
-    chosen = _candidates(model, graph, keep)
+    dropped near-constant input channels causes; layers whose shift is exactly zero are left out."""
+    folded = ~keep & (graph.unit_gammas(model) <= max_gamma)
+    chosen = _candidates(model, graph, folded)
     if not chosen:
         return {}
     means = input_means(model, list(chosen), inputs)
@@ -82,7 +87,7 @@ def bias_shifts(model: nn.Module, graph: ChannelGraph, keep: np.ndarray, inputs:
             continue
         module = model.get_submodule(name)
         weight = module.weight.detach().double()
-        removed = torch.from_numpy(~keep[layer.in_units])
+        removed = torch.from_numpy(folded[layer.in_units])
         if removed.numel() != weight.shape[1] * getattr(module, "groups", 1):
             continue  # the handler described the input differently from the weight's columns
         mean = torch.where(removed, means[name].cpu(), torch.zeros((), dtype=torch.float64))
@@ -117,8 +122,9 @@ def apply_shifts(original: nn.Module, shrunk: nn.Module, graph: ChannelGraph, ke
 
 
 def compensate(original: nn.Module, shrunk: nn.Module, graph: ChannelGraph, keep: np.ndarray,
-               inputs: Any) -> List[str]:
-    """Fold the removed channels' means into ``shrunk``'s biases; returns the layers changed."""
-    shifts = bias_shifts(original, graph, keep, tuple(inputs))
+               inputs: Any, max_gamma: float = 1e-2) -> List[str]:
+    """Fold the removed near-constant channels' means into ``shrunk``'s biases; returns the
+    layers changed."""
+    shifts = bias_shifts(original, graph, keep, tuple(inputs), max_gamma)
     apply_shifts(original, shrunk, graph, keep, shifts)
     return sorted(shifts)

@@ -236,7 +236,7 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
     def generate() -> nn.Module:
         model = build(work, graph, keep)
         if opts.compensate:
-            fold_removed_channels(work, model, graph, keep, inputs)
+            fold_removed_channels(work, model, graph, keep, inputs, max_gamma=opts.threshold or 1e-2)
         # sent to the other ranks from the CPU, so that each puts it on its own device
         return model.cpu() if distributed.active() else model
 

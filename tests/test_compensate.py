@@ -101,3 +101,13 @@ def test_folding_on_torchvision_models():
     # ResNet's 3×3 convs see zero padding at the borders, where a bias cannot stand in
     folded, plain = errors["resnet18"]
     assert folded < 0.5 * plain
+
+
+def test_channels_cut_with_live_scales_are_not_folded():
+    model = PointwiseNet().eval()  # scales 1: nothing is constant
+    graph = ds.trace(model, X)
+    masks = {g.name: torch.arange(g.size) % 2 == 0 for g in graph if g.removable.all() and g.size > 1}
+    assert masks
+    folded = ds.generate(model, X, masks)
+    plain = ds.generate(model, X, masks, compensate=False)
+    assert states_equal(state_copy(folded), state_copy(plain))
