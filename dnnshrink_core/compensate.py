@@ -74,8 +74,8 @@ def input_means(model: nn.Module, names: List[str], inputs: tuple) -> Dict[str, 
 
 def bias_shifts(model: nn.Module, graph: ChannelGraph, keep: np.ndarray, inputs: tuple,
                 max_gamma: float = 1e-2) -> Dict[str, torch.Tensor]:
-    """Per layer name, the shift of every output (of the original layer) that removing the
-    dropped near-constant input channels causes; layers whose shift is exactly zero are left out."""
+    """Per layer name, the shift of every kept output that removing the dropped near-constant
+    input channels causes; layers whose shift is exactly zero are left out."""
     folded = ~keep & (graph.unit_gammas(model) <= max_gamma)
     chosen = _candidates(model, graph, folded)
     if not chosen:
@@ -87,30 +87,29 @@ def bias_shifts(model: nn.Module, graph: ChannelGraph, keep: np.ndarray, inputs:
             continue
         module = model.get_submodule(name)
         weight = module.weight.detach().double()
+        groups = getattr(module, "groups", 1)
         removed = torch.from_numpy(folded[layer.in_units])
-        if removed.numel() != weight.shape[1] * getattr(module, "groups", 1):
+        if removed.numel() != weight.shape[1] * groups:
             continue  # the handler described the input differently from the weight's columns
         mean = torch.where(removed, means[name].cpu(), torch.zeros((), dtype=torch.float64))
         if not mean.any():
             continue
         per_column = weight.flatten(2).sum(2).cpu() if weight.dim() > 2 else weight.cpu()
-        groups = getattr(module, "groups", 1)
         out_per_group, in_per_group = per_column.shape[0] // groups, per_column.shape[1]
         shift = torch.cat([per_column[g * out_per_group:(g + 1) * out_per_group]
                            @ mean[g * in_per_group:(g + 1) * in_per_group] for g in range(groups)])
+        kept = torch.from_numpy(keep[layer.out_units])
+        if kept.numel() == shift.numel():
+            shift = shift[kept]
         if shift.any():
             shifts[name] = shift
     return shifts
 
 
-def apply_shifts(original: nn.Module, shrunk: nn.Module, graph: ChannelGraph, keep: np.ndarray,
-                 shifts: Dict[str, torch.Tensor]) -> None:
-    """Add each shift (kept outputs only) to the shrunk layer's bias, creating the bias if needed."""
-    out_of = {layer.name: layer.out_units for layer in graph.layers()}
-    for name, shift in shifts.items():
+def apply_shifts(shrunk: nn.Module, shifts: Dict[str, torch.Tensor]) -> None:
+    """Add each shift to the shrunk layer's bias, creating the bias if needed."""
+    for name, delta in shifts.items():
         module = shrunk.get_submodule(name)
-        kept = torch.from_numpy(keep[out_of[name]])
-        delta = shift[kept] if kept.numel() == shift.numel() else shift
         if delta.numel() != module.weight.shape[0]:
             continue
         with torch.no_grad():
@@ -126,5 +125,5 @@ def compensate(original: nn.Module, shrunk: nn.Module, graph: ChannelGraph, keep
     """Fold the removed near-constant channels' means into ``shrunk``'s biases; returns the
     layers changed."""
     shifts = bias_shifts(original, graph, keep, tuple(inputs), max_gamma)
-    apply_shifts(original, shrunk, graph, keep, shifts)
+    apply_shifts(shrunk, shifts)
     return sorted(shifts)
