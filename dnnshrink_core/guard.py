@@ -23,6 +23,15 @@ class DivergenceError(DnnshrinkError):
     """Training produced NaN or infinite values (loss, gradients, weights or scales)."""
 
 
+LEARNING_ADVICE = "Lower the learning rate (lr) or the regularizer's strength (strength_scale)."
+
+
+def divergence(what: str, cause: str, advice: str, last_good: Any = None) -> DivergenceError:
+    """The error for training that diverged: what, why, what to do, and the checkpoint to resume from."""
+    last = f" The last good checkpoint is {last_good}." if last_good else ""
+    return DivergenceError(f"{what}: {cause}. {advice}{last}")
+
+
 class FiniteGuard:
     """``with FiniteGuard(model) as guard: train(...)``, then ``guard.check(what, advice)``."""
 
@@ -83,5 +92,4 @@ class FiniteGuard:
         else:
             cause = (f"the loss became NaN or infinite: the last {run} of {steps} backward passes gave "
                      "non-finite gradients")
-        last = f" The last good checkpoint is {last_good}." if last_good else ""
-        raise DivergenceError(f"{what}: {cause}. {advice}{last}")
+        raise divergence(what, cause, advice, last_good)

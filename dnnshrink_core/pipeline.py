@@ -31,7 +31,7 @@ from .cost import CostModel
 from .errors import DnnshrinkError, DnnshrinkWarning, NoBatchNormError, PluginError
 from .export import export
 from .fileio import atomic_write
-from .guard import FiniteGuard
+from .guard import LEARNING_ADVICE, FiniteGuard
 from .generate import build
 from .masks import Masks
 from .plugins import get_plugin_manager
@@ -276,9 +276,6 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
     return ShrinkResult(shrunk, masks, report, baseline_score, score, epochs, files)
 
 
-DIVERGENCE_ADVICE = "Lower the learning rate (lr) or the regularizer's strength (strength_scale)."
-
-
 def _epoch_runner(context: LearnContext, train_one_epoch: Callable, trainee: nn.Module) -> Callable:
     """The user's ``train_one_epoch`` as the algorithm calls it: the working model is swapped
     for its DistributedDataParallel wrapper, and a loss that turned NaN stops the run."""
@@ -289,7 +286,7 @@ def _epoch_runner(context: LearnContext, train_one_epoch: Callable, trainee: nn.
         calls[0] += 1
         with FiniteGuard(model) as guard:
             out = train_one_epoch(trainee if model is context.model else model, lr)
-        guard.check(f"structure learning diverged in epoch {epoch}", DIVERGENCE_ADVICE, context.last_good)
+        guard.check(f"structure learning diverged in epoch {epoch}", LEARNING_ADVICE, context.last_good)
         return out
 
     return run

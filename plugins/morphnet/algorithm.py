@@ -17,8 +17,9 @@ from typing import Any, Callable
 import numpy as np
 from torch import nn
 
-from dnnshrink_core import DivergenceError, DnnshrinkError, DnnshrinkWarning
+from dnnshrink_core import DnnshrinkError, DnnshrinkWarning
 from dnnshrink_core.algorithm import LearnContext, LearnResult, log_epoch
+from dnnshrink_core.guard import LEARNING_ADVICE, divergence
 
 from .regularizer import GammaRegularizer, morphnet_flops, morphnet_size, slimming_l1
 from .structure import enforce_widths, expand_to_budget, uniform_fraction
@@ -48,10 +49,9 @@ def train_regularized(ctx: LearnContext, reg: GammaRegularizer, stop_at_target: 
                     "gradients at each optimizer step). Train with a torch.optim optimizer (any kind).")
             gammas = ctx.graph.unit_gammas(ctx.model)
             if not np.isfinite(gammas).all() or not np.isfinite(reg.last_penalty):
-                last = f" The last good checkpoint is {ctx.last_good}." if ctx.last_good else ""
-                raise DivergenceError(f"structure learning diverged in epoch {epoch}: BatchNorm scales or the "
-                                      "regularizer became NaN or infinite. Lower the learning rate (lr) or the "
-                                      f"regularizer's strength (strength_scale).{last}")
+                raise divergence(f"structure learning diverged in epoch {epoch}",
+                                 "BatchNorm scales or the regularizer became NaN or infinite", LEARNING_ADVICE,
+                                 ctx.last_good)
             alive = reg.alive(gammas)
             cost = log_epoch(ctx, epoch, alive, gammas, reg.last_penalty * reg.strength)
             ctx.epoch_done(epoch)
