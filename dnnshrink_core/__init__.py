@@ -7,8 +7,9 @@ one import::
     from dnnshrink_core import hookimpl
 """
 from .api import alive_masks, generate, trace
-from .errors import (ArtifactError, DnnshrinkError, DnnshrinkWarning, ExportError, MaskError, NoBatchNormError,
-                     PluginError, TraceError, UnknownOpWarning, UntracedModuleWarning)
+from .errors import (ArtifactError, ConfigError, DnnshrinkError, DnnshrinkWarning, ExportError, MaskError,
+                     NoBatchNormError, PluginError, ScoreDropError, TargetError, TraceError, UnknownOptionError,
+                     UnknownOpWarning, UntracedModuleWarning)
 from .export import export, export_formats, load
 from .graph import ChannelGraph, Group
 from .guard import DivergenceError
@@ -17,11 +18,12 @@ from .labels import Chan
 from .masks import Masks
 from .plugins import get_plugin_manager, hookimpl, list_plugins
 from .report import Report, layer_report
+from .target import Target
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArtifactError", "ExportError", "Report", "export", "export_formats", "layer_report", "load",
+    "ArtifactError", "ConfigError", "ExportError", "ScoreDropError", "Target", "TargetError", "UnknownOptionError", "Report", "export", "export_formats", "layer_report", "load",
     "Chan", "ChannelGraph", "DivergenceError", "DnnshrinkError", "DnnshrinkWarning", "Group", "MaskError", "Masks",
     "NoBatchNormError", "OpHandler", "PluginError", "PropagateContext", "RebuildContext", "TensorSpec",
     "TraceError", "UnknownOpWarning", "UntracedModuleWarning", "alive_masks", "generate",

@@ -1,19 +1,22 @@
 """The public functions: :func:`trace`, :func:`alive_masks`, :func:`generate`."""
 from __future__ import annotations
 
+import math
+import numbers
 import weakref
 from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
 from .compensate import compensate as fold_removed_channels
-from .errors import NoBatchNormError, PluginError
+from .errors import ConfigError, NoBatchNormError, PluginError
 from .generate import build, units_to_keep
 from .graph import ChannelGraph
 from .labels import LabelStore
 from .masks import Masks
 from .plugins import get_plugin_manager
 from .tracing import BACK_BONE_ONLY, GENERATE_GRAPH, normalize_inputs, propagate, trace_modes
+from .validation import check_input_count
 
 _graphs: "weakref.WeakKeyDictionary[nn.Module, ChannelGraph]" = weakref.WeakKeyDictionary()
 
@@ -41,9 +44,12 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[Any] 
     batch of input. ``leaf_modules`` lists module names or types to keep whole (their
     channels are kept unless a handler knows them). The model is not modified; the
     graph is cached for the model until its structure or the input shapes change.
+    A count of inputs that ``model.forward`` cannot take is a :class:`TraceError` naming
+    both counts (an extra input would otherwise be dropped silently).
     """
     _check_model(model)
     inputs = normalize_inputs(example_inputs)
+    check_input_count(model, inputs)
     key = _fingerprint(model, inputs, leaf_modules)
     cached = _graphs.get(model)
     if cached is not None and cached.fingerprint == key:
@@ -82,9 +88,16 @@ def alive_masks(model: nn.Module, example_inputs: Any, threshold: Optional[float
     A channel unit lives if any BatchNorm source in it has ``|gamma| > threshold``
     (``threshold=None`` lets the extractor pick one in the gap of the ``|gamma|``
     distribution). Units that cannot be removed exactly (frozen, no BatchNorm source,
-    or reaching a conv without passing a BatchNorm) always live.
+    or reaching a conv without passing a BatchNorm) always live. A threshold below zero
+    is a :class:`ConfigError`; a group the threshold would empty keeps its unit with the
+    largest ``|gamma|``, with a warning naming it.
     """
     _check_model(model)
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
+                                  or not math.isfinite(threshold) or threshold < 0):
+        raise ConfigError(f"alive_masks(): threshold must be a number >= 0 (the |gamma| at or below which a "
+                          f"channel is dead), or None to pick one in the gap of the |gamma| distribution; "
+                          f"not {threshold!r}")
     if not _has_batchnorm(model):
         raise NoBatchNormError(
             f"{type(model).__name__} has no BatchNorm layer. MorphNet decides which channels to drop from "

@@ -5,8 +5,9 @@ import argparse
 import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Any, Iterator, List, Optional, TextIO
 
 from . import __version__, distributed
 from .errors import DnnshrinkError
@@ -74,10 +75,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config, run_config
 
     data = load_config(args.config)
+    _check_target(args)
     with _process_group(args.device or data.get("device")):
         run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
-                   algorithm=args.algorithm, resume=args.resume)
+                   algorithm=args.algorithm, resume=args.resume, target=args.target,
+                   max_score_drop=args.max_score_drop)
     return 0
+
+
+def _check_target(args: argparse.Namespace) -> None:
+    """``--target`` parsed as the config's ``target`` is, so its error names the flag."""
+    if args.target is not None:
+        from .target import Target
+
+        Target.parse(args.target, "--target")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -87,9 +98,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     with resources.as_file(resources.files("dnnshrink_core.demo") / "digits.yaml") as path:
         data = load_config(path)
+    _check_target(args)
     with _process_group(args.device or data.get("device")):
         result = run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
-                            algorithm=args.algorithm)
+                            algorithm=args.algorithm, target=args.target, max_score_drop=args.max_score_drop)
         if distributed.is_main():
             print(f"\nwrote {len(result.files)} files to {args.out}: "
                   + ", ".join(sorted(Path(p).name for p in result.files.values())))
@@ -100,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dnnshrink`` command."""
     parser = argparse.ArgumentParser(prog="dnnshrink", description="Make trained PyTorch networks physically smaller.")
     parser.add_argument("--version", action="version", version=f"dnnshrink {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    debug_help = "show tracebacks of errors, and where each warning comes from"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     plugins = sub.add_parser("plugins", parents=[common], help="list the loaded plugins and the hooks each implements")
     plugins.add_argument("--block", action="append", default=[], metavar="NAME",
@@ -124,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="cpu, cuda, cuda:1… (default: CUDA when available)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--algorithm", help="morphnet (default), slimming, magnitude, or a plugin's")
+        p.add_argument("--target", help="size target, replacing the config's: a fraction of the baseline's MACs "
+                                        "in (0, 1] (0.5, 50%%) or a count with its unit (1.5M, 300K, 2G)")
+        p.add_argument("--max-score-drop", type=float, metavar="DROP",
+                       help="exit with 1 (after writing the report) if the shrunk model scores more than DROP "
+                            "below the baseline")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from its last checkpoint (same --out)")
     run.set_defaults(func=_cmd_run)
@@ -138,6 +156,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    shown = warnings.showwarning
+    if not args.debug:  # a warning's source line (dnnshrink's own code) reads like a crash
+        warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except DnnshrinkError as exc:
@@ -153,6 +174,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         if _launch_rank() == 0:
             print("dnnshrink: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
+
+
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Optional[TextIO] = None,
+                  line: Optional[str] = None) -> None:
+    """``WarningClass: message``, without the file, line and source that Python adds
+    (``--debug`` keeps them)."""
+    text = str(message)
+    text = text[len("dnnshrink: "):] if text.startswith("dnnshrink: ") else text
+    try:
+        print(f"{category.__name__}: {text}", file=file if file is not None else sys.stderr)
+    except OSError:  # stderr closed: the warning is lost, as with Python's own showwarning
+        pass
 
 
 def _launch_rank() -> int:

@@ -8,20 +8,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import typing
 from pathlib import Path
 from typing import Any, Callable, Dict, Tuple
 
 import yaml
 
-from .errors import DnnshrinkError
-from .pipeline import ShrinkOptions, get_algorithm
+from .errors import ConfigError, DnnshrinkError
+from .pipeline import OPTION_HINTS, ShrinkOptions, get_algorithm
 from .userspec import build_model, load_object, parse_shape
+from .validation import check_epochs, check_exporters, check_options
 
-
-class ConfigError(DnnshrinkError):
-    """The config file is missing, is not valid YAML, or has a bad key or value."""
-
+__all__ = ["ConfigError", "load_config", "load_functions", "run_config"]  # ConfigError lives in errors.py
 
 # keys of the config beyond the pipeline options
 GENERAL_KEYS = {
@@ -32,7 +29,7 @@ GENERAL_KEYS = {
 }
 OPTION_KEYS = {f.name: f for f in dataclasses.fields(ShrinkOptions)
                if f.name not in ("out_dir", "force", "progress", "resume")}
-HINTS = typing.get_type_hints(ShrinkOptions)
+HINTS = OPTION_HINTS
 FUNCTION_NAMES = ("train_one_epoch", "train", "test")
 
 
@@ -50,24 +47,14 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
-    if typing.get_origin(hint) is typing.Union:
-        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)  # Sequence[str]
-
-
 def load_config(path: Any) -> Dict[str, Any]:
-    """Read and validate a config file; relative paths are taken from the file's folder."""
+    """Read and validate a config file; relative paths are taken from the file's folder.
+
+    Every option is type- and range-checked here (the key, the value and the allowed range
+    are in the message), and the target is parsed; whether the model can reach the target
+    is checked by :func:`~dnnshrink_core.pipeline.shrink` once the model is built, before
+    any training.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -83,25 +70,21 @@ def load_config(path: Any) -> Dict[str, Any]:
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(valid)}."
             raise ConfigError(f"{path}: unknown key {key!r}.{hint}")
-        if key in OPTION_KEYS and not _type_ok(value, HINTS[key]):
-            expected = HINTS[key]
-            raise ConfigError(f"{path}: key {key!r} must be {_describe(expected)}, not {value!r}")
+    options = {k: v for k, v in data.items() if k in OPTION_KEYS}
+    check_options(options, HINTS, f"{path}: ", "key")
     for key in ("model", "functions", "input_shape"):
         if key not in data:
             raise ConfigError(f"{path}: key {key!r} is missing ({GENERAL_KEYS[key]})")
+    algorithm = data.get("algorithm", "morphnet")
     try:
-        get_algorithm(data.get("algorithm", "morphnet"))
+        get_algorithm(algorithm)
     except DnnshrinkError as exc:
         raise ConfigError(f"{path}: key 'algorithm': {exc}") from exc
+    check_epochs(data.get("max_epochs", ShrinkOptions.max_epochs), algorithm, f"{path}: ", "key")
+    check_exporters(data.get("exporters", ShrinkOptions.exporters), f"{path}: ", "key")
     data["_base"] = str(path.parent.resolve())
+    data["_path"] = str(path)
     return data
-
-
-def _describe(hint: Any) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if args:
-        return " or ".join(_describe(a) for a in args) + (" or null" if type(None) in typing.get_args(hint) else "")
-    return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(hint, "a list of names")
 
 
 def _resolve(base: str, spec: str) -> str:
@@ -139,7 +122,15 @@ def run_config(data: Dict[str, Any], out: Any = None, force: bool = False, resum
     options = {k: v for k, v in data.items() if k in OPTION_KEYS}
     if isinstance(options.get("exporters"), list):
         options["exporters"] = tuple(options["exporters"])
-    options.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "target" in given:  # --target replaces the config's target, whichever key gave it
+        options.pop("target_macs", None)
+    options.update(given)
+    # the command line's overrides, checked like config keys (before the model is built)
+    where = f"{data.get('_path', 'config')} with the command-line options: "
+    check_options(options, HINTS, where, "key")
+    check_epochs(options.get("max_epochs", ShrinkOptions.max_epochs), options.get("algorithm", "morphnet"),
+                 where, "key")
     out = out or data.get("out")
     if out is None:
         raise ConfigError("no output folder: give `out:` in the config or --out on the command line")

@@ -10,6 +10,35 @@ class DnnshrinkError(Exception):
     """Base class of every error dnnshrink raises on purpose."""
 
 
+class ConfigError(DnnshrinkError, ValueError):
+    """A config key, a ``shrink(...)`` keyword argument or an API argument has a bad value.
+
+    Also a :class:`ValueError`, so code that catches bad arguments the Python way still does.
+    """
+
+
+class UnknownOptionError(ConfigError, TypeError):
+    """A config key or ``shrink(...)`` keyword that no option has (also a :class:`TypeError`,
+    as Python raises for an unexpected keyword argument)."""
+
+
+class TargetError(ConfigError):
+    """A size target is malformed (a count without its unit, a fraction outside (0, 1]) or
+    cannot be reached by the model (below its smallest form, above its baseline)."""
+
+
+class ScoreDropError(DnnshrinkError):
+    """The shrunk model scored more than ``max_score_drop`` below the baseline.
+
+    Raised after the report and the model are written; ``result`` holds the
+    :class:`~dnnshrink_core.pipeline.ShrinkResult` so the numbers can still be read.
+    """
+
+    def __init__(self, message: str, result: object = None):
+        super().__init__(message)
+        self.result = result
+
+
 class TraceError(DnnshrinkError):
     """The model could not be traced or run on the example inputs."""
 

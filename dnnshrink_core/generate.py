@@ -14,13 +14,15 @@ from torch import fx, nn
 from .errors import DnnshrinkWarning, MaskError, PluginError
 from .graph import ChannelGraph
 from .handler import RebuildContext
+from .masks import keep_flags
 
 
 def units_to_keep(graph: ChannelGraph, masks: Mapping[str, Any], model: nn.Module) -> np.ndarray:
     """Validate ``masks`` against ``graph`` and return one keep flag per channel unit.
 
-    A group that would lose every unit keeps its unit with the largest ``|gamma|``, so
-    no layer collapses to zero width.
+    Values are booleans or 0/1 numbers (see :mod:`dnnshrink_core.masks`; others are a
+    :class:`MaskError`). A group that would lose every unit keeps its unit with the largest
+    ``|gamma|``, so no layer collapses to zero width, and a warning names the group.
     """
     if not isinstance(masks, Mapping):
         raise MaskError(f"masks must be a mapping of group name to boolean mask, not {type(masks).__name__}")
@@ -35,7 +37,7 @@ def units_to_keep(graph: ChannelGraph, masks: Mapping[str, Any], model: nn.Modul
         array = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
         if array.shape != (group.size,):
             raise MaskError(f"mask for group {name!r} has shape {tuple(array.shape)}; the group has {group.size} units")
-        array = array.astype(bool)
+        array = keep_flags(array, name)
         dropped_frozen = ~array & graph.unit_frozen[group.units]
         if dropped_frozen.any():
             reason = graph.reasons[graph.unit_reason[group.units[np.flatnonzero(dropped_frozen)[0]]]]
@@ -45,8 +47,8 @@ def units_to_keep(graph: ChannelGraph, masks: Mapping[str, Any], model: nn.Modul
             gammas = graph.unit_gammas(model) if gammas is None else gammas
             array = array.copy()
             array[int(np.argmax(gammas[group.units]))] = True
-            warnings.warn(f"dnnshrink: the mask for group {name!r} removes every unit; one unit is kept so the "
-                          "layer does not collapse.", DnnshrinkWarning, stacklevel=3)
+            warnings.warn(f"dnnshrink: the mask for group {name!r} removes every unit; one unit (the largest "
+                          "|gamma|) is kept so the layer does not collapse.", DnnshrinkWarning, stacklevel=3)
         keep[group.units] = array
     return keep
 

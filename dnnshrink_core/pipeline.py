@@ -9,6 +9,7 @@ The user's model object is never modified: the pipeline works on a copy.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import numbers
 import statistics
@@ -16,7 +17,8 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+import typing
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ from .algorithm import LearnContext
 from .checkpoint import Checkpoints
 from .compensate import compensate as fold_removed_channels
 from .cost import CostModel
-from .errors import DnnshrinkError, DnnshrinkWarning, NoBatchNormError, PluginError
+from .errors import DnnshrinkError, DnnshrinkWarning, NoBatchNormError, PluginError, ScoreDropError, UnknownOptionError
 from .export import export
 from .fileio import atomic_write
 from .guard import LEARNING_ADVICE, FiniteGuard
@@ -36,18 +38,31 @@ from .generate import build
 from .masks import Masks
 from .plugins import get_plugin_manager
 from .report import Report, layer_report
+from .target import Target, check_reachable, resolve, smallest_cost
 from .tracing import normalize_inputs
+from .validation import check_epochs, check_exporters, check_options
 
 SUFFIXES = {"pytorch": "model.dnnshrink", "onnx": "model.onnx", "graph": "graph.svg"}
 
 
 @dataclass
 class ShrinkOptions:
-    """Every pipeline option, with its default. Unknown names are an error."""
+    """Every pipeline option, with its default. Unknown names are an error, and every value
+    is type- and range-checked before any work (see :mod:`dnnshrink_core.validation`).
+
+    The size target is ``target`` (any form :class:`~dnnshrink_core.target.Target` parses:
+    ``0.5``, ``"50%"``, ``"1.5M"``, ``{"resource": "macs", "amount": 1.5e6}``) or its short
+    spelling ``target_macs`` (``0.5``, ``"50%"``, ``"1.5M"``); half the baseline's MACs when
+    neither is given. A bare number is always a fraction in (0, 1]; an absolute count needs
+    its unit. ``max_score_drop``: when the shrunk model scores more than this below the
+    baseline, :func:`shrink` raises :class:`~dnnshrink_core.errors.ScoreDropError` after
+    writing its report (the CLI exits with 1).
+    """
 
     algorithm: str = "morphnet"
     regularizer: str = "morphnet_flops"
-    target_macs: float = 0.5
+    target_macs: Optional[Union[float, str]] = None
+    target: Any = None
     max_epochs: int = 20
     lr: float = 0.1
     strength: Optional[float] = None
@@ -68,6 +83,10 @@ class ShrinkOptions:
     tensorboard: bool = True
     progress: bool = True
     latency_runs: int = 20
+    max_score_drop: Optional[float] = None
+
+
+OPTION_HINTS = typing.get_type_hints(ShrinkOptions)
 
 
 @dataclass
@@ -143,19 +162,29 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
     ``train_one_epoch(model, lr)`` trains one epoch; ``train(model)`` trains as the original
     recipe (used for the optional baseline training and to fine-tune the shrunk model);
     ``test(model)`` returns a number, larger is better. ``target_macs`` is a fraction of
-    the baseline's MACs (≤ 1) or an absolute count.
+    the baseline's MACs in (0, 1] (``0.5``, ``"50%"``) or an absolute count with its unit
+    (``"1.5M"``); ``target`` takes the same and the explicit ``{"resource": "macs", "amount": n}``.
+    Every option is checked before any work; a bad value raises
+    :class:`~dnnshrink_core.errors.ConfigError` naming it, and a target the model cannot reach
+    (below its smallest form, above its baseline) :class:`~dnnshrink_core.errors.TargetError`.
 
     Under ``torchrun`` every rank calls this: the training functions get the model in
     DistributedDataParallel on every rank, while ``test``, generation, export and every file
     are rank 0's (see :mod:`dnnshrink_core.distributed`).
     """
-    unknown = set(options) - set(ShrinkOptions.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"unknown shrink option(s): {', '.join(sorted(unknown))}")
+    names = list(ShrinkOptions.__dataclass_fields__)
+    for key in options:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Options: {', '.join(names)}."
+            raise UnknownOptionError(f"shrink(): unknown option {key!r}.{hint}")
+    check_options(options, OPTION_HINTS, "shrink(): ")
     opts = ShrinkOptions(**options)
     if opts.finetune and train is None:
         raise TypeError("shrink needs train(model) to fine-tune the shrunk model (or finetune=False)")
     algorithm = get_algorithm(opts.algorithm)
+    check_epochs(opts.max_epochs, opts.algorithm, "shrink(): ")
+    check_exporters(opts.exporters, "shrink(): ")
     owns_group = distributed.init_from_env(opts.device)
     try:
         with warnings.catch_warnings():
@@ -174,13 +203,24 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
 def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, test: Callable,
             train: Optional[Callable], opts: ShrinkOptions, algorithm: Any) -> ShrinkResult:
     main = distributed.is_main()
-    out_dir = distributed.on_main(lambda: _prepare_out_dir(opts))
     device = pick_device(distributed.local_device(opts.device), quiet=not main)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # collectives of objects use the current device
     inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in normalize_inputs(example_inputs))
 
     work = copy.deepcopy(model).to(device)
+    # the inputs, the graph and the target are checked before the output folder is made and
+    # before any of the user's code runs, so a bad run leaves nothing behind
+    graph = trace(work, inputs)
+    if not graph.source_modules and opts.algorithm != "magnitude":
+        raise NoBatchNormError(f"{type(model).__name__} has no BatchNorm that scales prunable channels; "
+                               f"{opts.algorithm} learns from BatchNorm scales")
+    costs = CostModel(graph, work)
+    goal = resolve(opts.target, opts.target_macs)
+    target = check_reachable(goal, costs.initial, smallest_cost(graph, costs, opts.min_width, opts.round_to),
+                             key="target" if opts.target is not None else "target_macs", algorithm=opts.algorithm,
+                             grows=bool(getattr(algorithm, "grows_networks", False)), min_width=opts.min_width)
+    out_dir = distributed.on_main(lambda: _prepare_out_dir(opts))
     checkpoints = Checkpoints(out_dir / "checkpoints") if out_dir is not None and main else None
     kept: Dict[str, nn.Module] = {}  # rank 0's copy of the baseline, for the report
     start_epoch = 1
@@ -209,12 +249,6 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
 
         baseline_score = distributed.on_main(test_baseline)
 
-    graph = trace(work, inputs)
-    if not graph.source_modules and opts.algorithm != "magnitude":
-        raise NoBatchNormError(f"{type(model).__name__} has no BatchNorm that scales prunable channels; "
-                               f"{opts.algorithm} learns from BatchNorm scales")
-    costs = CostModel(graph, work)
-    target = opts.target_macs * costs.initial if opts.target_macs <= 1 else float(opts.target_macs)
     writer = distributed.on_main(lambda: _tensorboard(out_dir, opts), share=False)
     # rank 0 writes the checkpoint; every rank learns its name (or that writing it failed)
     on_epoch = ((lambda epoch: distributed.on_main(lambda: checkpoints.save_epoch(epoch, work.state_dict())))
@@ -258,10 +292,14 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
             "shrunk": {"macs": t["macs_after"], "params": t["params_after"], "score": score,
                        "latency_ms": 1e3 * measure_latency(shrunk, inputs, opts.latency_runs)},
             "structure_learning": {"algorithm": opts.algorithm, "epochs": epochs, "target_macs": target,
-                                   **learned.info},
+                                   "target": goal.to_dict(), **learned.info},
             "device": str(device),
             "distributed": {"world_size": distributed.world_size(), "mask_digests": digests},
         }
+        if opts.max_score_drop is not None:
+            drop = baseline_score - score
+            report.extra["score_check"] = {"max_score_drop": opts.max_score_drop, "drop": drop,
+                                           "passed": drop <= opts.max_score_drop}
         result = ShrinkResult(shrunk, masks, report, baseline_score, score, epochs)
         if opts.progress:
             print(report.table())
@@ -273,7 +311,15 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
         return score, report, result.files
 
     score, report, files = distributed.on_main(finish)
-    return ShrinkResult(shrunk, masks, report, baseline_score, score, epochs, files)
+    result = ShrinkResult(shrunk, masks, report, baseline_score, score, epochs, files)
+    if opts.max_score_drop is not None and baseline_score - score > opts.max_score_drop:
+        where = f"the model and report are in {out_dir}" if out_dir is not None else "nothing was written"
+        raise ScoreDropError(
+            f"the shrunk model scores {score:.4g}, {baseline_score - score:.4g} below the baseline's "
+            f"{baseline_score:.4g}, more than max_score_drop {opts.max_score_drop:g} allows; {where} for "
+            "inspection, but do not ship it. Aim for a larger target, fine-tune longer in train(model), or "
+            "raise max_score_drop.", result)
+    return result
 
 
 def _epoch_runner(context: LearnContext, train_one_epoch: Callable, trainee: nn.Module) -> Callable:

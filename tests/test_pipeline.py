@@ -272,9 +272,9 @@ def test_config_reads_exponent_numbers(tmp_path):
     from dnnshrink_core.config import load_config
 
     path = write_config(tmp_path)
-    path.write_text(path.read_text() + "\nthreshold: 1e-3\ntarget_macs: 2E+5")
+    path.write_text(path.read_text() + "\nthreshold: 1e-3\ntarget_macs: 2E-1")
     data = load_config(path)
-    assert data["threshold"] == 1e-3 and data["target_macs"] == 2e5 and data["strength_scale"] == 20.0
+    assert data["threshold"] == 1e-3 and data["target_macs"] == 0.2 and data["strength_scale"] == 20.0
 
 
 def test_an_epoch_without_an_optimizer_step_is_an_error():

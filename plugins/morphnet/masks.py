@@ -1,12 +1,13 @@
 """MorphNet's mask extractor: a channel unit lives if any BatchNorm source has |gamma| > threshold."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import numpy as np
 from torch import nn
 
-from dnnshrink_core import ChannelGraph, Masks
+from dnnshrink_core import ChannelGraph, DnnshrinkWarning, Masks
 
 
 def gap_threshold(gammas: np.ndarray, floor: float = 1e-12) -> float:
@@ -35,13 +36,18 @@ def threshold_masks(graph: ChannelGraph, model: nn.Module, threshold: Optional[f
     if threshold is None:
         threshold = gap_threshold(gammas[graph.unit_removable])
     alive = ~graph.unit_removable | (gammas > threshold)
-    masks = {}
+    masks, emptied = {}, []
     for group in graph.groups:
         mask = alive[group.units]
         if not mask.any():
             mask = mask.copy()
             mask[int(np.argmax(gammas[group.units]))] = True
+            emptied.append(group.name)
         masks[group.name] = mask
+    if emptied:  # said aloud: a threshold that empties a layer is usually a mistake
+        warnings.warn(f"dnnshrink: threshold {threshold:g} removes every unit of group(s) "
+                      f"{', '.join(map(repr, emptied))}; one unit (the largest |gamma|) is kept in each so no "
+                      "layer collapses.", DnnshrinkWarning, stacklevel=4)
     result = Masks(masks, graph)
     result.threshold = threshold
     return result
