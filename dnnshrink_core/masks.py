@@ -24,7 +24,7 @@ def keep_flags(mask: Any, name: str = "?") -> np.ndarray:
     if array.dtype.kind in "iuf":
         if np.isin(array, (0, 1)).all():
             return array.astype(bool)
-        bad = array[~np.isin(array, (0, 1))].ravel()[0]
+        bad = array[~np.isin(array, (0, 1))].ravel()[0].item()
         raise MaskError(f"mask for group {name!r} holds {bad!r}; masks are booleans (True = keep) or 0/1. For "
                         "scores, choose the flags yourself, e.g. `scores > threshold`.")
     raise MaskError(f"mask for group {name!r} must be booleans (True = keep) or 0/1 numbers, not "

@@ -213,19 +213,27 @@ def check_reachable(target: Target, baseline: float, minimum: float, *, key: str
     unit = target.unit
     if amount < minimum * (1 - 1e-9):
         if minimum >= baseline * (1 - 1e-9):
-            why = "no channel of this model can be removed, so it cannot get smaller than its baseline"
+            why = "no removable channel: this model cannot get smaller than its baseline"
         else:
             why = (f"every removable channel group at its minimum width ({max(min_width, 1)} unit"
                    f"{'s' if min_width > 1 else ''})")
-        smallest = math.ceil(minimum / baseline * 1000) / 1000 if baseline else 1.0
+        asked = f"{target}" if target.amount is not None else f"{target} ({amount:,.0f} {unit})"
+        if minimum >= baseline * (1 - 1e-9):
+            advice = ("Give the fraction 1, or make channels removable (a BatchNorm after each conv; "
+                      "`dnnshrink inspect` shows the groups).")
+        else:
+            smallest = min(math.ceil(minimum / baseline * 1000) / 1000, 1.0)
+            suggestion = _writable(minimum, unit, "up")
+            if Target.parse(suggestion.strip("'")).amount > baseline:  # rounding up went past the baseline
+                suggestion = f"'{math.ceil(minimum)} {unit}'"
+            advice = f"Give a target of at least {suggestion} (or the fraction {smallest:g})."
         raise TargetError(
-            f"{key} {target} is {amount:,.0f} {unit}, below the smallest network this model can become: "
-            f"{minimum:,.0f} {unit} ({minimum / baseline:.1%} of the baseline's {baseline:,.0f}); {why}. "
-            f"Give a target of at least {_human(minimum, up=True)} (or the fraction {min(smallest, 1.0):g}).")
+            f"{key} {asked} is below the smallest network this model can become: {minimum:,.0f} {unit} "
+            f"({minimum / baseline:.1%} of the baseline's {baseline:,.0f}), with {why}. {advice}")
     if amount > baseline * (1 + 1e-9) and not grows:
         raise TargetError(
             f"{key} {target} is above the baseline's {baseline:,.0f} {unit}; the {algorithm} algorithm only "
-            f"removes channels. Give at most {_human(baseline)} {unit}, or a fraction in (0, 1].")
+            f"removes channels. Give at most {_writable(baseline, unit, 'down')}, or a fraction in (0, 1].")
     return amount
 
 
@@ -243,15 +251,24 @@ def _number(value: Any) -> Optional[float]:
     return None
 
 
-def _human(amount: float, up: bool = False) -> str:
-    """``1500000`` → ``1.5M`` (three significant digits; rounded up with ``up``)."""
+def _writable(amount: float, unit: str, rounding: str) -> str:
+    """An amount as a target would be written: ``'1.5M'``, or ``'146 MACs'`` below a thousand
+    (a bare ``146`` would be refused as a fraction)."""
+    text = _human(amount, rounding)
+    return f"'{text}'" if text[-1].isalpha() else f"'{text} {unit}'"
+
+
+def _human(amount: float, rounding: str = "nearest") -> str:
+    """``1500000`` → ``1.5M`` (three significant digits, rounded ``nearest``, ``up`` or
+    ``down``: a suggested minimum must not fall below the real one, nor a maximum above)."""
     for suffix, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if amount >= scale:
             value = amount / scale
             break
     else:
         suffix, value = "", amount
-    if up:
-        digits = max(0, 2 - int(math.floor(math.log10(value)))) if value > 0 else 0
-        value = math.ceil(value * 10 ** digits - 1e-9) / 10 ** digits
+    if rounding != "nearest" and value > 0:
+        digits = max(0, 2 - int(math.floor(math.log10(value))))
+        step = math.ceil if rounding == "up" else math.floor
+        value = step(value * 10 ** digits + (-1e-9 if rounding == "up" else 1e-9)) / 10 ** digits
     return f"{value:.3g}{suffix}"
