@@ -19,14 +19,15 @@ class PytorchExporter:
     fmt = "pytorch"
     suffix = ".dnnshrink"
 
-    def export(self, model: nn.Module, example_inputs: Any, path: Path, **options: Any) -> Dict[str, Any]:
+    def export(self, model: nn.Module, example_inputs: Any, path: Path, *, sign_key: Any = None,
+               **options: Any) -> Dict[str, Any]:
         from .artifact import save_artifact
-        manifest = save_artifact(model, example_inputs, path)
-        return {"path": str(path), "format": manifest["format"]}
+        manifest = save_artifact(model, example_inputs, path, sign_key=sign_key)
+        return {"path": str(path), "format": manifest["format"], "signed": sign_key is not None}
 
-    def load(self, path: Path) -> nn.Module:
+    def load(self, path: Path, verify_key: Any = None) -> nn.Module:
         from .artifact import load_artifact
-        return load_artifact(path)
+        return load_artifact(path, verify_key=verify_key)
 
 
 class OnnxExporter:
