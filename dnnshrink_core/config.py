@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Tuple
 
 import yaml
 
-from .errors import ConfigError, DnnshrinkError
+from .errors import ConfigError, DnnshrinkError, UnknownOptionError
 from .pipeline import OPTION_HINTS, ShrinkOptions, get_algorithm
 from .userspec import build_model, load_object, parse_shape
 from .validation import check_epochs, check_exporters, check_options
@@ -69,7 +69,7 @@ def load_config(path: Any) -> Dict[str, Any]:
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(valid)}."
-            raise ConfigError(f"{path}: unknown key {key!r}.{hint}")
+            raise UnknownOptionError(f"{path}: unknown key {key!r}.{hint}")
     options = {k: v for k, v in data.items() if k in OPTION_KEYS}
     check_options(options, HINTS, f"{path}: ", "key")
     for key in ("model", "functions", "input_shape"):
