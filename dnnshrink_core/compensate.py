@@ -37,6 +37,8 @@ def _candidates(model: nn.Module, graph: ChannelGraph, folded: np.ndarray) -> Di
     for layer in layers:
         if calls[layer.name] != 1 or layer.kind == "depthwise" or not folded[layer.in_units].any():
             continue
+        if layer.weight != (f"{layer.name}.weight" if layer.name else "weight"):
+            continue  # a function reads another parameter of the module: its input is not the module's
         try:
             module = model.get_submodule(layer.name)
         except AttributeError:

@@ -90,6 +90,8 @@ class CostModel:
 
 
 def _weights_per_pair(model: nn.Module, layer) -> float:
+    if layer.params_coef is not None:  # given by a function handler (F.conv2d on a module's weight)
+        return float(layer.params_coef)
     module = model.get_submodule(layer.name)
     if isinstance(module, nn.modules.conv._ConvNd):
         per_pair = math.prod(module.kernel_size)

@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from .errors import DnnshrinkWarning, MaskError, PluginError
 from .graph import ChannelGraph
-from .handler import RebuildContext
+from .handler import RebuildContext, index_of
 from .masks import keep_flags
 
 
@@ -77,7 +77,12 @@ def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.M
                 resizes[name] = (ctx.new_tensors, ctx.new_attrs)
             if ctx.new_args is not None or ctx.new_kwargs is not None:
                 rewrites[node] = (ctx.new_args, ctx.new_kwargs)
+            for owner, attrs in ctx.module_attrs.items():
+                resizes.setdefault(owner, ({}, {}))[1].update(attrs)
+    sliced = _slice_params(model, graph, keep_labels, resizes)
     new_model = clone_module(model, _clone_memo(model, replacements, resizes))
+    for name in sliced:
+        _sync_sizes(new_model.get_submodule(name))
     for name, (_, attrs) in resizes.items():
         module = new_model.get_submodule(name)
         for attr, value in attrs.items():
@@ -85,6 +90,47 @@ def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.M
     if not rewrites:
         return new_model
     return _rewritten(graph.traces[0], new_model, rewrites, type(model).__name__)
+
+
+def _slice_params(model: nn.Module, graph: ChannelGraph, keep_labels: np.ndarray,
+                  resizes: Dict[str, Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]) -> set:
+    """Slice every parameter or buffer that function handlers read (``F.batch_norm`` with a
+    module's own weights, a layer scale) along its labelled dimensions, in the module that
+    owns it; adds them to ``resizes`` and returns the modules changed."""
+    cuts: Dict[str, list] = {}
+    for (path, dim), space in graph.store.param_spaces.items():
+        keep = keep_labels[space.start:space.start + space.size]
+        if not keep.all():
+            cuts.setdefault(path, []).append((dim, keep))
+    changed = set()
+    for path, dims in cuts.items():
+        owner, _, attr = path.rpartition(".")
+        tensor = getattr(model.get_submodule(owner), attr).detach()
+        for dim, keep in dims:
+            tensor = tensor.index_select(dim, index_of(keep, tensor.device))
+        resizes.setdefault(owner, ({}, {}))[0][attr] = tensor
+        changed.add(owner)
+    return changed
+
+
+def _sync_sizes(module: nn.Module) -> None:
+    """Set a standard layer's size attributes from its (sliced) tensors, so that a
+    ``BatchNorm2d`` subclass that calls ``F.batch_norm`` itself still says how wide it is."""
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        ref = weight if weight is not None else module.running_mean
+        if ref is not None:
+            module.num_features = int(ref.shape[0])
+    elif isinstance(module, nn.GroupNorm) and weight is not None:
+        module.num_channels = int(weight.shape[0])
+    elif isinstance(module, nn.Linear) and weight is not None:
+        module.out_features, module.in_features = int(weight.shape[0]), int(weight.shape[1])
+    elif isinstance(module, nn.modules.conv._ConvNd) and weight is not None:
+        rows, cols = int(weight.shape[0]), int(weight.shape[1]) * module.groups
+        if module.transposed:
+            module.in_channels, module.out_channels = rows, cols
+        else:
+            module.out_channels, module.in_channels = rows, cols
 
 
 _SHARED = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device, torch.Size,

@@ -47,13 +47,24 @@ class Group:
 
 @dataclass
 class LayerCost:
-    """A conv/linear call: the units of its input and output channels and its MACs factor."""
+    """A conv/linear call: the units of its input and output channels and its MACs factor.
+
+    ``name`` is the module that owns the layer's weight; ``weight`` the weight's path
+    (``name + ".weight"`` unless a functional call reads another parameter);
+    ``params_coef``, when a handler gives it, the weights per (input, output) pair.
+    """
 
     name: str
     kind: str
     in_units: np.ndarray
     out_units: np.ndarray
     coef: float
+    weight: str = ""
+    params_coef: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if not self.weight:
+            self.weight = f"{self.name}.weight" if self.name else "weight"
 
     def macs(self, alive: np.ndarray) -> float:
         """MACs with only the ``alive`` units (a boolean array over all units) kept."""
@@ -163,16 +174,19 @@ class ChannelGraph:
         """Every traced call of a layer whose MACs depend on kept channels (conv, linear).
 
         Handlers describe them with ``info["layer"]``, ``in_labels``, ``out_labels``,
-        ``kind`` and ``macs_coef`` (MACs = coef · in · out, or coef · out for depthwise).
+        ``kind`` and ``macs_coef`` (MACs = coef · in · out, or coef · out for depthwise);
+        a function handler (``F.conv2d`` on a module's weight) adds ``layer_name`` (the
+        module owning the weight), ``weight`` (its path) and ``params_coef``.
         Only the first traced mode counts, so a layer is counted once per call.
         """
         result = []
         trace = self.traces[0]
         for node, info in trace.infos.items():
             if info.get("layer") and "macs_coef" in info:
-                result.append(LayerCost(trace.module_names.get(node, node.name), info["kind"],
-                                        self.unit_of[info["in_labels"]], self.unit_of[info["out_labels"]],
-                                        float(info["macs_coef"])))
+                name = info.get("layer_name", trace.module_names.get(node, node.name))
+                result.append(LayerCost(name, info["kind"], self.unit_of[info["in_labels"]],
+                                        self.unit_of[info["out_labels"]], float(info["macs_coef"]),
+                                        info.get("weight", ""), info.get("params_coef")))
         return result
 
     # --- queries --------------------------------------------------------------------
@@ -199,6 +213,21 @@ class ChannelGraph:
             return None
         return self.groups[self.unit_group[self.unit_of[space.start]]]
 
+    @staticmethod
+    def source_weight(model: torch.nn.Module, name: str) -> Optional[torch.Tensor]:
+        """The scale (gamma) of source ``name``: the ``weight`` of the module so named, or the
+        parameter at that path (a BatchNorm called functionally with another parameter)."""
+        owner, _, attr = name.rpartition(".")
+        try:
+            return getattr(model.get_submodule(name), "weight", None)
+        except AttributeError:
+            value = getattr(model.get_submodule(owner), attr, None)
+            return value if isinstance(value, torch.Tensor) else None
+
+    def source_weights(self, model: torch.nn.Module) -> List[Optional[torch.Tensor]]:
+        """The scale of every source, in the order of :attr:`source_modules`."""
+        return [self.source_weight(model, name) for name in self.source_modules]
+
     def unit_gammas(self, model: torch.nn.Module) -> np.ndarray:
         """Per unit, the largest ``|gamma|`` over its BatchNorm sources (0 where none)."""
         values = np.zeros(self.num_units, dtype=np.float64)
@@ -206,7 +235,7 @@ class ChannelGraph:
             return values
         gathered = np.zeros(len(self.src_unit), dtype=np.float64)
         for idx, name in enumerate(self.source_modules):
-            weight = getattr(model.get_submodule(name), "weight", None)
+            weight = self.source_weight(model, name)
             if weight is None:
                 continue
             mask = self.src_module == idx

@@ -78,9 +78,16 @@ class OpHandler:
 
     ``name`` shows in messages. The default :meth:`propagate` treats the op as unknown
     (freezes every channel crossing it); the default :meth:`rebuild` changes nothing.
+
+    ``any_channel_dim``: a handler that reads :attr:`Chan.dim <dnnshrink_core.Chan>` and
+    follows channels at any tensor dimension (channels-last tensors, per-channel
+    parameters) sets it True. For every other handler the core freezes the inputs whose
+    channels are not at dim 1 and hides them (``ctx.chan`` gives None), so a handler
+    written for the ``N, C, …`` layout can never mistake another dimension for channels.
     """
 
     name = "op"
+    any_channel_dim = False
 
     def propagate(self, ctx: "PropagateContext") -> None:
         """Describe how the op couples channels; must end with ``ctx.output(...)``."""
@@ -99,7 +106,9 @@ class PropagateContext:
     def __init__(self, node: fx.Node, module: Optional[nn.Module], module_name: Optional[str],
                  store: LabelStore, values: Dict[fx.Node, Any], specs: Dict[fx.Node, Any],
                  info: Dict[str, Any], allow_rewrite: bool, frozen_modules: frozenset,
-                 on_unknown: Callable[["PropagateContext", str, bool], None]):
+                 on_unknown: Callable[["PropagateContext", str, bool], None], *,
+                 param_paths: Optional[Dict[fx.Node, str]] = None, claims: Optional[set] = None,
+                 any_channel_dim: bool = True):
         self.node = node
         self.module = module
         self.module_name = module_name
@@ -111,6 +120,9 @@ class PropagateContext:
         self._frozen_modules = frozen_modules
         self._on_unknown = on_unknown
         self._answered = False
+        self._param_paths = param_paths or {}
+        self._claims = claims if claims is not None else set()
+        self._any_dim = any_channel_dim
 
     # --- reading the inputs -------------------------------------------------------
     def arg(self, index: int, name: str, default: Any = None) -> Any:
@@ -120,8 +132,13 @@ class PropagateContext:
         return self.node.kwargs.get(name, default)
 
     def value(self, arg: Any) -> Any:
-        """The propagated value of an argument: a :class:`Chan`, a tuple of them, or None."""
-        return self._values.get(arg) if isinstance(arg, fx.Node) else None
+        """The propagated value of an argument: a :class:`Chan`, a tuple of them, or None.
+
+        For a handler without ``any_channel_dim``, channels that are not at dim 1 read as
+        None (the core has frozen them).
+        """
+        value = self._values.get(arg) if isinstance(arg, fx.Node) else None
+        return value if self._any_dim else _only_dim1(value)
 
     def chan(self, arg: Any) -> Optional[Chan]:
         """The channels of a tensor argument, or None when it has no tracked channels."""
@@ -138,11 +155,37 @@ class PropagateContext:
         return self._specs.get(self.node)
 
     def input_chans(self) -> List[Chan]:
-        """Every tracked tensor among the op's arguments."""
+        """Every tracked tensor among the op's arguments (whatever its channel dim)."""
         chans = []
         for arg in iter_nodes((self.node.args, self.node.kwargs)):
             chans.extend(iter_chans(self._values.get(arg)))
         return chans
+
+    def param_path(self, arg: Any) -> Optional[str]:
+        """The model path (``"block.bn.weight"``) of a parameter or buffer that ``arg`` reads
+        directly through ``get_attr``; None for anything else (computed tensors, constants
+        fx lifted out of ``forward``)."""
+        return self._param_paths.get(arg) if isinstance(arg, fx.Node) else None
+
+    def param_labels(self, arg: Any, dim: int, owner: Optional[str] = None,
+                     role: str = "param") -> Optional[np.ndarray]:
+        """The persistent labels of dimension ``dim`` of the parameter ``arg`` reads, or None.
+
+        The generator slices that dimension of the tensor, in the module that owns it, by
+        these labels. Asking claims this use of the parameter: a parameter of two or more
+        dimensions is sliced only when every op that reads it claimed it (one that did not
+        would get a tensor of the wrong size), otherwise all its labels are frozen.
+        ``owner`` and ``role`` name the space (a conv weight's rows: the layer, ``"out"``).
+        """
+        path = self.param_path(arg)
+        spec = self.spec(arg)
+        if path is None or not isinstance(spec, TensorSpec) or not 0 <= dim < spec.ndim:
+            return None
+        labels, created = self.store.param_space(path, dim, spec.shape[dim], owner, role)
+        if created and path.rpartition(".")[0] in self._frozen_modules:
+            self.store.freeze(labels, f"{path.rpartition('.')[0]} is outside the backbone (back_bone_only)")
+        self._claims.add((arg, self.node))
+        return labels
 
     # --- answering ----------------------------------------------------------------
     def new_labels(self, role: str, size: int) -> np.ndarray:
@@ -196,12 +239,14 @@ class PropagateContext:
     def passthrough(self, arg: Any = None, zero_preserving: bool = True) -> None:
         """The output has the channels of ``arg`` (default: the first argument) unchanged."""
         arg = self.node.args[0] if arg is None and self.node.args else arg
-        chan = self.chan(arg)
+        chan, spec = self.chan(arg), self.spec(arg)
         out = self.out_spec
-        if chan is None or not isinstance(out, TensorSpec) or out.ndim < 2 or out.shape[1] != len(chan):
+        if chan is None or not isinstance(out, TensorSpec) or (out.ndim < 2 and chan.dim == 1) \
+                or out.ndim <= chan.dim or out.shape[chan.dim] != len(chan) \
+                or (chan.dim != 1 and (not isinstance(spec, TensorSpec) or spec.ndim != out.ndim)):
             self.unknown(f"{self.describe()} changes the channel layout", warn=chan is None and out is None)
             return
-        self.output(Chan(chan.labels, chan.guard if zero_preserving else np.zeros(len(chan), dtype=bool)))
+        self.output(Chan(chan.labels, chan.guard if zero_preserving else np.zeros(len(chan), dtype=bool), chan.dim))
 
     def unknown(self, reason: str, warn: bool = True) -> None:
         """Treat the op as opaque: freeze every channel in and out of it."""
@@ -246,6 +291,7 @@ class RebuildContext:
         self.new_attrs: Optional[Dict[str, Any]] = None
         self.new_args: Optional[tuple] = None
         self.new_kwargs: Optional[dict] = None
+        self.module_attrs: Dict[str, Dict[str, Any]] = {}
 
     def keep(self, labels: np.ndarray) -> np.ndarray:
         """A boolean array: which of ``labels`` are kept."""
@@ -263,6 +309,15 @@ class RebuildContext:
         """
         self.new_tensors, self.new_attrs = dict(tensors), dict(attrs)
 
+    def update_module(self, name: str, attrs: Dict[str, Any]) -> None:
+        """Set attributes of module ``name`` in the new network (a function handler whose
+        parameters live in a module: the ``groups`` of the conv whose weight it reads).
+
+        The parameters themselves are sliced by the generator (see
+        :meth:`PropagateContext.param_labels`).
+        """
+        self.module_attrs.setdefault(name, {}).update(attrs)
+
     def set_args(self, args: Optional[Sequence[Any]] = None, kwargs: Optional[Dict[str, Any]] = None) -> None:
         """Rewrite the op's arguments (literal constants such as a view's sizes)."""
         if not self.allow_rewrite:
@@ -271,6 +326,15 @@ class RebuildContext:
             self.new_args = tuple(args)
         if kwargs is not None:
             self.new_kwargs = dict(kwargs)
+
+
+def _only_dim1(value: Any) -> Any:
+    """``value`` with every :class:`Chan` whose channels are not at dim 1 replaced by None."""
+    if isinstance(value, Chan):
+        return value if value.dim == 1 else None
+    if isinstance(value, tuple):
+        return tuple(_only_dim1(v) for v in value)
+    return value
 
 
 def index_of(keep: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -19,7 +19,8 @@ import numpy as np
 
 
 # Roles of spaces that read channels made elsewhere; they never link groups together.
-CONSUMER_ROLES = frozenset({"in", "features"})
+# ("param": one dimension of a parameter or buffer reached through ``get_attr``.)
+CONSUMER_ROLES = frozenset({"in", "features", "param"})
 
 
 @dataclass
@@ -44,24 +45,33 @@ class Space:
 
 
 class Chan:
-    """What the propagation knows about one traced tensor with a channel dimension (dim 1).
+    """What the propagation knows about one traced tensor with a channel dimension.
 
     ``labels[i]`` is the label of channel ``i``; ``guard[i]`` is True when that channel
     is exactly zero whenever all BatchNorm sources of its unit have ``gamma = beta = 0``
     (it passed through such a BatchNorm and then only zero-preserving ops).
+
+    ``dim`` is the tensor dimension the labels describe: 1 for the usual ``N, C, …``
+    layout, the last dimension after a permute to channels-last (``N, H, W, C``), 0 for a
+    per-channel parameter reached through ``get_attr`` (a layer scale, a BatchNorm weight
+    used by ``F.batch_norm``). Only handlers with ``any_channel_dim = True`` see values
+    whose ``dim`` is not 1; for the others they are frozen (see
+    :class:`dnnshrink_core.OpHandler`).
     """
 
-    __slots__ = ("labels", "guard")
+    __slots__ = ("labels", "guard", "dim")
 
-    def __init__(self, labels: np.ndarray, guard: Optional[np.ndarray] = None):
+    def __init__(self, labels: np.ndarray, guard: Optional[np.ndarray] = None, dim: int = 1):
         self.labels = labels
         self.guard = np.zeros(len(labels), dtype=bool) if guard is None else guard
+        self.dim = dim
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __repr__(self) -> str:
-        return f"Chan({len(self.labels)} channels)"
+        where = "" if self.dim == 1 else f" at dim {self.dim}"
+        return f"Chan({len(self.labels)} channels{where})"
 
 
 class LabelStore:
@@ -78,6 +88,9 @@ class LabelStore:
         self.unguarded: List[np.ndarray] = []
         self.module_spaces: Dict[Tuple[str, str], Space] = {}
         self.opaque_modules: Dict[str, str] = {}
+        # (parameter or buffer path, dimension) -> its labels; the generator slices that
+        # dimension of the tensor, in the module that owns it, by these labels' keep flags
+        self.param_spaces: Dict[Tuple[str, int], Space] = {}
 
     def new_space(self, owner: str, role: str, size: int) -> np.ndarray:
         """Create ``size`` fresh labels owned by ``owner`` and return them."""
@@ -103,6 +116,30 @@ class LabelStore:
         if owner in self.opaque_modules:
             self.freeze(labels, self.opaque_modules[owner])
         return labels, True
+
+    def param_space(self, path: str, dim: int, size: int, owner: Optional[str] = None,
+                    role: str = "param") -> Tuple[np.ndarray, bool]:
+        """The persistent labels of dimension ``dim`` of the parameter or buffer at ``path``.
+
+        Every use of the tensor, in every trace, gets the same labels, so it is sliced once
+        and consistently. ``owner`` and ``role`` name the space when it is created (a conv
+        weight's rows are the ``"out"`` channels of the layer that owns it). Returns the
+        labels and whether the space was created by this call.
+        """
+        key = (path, int(dim))
+        space = self.param_spaces.get(key)
+        if space is not None:
+            if space.size != size:
+                raise ValueError(f"{path} dim {dim} has {space.size} entries in one use and {size} in another")
+            return np.arange(space.start, space.start + space.size, dtype=np.int64), False
+        labels = self.new_space(owner or path, role, size)
+        self.param_spaces[key] = self.spaces[-1]
+        return labels, True
+
+    def param_labels(self, path: str) -> List[np.ndarray]:
+        """The labels of every dimension of ``path`` that has a parameter space."""
+        return [np.arange(s.start, s.start + s.size, dtype=np.int64)
+                for (p, _), s in self.param_spaces.items() if p == path]
 
     def make_opaque(self, owner: str, reason: str) -> None:
         """Keep every channel of module ``owner``, in this call and in every other one."""

@@ -87,6 +87,8 @@ class TracedGraph:
     infos: Dict[fx.Node, Dict[str, Any]] = field(default_factory=dict)
     values: Dict[fx.Node, Any] = field(default_factory=dict)
     allow_rewrite: bool = False
+    # get_attr nodes that read one of the model's own parameters or buffers -> its path
+    param_paths: Dict[fx.Node, str] = field(default_factory=dict)
 
     def get_submodule(self, target: str) -> nn.Module:
         """The module at ``target`` in the traced model."""
@@ -152,7 +154,29 @@ def _trace_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any], 
     module_names = {n: canonical.get(id(model.get_submodule(n.target)), n.target)
                     for n in graph.nodes if n.op == "call_module"}
     return TracedGraph(mode=dict(mode), graph=graph, root=weakref.ref(model), constants=constants, specs=specs,
-                       module_names=module_names)
+                       module_names=module_names, param_paths=_param_paths(model, graph, constants))
+
+
+def _param_paths(model: nn.Module, graph: fx.Graph, constants: Dict[str, Any]) -> Dict[fx.Node, str]:
+    """The canonical path of the model parameter or buffer every ``get_attr`` node reads.
+
+    Constants fx lifted out of ``forward`` are not the model's and are left out, and so is
+    anything that is not a tensor the model owns.
+    """
+    tensors = {id(t): name for name, t in model.named_parameters()}
+    tensors.update((id(t), name) for name, t in model.named_buffers() if id(t) not in tensors)
+    paths = {}
+    for node in graph.nodes:
+        if node.op != "get_attr" or node.target in constants:
+            continue
+        owner, _, attr = node.target.rpartition(".")
+        try:
+            value = getattr(model.get_submodule(owner), attr)
+        except AttributeError:
+            continue
+        if isinstance(value, torch.Tensor) and id(value) in tensors:
+            paths[node] = tensors[id(value)]
+    return paths
 
 
 def eval_graph_module(model: nn.Module) -> fx.GraphModule:
@@ -266,7 +290,7 @@ def trace_modes(model: nn.Module, inputs: Tuple[Any, ...], pm: Any,
         frozen = _covered(graphs, weighted) - primary_cover
     missing = sorted(set(weighted) - _covered(graphs, weighted))
     if missing:
-        shown = ", ".join(missing[:8]) + (" …" if len(missing) > 8 else "")
+        shown = ", ".join(_shown_name(model, name) for name in missing[:8]) + (" …" if len(missing) > 8 else "")
         warnings.warn(f"dnnshrink: {len(missing)} module(s) with weights are never called in any traced mode "
                       f"({shown}); they are left as they are. If forward does call them in some mode, "
                       "pass leaf_modules or make that mode traceable.", UntracedModuleWarning, stacklevel=3)
@@ -276,11 +300,22 @@ def trace_modes(model: nn.Module, inputs: Tuple[Any, ...], pm: Any,
     return graphs, frozenset(frozen)
 
 
+def _shown_name(model: nn.Module, name: str) -> str:
+    """A module's name for messages; the model itself (the empty name) shows as the
+    ``<root>.name`` of its own parameters and buffers."""
+    if name:
+        return name
+    own = [n for n, _ in model.named_parameters(recurse=False)] + [n for n, _ in model.named_buffers(recurse=False)]
+    return ", ".join(f"<root>.{n}" for n in own) or "<root>"
+
+
 class _UnknownOps:
     """Collects ops without a handler so each kind is reported once."""
 
     def __init__(self) -> None:
         self.seen: Dict[str, List[str]] = {}
+        # parameters read by an op treated as opaque: never sliced (see _freeze_unsafe_params)
+        self.opaque_params: Dict[str, str] = {}
 
     def __call__(self, ctx: PropagateContext, reason: str, warn: bool) -> None:
         inputs = ctx.input_chans()
@@ -288,6 +323,10 @@ class _UnknownOps:
             ctx.store.make_opaque(ctx.module_name, reason)
         for chan in inputs:
             ctx.store.freeze(chan.labels, reason)
+        for arg in iter_nodes((ctx.node.args, ctx.node.kwargs)):
+            path = ctx.param_path(arg)
+            if path is not None:
+                self.opaque_params.setdefault(path, reason)
         ctx.fresh_output(reason)
         if warn and inputs:
             self.seen.setdefault(_op_key(ctx), []).append(_where(ctx))
@@ -322,19 +361,57 @@ def _op_key(ctx: PropagateContext) -> str:
 def propagate(graphs: Sequence[TracedGraph], store: LabelStore, pm: Any, frozen_modules: frozenset) -> None:
     """Run every node's handler over every graph, filling ``store``."""
     unknown = _UnknownOps()
+    claims: set = set()
     for tg in graphs:
         for node in tg.graph.nodes:
-            _propagate_node(tg, node, store, pm, frozen_modules, unknown)
+            _propagate_node(tg, node, store, pm, frozen_modules, unknown, claims)
+    _freeze_unsafe_params(graphs, store, unknown, claims)
     unknown.report()
 
 
+def _freeze_unsafe_params(graphs: Sequence[TracedGraph], store: LabelStore, unknown: _UnknownOps,
+                          claims: set) -> None:
+    """Keep whole every parameter that some op reads without saying how to slice it.
+
+    A parameter of two or more dimensions is sliced only if every op that reads it claimed
+    it (``ctx.param_labels``); one read by an opaque op, or owned by a module that is also
+    called whole (whose handler slices it its own way), keeps all its entries, and that
+    module keeps its channels.
+    """
+    unsafe = dict(unknown.opaque_params)
+    leaf_modules = {name for tg in graphs for name in tg.module_names.values()}
+    for tg in graphs:
+        for node, path in tg.param_paths.items():
+            spec = tg.specs.get(node)
+            owner = path.rpartition(".")[0]
+            if owner in leaf_modules:
+                unsafe.setdefault(path, f"{path} is read directly although its module `{owner}` is called whole")
+                store.make_opaque(owner, unsafe[path])
+            elif isinstance(spec, TensorSpec) and spec.ndim >= 2 and any((node, user) not in claims for user in node.users):
+                users = ", ".join(sorted(u.name for u in node.users if (node, u) not in claims))
+                unsafe.setdefault(path, f"{path} is read by an op that does not slice it ({users})")
+    for path, reason in unsafe.items():
+        for labels in store.param_labels(path):
+            store.freeze(labels, reason)
+
+
 def _propagate_node(tg: TracedGraph, node: fx.Node, store: LabelStore, pm: Any,
-                    frozen_modules: frozenset, unknown: _UnknownOps) -> None:
+                    frozen_modules: frozenset, unknown: _UnknownOps, claims: set) -> None:
     spec = tg.specs.get(node)
     if node.op == "placeholder":
         tg.values[node] = _fresh(store, node.name, "input", spec, "network input")
         return
     if node.op == "get_attr":
+        path = tg.param_paths.get(node)
+        if path is not None and isinstance(spec, TensorSpec) and spec.ndim == 1:
+            # a per-channel parameter (a BatchNorm weight read by F.batch_norm, a layer
+            # scale): its entries are channels at dim 0, sliced where the tensor lives
+            labels, created = store.param_space(path, 0, spec.shape[0])
+            owner = path.rpartition(".")[0]
+            if created and owner in frozen_modules:
+                store.freeze(labels, f"{owner} is outside the backbone (back_bone_only)")
+            tg.values[node] = Chan(labels, dim=0)
+            return
         tg.values[node] = _fresh(store, node.target, "constant", spec, f"constant tensor {node.target}")
         return
     if node.op == "output":
@@ -345,9 +422,16 @@ def _propagate_node(tg: TracedGraph, node: fx.Node, store: LabelStore, pm: Any,
     module = tg.get_submodule(node.target) if node.op == "call_module" else None
     info: Dict[str, Any] = {}
     tg.infos[node] = info
-    ctx = PropagateContext(node, module, tg.module_names.get(node), store, tg.values, tg.specs, info,
-                           tg.allow_rewrite, frozen_modules, unknown)
     handler = pm.hook.dnnshrink_op_handler(node=node, module=module)
+    any_dim = bool(getattr(handler, "any_channel_dim", False))
+    ctx = PropagateContext(node, module, tg.module_names.get(node), store, tg.values, tg.specs, info,
+                           tg.allow_rewrite, frozen_modules, unknown, param_paths=tg.param_paths, claims=claims,
+                           any_channel_dim=any_dim)
+    if handler is not None and not any_dim:
+        # the handler reads channels at dim 1 only: channels elsewhere stay as they are
+        for chan in ctx.input_chans():
+            if chan.dim != 1:
+                store.freeze(chan.labels, f"{ctx.describe()} does not follow channels at dim {chan.dim}")
     if handler is None:
         if spec is None or not _has_tensor(spec):
             tg.values[node] = None  # sizes, shapes, ints: nothing to do with channels

@@ -95,6 +95,7 @@ class LinearHandler(OpHandler):
     width."""
 
     name = "linear"
+    any_channel_dim = True  # channels-last: the channels are the last dimension it reads
 
     def propagate(self, ctx: PropagateContext) -> None:
         m = ctx.module
@@ -102,11 +103,17 @@ class LinearHandler(OpHandler):
         chan, spec = ctx.chan(x), ctx.spec(x)
         in_l = ctx.module_labels("in", m.in_features)
         out_l = ctx.module_labels("out", m.out_features)
-        if chan is not None and isinstance(spec, TensorSpec) and spec.ndim == 2 and len(chan) == m.in_features:
+        if chan is not None and isinstance(spec, TensorSpec) and spec.ndim >= 2 and chan.dim == spec.ndim - 1 \
+                and len(chan) == m.in_features:
             ctx.tie(in_l, chan.labels)
             ctx.mixes(chan)
-            ctx.info.update(layer=True, kind="dense", in_labels=in_l, out_labels=out_l, macs_coef=1.0)
-            ctx.output(Chan(out_l))
+            # every position before the last dimension (but the batch) is one more product
+            ctx.info.update(layer=True, kind="dense", in_labels=in_l, out_labels=out_l,
+                            macs_coef=float(math.prod(spec.shape[1:-1])))
+            ctx.output(Chan(out_l, dim=chan.dim))
+            return
+        if chan is not None and chan.dim != 1:
+            ctx.unknown(f"{ctx.describe()} gets channels at dim {chan.dim}, not its last", warn=False)
             return
         ctx.store.make_opaque(ctx.module_name, f"{ctx.describe()} works on the last dimension of a "
                                                f"{spec.ndim if spec else '?'}-D input")

@@ -11,6 +11,8 @@ from torch import fx, nn
 from dnnshrink_core import OpHandler
 
 from .elementwise import BinaryHandler, ClampHandler, FrozenPassThrough, PassThrough, ReductionHandler, SoftmaxHandler, table
+from .functional import (BATCH_NORM_FUNCTION, CONV_FUNCTION, EINSUM, LAYER_NORM, LINEAR_FUNCTION, PIXEL_SHUFFLE,
+                         PIXEL_UNSHUFFLE, STACK, UNBIND)
 from .layers import BATCHNORM, CONV, INSTANCENORM, LINEAR, PRELU
 from .padding import PAD_FUNCTION, PAD_MODULE
 from .shape import EXPAND, PERMUTE, RESHAPE
@@ -18,6 +20,7 @@ from .slicing import CAT, CHUNK, GETITEM, SPLIT, TUPLE
 
 ZERO = PassThrough("zero-preserving")
 NONZERO = PassThrough("elementwise", zero_preserving=False)
+SPATIAL = PassThrough("spatial", elementwise=False)  # pooling, interpolation: channels at dim 1 only
 FROZEN = FrozenPassThrough("channel-coupling")
 SOFTMAX = SoftmaxHandler()
 ADD, MUL, DIV = BinaryHandler("add", "add"), BinaryHandler("mul", "mul"), BinaryHandler("div", "div")
@@ -40,23 +43,26 @@ MODULES: Dict[type, OpHandler] = {
     nn.Hardtanh: ZERO,  # ReLU6 derives from it; its range always holds zero
     **table([nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
              nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.Identity,
-             nn.modules.dropout._DropoutNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+             nn.modules.dropout._DropoutNd], ZERO),
+    **table([nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
              nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-             nn.modules.pooling._LPPoolNd, nn.Upsample], ZERO),
+             nn.modules.pooling._LPPoolNd, nn.Upsample], SPATIAL),
     **table([nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid, nn.Threshold], NONZERO),
-    **table([nn.GroupNorm, nn.LocalResponseNorm, nn.Softmax2d, nn.ChannelShuffle, nn.PixelShuffle,
-             nn.PixelUnshuffle], FROZEN),
+    **table([nn.GroupNorm, nn.LocalResponseNorm, nn.Softmax2d, nn.ChannelShuffle], FROZEN),
+    nn.LayerNorm: LAYER_NORM,
+    nn.PixelShuffle: PIXEL_SHUFFLE,
+    nn.PixelUnshuffle: PIXEL_UNSHUFFLE,
 }
 
 FUNCTIONS: Dict[Any, OpHandler] = {
     **table([F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.elu, F.selu,
              F.celu, F.gelu, F.silu, F.mish, F.hardswish, torch.tanh, F.tanh, F.softsign, F.tanhshrink,
              F.hardshrink, F.softshrink, torch.abs, torch.neg,
-             F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-             F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+             F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout], ZERO),
+    **table([F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
              F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
              F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-             F.lp_pool1d, F.lp_pool2d, F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear], ZERO),
+             F.lp_pool1d, F.lp_pool2d, F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear], SPATIAL),
     **table([torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, F.logsigmoid, torch.exp], NONZERO),
     **table([torch.clamp, torch.clip], CLAMP),
     F.hardtanh: HARDTANH,
@@ -73,6 +79,16 @@ FUNCTIONS: Dict[Any, OpHandler] = {
     **table([operator.mul, operator.imul, torch.mul, torch.multiply], MUL),
     **table([operator.truediv, operator.itruediv, torch.div, torch.divide, torch.true_divide], DIV),
     F.pad: PAD_FUNCTION,
+    F.batch_norm: BATCH_NORM_FUNCTION,
+    **table([F.conv1d, F.conv2d, F.conv3d], CONV_FUNCTION),
+    F.linear: LINEAR_FUNCTION,
+    F.layer_norm: LAYER_NORM,
+    F.group_norm: FROZEN,
+    torch.stack: STACK,
+    torch.unbind: UNBIND,
+    **table([F.pixel_shuffle, torch.pixel_shuffle], PIXEL_SHUFFLE),
+    **table([F.pixel_unshuffle, torch.pixel_unshuffle], PIXEL_UNSHUFFLE),
+    torch.einsum: EINSUM,
 }
 
 METHODS: Dict[str, OpHandler] = {
@@ -88,6 +104,7 @@ METHODS: Dict[str, OpHandler] = {
     **table(["expand", "expand_as", "repeat", "broadcast_to"], EXPAND),
     "split": SPLIT,
     "chunk": CHUNK,
+    "unbind": UNBIND,
     **table(["add", "add_", "sub", "sub_"], ADD),
     **table(["mul", "mul_"], MUL),
     **table(["div", "div_"], DIV),

@@ -33,10 +33,15 @@ class ReshapeHandler(OpHandler):
     count in the code (``x.view(-1, 16 * 5 * 5)``) is rewritten for the kept channels."""
 
     name = "reshape"
+    any_channel_dim = True  # (C,) -> (1, C, 1, 1) of a layer scale; squeezes of channels-last tensors
 
     def propagate(self, ctx: PropagateContext) -> None:
         x = ctx.arg(0, "input")
         chan, spec, out = ctx.chan(x), ctx.spec(x), ctx.out_spec
+        if chan is not None and isinstance(spec, TensorSpec) and isinstance(out, TensorSpec) \
+                and (chan.dim != 1 or out.ndim < 2 or out.shape[0] != spec.shape[0]):
+            self._only_ones(ctx, chan, spec, out)
+            return
         if chan is None or not isinstance(out, TensorSpec) or out.ndim < 2 or out.shape[0] != spec.shape[0]:
             ctx.unknown(f"{ctx.describe()} moves the channel dimension", warn=False)
             return
@@ -62,6 +67,19 @@ class ReshapeHandler(OpHandler):
             ctx.tie(np.repeat(chan.labels, block), other.labels)
         ctx.output(Chan(np.repeat(chan.labels, block), np.repeat(chan.guard, block)))
 
+    @staticmethod
+    def _only_ones(ctx: PropagateContext, chan: Chan, spec: TensorSpec, out: TensorSpec) -> None:
+        """A reshape that only adds or drops dimensions of size 1 moves the channels to
+        where their dimension lands; anything else is not followed."""
+        new_dim = moved_dim(spec.shape, out.shape, chan.dim)
+        if new_dim is None or ctx.node.target in ("view_as", "reshape_as"):
+            ctx.unknown(f"{ctx.describe()} moves the channel dimension", warn=False)
+            return
+        _, sizes = _sizes_arg(ctx.node)
+        if sizes is not None and new_dim < len(sizes) and isinstance(sizes[new_dim], int) and sizes[new_dim] != -1:
+            ctx.freeze(chan.labels, f"{ctx.describe()} has a literal channel count in the code")
+        ctx.output(Chan(chan.labels, chan.guard, new_dim))
+
     def rebuild(self, ctx: RebuildContext) -> None:
         info = ctx.info
         if "sizes" not in info:
@@ -79,22 +97,41 @@ class ReshapeHandler(OpHandler):
         ctx.set_args(args)
 
 
+def moved_dim(before: tuple, after: tuple, dim: int) -> Optional[int]:
+    """Where dimension ``dim`` of a tensor shaped ``before`` is after a reshape to ``after``
+    that only adds or drops dimensions of size 1; None for any other reshape."""
+    if not 0 <= dim < len(before) or before[dim] == 1:
+        return None
+    kept_before = [i for i, s in enumerate(before) if s != 1]
+    kept_after = [i for i, s in enumerate(after) if s != 1]
+    if [before[i] for i in kept_before] != [after[i] for i in kept_after]:
+        return None
+    return kept_after[kept_before.index(dim)]
+
+
 class PermuteHandler(OpHandler):
-    """permute/transpose/movedim/swapaxes: pass-through when batch and channel stay put."""
+    """permute/transpose/movedim/swapaxes: the channels go where their dimension goes
+    (``x.permute(0, 2, 3, 1)`` makes a channels-last tensor whose channels later ops over
+    the last dimension, such as ``nn.Linear``, read)."""
 
     name = "permute"
+    any_channel_dim = True
 
     def propagate(self, ctx: PropagateContext) -> None:
         x = ctx.arg(0, "input")
-        spec = ctx.spec(x)
-        if not isinstance(spec, TensorSpec):
-            ctx.unknown(f"{ctx.describe()} has no tensor input", warn=False)
+        spec, chan, out = ctx.spec(x), ctx.chan(x), ctx.out_spec
+        if not isinstance(spec, TensorSpec) or chan is None:
+            ctx.unknown(f"{ctx.describe()} has no tensor input it can follow", warn=False)
             return
         order = self._order(ctx.node, spec.ndim)
-        if order is not None and order[:2] == [0, 1]:
-            ctx.passthrough(x)
-        else:
-            ctx.unknown(f"{ctx.describe()} moves the channel dimension", warn=False)
+        if order is None or sorted(order) != list(range(spec.ndim)) or not isinstance(out, TensorSpec):
+            ctx.unknown(f"{ctx.describe()} moves the channel dimension in a way not followed", warn=False)
+            return
+        new_dim = order.index(chan.dim)
+        if out.shape[new_dim] != len(chan):
+            ctx.unknown(f"{ctx.describe()} moves the channel dimension in a way not followed", warn=False)
+            return
+        ctx.output(Chan(chan.labels, chan.guard, new_dim))
 
     @staticmethod
     def _order(node: fx.Node, ndim: int) -> Optional[List[int]]:

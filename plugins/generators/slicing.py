@@ -10,6 +10,8 @@ from torch import fx
 from dnnshrink_core import Chan, OpHandler, PropagateContext, RebuildContext
 from dnnshrink_core.handler import TensorSpec
 
+from .shape import moved_dim
+
 
 class CatHandler(OpHandler):
     """``torch.cat``: along the channel dim the labels are concatenated; along any other dim
@@ -111,11 +113,20 @@ def _normalize_index(index: Any, ndim: int) -> Optional[List[Any]]:
     return items + [slice(None)] * (ndim - len(items))
 
 
+def _only_new_axes(index: Any) -> bool:
+    """Whether ``x[index]`` only adds axes (``x[:, None, None]``, ``x[None, ...]``)."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    return any(i is None for i in items) and all(
+        i is None or i is Ellipsis or (isinstance(i, slice) and (i.start, i.stop, i.step) == (None, None, None))
+        for i in items)
+
+
 class GetItemHandler(OpHandler):
     """``x[...]``: picks from tuples (split results), or slices a tensor. A literal slice
     of the channel dim (``x[:, :16]``) is rewritten for the kept channels."""
 
     name = "getitem"
+    any_channel_dim = True  # picking from a tuple keeps any layout; ``gamma[:, None, None]``
 
     def propagate(self, ctx: PropagateContext) -> None:
         src, index = ctx.node.args[0], ctx.node.args[1]
@@ -132,6 +143,16 @@ class GetItemHandler(OpHandler):
             ctx.fresh_output(f"{ctx.describe()} takes a tensor out of a container the tracer does not follow")
             return
         spec, out = ctx.spec(src), ctx.out_spec
+        if _only_new_axes(index) and isinstance(spec, TensorSpec) and isinstance(out, TensorSpec):
+            new_dim = moved_dim(spec.shape, out.shape, value.dim)
+            if new_dim is None:
+                ctx.unknown(f"{ctx.describe()} adds dimensions in a way not followed", warn=False)
+            else:
+                ctx.output(Chan(value.labels, value.guard, new_dim))
+            return
+        if value.dim != 1:
+            ctx.unknown(f"{ctx.describe()} indexes channels at dim {value.dim}", warn=False)
+            return
         items = _normalize_index(index, spec.ndim)
         if items is None or isinstance(items[0], int) or not isinstance(out, TensorSpec) or out.ndim < 2:
             ctx.unknown(f"{ctx.describe()} indexes the batch or channel dimension in a way not followed", warn=False)
@@ -174,6 +195,7 @@ class TupleHandler(OpHandler):
     """Constructing a tuple or namedtuple (a model's structured output): carries its items."""
 
     name = "tuple"
+    any_channel_dim = True
 
     def propagate(self, ctx: PropagateContext) -> None:
         items = list(ctx.node.args)

@@ -115,8 +115,9 @@ def filter_l1(model: nn.Module, ctx: LearnContext) -> np.ndarray:
     scores = np.zeros(ctx.graph.num_units, dtype=np.float64)
     for layer in ctx.costs.layers:
         module = model.get_submodule(layer.name)
-        weight = module.weight.detach().float()
-        if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+        owner, _, attr = layer.weight.rpartition(".")
+        weight = getattr(model.get_submodule(owner), attr).detach().float()
+        if isinstance(module, nn.modules.conv._ConvNd) and module.transposed and attr == "weight":
             # (in, out/g, k…) → one row per output channel
             g = module.groups
             weight = weight.reshape(g, weight.shape[0] // g, weight.shape[1], -1).permute(0, 2, 1, 3)

@@ -46,7 +46,7 @@ class GammaRegularizer:
         self.graph, self.model, self.cost_kind, self.threshold = graph, model, cost, threshold
         self.costs = CostModel(graph, model, "size" if cost == "size" else "flops")
         self._removable = graph.unit_removable
-        self._params: List[nn.Parameter] = [model.get_submodule(name).weight for name in graph.source_modules]
+        self._params: List[nn.Parameter] = graph.source_weights(model)
         self._src_param = graph.src_module
         self._src_channel = graph.src_channel
         self._src_unit = graph.src_unit
