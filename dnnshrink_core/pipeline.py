@@ -38,7 +38,7 @@ from .generate import build
 from .masks import Masks
 from .plugins import get_plugin_manager
 from .report import Report, layer_report
-from .target import Target, check_reachable, resolve, smallest_cost
+from .target import check_reachable, resolve, smallest_cost
 from .tracing import normalize_inputs
 from .validation import check_epochs, check_exporters, check_options
 

@@ -156,7 +156,8 @@ def test_cli_target_flag_is_checked(tmp_path, capsys):
     (0.5, Target("macs", fraction=0.5)), (1, Target("macs", fraction=1.0)), ("50%", Target("macs", fraction=0.5)),
     ("0.25", Target("macs", fraction=0.25)), ("1.5M", Target("macs", amount=1.5e6)),
     ("300K", Target("macs", amount=3e5)), ("2G", Target("macs", amount=2e9)),
-    ("1500000 MACs", Target("macs", amount=1.5e6)), ({"resource": "macs", "amount": 1.5e6}, Target("macs", amount=1.5e6)),
+    ("1500000 MACs", Target("macs", amount=1.5e6)),
+    ({"resource": "macs", "amount": 1.5e6}, Target("macs", amount=1.5e6)),
     ({"value": "1.5M"}, Target("macs", amount=1.5e6)), ({"fraction": 0.3}, Target("macs", fraction=0.3)),
 ])
 def test_target_forms(value, expected):
