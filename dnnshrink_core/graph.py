@@ -209,6 +209,9 @@ class ChannelGraph:
     def group_of(self, module_name: str, role: str = "out") -> Optional[Group]:
         """The group holding a module's channel space (``role`` ``"out"``, ``"in"``, ``"features"``…)."""
         space = self.store.module_spaces.get((module_name, role))
+        if space is None:  # a function that reads the module's weight (F.conv2d(x, self.weight))
+            space = next((s for s in self.store.param_spaces.values() if s.owner == module_name and s.role == role),
+                         None)
         if space is None or space.size == 0:
             return None
         return self.groups[self.unit_group[self.unit_of[space.start]]]
