@@ -1,0 +1,34 @@
+"""A small sample of timm models (random weights): BatchNormAct2d (F.batch_norm on the
+module's own parameters) and selective-kernel attention (torch.stack) through the invariant."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import dnnshrink_core as ds
+from helpers import kill_half, max_relative_error, n_params, state_copy, states_equal
+
+timm = pytest.importorskip("timm")
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "skresnet18"])
+def test_timm_dead_channels_are_removed_exactly(name):
+    torch.manual_seed(0)
+    model = kill_half(timm.create_model(name, pretrained=False)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    before = state_copy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = ds.trace(model, x)
+        small = ds.generate(model, x, ds.alive_masks(model, x))
+    assert not [w for w in caught if issubclass(w.category, ds.UnknownOpWarning)]
+    assert states_equal(before, state_copy(model))
+    assert graph.summary()["removable"] > 0 and graph.source_modules
+    assert n_params(small) < n_params(model)
+    if name.startswith("mobilenet"):  # no code constant changes: the user's class, resized
+        assert type(small) is type(model)
+    # (skresnet18 splits its input with a literal size, which is rewritten: a GraphModule)
+    with torch.no_grad():
+        assert max_relative_error(model(x), small(x)) < 1e-4
