@@ -81,23 +81,27 @@ class Report:
         return paths
 
     def bar_chart(self, path: Path) -> Path:
-        """A PNG bar chart of each layer's output channels before and after."""
+        """A PNG chart of each layer's output channels before and after: horizontal bars, one
+        row per layer in network order, so every name stays readable however deep the net."""
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         names = [r.name for r in self.rows]
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(names) + 2), 4.5))
-        xs = range(len(names))
-        ax.bar(xs, [r.out_before for r in self.rows], color="#c8c8c8", label="before")
-        ax.bar(xs, [r.out_after for r in self.rows], color="#2b7bba", label="after")
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(names, rotation=90, fontsize=6)
-        ax.set_ylabel("output channels")
+        height = max(3.0, 0.18 * len(names) + 1.5)
+        longest = max((len(n) for n in names), default=4)
+        fig, ax = plt.subplots(figsize=(6.0 + 0.06 * longest, height))
+        ys = list(range(len(names)))
+        ax.barh(ys, [r.out_before for r in self.rows], color="#c8c8c8", label="before")
+        ax.barh(ys, [r.out_after for r in self.rows], color="#2b7bba", label="after")
+        ax.set_yticks(ys)
+        ax.set_yticklabels(names, fontsize=7 if len(names) < 60 else 5)
+        ax.set_ylim(len(names) - 0.5, -0.5)  # the first layer on top
+        ax.set_xlabel("output channels")
         t = self.totals
         ax.set_title(f"MACs {_human(t['macs_before'])} → {_human(t['macs_after'])}, "
-                     f"params {_human(t['params_before'])} → {_human(t['params_after'])}")
-        ax.legend()
+                     f"params {_human(t['params_before'])} → {_human(t['params_after'])}", fontsize=9)
+        ax.legend(loc="lower right", fontsize=7)
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
@@ -127,7 +131,8 @@ def count_macs(model: nn.Module, example_inputs: Any) -> Dict[str, int]:
     return macs
 
 
-def _width(m: nn.Module) -> tuple:
+def layer_width(m: nn.Module) -> tuple:
+    """``(input, output)`` channels (features) of a conv or linear layer."""
     if isinstance(m, nn.Linear):
         return m.in_features, m.out_features
     return m.in_channels, m.out_channels
@@ -146,7 +151,7 @@ def layer_report(model: nn.Module, example_inputs: Any, baseline: Optional[nn.Mo
             new = model.get_submodule(name)
         except AttributeError:
             continue
-        (ib, ob), (ia, oa) = _width(old), _width(new)
+        (ib, ob), (ia, oa) = layer_width(old), layer_width(new)
         rows.append(LayerRow(name, type(old).__name__, ib, ia, ob, oa, before_macs.get(name, 0),
                              after_macs.get(name, 0), sum(p.numel() for p in old.parameters()),
                              sum(p.numel() for p in new.parameters())))

@@ -1,8 +1,10 @@
 """Exporters: the pytorch artifact round trip, verified ONNX, the picture, the report."""
 from __future__ import annotations
 
+import html
 import io
 import json
+import re
 import pickle
 import shutil
 import subprocess
@@ -122,24 +124,68 @@ def test_onnx_mismatch_is_an_error_with_the_measured_error(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's `dot` is not installed (apt-get install graphviz)")
-def test_graph_picture_names_the_layers(tmp_path):
+def _use_renderer(monkeypatch, name):
+    """Make the picture exporter see only ``name`` (skip if it is not installed)."""
+    import dnnshrink_plugins.exporters.picture as picture
+    monkeypatch.setattr(picture, "RENDERERS", (name,))
+    if picture.find_renderer("svg") is None:
+        pytest.skip(f"{name} is not installed")
+
+
+def _texts(svg):
+    return [html.unescape(t) for t in re.findall(r">([^<>]+)</text>", svg)]
+
+
+@pytest.mark.parametrize("renderer", ["dot", "graphviz-pure"])
+def test_graph_picture_shows_channels_and_macs_kept(renderer, tmp_path, monkeypatch):
+    _use_renderer(monkeypatch, renderer)
     model, small, x = shrunk("channel_pad_shortcut")
     result = ds.export(small, x, "graph", tmp_path / "g.svg", baseline=model)
     svg = (tmp_path / "g.svg").read_text()
-    assert result["rendered"] and svg.lstrip().startswith(("<?xml", "<svg"))
-    for name in ("stem.0", "layer3.0.conv2", "fc", "add"):
-        assert name in svg
-    assert "64 → " in svg and "%" in svg
+    assert result["rendered"] and result["renderer"] == renderer and svg.lstrip().startswith(("<?xml", "<svg"))
+    texts = _texts(svg)
+    for name in ("stem.0", "layer3.0.conv2", "fc", "add", "flatten"):
+        assert name in texts, name
+    rows = ds.layer_report(small, x, baseline=model).rows
+    for row in rows:
+        kept = row.macs_after / row.macs_before
+        assert f"Conv2d in {row.in_before} → {row.in_after}, out {row.out_before} → {row.out_after}" in texts or \
+            f"Linear in {row.in_before} → {row.in_after}, out {row.out_before} → {row.out_after}" in texts
+        assert f"MACs kept {kept:.0%}" in texts
+    fc = next(r for r in rows if r.name == "fc")  # lost only input channels: half its MACs, same outputs
+    assert fc.out_after == fc.out_before and fc.in_after < fc.in_before and fc.macs_after < fc.macs_before
     ds.export(small, x, "graph", tmp_path / "g.png")
     assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_graph_without_dot_writes_source_and_says_how_to_install(tmp_path, monkeypatch):
+@pytest.mark.parametrize("renderer", ["dot", "graphviz-pure"])
+def test_inspect_picture_shows_removable_and_frozen_layers(renderer, tmp_path, monkeypatch):
+    _use_renderer(monkeypatch, renderer)
+    factory, shape = HANDWRITTEN["unknown_op"]
+    model, x = factory().eval(), torch.randn(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ds.UnknownOpWarning)
+        graph = ds.trace(model, x)
+    ds.export(model, x, "graph", tmp_path / "i.svg", channel_graph=graph)
+    svg = (tmp_path / "i.svg").read_text()
+    texts = _texts(svg)
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    groups = {n: graph.group_of(n, "out") for n in layers}
+    frozen = [n for n, g in groups.items() if not g.removable.any()]
+    removable = [n for n, g in groups.items() if g.removable.any()]
+    assert frozen and removable
+    assert texts.count("frozen") == len(frozen)
+    assert sum(t.endswith("units removable") for t in texts) == len(removable)
+    tooltips = [html.unescape(t) for t in re.findall(r'xlink:title="([^"]*)"', svg)]
+    for name in frozen:
+        assert f"frozen: {'; '.join(groups[name].frozen_reasons)}" in tooltips
+
+
+def test_graph_without_a_renderer_writes_source_and_says_how_to_install(tmp_path, monkeypatch):
     import dnnshrink_plugins.exporters.picture as picture
-    monkeypatch.setattr(picture.shutil, "which", lambda name: None)
+    monkeypatch.setattr(picture.shutil, "which", lambda name, path=None: None)
     _, small, x = shrunk("concat")
-    with pytest.warns(ds.DnnshrinkWarning, match="apt-get install graphviz"):
+    with pytest.warns(ds.DnnshrinkWarning, match="pip install graphviz-pure.*apt-get install graphviz"):
         result = ds.export(small, x, "graph", tmp_path / "g.svg")
     assert not result["rendered"] and (tmp_path / "g.dot").read_text().startswith("digraph")
 
