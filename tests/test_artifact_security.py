@@ -156,7 +156,14 @@ ATTACKS = {
     "node_name_injection": inject_name,
     "attribute_target": lambda n: insert_call(n, "get_attr", "__class__", []),
 }
+def quoted_path(modules: dict) -> None:
+    # fx writes a non-identifier path part as getattr(self, "part") without escaping quotes
+    key = next(iter(modules))
+    modules[f'{key}") or __import__("os").system("touch {SIDE_EFFECT}") or ("'] = modules.pop(key)
+
+
 MODULE_ATTACKS = {
+    "layer_path_injection": quoted_path,
     "class_outside_torch_nn": evil_class,
     "unlisted_torch_nn_class": private_layer,
     "hooks_in_settings": hooks_in_settings,

@@ -22,7 +22,7 @@ MODELS = sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 @pytest.mark.parametrize("name", [n if n in SAMPLE else pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
-def test_torchvision_invariant(name):
+def test_torchvision_invariant(name, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = torchvision.models.get_model(name, weights=None)
@@ -37,6 +37,10 @@ def test_torchvision_invariant(name):
     assert n_params(small) < n_params(model)
     with torch.no_grad():
         assert max_relative_error(model(x), small(x)) < 1e-4
+    # the shrunk network saves and loads under the artifact's allowlist
+    ds.export(small, x, "pytorch", tmp_path / "m.dnnshrink")
+    with torch.no_grad():
+        assert max_relative_error(small.eval()(x), ds.load(tmp_path / "m.dnnshrink")(x)) < 1e-6
     if name in ("googlenet", "inception_v3"):  # auxiliary classifiers only run in training mode
         # batch statistics of a batch of 2 amplify float32 rounding: compare in float64
         model, small, x = model.double(), small.double(), x.double()

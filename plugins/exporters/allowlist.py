@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import keyword
+import re
 import sys
 from typing import Any, Callable, Dict, Optional
 
@@ -169,6 +170,7 @@ def check_method(name: Any) -> str:
 #: Exact stored name (``torch.nn.Conv2d``) -> layer class.
 LAYER_CLASSES: Dict[str, type] = {f"torch.nn.{n}": getattr(nn, n) for n in _LAYERS.split() if hasattr(nn, n)}
 _LAYER_NAMES = {cls: name for name, cls in LAYER_CLASSES.items()}
+_PATH_PART = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def layer_class(name: Any) -> type:
@@ -191,9 +193,11 @@ def is_identifier(name: Any) -> bool:
 
 
 def is_path(path: Any) -> bool:
-    """A dotted path of plain names (``layer1.0.conv1``); module list indices are digits."""
-    return isinstance(path, str) and path.isascii() and all(
-        is_identifier(p) or p.isdigit() for p in path.split("."))
+    """A dotted layer path (``layer1.0.conv1``, ``block1-0.proj``): parts of letters, digits, ``_``
+    and ``-`` only. fx writes a part that is not an identifier into generated code inside
+    quotes it does not escape, so nothing else may pass; no part may be a ``__dunder__``."""
+    return isinstance(path, str) and all(
+        _PATH_PART.fullmatch(p) and not (p.startswith("__") and p.endswith("__")) for p in path.split("."))
 
 
 __all__ = ["FUNCTIONS", "GETATTR", "LAYER_CLASSES", "TENSOR_ATTRIBUTES", "TENSOR_METHODS", "check_method",
