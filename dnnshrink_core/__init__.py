@@ -7,9 +7,10 @@ one import::
     from dnnshrink_core import hookimpl
 """
 from .api import alive_masks, generate, trace
-from .errors import (ArtifactError, ConfigError, DnnshrinkError, DnnshrinkWarning, ExportError, MaskError,
-                     NoBatchNormError, PluginError, ScoreDropError, TargetError, TraceError, UnknownOptionError,
-                     UnknownOpWarning, UntracedModuleWarning)
+from .errors import (ArtifactError, ConfigError, DnnshrinkError, DnnshrinkWarning, ExportError, InputRunError,
+                     MaskError, NoBatchNormError, NothingRemovedWarning, OutputExistsError, PluginError,
+                     ScoreDropError, TargetError, TraceError, UnknownOptionError, UnknownOpWarning,
+                     UntracedModuleWarning)
 from .export import export, export_formats, load
 from .graph import ChannelGraph, Group
 from .guard import DivergenceError
@@ -23,7 +24,9 @@ from .target import Target
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArtifactError", "ConfigError", "ExportError", "ScoreDropError", "Target", "TargetError", "UnknownOptionError", "Report", "export", "export_formats", "layer_report", "load",
+    "ArtifactError", "ConfigError", "ExportError", "InputRunError", "NothingRemovedWarning", "OutputExistsError",
+    "ScoreDropError", "Target", "TargetError", "UnknownOptionError", "Report", "export", "export_formats",
+    "layer_report", "load",
     "Chan", "ChannelGraph", "DivergenceError", "DnnshrinkError", "DnnshrinkWarning", "Group", "MaskError", "Masks",
     "NoBatchNormError", "OpHandler", "PluginError", "PropagateContext", "RebuildContext", "TensorSpec",
     "TraceError", "UnknownOpWarning", "UntracedModuleWarning", "alive_masks", "generate",

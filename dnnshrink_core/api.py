@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 import weakref
 from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
 from .compensate import compensate as fold_removed_channels
-from .errors import ConfigError, NoBatchNormError, PluginError
+from .errors import ConfigError, NoBatchNormError, NothingRemovedWarning, PluginError
 from .generate import build, units_to_keep
 from .graph import ChannelGraph
 from .labels import LabelStore
@@ -130,6 +131,12 @@ def generate(model: nn.Module, example_inputs: Any, masks: Mapping[str, Any], *,
     _check_model(model)
     graph = _graph_for(model, example_inputs, masks)
     keep = units_to_keep(graph, masks, model)
+    if keep.all():
+        warnings.warn(NothingRemovedWarning(
+            f"dnnshrink: the masks keep all {graph.num_units} channel units, so {type(model).__name__} is copied "
+            "unchanged. alive_masks keeps a channel whose BatchNorm scale is above the threshold, and an untrained "
+            "or unshrunk network has no scale near zero: learn a structure first (dnnshrink run, or "
+            "dnnshrink_core.pipeline.shrink), or pass masks of your own."), stacklevel=2)
     shrunk = build(model, graph, keep)
     if compensate:
         fold_removed_channels(model, shrunk, graph, keep, normalize_inputs(example_inputs))

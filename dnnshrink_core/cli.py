@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional, TextIO
 
 from . import __version__, distributed
-from .errors import DnnshrinkError
+from .errors import DnnshrinkError, InputRunError, OutputExistsError
 from .plugins import blocked_plugins, get_plugin_manager, list_plugins
 
 
@@ -38,15 +38,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .userspec import build_model, parse_shape
 
     model = build_model(args.model).eval()
-    x = torch.randn(parse_shape(args.input_shape))
-    graph = trace(model, x)
+    x = torch.randn(parse_shape(args.input_shape, "--input-shape"))
+    try:
+        graph = trace(model, x)
+    except InputRunError as exc:
+        raise DnnshrinkError(f"the model cannot run on --input-shape {args.input_shape}: it failed at {exc.failure}. "
+                             "Give the shape of one batch of the model's input, e.g. --input-shape 1,3,224,224"
+                             ) from exc
     print(graph if args.all else _graph_head(graph, args.top))
     report = layer_report(model, x)
     t = report.totals
     print(f"\n{len(report.rows)} conv/linear layers, {t['macs_before']:,} MACs, {t['params_before']:,} parameters")
     out = args.out or f"{args.model.rpartition(':')[2] or 'model'}.svg"
-    result = export(model, x, "graph", out)
-    print(f"picture: {result['path']}")
+    result = export(model, x, "graph", out, channel_graph=graph)
+    print(f"picture: {result['path']} (blue: channels that can be pruned; grey, dashed: frozen)")
     return 0
 
 
@@ -166,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         # every rank meets the same errors; the others print only their own distributed trouble
         if _launch_rank() == 0 or isinstance(exc, distributed.DistributedError):
-            print(f"dnnshrink: error{_rank_tag()}: {exc}", file=sys.stderr)
+            print(f"dnnshrink: error{_rank_tag()}: {_cli_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.debug:
@@ -176,6 +181,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     finally:
         warnings.showwarning = shown
+
+
+def _cli_message(exc: DnnshrinkError) -> str:
+    """The error in the command line's words (its flags rather than Python's keywords)."""
+    if isinstance(exc, OutputExistsError):
+        return f"output folder {exc.path} already exists and is not empty; choose another --out or pass --force"
+    return str(exc)
 
 
 def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Optional[TextIO] = None,

@@ -43,6 +43,29 @@ class TraceError(DnnshrinkError):
     """The model could not be traced or run on the example inputs."""
 
 
+class InputRunError(TraceError):
+    """The model failed when run on the example inputs (most often: the wrong shape).
+
+    ``failure`` says where and how, without the advice, so a caller that got the inputs
+    another way (the CLI's ``--input-shape``) can give its own.
+    """
+
+    def __init__(self, failure: str):
+        super().__init__(f"running the model on example_inputs failed at {failure}\n"
+                         "What to do: pass example_inputs shaped exactly like one batch of your model's input "
+                         "(e.g. torch.randn(1, 3, 224, 224)) on the model's device.")
+        self.failure = failure
+
+
+class OutputExistsError(DnnshrinkError):
+    """The output folder holds files and overwriting was not asked for."""
+
+    def __init__(self, path: object):
+        super().__init__(f"output folder {path} already exists and is not empty; choose another one or pass "
+                         "force=True to overwrite it")
+        self.path = path
+
+
 class NoBatchNormError(DnnshrinkError):
     """The model has no BatchNorm layer, so MorphNet has no channel scale to learn."""
 
@@ -73,3 +96,7 @@ class UnknownOpWarning(DnnshrinkWarning):
 
 class UntracedModuleWarning(DnnshrinkWarning):
     """A module with weights was never called in any traced mode of the model."""
+
+
+class NothingRemovedWarning(DnnshrinkWarning):
+    """:func:`~dnnshrink_core.generate` was given masks that keep every channel."""

@@ -30,7 +30,8 @@ from .algorithm import LearnContext
 from .checkpoint import Checkpoints
 from .compensate import compensate as fold_removed_channels
 from .cost import CostModel
-from .errors import DnnshrinkError, DnnshrinkWarning, NoBatchNormError, PluginError, ScoreDropError, UnknownOptionError
+from .errors import (DnnshrinkError, DnnshrinkWarning, NoBatchNormError, OutputExistsError, PluginError, ScoreDropError,
+                     UnknownOptionError)
 from .export import export
 from .fileio import atomic_write
 from .guard import LEARNING_ADVICE, FiniteGuard
@@ -371,8 +372,7 @@ def _prepare_out_dir(opts: ShrinkOptions) -> Optional[Path]:
     if opts.resume:
         return out
     if out.exists() and any(out.iterdir()) and not opts.force:
-        raise DnnshrinkError(f"output folder {out} already exists and is not empty; choose another one or pass "
-                             "--force (force=True) to overwrite it")
+        raise OutputExistsError(out)
     out.mkdir(parents=True, exist_ok=True)
     # a fresh run: an older run's checkpoints must not be resumed as if they were this one's
     for stale in (out / "checkpoints").glob("*.pt"):

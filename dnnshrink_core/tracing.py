@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import fx, nn
 
-from .errors import PluginError, TraceError, UnknownOpWarning, UntracedModuleWarning
+from .errors import InputRunError, PluginError, TraceError, UnknownOpWarning, UntracedModuleWarning
 from .handler import OpHandler, PropagateContext, TensorSpec, iter_chans, iter_nodes, spec_of
 from .labels import Chan, LabelStore
 from .plugins import get_plugin_manager
@@ -209,11 +209,18 @@ def _restoring_attributes(model: nn.Module) -> Iterator[Dict[str, Any]]:
                 removed[name] = container.pop(name)
 
 
+def _plain_message(exc: BaseException) -> str:
+    """The error's own message, without what torch.fx appends (the node being executed, an
+    empty original traceback, a link to a log parser)."""
+    return str(exc).split("While executing")[0].rstrip()
+
+
 class _Recorder(fx.Interpreter):
     """Runs the graph once and records the shape of every value."""
 
     def __init__(self, root: nn.Module, graph: fx.Graph, specs: Dict[fx.Node, Any]):
         super().__init__(root, garbage_collect_values=True, graph=graph)
+        self.extra_traceback = False  # fx would append its node dump to our error's message
         self._specs = specs
 
     def run_node(self, n: fx.Node) -> Any:
@@ -222,12 +229,7 @@ class _Recorder(fx.Interpreter):
         except Exception as exc:
             where = n.meta.get("nn_module_stack")
             module = f" in module `{list(where)[-1]}`" if where else ""
-            message = str(exc).split("\n\nWhile executing")[0]
-            raise TraceError(
-                f"running the model on example_inputs failed at `{n.name}`{module}: {type(exc).__name__}: {message}\n"
-                "What to do: pass example_inputs shaped exactly like one batch of your model's input "
-                "(e.g. torch.randn(1, 3, 224, 224)) on the model's device."
-            ) from exc
+            raise InputRunError(f"`{n.name}`{module}: {type(exc).__name__}: {_plain_message(exc)}") from exc
         self._specs[n] = spec_of(result)
         return result
 

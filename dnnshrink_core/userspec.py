@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import re
 import importlib.util
 import sys
 from pathlib import Path
@@ -83,13 +84,15 @@ def build_model(spec: str) -> nn.Module:
     return model
 
 
-def parse_shape(text: str) -> Tuple[int, ...]:
-    """``"1,3,224,224"`` → ``(1, 3, 224, 224)``."""
-    try:
-        shape = tuple(int(part) for part in str(text).replace("x", ",").split(",") if part.strip())
-    except ValueError as exc:
-        raise SpecError(f"input shape {text!r} must be integers separated by commas, e.g. 1,3,224,224") from exc
+def parse_shape(text: str, what: str = "input shape") -> Tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``) → ``(1, 3, 224, 224)``; ``what`` names the
+    option in errors."""
+    parts = re.split(r"\s*[,x]\s*", str(text).strip())
+    if not all(part.isdigit() for part in parts):
+        raise SpecError(f"{what} {text!r} must be whole numbers separated by commas, e.g. 1,3,224,224")
+    shape = tuple(int(part) for part in parts)
     if len(shape) < 2 or any(n <= 0 for n in shape):
-        raise SpecError(f"input shape {text!r} must have a batch and a channel dimension, all positive")
+        raise SpecError(f"{what} {text!r} must have a batch and a channel dimension, all positive, "
+                        "e.g. 1,3,224,224")
     return shape
 
