@@ -47,6 +47,7 @@ x, expected = torch.load(sys.argv[2], weights_only=True)
 with torch.no_grad():
     out = model(x)
 flat = lambda o: [o] if torch.is_tensor(o) else [t for v in (o.values() if isinstance(o, dict) else o) for t in flat(v)]
+assert len(flat(out)) == len(flat(expected)), (len(flat(out)), len(flat(expected)))
 for a, b in zip(flat(out), flat(expected)):
     err = ((a - b).norm() / b.norm()).item()
     assert err < 1e-5, err

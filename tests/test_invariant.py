@@ -59,14 +59,21 @@ def test_channel_pad_shortcut_shrinks_the_pad():
 def test_pad_module_keeps_user_class():
     model, small, x = shrink_dead_half("pad_module")
     assert type(small) is type(model)
-    assert small.pad.padding != model.pad.padding or small.b[0].out_channels < 16
+    # the pad module itself is rewritten (not only the convs around it): the constant channels
+    # it adds shrink with the channels of the add they pad for
+    assert small.pad.padding[:4] == model.pad.padding[:4]
+    assert sum(small.pad.padding[4:]) < sum(model.pad.padding[4:])
+    assert small.a[0].out_channels + sum(small.pad.padding[4:]) == small.b[0].out_channels < 16
 
 
 def test_depthwise_and_grouped_structure():
-    _, small, _ = shrink_dead_half("depthwise")
-    for m in small.modules():
-        if isinstance(m, torch.nn.Conv2d) and m.groups > 1:
-            assert m.groups == m.in_channels and m.out_channels % m.groups == 0
+    model, small, _ = shrink_dead_half("depthwise")
+    depthwise = [(name, m) for name, m in small.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert len(depthwise) == sum(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in model.modules()) == 3
+    for name, m in depthwise:
+        old = model.get_submodule(name)
+        assert m.groups == m.in_channels < old.in_channels
+        assert m.out_channels == m.in_channels * (old.out_channels // old.in_channels)  # the depth multiplier
     _, small, _ = shrink_dead_half("grouped")
     assert small.grouped[0].groups == 4 and small.grouped[0].in_channels % 4 == 0
     assert small.grouped2[0].groups == 8

@@ -1,0 +1,66 @@
+"""Behaviour at the edges, where deliberately planted bugs once went unnoticed: the alive
+threshold at a value float32 holds exactly, the cost's per-unit weights against finite
+differences of the cost itself, and atomic writes that fail part-way."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dnnshrink_core as ds
+from dnnshrink_core.cost import CostModel
+from dnnshrink_core.fileio import atomic_path, atomic_write
+from models import HANDWRITTEN
+
+
+def test_a_scale_equal_to_the_threshold_is_dead():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3)).eval()
+    with torch.no_grad():  # 0.5 is exact in float32: |gamma| > threshold is false for ±0.5
+        model[1].weight.copy_(torch.tensor([0.5, -0.5, 0.75, 1.0, -0.5000001, 0.4999999]))
+    masks = ds.alive_masks(model, torch.randn(1, 3, 8, 8), threshold=0.5)
+    (name,) = [n for n in masks if len(masks[n]) == 6]
+    assert np.asarray(masks[name]).tolist() == [False, False, True, True, True, False]
+
+
+@pytest.mark.parametrize("name", ["concat", "depthwise", "literal_view", "squeeze_excitation"])
+def test_unit_weights_are_the_finite_differences_of_the_cost(name):
+    factory, shape = HANDWRITTEN[name]
+    model = factory().eval()
+    graph = ds.trace(model, torch.randn(shape))
+    costs = CostModel(graph, model)
+    rng = np.random.default_rng(0)
+    # a unit read and written by the same layer makes the cost quadratic in it: skip those
+    both = {int(u) for layer in range(len(costs.coef)) if not costs.depthwise[layer]
+            for u in set(costs.in_units[costs.in_layer == layer]) & set(costs.out_units[costs.out_layer == layer])}
+    tested = 0
+    for trial in range(3):
+        alive = rng.random(graph.num_units) < (0.3, 0.6, 0.9)[trial]
+        weights = costs.unit_weights(alive)
+        for u in rng.choice(graph.num_units, size=min(60, graph.num_units), replace=False):
+            if int(u) in both:
+                continue
+            with_u, without_u = alive.copy(), alive.copy()
+            with_u[u], without_u[u] = True, False
+            assert weights[u] == pytest.approx(costs.cost(with_u) - costs.cost(without_u), rel=1e-9, abs=1e-9), u
+            tested += 1
+    assert tested > 60
+
+
+def test_atomic_write_that_fails_part_way_leaves_the_old_file(tmp_path):
+    path = tmp_path / "report.json"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_write(path, "w") as handle:
+            handle.write("new, half written")
+            raise RuntimeError("disk full")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left
+    with pytest.raises(RuntimeError, match="renderer crashed"):
+        with atomic_path(tmp_path / "graph.svg") as tmp:
+            tmp.write_text("<svg")
+            raise RuntimeError("renderer crashed")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    with atomic_write(path, "w") as handle:
+        handle.write("new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
