@@ -101,8 +101,12 @@ class ScalePlugin:
 def test_runtime_plugin_handles_its_own_layer(fresh_manager):
     model = kill_half(nn.Sequential(conv_bn(3, 8), Scale(8), nn.Conv2d(8, 2, 1))).eval()
     x = torch.randn(1, 3, 6, 6)
-    # traced through by default: the parameter's channels are not followed, so they are kept
-    assert not ds.trace(model, x).group_of("0.0").removable.any()
+    # traced through by default: its per-channel parameter is followed and sliced in place
+    assert ds.trace(model, x).group_of("0.0").removable.all()
+    small = ds.generate(model, x, ds.alive_masks(model, x))
+    assert type(small[1]) is Scale and small[1].factor.numel() == small[0][0].out_channels < 8
+    with torch.no_grad():
+        assert max_relative_error(model(x), small(x)) < 1e-4
     pm = get_plugin_manager()
     pm.register(ScalePlugin(), name="scale")
     assert "scale" in {i.name for i in list_plugins()}
