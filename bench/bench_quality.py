@@ -1,63 +1,105 @@
-"""Quality on digits: test accuracy against MACs for MorphNet and its baselines.
+"""Quality: test accuracy against MACs for MorphNet and its baselines, on two offline tasks.
 
-For each seed, a baseline DigitsNet (dnnshrink_core/demo/digits.py) is trained with
-``train(model)``; then, for each MACs target (50%, 25%, 12% of the baseline), each method
-picks a structure from that same trained baseline and the result is fine-tuned with the same
-budget, one ``train(model)`` call (20 epochs):
+Tasks (``--task``): ``digits`` (scikit-learn's bundled 8×8 digits, ``DigitsNet``) and
+``mnist1d`` (MNIST-1D, generated locally by the ``mnist1d`` package; a Conv1d BatchNorm
+CNN; the authors' reference CNN reaches 94%). For each seed a baseline is trained with the
+task's ``train(model)``; then, for each MACs target, every method picks a structure from
+that same trained baseline and the result gets the same fine-tuning budget (one
+``train(model, FT)`` call):
 
-* ``morphnet``   dnnshrink's default (FLOP-weighted L1 on BatchNorm scales, expand step);
+* ``morphnet``   dnnshrink's default (FLOP-weighted L1 on BatchNorm scales, width multiplier);
+* ``morphnet-reinit``  the same structure trained from a fresh initialisation (``reinit``);
 * ``slimming``   Network Slimming (uniform L1 on the scales, then a global cut);
 * ``magnitude``  dnnshrink's one-shot L1-norm filter ranking (same share cut in every group);
 * ``uniform``    a uniform width multiplier: every group keeps its first channels;
 * ``torch-pruning``  the peer: Torch-Pruning's MetaPruner with L1 magnitude importance, its
                  pruning ratio searched to meet the same MACs target.
 
-    python bench/bench_quality.py [--seeds 0 1 2] [--targets 0.5 0.25 0.12] [--plot docs/quality.png]
+``--headline`` runs MorphNet's paper experiment instead: learn the structure at a target,
+expand it back to 100% of the baseline's MACs with the width multiplier, train it from
+scratch, against the baseline architecture trained from scratch for the same total epochs.
+
+    python bench/bench_quality.py --task mnist1d --seeds 0 1 2 --json out.json
+    python bench/bench_quality.py --plot docs/quality.png --from digits.json mnist1d.json
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
+import json
 import statistics
 import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
+from typing import Any, Dict, List
 
 import torch
 from torch import nn
 
 import dnnshrink_core as ds
-from dnnshrink_core.demo import digits
 from dnnshrink_core.pipeline import shrink
+from dnnshrink_core.report import layer_width
 
-X = digits.example_input()
+TASKS = {"digits": "dnnshrink_core.demo.digits", "mnist1d": "dnnshrink_core.demo.mnist1d"}
+METHODS = ["morphnet", "morphnet-reinit", "slimming", "magnitude", "uniform", "torch-pruning"]
+TARGETS = [0.5, 0.25, 0.1, 0.05, 0.03, 0.015]
+# MorphNet with other settings, for the measurements behind the defaults (learn_exponent,
+# min_share: see dnnshrink_plugins.morphnet.algorithm.MorphNet)
+VARIANTS = {"morphnet-direct": (1.0, 0.0), "morphnet-scale": (0.5, 0.0), "morphnet-floor": (1.0, 0.5),
+            "morphnet-share1": (0.5, 1.0)}
 
 
-def macs(model: nn.Module) -> int:
-    return ds.layer_report(model, X).totals["macs_before"]
+def register_variants() -> None:
+    """Make the VARIANTS loadable by name, like any algorithm plugin's."""
+    from dnnshrink_plugins.morphnet import algorithm as morphnet
+
+    for name, (exponent, share) in VARIANTS.items():
+        variant = morphnet.MorphNet(morphnet._regularizer, learn_exponent=exponent, min_share=share)
+        variant.name = name
+        morphnet.ALGORITHMS[name] = variant
 
 
-def uniform_width(model: nn.Module, target: float) -> nn.Module:
+def load_task(name: str) -> Any:
+    """The task module: ``train``, ``train_one_epoch``, ``test``, ``example_input``, ``_seed``, a model class."""
+    return importlib.import_module(TASKS[name])
+
+
+def new_model(task: Any) -> nn.Module:
+    return task.DigitsNet() if hasattr(task, "DigitsNet") else task.Mnist1dNet()
+
+
+def macs(model: nn.Module, x: torch.Tensor) -> int:
+    return ds.layer_report(model, x).totals["macs_before"]
+
+
+def widths(model: nn.Module) -> List[int]:
+    """Output channels of every conv/linear layer but the classifier."""
+    return [layer_width(m)[1] for name, m in model.named_modules()
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and name != "classifier"]
+
+
+def uniform_width(model: nn.Module, target: float, x: torch.Tensor) -> nn.Module:
     """Keep the first channels of every group, the same share everywhere, down to the target."""
     from dnnshrink_plugins.morphnet.structure import uniform_fraction
     from dnnshrink_core.cost import CostModel
 
-    graph = ds.trace(model, X)
+    graph = ds.trace(model, x)
     costs = CostModel(graph, model)
     order = -graph.unit_pos.astype(float)  # earlier channels score higher
     keep = uniform_fraction(graph, order, costs.cost, target * costs.initial, ~graph.unit_frozen)
-    return ds.generate(model, X, {g.name: keep[g.units] for g in graph.groups})
+    return ds.generate(model, x, {g.name: keep[g.units] for g in graph.groups})
 
 
-def torch_pruning(model: nn.Module, target: float) -> nn.Module:
+def torch_pruning(model: nn.Module, target: float, x: torch.Tensor) -> nn.Module:
     import torch_pruning as tp
 
-    base = macs(model)
+    base = macs(model, x)
 
     def pruned(ratio: float) -> nn.Module:
         net = copy.deepcopy(model)
-        pruner = tp.pruner.MetaPruner(net, X, importance=tp.importance.MagnitudeImportance(p=1),
+        pruner = tp.pruner.MetaPruner(net, x, importance=tp.importance.MagnitudeImportance(p=1),
                                       pruning_ratio=ratio, ignored_layers=[net.classifier])
         pruner.step()
         return net
@@ -66,89 +108,202 @@ def torch_pruning(model: nn.Module, target: float) -> nn.Module:
     for _ in range(14):
         mid = (low + high) / 2
         net = pruned(mid)
-        if macs(net) <= target * base:
+        if macs(net, x) <= target * base:
             best, high = net, mid
         else:
             low = mid
     return best
 
 
-def run_dnnshrink(model: nn.Module, algorithm: str, target: float) -> nn.Module:
-    result = shrink(model, X, train_one_epoch=digits.train_one_epoch, train=lambda m: None, test=digits.test,
-                    algorithm=algorithm, target_macs=target, max_epochs=30 if algorithm == "morphnet" else 15,
-                    finetune=False, device="cpu", progress=False, latency_runs=1)
-    return result.model
+def run_dnnshrink(task: Any, model: nn.Module, algorithm: str, target: float, **options: Any) -> Any:
+    return shrink(model, task.example_input(), train_one_epoch=task.train_one_epoch, train=lambda m: None,
+                  test=task.test, algorithm=algorithm, target_macs=target,
+                  max_epochs=20 if algorithm.startswith("morphnet") else 15, finetune=False, device="cpu", progress=False,
+                  latency_runs=1, exporters=(), **options)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.25, 0.12])
-    parser.add_argument("--methods", nargs="+",
-                        default=["morphnet", "slimming", "magnitude", "uniform", "torch-pruning"])
-    parser.add_argument("--plot", default="docs/quality.png")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    warnings.simplefilter("ignore")
-    results = defaultdict(list)  # (method, target) -> [(macs fraction, accuracy)]
-    baselines = []
-    start = time.perf_counter()
+def quality(args: argparse.Namespace) -> Dict[str, Any]:
+    """The sweep: every seed × target × method; returns the rows and the baselines."""
+    task = load_task(args.task)
+    x = task.example_input()
+    rows, baselines = [], []
+    learned: Dict[Any, Any] = {}  # (seed, target) -> MorphNet's structure before fine-tuning, for -reinit
     for seed in args.seeds:
         torch.manual_seed(seed)
-        digits._seed[0] = 1000 * seed
-        base = digits.DigitsNet()
-        digits.train(base)
-        base_acc, base_macs = digits.test(base), macs(base)
+        task._seed[0] = 1000 * seed
+        base = new_model(task)
+        task.train(base, args.epochs)
+        base_acc, base_macs = task.test(base), macs(base, x)
         baselines.append(base_acc)
-        print(f"seed {seed}: baseline accuracy {base_acc:.4f}, {base_macs:,} MACs")
+        print(f"seed {seed}: baseline accuracy {base_acc:.4f}, {base_macs:,} MACs, widths {widths(base)}", flush=True)
         for target in args.targets:
             for method in args.methods:
                 torch.manual_seed(seed)
                 model = copy.deepcopy(base)
-                if method == "uniform":
-                    small = uniform_width(model, target)
+                info: Dict[str, Any] = {}
+                started = time.perf_counter()
+                if method == "morphnet-reinit" and (seed, target) in learned:
+                    from dnnshrink_core.pipeline import reinitialize
+                    small, info = learned[(seed, target)]  # the same structure as morphnet's, from scratch
+                    small = copy.deepcopy(small)
+                    reinitialize(small)
+                elif method == "uniform":
+                    small = uniform_width(model, target, x)
                 elif method == "torch-pruning":
-                    small = torch_pruning(model, target)
+                    small = torch_pruning(model, target, x)
                 else:
-                    small = run_dnnshrink(model, method, target)
-                digits.train(small)  # the same fine-tuning budget for every method
-                frac, acc = macs(small) / base_macs, digits.test(small)
-                results[(method, target)].append((frac, acc))
-                print(f"  target {target:.2f} {method:<14} MACs {frac:.3f}  accuracy {acc:.4f}")
-    print(f"\n{len(args.seeds)} seeds in {time.perf_counter() - start:.0f} s; baseline accuracy "
-          f"{statistics.mean(baselines):.4f} ± {statistics.pstdev(baselines):.4f}\n")
-    print("| target MACs | method | MACs kept (mean) | accuracy (mean ± std) |")
-    print("|---:|---|---:|---:|")
-    for target in args.targets:
-        for method in args.methods:
-            rows = results[(method, target)]
-            fracs, accs = [r[0] for r in rows], [r[1] for r in rows]
-            print(f"| {target:.0%} | {method} | {statistics.mean(fracs):.3f} | "
-                  f"{statistics.mean(accs):.4f} ± {statistics.pstdev(accs):.4f} |")
-    plot(results, args, statistics.mean(baselines))
+                    algorithm = method if method in VARIANTS else method.split("-")[0]
+                    result = run_dnnshrink(task, model, algorithm, target)
+                    small = result.model
+                    learn = result.report.extra["structure_learning"]
+                    info = {k: learn[k] for k in ("epochs", "learned_widths", "widths_per_epoch") if k in learn}
+                    if method == "morphnet":
+                        learned[(seed, target)] = (copy.deepcopy(small), info)
+                    if method.endswith("-reinit"):  # the same structure, trained from scratch
+                        from dnnshrink_core.pipeline import reinitialize
+                        reinitialize(small)
+                task.train(small, args.finetune)  # the same fine-tuning budget for every method
+                frac, acc = macs(small, x) / base_macs, task.test(small)
+                rows.append({"seed": seed, "target": target, "method": method, "macs": frac, "accuracy": acc,
+                             "widths": widths(small), "seconds": time.perf_counter() - started, **info})
+                print(f"  target {target:.3f} {method:<16} MACs {frac:.4f}  accuracy {acc:.4f}  "
+                      f"widths {widths(small)}", flush=True)
+    return {"task": args.task, "rows": rows, "baselines": baselines, "epochs": args.epochs,
+            "finetune": args.finetune}
 
 
-def plot(results, args, baseline: float) -> None:
+def headline(args: argparse.Namespace) -> Dict[str, Any]:
+    """MorphNet's paper experiment: learn at ``target``, expand to 100% of the MACs, train
+    from scratch for ``epochs``; against the baseline trained for learning + ``epochs``."""
+    from dnnshrink_plugins.morphnet.structure import scale_to_budget
+    from dnnshrink_core.cost import CostModel
+
+    task = load_task(args.task)
+    x = task.example_input()
+    rows = []
+    for seed in args.seeds:
+        for target in args.targets:
+            torch.manual_seed(seed)
+            task._seed[0] = 1000 * seed
+            seed_net = new_model(task)
+            task.train(seed_net, args.epochs)  # MorphNet starts from a trained seed network
+            result = run_dnnshrink(task, copy.deepcopy(seed_net), "morphnet", target, expand=False)
+            learned = result.masks
+            graph = ds.trace(seed_net, x)
+            costs = CostModel(graph, seed_net)
+            keep = learned.keep_vector() if hasattr(learned, "keep_vector") else _keep(graph, learned)
+            gammas = graph.unit_gammas(seed_net)
+            full = scale_to_budget(graph, keep, gammas, costs.cost, costs.initial)
+            expanded = ds.generate(seed_net, x, {g.name: full[g.units] for g in graph.groups})
+            from dnnshrink_core.pipeline import reinitialize
+            reinitialize(expanded)
+            total = args.epochs + result.epochs + args.epochs  # seed training + learning + training
+            task.train(expanded, args.epochs)
+            torch.manual_seed(seed + 100)
+            base = new_model(task)
+            task.train(base, total)
+            row = {"seed": seed, "target": target, "learning_epochs": result.epochs, "total_epochs": total,
+                   "expanded_macs": macs(expanded, x) / macs(base, x), "expanded_widths": widths(expanded),
+                   "base_widths": widths(base), "morphnet": task.test(expanded), "baseline": task.test(base)}
+            rows.append(row)
+            print(row, flush=True)
+    return {"task": args.task, "headline": rows}
+
+
+def _keep(graph: Any, masks: Any) -> Any:
+    import numpy as np
+    keep = np.zeros(graph.num_units, dtype=bool)
+    for group in graph.groups:
+        keep[group.units] = np.asarray(masks[group.name], dtype=bool)
+    return keep
+
+
+def table(data: Dict[str, Any]) -> str:
+    """The markdown table of one task's sweep (mean ± std over seeds)."""
+    by = defaultdict(list)
+    for r in data["rows"]:
+        by[(r["target"], r["method"])].append(r)
+    targets = sorted({r["target"] for r in data["rows"]}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in data["rows"]))
+    lines = ["| target MACs | method | MACs kept (mean) | accuracy (mean ± std) | widths (seed 0) |",
+             "|---:|---|---:|---:|---|"]
+    for t in targets:
+        for m in methods:
+            rs = by[(t, m)]
+            if not rs:
+                continue
+            accs = [r["accuracy"] for r in rs]
+            lines.append(f"| {t:.1%} | {m} | {statistics.mean(r['macs'] for r in rs):.4f} | "
+                         f"{statistics.mean(accs):.4f} ± {statistics.pstdev(accs):.4f} | {rs[0]['widths']} |")
+    return "\n".join(lines)
+
+
+def plot(datasets: List[Dict[str, Any]], path: str) -> None:
+    """Accuracy against MACs with error bars, one panel per task."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for method in args.methods:
-        xs = [statistics.mean(r[0] for r in results[(method, t)]) for t in args.targets]
-        ys = [statistics.mean(r[1] for r in results[(method, t)]) for t in args.targets]
-        es = [statistics.pstdev([r[1] for r in results[(method, t)]]) for t in args.targets]
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
-    ax.axhline(baseline, color="grey", linestyle="--", label="baseline")
-    ax.set_xscale("log")
-    ax.set_xlabel("MACs kept (fraction of the baseline)")
-    ax.set_ylabel("test accuracy (digits)")
-    ax.set_title(f"Accuracy against MACs, {len(args.seeds)} seeds, same fine-tuning budget")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.0 * len(datasets), 4.4), squeeze=False)
+    for ax, data in zip(axes[0], datasets):
+        by = defaultdict(list)
+        for r in data["rows"]:
+            by[(r["method"], r["target"])].append(r)
+        targets = sorted({r["target"] for r in data["rows"]})
+        for method in dict.fromkeys(r["method"] for r in data["rows"]):
+            pts = [by[(method, t)] for t in targets if by[(method, t)]]
+            xs = [statistics.mean(r["macs"] for r in p) for p in pts]
+            ys = [statistics.mean(r["accuracy"] for r in p) for p in pts]
+            es = [statistics.pstdev([r["accuracy"] for r in p]) for p in pts]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+        ax.axhline(statistics.mean(data["baselines"]), color="grey", linestyle="--", label="baseline")
+        ax.set_xscale("log")
+        ax.set_xlabel("MACs kept (fraction of the baseline)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{data['task']}: {len({r['seed'] for r in data['rows']})} seeds, "
+                     f"{data['finetune']} fine-tuning epochs for every method", fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=120)
-    print(f"plot: {args.plot}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="digits")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--targets", nargs="+", type=float, default=TARGETS)
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--epochs", type=int, default=20, help="baseline training epochs")
+    parser.add_argument("--finetune", type=int, default=15, help="fine-tuning epochs, the same for every method")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--headline", action="store_true", help="MorphNet's paper experiment (see above)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plot", help="write the accuracy-against-MACs plot here")
+    parser.add_argument("--from", dest="sources", nargs="+", help="plot/tabulate saved --json results only")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    register_variants()
+    if args.sources:
+        datasets = [json.loads(Path(p).read_text()) for p in args.sources]
+        for data in datasets:
+            if "rows" in data:
+                print(f"\n### {data['task']}: baseline {statistics.mean(data['baselines']):.4f} ± "
+                      f"{statistics.pstdev(data['baselines']):.4f}\n\n{table(data)}")
+        if args.plot:
+            plot([d for d in datasets if "rows" in d], args.plot)
+        return
+    start = time.perf_counter()
+    data = headline(args) if args.headline else quality(args)
+    data["seconds"] = time.perf_counter() - start
+    if args.json:
+        Path(args.json).write_text(json.dumps(data, indent=1))
+    if "rows" in data:
+        print(f"\n{time.perf_counter() - start:.0f} s\n\n{table(data)}")
+        if args.plot:
+            plot([data], args.plot)
 
 
 if __name__ == "__main__":

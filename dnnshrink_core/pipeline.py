@@ -30,7 +30,7 @@ from .algorithm import LearnContext
 from .checkpoint import Checkpoints
 from .compensate import compensate as fold_removed_channels
 from .cost import CostModel
-from .errors import (DnnshrinkError, DnnshrinkWarning, NoBatchNormError, OutputExistsError, PluginError, ScoreDropError,
+from .errors import (ConfigError, DnnshrinkError, DnnshrinkWarning, NoBatchNormError, OutputExistsError, PluginError, ScoreDropError,
                      UnknownOptionError)
 from .export import export
 from .fileio import atomic_write
@@ -38,7 +38,7 @@ from .guard import LEARNING_ADVICE, FiniteGuard
 from .generate import build
 from .masks import Masks
 from .plugins import get_plugin_manager
-from .report import Report, layer_report
+from .report import Report, layer_report, widths_against_uniform, widths_markdown
 from .target import check_reachable, resolve, smallest_cost
 from .tracing import normalize_inputs
 from .validation import check_epochs, check_exporters, check_options
@@ -77,6 +77,7 @@ class ShrinkOptions:
     find_unused_parameters: bool = False
     train_baseline: bool = False
     finetune: bool = True
+    reinit: bool = False
     out_dir: Optional[str] = None
     force: bool = False
     resume: bool = False
@@ -183,6 +184,9 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
     opts = ShrinkOptions(**options)
     if opts.finetune and train is None:
         raise TypeError("shrink needs train(model) to fine-tune the shrunk model (or finetune=False)")
+    if opts.reinit and not opts.finetune:
+        raise ConfigError("shrink(): reinit=True trains the learned structure from scratch with train(model), "
+                          "so it needs finetune=True")
     algorithm = get_algorithm(opts.algorithm)
     check_epochs(opts.max_epochs, opts.algorithm, "shrink(): ")
     check_exporters(opts.exporters, "shrink(): ")
@@ -276,6 +280,9 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
         return model.cpu() if distributed.active() else model
 
     shrunk = distributed.on_main(generate).to(device)
+    if opts.reinit:
+        # MorphNet's own procedure: the learned structure, trained from a fresh start
+        reinitialize(shrunk, seed=0 if distributed.active() else None)
     if opts.finetune:
         _step("fine-tuning the shrunk model with train(model)")
         _guarded(train, distributed.wrap(shrunk, opts.find_unused_parameters), shrunk,
@@ -293,7 +300,8 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
             "shrunk": {"macs": t["macs_after"], "params": t["params_after"], "score": score,
                        "latency_ms": 1e3 * measure_latency(shrunk, inputs, opts.latency_runs)},
             "structure_learning": {"algorithm": opts.algorithm, "epochs": epochs, "target_macs": target,
-                                   "target": goal.to_dict(), **learned.info},
+                                   "target": goal.to_dict(), "reinit": opts.reinit, **learned.info},
+            "widths": widths_against_uniform(graph, costs, keep, target, opts.min_width, opts.round_to),
             "device": str(device),
             "distributed": {"world_size": distributed.world_size(), "mask_digests": digests},
         }
@@ -321,6 +329,25 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
             "inspection, but do not ship it. Aim for a larger target, fine-tune longer in train(model), or "
             "raise max_score_drop.", result)
     return result
+
+
+def reinitialize(model: nn.Module, seed: Optional[int] = None) -> int:
+    """Give every layer of ``model`` a fresh initialisation (each module's own
+    ``reset_parameters``, which also clears BatchNorm's running statistics); returns how
+    many modules were reset. ``seed`` fixes the draw (every rank must draw the same under
+    torchrun)."""
+    generator_state = torch.random.get_rng_state() if seed is not None else None
+    if seed is not None:
+        torch.manual_seed(seed)
+    count = 0
+    for module in model.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+            count += 1
+    if generator_state is not None:
+        torch.random.set_rng_state(generator_state)
+    return count
 
 
 def _epoch_runner(context: LearnContext, train_one_epoch: Callable, trainee: nn.Module) -> Callable:
@@ -423,11 +450,14 @@ def _write_outputs(result: ShrinkResult, baseline: nn.Module, inputs: tuple, out
 def _report_markdown(result: ShrinkResult) -> str:
     learn = result.report.extra["structure_learning"]
     details = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in learn.items()
-                        if k not in ("algorithm", "epochs", "target_macs"))
+                        if k not in ("algorithm", "epochs", "target_macs", "learned_widths", "widths_per_epoch"))
+    widths = result.report.extra.get("widths")
+    width_table = ("## Widths per group, against a uniform width multiplier at the same budget\n\n"
+                   f"{widths_markdown(widths)}\n\n") if widths else ""
     return (f"# dnnshrink report\n\n{_markdown_table(result.report)}\n\n"
             f"Structure learning: `{learn['algorithm']}`, {learn['epochs']} epoch(s), target "
             f"{learn['target_macs']:,.0f} MACs" + (f" ({details})" if details else "") + ".\n\n"
-            f"## Layers\n\n```\n{result.report.table()}\n```\n")
+            f"{width_table}## Layers\n\n```\n{result.report.table()}\n```\n")
 
 
 def _markdown_table(report: Report) -> str:

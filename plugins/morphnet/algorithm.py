@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 from torch import nn
@@ -22,17 +22,21 @@ from dnnshrink_core.algorithm import LearnContext, LearnResult, log_epoch
 from dnnshrink_core.guard import LEARNING_ADVICE, divergence
 
 from .regularizer import GammaRegularizer, morphnet_flops, morphnet_size, slimming_l1
-from .structure import enforce_widths, expand_to_budget, uniform_fraction
+from .structure import enforce_widths, scale_to_budget, uniform_fraction, width_floors
 
 REGULARIZERS = {"morphnet_flops": morphnet_flops, "morphnet_size": morphnet_size, "slimming_l1": slimming_l1}
 
 
-def train_regularized(ctx: LearnContext, reg: GammaRegularizer, stop_at_target: bool) -> int:
+def train_regularized(ctx: LearnContext, reg: GammaRegularizer, stop_at_target: bool,
+                      stop_at: Optional[float] = None, history: Optional[List[List[int]]] = None) -> int:
     """Run ``train_one_epoch`` under the regularizer's hooks; returns the epochs run.
 
-    Stops early when ``stop_at_target`` and the alive channels meet the target. Scales that
-    turn NaN or infinite stop the run with an error naming the epoch.
+    Stops early when ``stop_at_target`` and the alive channels cost at most ``stop_at``
+    MACs (default: the target). ``history``, when given, gets each epoch's alive width of
+    every group (also logged to TensorBoard as ``alive/<group>``). Scales that turn NaN or
+    infinite stop the run with an error naming the epoch.
     """
+    stop_at = ctx.target if stop_at is None else stop_at
     from tqdm import tqdm
 
     opts, epochs = ctx.options, ctx.start_epoch - 1
@@ -54,44 +58,74 @@ def train_regularized(ctx: LearnContext, reg: GammaRegularizer, stop_at_target: 
                                  ctx.last_good)
             alive = reg.alive(gammas)
             cost = log_epoch(ctx, epoch, alive, gammas, reg.last_penalty * reg.strength)
+            if history is not None:
+                history.append([int(alive[g.units].sum()) for g in ctx.graph.groups])
             ctx.epoch_done(epoch)
-            bar.set_postfix(macs=f"{cost / ctx.costs.initial:.1%}", target=f"{ctx.target / ctx.costs.initial:.0%}")
-            if stop_at_target and cost <= ctx.target:
+            bar.set_postfix(macs=f"{cost / ctx.costs.initial:.1%}", target=f"{stop_at / ctx.costs.initial:.0%}")
+            if stop_at_target and cost <= stop_at:
                 break
     return epochs
 
 
 class MorphNet:
-    """MorphNet: learn the structure under the target, then expand back to the budget."""
+    """MorphNet: learn the structure with the FLOP penalty, then one width multiplier to the budget.
+
+    Structure learning stops at ``target ** learn_exponent`` of the baseline's MACs (the
+    geometric midpoint between the baseline and the target for the default 0.5), not at
+    the target itself; MorphNet's width multiplier then scales the learned widths to the
+    budget, down as well as up (the paper's recipe: learn at one strength, then scale).
+    Why: the FLOP cost is bilinear (alive inputs × alive outputs), so the penalty on a
+    channel is proportional to the width of its neighbours. Pushed all the way to a tiny
+    target, a layer that got thin makes its neighbours look free and is itself pressed by
+    the wide neighbours, so it thins further: the learned structure degenerates into a
+    bottleneck of a few channels next to an untouched layer (docs/benchmarks.md has the
+    per-epoch widths). Stopping where the structure is still healthy and scaling it evenly
+    keeps MorphNet's learned proportions without that feedback loop.
+
+    ``min_share``: no group keeps fewer than this share of what the uniform width
+    multiplier keeps at the same budget (0 turns the floor off); a learned structure may
+    still move channels between layers, but not starve one.
+    """
 
     name = "morphnet"
 
-    def __init__(self, regularizers: Callable[[str], Any]):
+    def __init__(self, regularizers: Callable[[str], Any], learn_exponent: float = 0.5, min_share: float = 0.5):
         self._regularizers = regularizers
+        self.learn_exponent, self.min_share = learn_exponent, min_share
 
     def learn(self, ctx: LearnContext) -> LearnResult:
         opts = ctx.options
         reg = self._regularizers(opts.regularizer)(ctx.graph, ctx.model, strength=opts.strength,
                                                     strength_scale=opts.strength_scale, threshold=opts.threshold)
-        epochs = train_regularized(ctx, reg, stop_at_target=True)
+        fraction = ctx.target / ctx.costs.initial
+        learn_at = ctx.costs.initial * fraction ** self.learn_exponent if fraction < 1 else ctx.target
+        history: List[List[int]] = []
+        epochs = train_regularized(ctx, reg, stop_at_target=True, stop_at=learn_at, history=history)
         gammas = ctx.graph.unit_gammas(ctx.model)
         learned = reg.alive(gammas)
-        info = {}
-        if ctx.costs.cost(learned) > ctx.target:
-            # the target was not reached in max_epochs: cut the smallest scales to meet it
+        info: Dict[str, Any] = {}
+        if ctx.costs.cost(learned) > learn_at:
+            # said aloud: the width multiplier below then shrinks the partly learned structure evenly
             info["target_reached_by_training"] = False
-            warnings.warn(f"dnnshrink: MorphNet did not reach the target in {epochs} epoch(s); the channels with "
-                          "the smallest scales are cut to meet it. Raise max_epochs or strength_scale for a "
-                          "learned structure.", DnnshrinkWarning, stacklevel=2)
-            learned = ctx.costs.cheapest_first(learned, gammas, ctx.target)
-        if opts.expand:
-            keep = expand_to_budget(ctx.graph, learned, gammas, ctx.costs.cost, ctx.target, opts.min_width,
-                                    opts.round_to)
+            warnings.warn(f"dnnshrink: MorphNet's structure learning did not reach "
+                          f"{learn_at / ctx.costs.initial:.1%} of the MACs in {epochs} epoch(s); the learned "
+                          "widths are scaled down evenly to meet the target. Raise max_epochs or strength_scale "
+                          "for a fully learned structure.", DnnshrinkWarning, stacklevel=2)
+        floors = None
+        if self.min_share > 0:
+            floors = width_floors(ctx.graph, ctx.costs.cost, ctx.target, ~ctx.graph.unit_frozen, self.min_share,
+                                  opts.min_width)
+        if opts.expand or ctx.costs.cost(learned) > ctx.target:
+            keep = scale_to_budget(ctx.graph, learned, gammas, ctx.costs.cost, ctx.target, opts.min_width,
+                                   opts.round_to, floors)
         else:
             keep = enforce_widths(ctx.graph, learned, gammas, opts.min_width, opts.round_to)
         return LearnResult(keep, epochs, {"regularizer": opts.regularizer, "strength": reg.strength,
                                           "threshold": opts.threshold, "learned_macs": ctx.costs.cost(learned),
-                                          **info})
+                                          "learned_at_macs": learn_at,
+                                          "learned_widths": {g.name: int(learned[g.units].sum())
+                                                             for g in ctx.graph.groups},
+                                          "widths_per_epoch": history, **info})
 
 
 class Slimming:

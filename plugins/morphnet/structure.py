@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import numpy as np
 
@@ -62,6 +62,58 @@ def expand_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, 
         return out
 
     return _largest_fitting(build, cost, budget, 1.0, float(np.max(sizes / np.maximum(counts, 1))), keep, steps)
+
+
+def width_floors(graph: ChannelGraph, cost: Callable[[np.ndarray], float], budget: float, removable: np.ndarray,
+                 share: float, min_width: int = 1) -> np.ndarray:
+    """Per group, the fewest units a structure at ``budget`` may keep: ``share`` times what a
+    uniform width multiplier keeps at that budget (at least ``min_width``).
+
+    Why relative to the uniform multiplier: the floor then follows the budget and each
+    group's own width instead of a constant that fits one network. With ``share = 0.5`` no
+    layer is thinner than half of what the uniform net would give it, which rules out the
+    2-channel bottlenecks the bilinear FLOP cost drifts into at small budgets, while leaving
+    the learned structure free to move every other channel.
+    """
+    scores = np.zeros(graph.num_units)
+    keep = uniform_fraction(graph, scores, cost, budget, removable, min_width)
+    floors = np.zeros(len(graph.groups), dtype=np.int64)
+    for i, group in enumerate(graph.groups):
+        units = group.units
+        fixed = int((~removable[units]).sum())
+        free_kept = int(keep[units].sum()) - fixed
+        floors[i] = min(group.size, max(fixed + int(math.ceil(share * free_kept - 1e-9)), min_width, 1))
+    return floors
+
+
+def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, cost: Callable[[np.ndarray], float],
+                    budget: float, min_width: int = 1, multiple: int = 1, floors: Optional[np.ndarray] = None,
+                    steps: int = 40) -> np.ndarray:
+    """MorphNet's width multiplier in both directions: every group keeps
+    ``max(ceil(m · alive units), floor)`` units (the largest ``|gamma|`` first), with the
+    largest ``m`` whose cost fits ``budget``.
+
+    ``m > 1`` is the paper's expand step; ``m < 1`` shrinks a structure learned at a larger
+    cost (or one training left above the target) *evenly*, keeping its learned proportions,
+    instead of cutting the smallest scales across the whole network, which empties the
+    groups whose scales happen to be small and leaves the others whole.
+    """
+    floors = np.ones(len(graph.groups), dtype=np.int64) if floors is None else floors
+    orders = _group_orders(graph, keep, gammas)
+    counts = np.array([keep[g.units].sum() for g in graph.groups], dtype=np.float64)
+    sizes = np.array([g.size for g in graph.groups])
+
+    def build(mult: float) -> np.ndarray:
+        out = np.zeros_like(keep)
+        for order, n, size, floor in zip(orders, counts, sizes, floors):
+            width = max(_target(n * mult, size, min_width, multiple), min(int(floor), size))
+            out[order[:width]] = True
+        return out
+
+    high = float(np.max(sizes / np.maximum(counts, 1)))
+    if cost(build(high)) <= budget:
+        return build(high)
+    return _largest_fitting(build, cost, budget, 0.0, high, build(0.0), steps)
 
 
 def uniform_fraction(graph: ChannelGraph, scores: np.ndarray, cost: Callable[[np.ndarray], float], budget: float,

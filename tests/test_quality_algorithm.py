@@ -1,0 +1,177 @@
+"""MorphNet's structure at small budgets (issue #13): no collapsed layer, the width
+multiplier in both directions, ``reinit``, and the widths-against-uniform report."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dnnshrink_core as ds
+from dnnshrink_core.cost import CostModel
+from dnnshrink_core.pipeline import reinitialize, shrink
+from dnnshrink_core.report import uniform_widths
+from dnnshrink_plugins.morphnet.structure import scale_to_budget, width_floors
+
+
+class Chain(nn.Module):
+    """A Conv1d BatchNorm chain shaped like the MNIST-1D net: widths 16-32-32-64, then a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        layers, cin = [], 1
+        for cout in (16, 32, 32, 64):
+            layers += [nn.Conv1d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm1d(cout), nn.ReLU()]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).mean(-1))
+
+
+X = torch.randn(8, 1, 20)
+
+
+def degenerate_scales(model: nn.Module) -> None:
+    """The scales MorphNet's FLOP penalty leaves when it falls short on a chain: the last
+    layer (whose outputs feed only the cheap classifier) untouched and large, the middle
+    layers pressed small (the per-epoch widths in docs/benchmarks.md)."""
+    rng = np.random.default_rng(0)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    with torch.no_grad():
+        for i, bn in enumerate(bns):
+            low, high = (0.5, 1.0) if i == len(bns) - 1 else (0.02, 0.3)
+            bn.weight.copy_(torch.tensor(rng.uniform(low, high, bn.num_features), dtype=torch.float32))
+
+
+def one_tiny_step(model: nn.Module, lr: float) -> None:
+    """An epoch of one optimizer step that barely moves anything (the penalty needs a step)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+    optimizer.zero_grad()
+    (0.0 * model(X).sum()).backward()
+    optimizer.step()
+
+
+def group_widths(graph, keep):
+    return {g.name: int(keep[g.units].sum()) for g in graph.groups if graph.unit_removable[g.units].any()}
+
+
+def test_a_global_smallest_scale_cut_collapses_but_morphnet_keeps_every_layer():
+    model = Chain()
+    degenerate_scales(model)
+    graph = ds.trace(model, X[:1])
+    costs = CostModel(graph, model)
+    gammas = graph.unit_gammas(model)
+    budget = 0.03 * costs.initial
+    uniform = uniform_widths(graph, costs.cost, budget)
+    # the old way to meet the target: cut the smallest scales across the network
+    cut = group_widths(graph, costs.cheapest_first(np.ones(graph.num_units, dtype=bool), gammas, budget))
+    assert min(cut[name] / uniform[name] for name in cut) < 0.5  # a layer far below the uniform net's
+
+    result = shrink(model, X[:1], train_one_epoch=one_tiny_step, test=lambda m: 0.0, finetune=False,
+                    target_macs=0.03, max_epochs=1, device="cpu", progress=False, latency_runs=1, exporters=())
+    widths = result.report.extra["widths"]
+    for name, w in widths.items():
+        assert w["chosen"] >= np.ceil(0.5 * w["uniform"]), (name, w)  # no group below half the uniform width
+    assert result.report.extra["shrunk"]["macs"] <= 0.03 * result.report.extra["baseline"]["macs"]
+    assert result.report.extra["structure_learning"]["target_reached_by_training"] is False
+    assert len(result.report.extra["structure_learning"]["widths_per_epoch"]) == 1
+
+
+def test_width_floors_are_half_of_the_uniform_widths():
+    model = Chain()
+    graph = ds.trace(model, X[:1])
+    costs = CostModel(graph, model)
+    budget = 0.05 * costs.initial
+    floors = width_floors(graph, costs.cost, budget, ~graph.unit_frozen, 0.5)
+    uniform = uniform_widths(graph, costs.cost, budget)
+    for group, floor in zip(graph.groups, floors):
+        if graph.unit_removable[group.units].any():
+            assert floor == max(int(np.ceil(0.5 * uniform[group.name])), 1)
+
+
+def test_width_multiplier_scales_down_evenly_and_up_to_the_budget():
+    model = Chain()
+    graph = ds.trace(model, X[:1])
+    costs = CostModel(graph, model)
+    gammas = np.random.default_rng(2).random(graph.num_units)
+    learned = gammas > 0.3  # about 70% of every group alive
+    before = group_widths(graph, learned)
+    for fraction in (0.05, 0.9):
+        keep = scale_to_budget(graph, learned, gammas, costs.cost, fraction * costs.initial)
+        assert costs.cost(keep) <= fraction * costs.initial
+        assert costs.cost(keep) > 0.6 * fraction * costs.initial  # close to the budget
+        after = group_widths(graph, keep)
+        sizes = {g.name: g.size for g in graph.groups}
+        ratios = [after[n] / before[n] for n in before if after[n] < sizes[n]]
+        # one multiplier for all: the groups' ratios agree up to the rounding of small widths
+        assert max(ratios) - min(ratios) < (0.5 if fraction < 0.5 else 0.15)
+    small = scale_to_budget(graph, learned, gammas, costs.cost, 0.05 * costs.initial)
+    for g in graph.groups:  # the best scales are the ones kept
+        kept, dropped = gammas[g.units][small[g.units]], gammas[g.units][~small[g.units]]
+        if len(kept) and len(dropped):
+            assert kept.min() >= dropped.max()
+
+
+def test_reinit_trains_the_learned_structure_from_a_fresh_start():
+    torch.manual_seed(0)
+    model = Chain()
+    with torch.no_grad():  # recognisable trained values
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.weight.fill_(0.7)
+                m.running_mean.fill_(3.0)
+    seen = {}
+
+    def capture(key):
+        def train(m):
+            bn = [b for b in m.modules() if isinstance(b, nn.BatchNorm1d)][0]
+            seen[key] = (bn.weight.detach().clone(), bn.running_mean.clone(),
+                         [p.detach().clone() for p in m.parameters()])
+        return train
+
+    options = dict(test=lambda m: 0.0, target_macs=0.5, max_epochs=1, device="cpu", progress=False, latency_runs=1,
+                   exporters=(), strength_scale=1e-9)
+    shrink(model, X[:1], train_one_epoch=one_tiny_step, train=capture("fine-tune"), **options)
+    result = shrink(model, X[:1], train_one_epoch=one_tiny_step, train=capture("reinit"), reinit=True, **options)
+    weight, mean, params = seen["fine-tune"]
+    assert torch.allclose(weight, torch.full_like(weight, 0.7)) and mean.min() > 2.0  # the trained values, sliced
+    weight, mean, fresh = seen["reinit"]
+    assert torch.equal(weight, torch.ones_like(weight)) and torch.equal(mean, torch.zeros_like(mean))
+    assert [p.shape for p in fresh] == [p.shape for p in params]
+    convs = [(a, b) for a, b in zip(params, fresh) if a.dim() == 3]
+    assert convs and all(not torch.allclose(a, b) for a, b in convs)
+    assert result.report.extra["structure_learning"]["reinit"] is True
+
+
+def test_reinitialize_resets_every_layer():
+    model = Chain()
+    before = [p.detach().clone() for p in model.parameters()]
+    assert reinitialize(model) == 9  # four convs, four BatchNorms and the classifier
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_reinit_needs_finetuning_and_the_config_checks_its_type(tmp_path):
+    with pytest.raises(ds.ConfigError):
+        shrink(Chain(), X[:1], train_one_epoch=one_tiny_step, test=lambda m: 0.0, finetune=False, reinit=True,
+               device="cpu", progress=False)
+    with pytest.raises(ds.ConfigError):
+        shrink(Chain(), X[:1], train_one_epoch=one_tiny_step, train=lambda m: None, test=lambda m: 0.0,
+               reinit="yes", device="cpu", progress=False)
+
+
+def test_report_md_shows_chosen_and_uniform_widths(tmp_path):
+    result = shrink(Chain(), X[:1], train_one_epoch=one_tiny_step, train=lambda m: None, test=lambda m: 0.0,
+                    target_macs=0.2, max_epochs=1, device="cpu", progress=False, latency_runs=1, exporters=(),
+                    out_dir=str(tmp_path / "out"))
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| group | original | chosen | uniform multiplier |" in text
+    widths = result.report.extra["widths"]
+    assert len(widths) == 4 and all(w["uniform"] <= w["original"] for w in widths.values())
+    assert json_widths(tmp_path / "out" / "report.json") == widths
+
+
+def json_widths(path):
+    import json
+    return json.loads(path.read_text())["widths"]
