@@ -26,7 +26,7 @@ from torch import nn
 
 from . import distributed
 from .api import trace
-from .algorithm import LearnContext
+from .algorithm import LearnContext, LearnResult
 from .checkpoint import Checkpoints
 from .compensate import compensate as fold_removed_channels
 from .cost import CostModel
@@ -229,14 +229,22 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
     checkpoints = Checkpoints(out_dir / "checkpoints") if out_dir is not None and main else None
     kept: Dict[str, nn.Module] = {}  # rank 0's copy of the baseline, for the report
     start_epoch = 1
+    finished: Optional[Dict[str, Any]] = None  # a resumed run whose structure learning had finished
     if opts.resume:
         def resume() -> tuple:
             start, score = _resume(work, checkpoints, out_dir)
             kept["baseline"] = copy.deepcopy(work)
+            learned_before = checkpoints.learned()
+            # learning that stopped before its epochs ran out had reached its goal; one that used
+            # them all continues only when this run allows more
+            if learned_before is not None and not (learned_before["epochs"] >= learned_before["max_epochs"]
+                                                   and opts.max_epochs > learned_before["epochs"]):
+                work.load_state_dict(learned_before.pop("state"))
+                return start, score, learned_before
             work.load_state_dict(checkpoints.load(checkpoints.latest())["state"])
-            return start, score
+            return start, score, None
 
-        start_epoch, baseline_score = distributed.on_main(resume)
+        start_epoch, baseline_score, finished = distributed.on_main(resume)
         trainee = distributed.wrap(work, opts.find_unused_parameters)  # every rank starts from rank 0's weights
     else:
         trainee = distributed.wrap(work, opts.find_unused_parameters)
@@ -261,13 +269,19 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
     context = LearnContext(work, graph, inputs, train_one_epoch, opts, target, costs, writer,
                            opts.progress and main, start_epoch, on_epoch)
     context.train_one_epoch = _epoch_runner(context, train_one_epoch, trainee)
-    try:
-        learned = algorithm.learn(context)
-    except KeyboardInterrupt:
-        if checkpoints is not None and checkpoints.latest() is not None:
-            print(f"\ndnnshrink: interrupted. The last checkpoint is {checkpoints.latest()}; continue with "
-                  "`dnnshrink run CONFIG --resume` (or shrink(..., resume=True)).")
-        raise
+    if finished is not None:
+        learned = LearnResult(finished["keep"], finished["epochs"], finished["info"])
+        _step(f"structure learning had finished after {learned.epochs} epoch(s): going straight to generation")
+    else:
+        try:
+            learned = algorithm.learn(context)
+        except KeyboardInterrupt:
+            if checkpoints is not None and checkpoints.latest() is not None:
+                print(f"\ndnnshrink: interrupted. The last checkpoint is {checkpoints.latest()}; continue with "
+                      "`dnnshrink run CONFIG --resume` (or shrink(..., resume=True)).")
+            raise
+        if checkpoints is not None:
+            checkpoints.save_learned(learned.keep, learned.epochs, opts.max_epochs, learned.info, work.state_dict())
     keep, epochs = learned.keep, learned.epochs
     digests = distributed.gather_digests(keep)  # raises unless every rank chose the same channels
     masks = Masks({g.name: keep[g.units] for g in graph.groups}, graph)

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -235,7 +236,7 @@ def test_checkpoints_and_resume(tmp_path):
     with pytest.warns(ds.DnnshrinkWarning):
         shrink(Tiny(), X[:1], max_epochs=2, **options)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
-        "baseline.pt", "epoch-0001.pt", "epoch-0002.pt"]
+        "baseline.pt", "epoch-0001.pt", "epoch-0002.pt", "learned.pt"]
     calls.clear()
     with pytest.warns(ds.DnnshrinkWarning):
         result = shrink(Tiny(), X[:1], max_epochs=4, resume=True, **options)
@@ -243,6 +244,27 @@ def test_checkpoints_and_resume(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "epoch-0004.pt").is_file()
     with pytest.raises(ds.DnnshrinkError, match="nothing to resume"):
         shrink(Tiny(), X[:1], max_epochs=4, **{**options, "out_dir": str(tmp_path / "empty"), "resume": True})
+
+
+def test_resume_after_structure_learning_goes_straight_to_generation(tmp_path):
+    calls = []
+
+    def epoch(model, lr):
+        calls.append(lr)
+        regularizer_only_epoch(model, lr)
+
+    options = dict(train_one_epoch=epoch, train=lambda m: None, test=lambda m: 0.5, target_macs=0.7,
+                   strength_scale=20.0, lr=0.01, device="cpu", progress=False, latency_runs=1, exporters=[],
+                   out_dir=str(tmp_path / "run"), tensorboard=False, max_epochs=100)
+    first = shrink(Tiny(), X[:1], **options)
+    assert 0 < first.epochs < 100 and len(calls) == first.epochs  # the target was met before the epochs ran out
+    assert (tmp_path / "run" / "checkpoints" / "learned.pt").is_file()
+    calls.clear()
+    resumed = shrink(Tiny(), X[:1], resume=True, **options)
+    assert calls == []  # no structure-learning epoch again
+    assert resumed.epochs == first.epochs
+    assert all(np.array_equal(resumed.masks[g], first.masks[g]) for g in first.masks)
+    assert resumed.report.extra["shrunk"]["macs"] == first.report.extra["shrunk"]["macs"]
 
 
 def test_divergence_names_the_epoch_and_the_last_checkpoint(tmp_path):
