@@ -20,6 +20,7 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _usual_permissions(fd)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -38,6 +39,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    _usual_permissions(fd)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -46,6 +48,15 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _usual_permissions(fd: int) -> None:
+    """mkstemp makes files only their owner may read (0600); give the file the permissions
+    any other new file gets here (0666 less the umask), as ``open()`` would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.suppress(OSError, AttributeError):  # some filesystems and platforms have no chmod
+        os.fchmod(fd, 0o666 & ~umask)
 
 
 def sha256_bytes(data: bytes) -> str:

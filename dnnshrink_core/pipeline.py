@@ -450,8 +450,8 @@ def _write_outputs(result: ShrinkResult, baseline: nn.Module, inputs: tuple, out
         options = {"baseline": copy.deepcopy(baseline).cpu()} if fmt == "graph" else {}
         done = export(model, cpu_inputs, fmt, out_dir / SUFFIXES.get(fmt, f"model.{fmt}"), **options)
         files[fmt] = done["path"]
-    for kind, path in result.report.save(out_dir, "layers").items():
-        files[f"layers.{kind}"] = str(path)
+    # the layer table is in report.json and report.md already; the chart is the only new thing
+    files["layers.png"] = str(result.report.bar_chart(out_dir / "layers.png"))
     with atomic_write(out_dir / "report.json", "w") as f:
         json.dump(result.report.to_dict(), f, indent=2)
     with atomic_write(out_dir / "report.md", "w") as f:

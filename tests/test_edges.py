@@ -3,6 +3,9 @@ threshold at a value float32 holds exactly, the cost's per-unit weights against 
 differences of the cost itself, and atomic writes that fail part-way."""
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
@@ -64,3 +67,18 @@ def test_atomic_write_that_fails_part_way_leaves_the_old_file(tmp_path):
     with atomic_write(path, "w") as handle:
         handle.write("new")
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "a.json", "w") as handle:
+            handle.write("{}")
+        with atomic_path(tmp_path / "b.png") as tmp:
+            tmp.write_bytes(b"png")
+        plain = tmp_path / "c.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"a.json": 0o644, "b.png": 0o644, "c.txt": 0o644}
