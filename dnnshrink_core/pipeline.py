@@ -30,8 +30,8 @@ from .algorithm import LearnContext, LearnResult
 from .checkpoint import Checkpoints
 from .compensate import compensate as fold_removed_channels
 from .cost import CostModel
-from .errors import (ConfigError, DnnshrinkError, DnnshrinkWarning, NoBatchNormError, OutputExistsError, PluginError, ScoreDropError,
-                     UnknownOptionError)
+from .errors import (ConfigError, DnnshrinkError, DnnshrinkWarning, NoBatchNormError, OutputExistsError, PluginError,
+                     ScoreDropError, UnknownOptionError)
 from .export import export
 from .fileio import atomic_write
 from .guard import LEARNING_ADVICE, FiniteGuard

@@ -107,10 +107,11 @@ class MorphNet:
         if ctx.costs.cost(learned) > learn_at:
             # said aloud: the width multiplier below then shrinks the partly learned structure evenly
             info["target_reached_by_training"] = False
-            warnings.warn(f"dnnshrink: MorphNet's structure learning did not reach "
-                          f"{learn_at / ctx.costs.initial:.1%} of the MACs in {epochs} epoch(s); the learned "
-                          "widths are scaled down evenly to meet the target. Raise max_epochs or strength_scale "
-                          "for a fully learned structure.", DnnshrinkWarning, stacklevel=2)
+            warnings.warn(f"dnnshrink: MorphNet did not reach the target by training: in {epochs} epoch(s) the "
+                          f"learned structure did not get down to {learn_at / ctx.costs.initial:.1%} of the MACs "
+                          "(where learning stops before the width multiplier scales it to the target); the "
+                          "learned widths are scaled down evenly to meet the target. Raise max_epochs or "
+                          "strength_scale for a fully learned structure.", DnnshrinkWarning, stacklevel=2)
         floors = None
         if self.min_share > 0:
             floors = width_floors(ctx.graph, ctx.costs.cost, ctx.target, ~ctx.graph.unit_frozen, self.min_share,
