@@ -15,6 +15,8 @@ from .errors import DnnshrinkWarning, MaskError, PluginError
 from .graph import ChannelGraph
 from .handler import RebuildContext, index_of
 from .masks import keep_flags
+from .recording import InputShapeCheck
+from .tracing import model_mode
 
 
 def units_to_keep(graph: ChannelGraph, masks: Mapping[str, Any], model: nn.Module) -> np.ndarray:
@@ -87,9 +89,60 @@ def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.M
         module = new_model.get_submodule(name)
         for attr, value in attrs.items():
             setattr(module, attr, value)
-    if not rewrites:
+    specialized = [tg for tg in graph.traces if tg.specialized]
+    if not rewrites and not specialized:
         return new_model
-    return _rewritten(graph.traces[0], new_model, rewrites, type(model).__name__)
+    rebuilt = _rewritten(graph.traces[0], new_model, rewrites, type(model).__name__)
+    if not specialized:
+        return rebuilt
+    # A graph recorded by running the model holds the example's sizes as literals. The
+    # user's own class, with the resized layers, is returned when its forward computes the
+    # same outputs as the recorded graph (its shape code then did not hold a channel count
+    # that changed); otherwise the GraphModule, which refuses inputs of other shapes.
+    for name in graph.traces[0].constants:
+        if name in vars(new_model):
+            delattr(new_model, name)
+    inputs = specialized[0].example_inputs
+    if _same_outputs(new_model, rebuilt, inputs):
+        return new_model
+    rebuilt.register_forward_pre_hook(InputShapeCheck(
+        [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs]))
+    rebuilt.dnnshrink_specialized_to = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs]
+    return rebuilt
+
+
+def _same_outputs(candidate: nn.Module, reference: nn.Module, inputs: Tuple[Any, ...]) -> bool:
+    """Whether ``candidate`` computes what ``reference`` does on ``inputs`` and on a second,
+    random input of the same shapes (so a branch taken on the example's values shows)."""
+    def flat(value: Any) -> list:
+        if isinstance(value, torch.Tensor):
+            return [value]
+        if isinstance(value, dict):
+            return [t for k in value for t in flat(value[k])]
+        if isinstance(value, (list, tuple)):
+            return [t for v in value for t in flat(v)]
+        return [value]
+
+    generator = torch.Generator().manual_seed(0)
+    other = tuple(torch.randn(x.shape, generator=generator).to(x) if isinstance(x, torch.Tensor)
+                  and x.is_floating_point() else x for x in inputs)
+    with model_mode(candidate, training=False), model_mode(reference, training=False), torch.no_grad():
+        for args in (inputs, other):
+            try:
+                a, b = flat(candidate(*args)), flat(reference(*args))
+            except Exception:  # the user's code cannot take the new widths
+                return False
+            if len(a) != len(b):
+                return False
+            for x, y in zip(a, b):
+                if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+                    return False
+                if not isinstance(x, torch.Tensor):
+                    if x != y:
+                        return False
+                elif x.shape != y.shape or not torch.allclose(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max() if y.numel() else 0.0) + 1e-12):
+                    return False
+    return True
 
 
 def _slice_params(model: nn.Module, graph: ChannelGraph, keep_labels: np.ndarray,

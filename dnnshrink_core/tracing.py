@@ -26,6 +26,7 @@ from .errors import InputRunError, PluginError, TraceError, UnknownOpWarning, Un
 from .handler import OpHandler, PropagateContext, TensorSpec, iter_chans, iter_nodes, spec_of
 from .labels import Chan, LabelStore
 from .plugins import get_plugin_manager
+from .recording import SpecializedTraceWarning, record
 
 GENERATE_GRAPH = "generate_graph"
 BACK_BONE_ONLY = "back_bone_only"
@@ -89,6 +90,12 @@ class TracedGraph:
     allow_rewrite: bool = False
     # get_attr nodes that read one of the model's own parameters or buffers -> its path
     param_paths: Dict[fx.Node, str] = field(default_factory=dict)
+    # set when fx could not trace the model and it was recorded by running it on the example
+    # input (see dnnshrink_core.recording): the graph holds that input's sizes as literals
+    specialized: bool = False
+    example_inputs: Tuple[Any, ...] = ()
+    notes: List[str] = field(default_factory=list)
+    fx_error: str = ""
 
     def get_submodule(self, target: str) -> nn.Module:
         """The module at ``target`` in the traced model."""
@@ -133,6 +140,7 @@ def _trace_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any], 
                leaf_modules: Sequence[Any]) -> TracedGraph:
     attrs = {k: v for k, v in mode.items() if k != "training"}
     tracer = _Tracer(pm, leaf_modules)
+    failure = ""
     with model_mode(model, mode["training"], attrs), _restoring_attributes(model) as constants:
         try:
             graph = tracer.trace(model)
@@ -140,21 +148,42 @@ def _trace_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any], 
             where = tracer.module_stack_names[-1] if tracer.module_stack_names else ""
             culprit = f"module `{where}` ({type(model.get_submodule(where)).__name__})" if where else \
                 f"the forward of {type(model).__name__}"
-            raise TraceError(
-                f"torch.fx could not trace {culprit}: {type(exc).__name__}: {exc}\n"
-                "What to do: make that code traceable (no Python control flow on tensor values), "
-                f"or keep the module whole with leaf_modules=[{where or '<its name>'!r}] (its channels are then kept), "
-                "or give the model a `generate_graph` attribute that makes forward return a tensor, "
-                "or `back_bone_only = True` to shrink only a traceable backbone."
-            ) from exc
-        specs: Dict[fx.Node, Any] = {}
-        with model_mode(model, False), torch.no_grad():
-            _Recorder(model, graph, specs).run(*inputs)
+            failure = f"torch.fx could not trace {culprit}: {type(exc).__name__}: {exc}"
+        if not failure:
+            specs: Dict[fx.Node, Any] = {}
+            with model_mode(model, False), torch.no_grad():
+                _Recorder(model, graph, specs).run(*inputs)
+    if failure:  # outside the fx context: attributes forward sets while running are its own
+        return _record_one(model, inputs, mode, pm, leaf_modules, failure)
     canonical = {id(m): name for name, m in model.named_modules()}
     module_names = {n: canonical.get(id(model.get_submodule(n.target)), n.target)
                     for n in graph.nodes if n.op == "call_module"}
     return TracedGraph(mode=dict(mode), graph=graph, root=weakref.ref(model), constants=constants, specs=specs,
                        module_names=module_names, param_paths=_param_paths(model, graph, constants))
+
+
+def _record_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any], pm: Any,
+                leaf_modules: Sequence[Any], failure: str) -> TracedGraph:
+    """The second path: fx failed, so run the model on the example input and record its
+    torch calls (:mod:`dnnshrink_core.recording`). The graph is specialised to the example's
+    shapes; the same handlers propagate through it."""
+    attrs = {k: v for k, v in mode.items() if k != "training"}
+    try:
+        with model_mode(model, mode["training"], attrs):
+            graph, specs, constants, notes = record(model, inputs, _Tracer(pm, leaf_modules))
+    except InputRunError as exc:
+        # the model does not run on this input at all: an input problem, said as such
+        raise InputRunError(f"{exc.failure} (recording it by running, after {failure.splitlines()[0][:300]})") \
+            from exc
+    shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
+    warnings.warn(f"dnnshrink: {failure.splitlines()[0][:300]}; traced {type(model).__name__} by running it on the "
+                  f"example input instead, so the graph (and a network generated from it) is specialised to "
+                  f"input shape {shapes}" + "".join(f"; {n}" for n in notes) + " (see docs/tracing.md).",
+                  SpecializedTraceWarning, stacklevel=4)
+    module_names = {n: n.target for n in graph.nodes if n.op == "call_module"}
+    return TracedGraph(mode=dict(mode), graph=graph, root=weakref.ref(model), constants=constants, specs=specs,
+                       module_names=module_names, param_paths=_param_paths(model, graph, constants),
+                       specialized=True, example_inputs=tuple(inputs), notes=notes, fx_error=failure)
 
 
 def _param_paths(model: nn.Module, graph: fx.Graph, constants: Dict[str, Any]) -> Dict[fx.Node, str]:
@@ -283,7 +312,14 @@ def trace_modes(model: nn.Module, inputs: Tuple[Any, ...], pm: Any,
         if not needed:
             continue
         try:
-            graphs.append(_trace_one(model, inputs, mode, pm, leaf_modules))
+            extra = _trace_one(model, inputs, mode, pm, leaf_modules)
+            if extra.specialized and not (mode is full and full != primary) \
+                    and not _covered([extra], weighted) - _covered(graphs, weighted):
+                # a recorded graph follows the example's shapes, so a module it leaves uncalled
+                # (a branch for other sizes) stays uncalled in every mode: one that calls
+                # nothing new would only forbid rewriting the code's sizes
+                continue
+            graphs.append(extra)
         except TraceError as exc:
             warnings.warn(f"dnnshrink could not also trace the model in mode {mode}: {exc}. "
                           "Layers only that mode uses may be left with the wrong widths.",

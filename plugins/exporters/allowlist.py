@@ -41,7 +41,7 @@ moveaxis movedim mul multiply narrow ne neg negative norm ones_like outer permut
 pow prelu prod reciprocal relu remainder repeat_interleave reshape roll round rsqrt select selu sigmoid sign
 sin sinh softmax sort split sqrt square squeeze stack std sub subtract sum swapaxes swapdims t tan tanh
 tensor_split tile topk transpose tril triu true_divide unbind unflatten unsqueeze var where zeros_like full_like
-zeros ones full arange linspace
+zeros ones full arange linspace meshgrid
 """
 _FUNCTIONAL = """
 adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d

@@ -59,6 +59,36 @@ class FrozenPassThrough(OpHandler):
         ctx.passthrough(zero_preserving=False)
 
 
+class FactoryHandler(OpHandler):
+    """``x.new_full(size, v)``, ``x.new_zeros(size)``…: a new tensor whose sizes are
+    literals; ``x`` gives only its dtype and device, so its channels are not read (and not
+    frozen). The new tensor's channels are fresh and kept."""
+
+    name = "factory"
+
+    def propagate(self, ctx: PropagateContext) -> None:
+        ctx.fresh_output(f"{ctx.describe()} makes a tensor of literal size")
+
+
+class LikeHandler(OpHandler):
+    """``torch.zeros_like(x)``, ``ones_like``, ``full_like``: a constant tensor shaped like
+    ``x``, so it has ``x``'s channels (and follows them when ``x`` shrinks); only zeros stay
+    exactly zero."""
+
+    name = "like"
+
+    def __init__(self, zero: bool):
+        self.zero = zero
+
+    def propagate(self, ctx: PropagateContext) -> None:
+        x = ctx.arg(0, "input")
+        chan = ctx.chan(x)
+        if chan is None:
+            ctx.fresh_output(f"{ctx.describe()} makes a constant tensor")
+            return
+        ctx.passthrough(x, zero_preserving=self.zero)
+
+
 def _dim_arg(ctx: PropagateContext, index: int, name: str, default: Any = None) -> Any:
     if ctx.node.op == "call_module":
         return getattr(ctx.module, name, default)

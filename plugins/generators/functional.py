@@ -124,7 +124,7 @@ class ConvFunctionHandler(OpHandler):
             multiplier = cout // groups
             ctx.tie(np.repeat(chan.labels, multiplier), out_l)
             if ctx.allow_rewrite:
-                ctx.info["depthwise_in"] = chan.labels
+                ctx.info.update(depthwise_in=chan.labels, weight_owner=_owner(path), weight_in=wspec.shape[1])
             else:
                 ctx.freeze(chan.labels, f"{ctx.describe()} has a literal `groups` in the code")
             guard = np.repeat(chan.guard, multiplier) & (b is None)
@@ -155,6 +155,12 @@ class ConvFunctionHandler(OpHandler):
         else:
             kwargs["groups"] = groups
         ctx.set_args(args, kwargs)
+        # the module that owns the weight (a Conv2d subclass that calls F.conv2d itself, such
+        # as timm's Conv2dSame) passes its own `groups`: keep it true, so the module's own
+        # forward runs with the new width too
+        owner = ctx.info.get("weight_owner")
+        if owner:
+            ctx.update_module(owner, {"groups": groups, "in_channels": groups * int(ctx.info["weight_in"])})
 
 
 class LinearFunctionHandler(OpHandler):

@@ -10,7 +10,8 @@ from torch import fx, nn
 
 from dnnshrink_core import OpHandler
 
-from .elementwise import BinaryHandler, ClampHandler, FrozenPassThrough, PassThrough, ReductionHandler, SoftmaxHandler, table
+from .elementwise import (BinaryHandler, ClampHandler, FactoryHandler, FrozenPassThrough, LikeHandler, PassThrough,
+                          ReductionHandler, SoftmaxHandler, table)
 from .functional import (BATCH_NORM_FUNCTION, CONV_FUNCTION, EINSUM, LAYER_NORM, LINEAR_FUNCTION, PIXEL_SHUFFLE,
                          PIXEL_UNSHUFFLE, STACK, UNBIND)
 from .layers import BATCHNORM, CONV, INSTANCENORM, LINEAR, PRELU
@@ -27,6 +28,8 @@ ADD, MUL, DIV = BinaryHandler("add", "add"), BinaryHandler("mul", "mul"), Binary
 CLAMP = ClampHandler((1, "min"), (2, "max"))
 HARDTANH = ClampHandler((1, "min_val", -1.0), (2, "max_val", 1.0))
 REDUCE = ReductionHandler("reduction")
+FACTORY = FactoryHandler()
+ZEROS_LIKE, CONST_LIKE = LikeHandler(zero=True), LikeHandler(zero=False)
 
 MODULES: Dict[type, OpHandler] = {
     nn.modules.conv._ConvNd: CONV,
@@ -89,6 +92,8 @@ FUNCTIONS: Dict[Any, OpHandler] = {
     **table([F.pixel_shuffle, torch.pixel_shuffle], PIXEL_SHUFFLE),
     **table([F.pixel_unshuffle, torch.pixel_unshuffle], PIXEL_UNSHUFFLE),
     torch.einsum: EINSUM,
+    **table([torch.zeros_like, torch.empty_like], ZEROS_LIKE),
+    **table([torch.ones_like, torch.full_like, torch.rand_like, torch.randn_like], CONST_LIKE),
 }
 
 METHODS: Dict[str, OpHandler] = {
@@ -102,6 +107,7 @@ METHODS: Dict[str, OpHandler] = {
     **table(["view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"], RESHAPE),
     **table(["permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims"], PERMUTE),
     **table(["expand", "expand_as", "repeat", "broadcast_to"], EXPAND),
+    **table(["new_full", "new_zeros", "new_ones", "new_empty", "new_tensor"], FACTORY),
     "split": SPLIT,
     "chunk": CHUNK,
     "unbind": UNBIND,
