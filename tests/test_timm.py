@@ -32,3 +32,36 @@ def test_timm_dead_channels_are_removed_exactly(name):
     # (skresnet18 splits its input with a literal size, which is rewritten: a GraphModule)
     with torch.no_grad():
         assert max_relative_error(model(x), small(x)) < 1e-4
+
+
+def _through_the_invariant(name: str, side: int) -> None:
+    torch.manual_seed(0)
+    model = kill_half(timm.create_model(name, pretrained=False)).eval()
+    x = torch.randn(1, 3, side, side)
+    before = state_copy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = ds.generate(model, x, ds.alive_masks(model, x))
+    assert states_equal(before, state_copy(model))
+    assert n_params(small) < 0.9 * n_params(model)
+    with torch.no_grad():
+        assert max_relative_error(model(x), small(x)) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["tf_mobilenetv3_small_minimal_100"])
+def test_timm_same_padding_is_recorded_and_shrunk_exactly(name):
+    """TensorFlow-ported models pad from the input size (fx cannot trace them): recorded by
+    running on the example input, shrunk exactly, the user's class returned."""
+    _through_the_invariant(name, 64)
+
+
+SWEEP = ["tf_efficientnet_b0", "mobilevit_xxs", "resnet50", "densenet121", "efficientnet_b0", "regnetx_002",
+         "rexnet_100", "ghostnet_100", "hrnet_w18_small", "cspdarknet53", "dla34", "dpn68", "mixnet_s",
+         "res2net50_26w_4s", "resnest14d", "selecsls42b", "tresnet_m", "vovnet39a", "xception41", "repvgg_a2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SWEEP)
+def test_timm_sweep(name):
+    """A wider sample across families (bench/bench_zoo.py measures more, with Torch-Pruning)."""
+    _through_the_invariant(name, 96)

@@ -1,0 +1,45 @@
+"""Ultralytics YOLOv8n, built from its yaml (no download): torch.fx cannot trace its
+``forward`` ('Proxy object cannot be iterated'), so it is recorded by running it, and its
+dead channels are removed exactly."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+import dnnshrink_core as ds
+from helpers import kill_half, max_relative_error, n_params, state_copy, states_equal
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+tasks = pytest.importorskip("ultralytics.nn.tasks")
+
+
+def _shrunk(cfg: str, side: int):
+    torch.manual_seed(0)
+    model = kill_half(tasks.DetectionModel(cfg, verbose=False)).eval()
+    x = torch.randn(1, 3, side, side)
+    before = state_copy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = ds.trace(model, x)
+        small = ds.generate(model, x, ds.alive_masks(model, x))
+    assert graph.traces[0].specialized
+    assert states_equal(before, state_copy(model))
+    with torch.no_grad():
+        assert max_relative_error(model(x), small(x)) < 1e-4
+    return model, small
+
+
+def test_yolov8n_dead_channels_are_removed_exactly():
+    model, small = _shrunk("yolov8n.yaml", 64)
+    assert n_params(small) < 0.6 * n_params(model)
+    assert type(small) is type(model)  # its shape code holds no channel count that changed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", ["yolov8s.yaml", "yolo11n.yaml"])
+def test_yolo_sweep(cfg):
+    model, small = _shrunk(cfg, 96)
+    assert n_params(small) < 0.6 * n_params(model)
