@@ -66,8 +66,8 @@ def load_task(name: str) -> Any:
     return importlib.import_module(TASKS[name])
 
 
-def new_model(task: Any) -> nn.Module:
-    return task.DigitsNet() if hasattr(task, "DigitsNet") else task.Mnist1dNet()
+def new_model(task: Any, width: int = 32) -> nn.Module:
+    return task.DigitsNet(width) if hasattr(task, "DigitsNet") else task.Mnist1dNet(width)
 
 
 def macs(model: nn.Module, x: torch.Tensor) -> int:
@@ -173,8 +173,12 @@ def quality(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def headline(args: argparse.Namespace) -> Dict[str, Any]:
-    """MorphNet's paper experiment: learn at ``target``, expand to 100% of the MACs, train
-    from scratch for ``epochs``; against the baseline trained for learning + ``epochs``."""
+    """MorphNet's paper experiment: learn at ``target`` on a seed network ``--seed-width``
+    wide, scale the learned structure to the baseline's MACs (width 32) with the width
+    multiplier, train it from scratch for ``epochs``; against the baseline trained from
+    scratch for as many epochs as the whole MorphNet procedure (seed training, learning,
+    training). dnnshrink only removes channels, so with a seed as wide as the baseline the
+    expanded structure is the baseline itself: the seed must be wider for a search."""
     from dnnshrink_plugins.morphnet.structure import scale_to_budget
     from dnnshrink_core.cost import CostModel
 
@@ -185,15 +189,16 @@ def headline(args: argparse.Namespace) -> Dict[str, Any]:
         for target in args.targets:
             torch.manual_seed(seed)
             task._seed[0] = 1000 * seed
-            seed_net = new_model(task)
+            seed_net = new_model(task, args.seed_width)
             task.train(seed_net, args.epochs)  # MorphNet starts from a trained seed network
             result = run_dnnshrink(task, copy.deepcopy(seed_net), "morphnet", target, expand=False)
+            budget = macs(new_model(task), x)  # the baseline architecture's MACs
             learned = result.masks
             graph = ds.trace(seed_net, x)
             costs = CostModel(graph, seed_net)
             keep = learned.keep_vector() if hasattr(learned, "keep_vector") else _keep(graph, learned)
             gammas = graph.unit_gammas(seed_net)
-            full = scale_to_budget(graph, keep, gammas, costs.cost, costs.initial)
+            full = scale_to_budget(graph, keep, gammas, costs.cost, budget)
             expanded = ds.generate(seed_net, x, {g.name: full[g.units] for g in graph.groups})
             from dnnshrink_core.pipeline import reinitialize
             reinitialize(expanded)
@@ -218,6 +223,25 @@ def _keep(graph: Any, masks: Any) -> Any:
     return keep
 
 
+def parse_log(path: str, task: str) -> Dict[str, Any]:
+    """Rebuild the results from a run's printed log (for a sweep stopped before it wrote its JSON)."""
+    import re
+
+    rows, baselines, seed = [], [], None
+    for line in Path(path).read_text().splitlines():
+        head = re.match(r"seed (\d+): baseline accuracy ([\d.]+)", line)
+        if head:
+            seed = int(head.group(1))
+            baselines.append(float(head.group(2)))
+            continue
+        row = re.match(r"\s+target ([\d.]+) (\S+)\s+MACs ([\d.]+)\s+accuracy ([\d.]+)\s+widths (\[.*\])", line)
+        if row:
+            rows.append({"seed": seed, "target": float(row.group(1)), "method": row.group(2),
+                         "macs": float(row.group(3)), "accuracy": float(row.group(4)),
+                         "widths": json.loads(row.group(5))})
+    return {"task": task, "rows": rows, "baselines": baselines, "finetune": 15}
+
+
 def table(data: Dict[str, Any]) -> str:
     """The markdown table of one task's sweep (mean ± std over seeds)."""
     by = defaultdict(list)
@@ -225,15 +249,15 @@ def table(data: Dict[str, Any]) -> str:
         by[(r["target"], r["method"])].append(r)
     targets = sorted({r["target"] for r in data["rows"]}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in data["rows"]))
-    lines = ["| target MACs | method | MACs kept (mean) | accuracy (mean ± std) | widths (seed 0) |",
-             "|---:|---|---:|---:|---|"]
+    lines = ["| target MACs | method | seeds | MACs kept (mean) | accuracy (mean ± std) | widths (first seed) |",
+             "|---:|---|---:|---:|---:|---|"]
     for t in targets:
         for m in methods:
             rs = by[(t, m)]
             if not rs:
                 continue
             accs = [r["accuracy"] for r in rs]
-            lines.append(f"| {t:.1%} | {m} | {statistics.mean(r['macs'] for r in rs):.4f} | "
+            lines.append(f"| {t:.1%} | {m} | {len(rs)} | {statistics.mean(r['macs'] for r in rs):.4f} | "
                          f"{statistics.mean(accs):.4f} ± {statistics.pstdev(accs):.4f} | {rs[0]['widths']} |")
     return "\n".join(lines)
 
@@ -279,6 +303,7 @@ def main() -> None:
     parser.add_argument("--finetune", type=int, default=15, help="fine-tuning epochs, the same for every method")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--headline", action="store_true", help="MorphNet's paper experiment (see above)")
+    parser.add_argument("--seed-width", type=int, default=48, help="--headline: the seed network's width")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write the accuracy-against-MACs plot here")
     parser.add_argument("--from", dest="sources", nargs="+", help="plot/tabulate saved --json results only")
@@ -287,7 +312,8 @@ def main() -> None:
     warnings.simplefilter("ignore")
     register_variants()
     if args.sources:
-        datasets = [json.loads(Path(p).read_text()) for p in args.sources]
+        datasets = [json.loads(Path(p).read_text()) if p.endswith(".json") else parse_log(p, Path(p).stem)
+                    for p in args.sources]
         for data in datasets:
             if "rows" in data:
                 print(f"\n### {data['task']}: baseline {statistics.mean(data['baselines']):.4f} ± "
