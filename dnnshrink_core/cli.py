@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional, TextIO
 
 from . import __version__, distributed
-from .errors import DnnshrinkError, InputRunError, OutputExistsError
+from .errors import DnnshrinkError, InputRunError, OutputExistsError, PluginError
 from .plugins import blocked_plugins, get_plugin_manager, list_plugins
 
 
@@ -84,15 +84,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with _process_group(args.device or data.get("device")):
         run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
                    algorithm=args.algorithm, resume=args.resume, target=args.target,
-                   max_score_drop=args.max_score_drop)
+                   max_score_drop=args.max_score_drop, profile=args.profile)
     return 0
 
 
 def _check_target(args: argparse.Namespace) -> None:
     """``--target`` parsed as the config's ``target`` is, so its error names the flag."""
     if args.target is not None:
-        from .target import Target
+        from .target import RESOURCES, RESOURCE_ALIASES, Target
 
+        text = args.target.strip()
+        resource, sep, value = text.partition(":")
+        if text.startswith("{"):  # the YAML mapping form: {resource: latency, value: 0.5}
+            import yaml
+
+            try:
+                args.target = yaml.safe_load(text)
+            except yaml.YAMLError:
+                pass
+        elif sep and resource.strip().lower() in {*RESOURCES, *RESOURCE_ALIASES}:  # latency:0.5
+            args.target = {"resource": resource.strip().lower(), "value": value.strip()}
         Target.parse(args.target, "--target")
 
 
@@ -106,10 +117,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _check_target(args)
     with _process_group(args.device or data.get("device")):
         result = run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
-                            algorithm=args.algorithm, target=args.target, max_score_drop=args.max_score_drop)
+                            algorithm=args.algorithm, target=args.target, max_score_drop=args.max_score_drop,
+                            profile=args.profile)
         if distributed.is_main():
             print(f"\nwrote {len(result.files)} files to {args.out}: "
                   + ", ".join(sorted(Path(p).name for p in result.files.values())))
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .cost import get_cost_model
+
+    latency = get_cost_model("latency")
+    calibrate = getattr(latency, "calibrate", None)
+    if calibrate is None:
+        raise PluginError("the loaded `latency` cost model has no calibrate(); it comes with dnnshrink's `costs` plugin")
+    calibrate(runtime=args.runtime, threads=args.threads, batch=args.batch, device=args.device, out=args.out,
+              check=not args.no_check)
     return 0
 
 
@@ -143,13 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--algorithm", help="morphnet (default), slimming, magnitude, or a plugin's")
         p.add_argument("--target", help="size target, replacing the config's: a fraction of the baseline's MACs "
-                                        "in (0, 1] (0.5, 50%%) or a count with its unit (1.5M, 300K, 2G)")
+                                        "in (0, 1] (0.5, 50%%) or a count with its unit (1.5M, 300K, 2G); "
+                                        "for another resource the YAML form {resource: latency, value: 0.5}")
+        p.add_argument("--profile", help="latency profile (JSON from `dnnshrink calibrate`) for latency targets, "
+                                         "round_to: auto and the report (default: the shipped onnxruntime CPU one)")
         p.add_argument("--max-score-drop", type=float, metavar="DROP",
                        help="exit with 1 (after writing the report) if the shrunk model scores more than DROP "
                             "below the baseline")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from its last checkpoint (same --out)")
     run.set_defaults(func=_cmd_run)
+    cal = sub.add_parser("calibrate", parents=[common],
+                         help="measure a latency profile of your runtime (a sweep of conv/linear shapes, < 2 min)")
+    cal.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "torch"])
+    cal.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    cal.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    cal.add_argument("--device", default="cpu", help="cpu, or cuda with --runtime torch")
+    cal.add_argument("--out", default="latency-profile.json", help="where to write the profile (JSON)")
+    cal.add_argument("--no-check", action="store_true",
+                     help="skip timing the five torchvision networks the fit did not see")
+    cal.set_defaults(func=_cmd_calibrate)
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -126,6 +126,9 @@ def run_config(data: Dict[str, Any], out: Any = None, force: bool = False, resum
     if "target" in given:  # --target replaces the config's target, whichever key gave it
         options.pop("target_macs", None)
     options.update(given)
+    if isinstance(options.get("profile"), str) and not Path(options["profile"]).is_absolute() \
+            and "profile" not in given:  # a profile named in the config is found next to it
+        options["profile"] = str(Path(base) / options["profile"])
     # the command line's overrides, checked like config keys (before the model is built)
     where = f"{data.get('_path', 'config')} with the command-line options: "
     check_options(options, HINTS, where, "key")

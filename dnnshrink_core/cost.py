@@ -1,36 +1,154 @@
-"""The cost model: MACs (or weights) of the network for any set of kept channel units.
+"""The cost model: what the network costs (MACs, parameters, activations, latency…) for any
+set of kept channel units, and each unit's share of it.
 
-A conv/linear call costs ``coef · kept_in · kept_out`` (depthwise: ``coef · kept_out``);
-``coef`` comes from the handlers (kernel size, groups, traced output size), so with every
-unit kept the MACs equal what ``torch.utils.flop_counter`` counts.
+The core keeps the vectorised machinery: the conv/linear layers of a
+:class:`~dnnshrink_core.graph.ChannelGraph` as a :class:`LayerTable` (MACs factor, weights
+per channel pair, kernel, spatial positions…), the count of kept input and output channels
+of every layer for a keep-set, and the bincount that turns per-layer partial derivatives
+into per-unit weights. *What* a layer costs is a **resource** given by a cost-model plugin
+(the ``dnnshrink_cost_model`` hook): the defaults are ``flops``, ``params``,
+``activations`` and ``latency`` (``dnnshrink_plugins.costs``). A resource answers two
+questions, vectorised over layers: the cost of each layer for its kept input/output counts,
+and the partial derivatives of that cost w.r.t. the two counts.
+
+For ``flops`` a conv/linear call costs ``coef · kept_in · kept_out`` (depthwise:
+``coef · kept_out``); ``coef`` comes from the handlers (kernel size, groups, traced output
+size), so with every unit kept the MACs equal what ``torch.utils.flop_counter`` counts.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from torch import nn
 
-from .graph import ChannelGraph
+from .errors import PluginError
+from .graph import ChannelGraph, LayerCost
+
+# old and alternative spellings of the cost models' names
+ALIASES = {"size": "params", "macs": "flops", "weights": "params"}
+
+
+@dataclass
+class LayerTable:
+    """The conv/linear layers of a graph as arrays, one entry per layer: what a resource
+    needs to price a layer for any kept channel counts.
+
+    ``coef``: MACs per (input, output) channel pair (depthwise: per output channel) at batch 1;
+    ``weights_per_pair``: weights per pair (depthwise: per output channel); ``kernel``:
+    kernel elements; ``out_positions``/``in_positions``: spatial positions (or tokens) of
+    the output/input per channel; ``op``: ``"conv"``, ``"pointwise"`` (a 1×1 dense conv),
+    ``"depthwise"`` or ``"linear"``; ``in_size``/``out_size``: the channel counts with every
+    unit kept; ``batch``: the traced batch size.
+    """
+
+    layers: List[LayerCost]
+    coef: np.ndarray
+    weights_per_pair: np.ndarray
+    kernel: np.ndarray
+    out_positions: np.ndarray
+    in_positions: np.ndarray
+    depthwise: np.ndarray
+    op: np.ndarray
+    in_size: np.ndarray
+    out_size: np.ndarray
+    batch: int = 1
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @classmethod
+    def build(cls, layers: Sequence[LayerCost], model: nn.Module, batch: int = 1) -> "LayerTable":
+        """The table of ``layers`` (from :meth:`ChannelGraph.layers`) of ``model``."""
+        rows = [_describe(model, layer) for layer in layers]
+        column = (lambda i, dtype=np.float64: np.array([r[i] for r in rows], dtype=dtype))
+        return cls(list(layers), np.array([l.coef for l in layers], dtype=np.float64), column(0), column(1),
+                   column(2), column(3), np.array([l.kind == "depthwise" for l in layers], dtype=bool),
+                   column(4, object), np.array([len(l.in_units) for l in layers], dtype=np.float64),
+                   np.array([len(l.out_units) for l in layers], dtype=np.float64), int(batch))
+
+
+def _describe(model: nn.Module, layer: LayerCost) -> tuple:
+    """(weights per pair, kernel elements, output positions, input positions, op) of a layer.
+
+    Why positions come from ``coef / weights per pair``: the handlers give
+    ``coef = kernel · positions / groups`` and ``weights per pair = kernel / groups`` (for a
+    linear layer, positions and 1), so the ratio is the traced output's positions for module
+    and functional layers alike, without re-running the model.
+    """
+    per_pair = _weights_per_pair(model, layer)
+    weight = _weight(model, layer)
+    kernel = float(math.prod(weight.shape[2:])) if weight is not None and weight.ndim > 2 else 1.0
+    out_positions = layer.coef / per_pair if per_pair else layer.coef
+    in_positions = out_positions
+    module = _module(model, layer.name)
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        in_positions = out_positions * math.prod(module.stride)  # a strided conv reads more than it writes
+    if weight is not None and weight.ndim == 2 or isinstance(module, nn.Linear):
+        op = "linear"
+    elif layer.kind == "depthwise":
+        op = "depthwise"
+    else:
+        op = "pointwise" if kernel == 1 else "conv"
+    return per_pair, kernel, out_positions, in_positions, op
+
+
+def _module(model: nn.Module, name: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _weight(model: nn.Module, layer: LayerCost) -> Any:
+    owner, _, attr = layer.weight.rpartition(".")
+    module = _module(model, owner)
+    return getattr(module, attr, None) if module is not None else None
+
+
+def cost_model_names() -> List[str]:
+    """The names of the loaded cost models (``flops``, ``params``, ``activations``, ``latency``…)."""
+    from .plugins import get_plugin_manager
+
+    return sorted({n for names in get_plugin_manager().hook.dnnshrink_cost_model_names() for n in names})
+
+
+def get_cost_model(name: str) -> Any:
+    """The cost-model factory called ``name`` (see the ``dnnshrink_cost_model`` hook)."""
+    from .plugins import get_plugin_manager
+
+    name = ALIASES.get(name, name)
+    factory = get_plugin_manager().hook.dnnshrink_cost_model(name=name)
+    if factory is None:
+        known = cost_model_names()
+        raise PluginError(f"no cost model called {name!r} is loaded; choose one of: {', '.join(known) or 'none'} "
+                          "(the defaults come with dnnshrink's `costs` plugin; `dnnshrink plugins` lists what is loaded)")
+    return factory
 
 
 class CostModel:
-    """Vectorised cost of a :class:`ChannelGraph`'s conv/linear layers.
+    """Vectorised cost of a :class:`ChannelGraph`'s conv/linear layers for one resource.
 
-    ``kind``: ``"flops"`` (MACs) or ``"size"`` (weights).
+    ``kind``: a cost model's name: ``"flops"`` (MACs, the default), ``"params"`` (weights;
+    ``"size"`` is the old spelling), ``"activations"``, ``"latency"``, or a third party's.
+    ``options`` go to the cost model (``profile=`` for ``latency``). ``resource`` is the
+    bound plugin object; ``unit`` its unit word.
     """
 
-    def __init__(self, graph: ChannelGraph, model: nn.Module, kind: str = "flops"):
-        if kind not in ("flops", "size"):
-            raise ValueError(f"cost kind must be 'flops' or 'size', not {kind!r}")
+    def __init__(self, graph: ChannelGraph, model: nn.Module, kind: str = "flops", batch: int = 1,
+                 **options: Any):
         layers = graph.layers()
         if not layers:
             raise ValueError("the model has no conv or linear layer whose channels the graph follows")
-        self.graph, self.kind = graph, kind
+        self.graph, self.kind = graph, ALIASES.get(kind, kind)
         self.layers = layers
-        self.coef = np.array([l.coef if kind == "flops" else _weights_per_pair(model, l) for l in layers])
-        self.depthwise = np.array([l.kind == "depthwise" for l in layers], dtype=bool)
+        self.table = LayerTable.build(layers, model, batch)
+        self.resource = get_cost_model(self.kind)(self.table, **options)
+        self.unit = getattr(self.resource, "unit", self.kind)
+        self.coef = self.table.coef if self.kind == "flops" else self.table.weights_per_pair
+        self.depthwise = self.table.depthwise
         self.in_units = np.concatenate([l.in_units for l in layers])
         self.in_layer = np.concatenate([np.full(len(l.in_units), i) for i, l in enumerate(layers)])
         self.out_units = np.concatenate([l.out_units for l in layers])
@@ -39,24 +157,32 @@ class CostModel:
 
     def counts(self, alive: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Kept input and output channels of every layer."""
-        n = len(self.coef)
+        n = len(self.layers)
         return (np.bincount(self.in_layer, weights=alive[self.in_units], minlength=n),
                 np.bincount(self.out_layer, weights=alive[self.out_units], minlength=n))
 
+    def layer_costs(self, alive: np.ndarray) -> np.ndarray:
+        """Each layer's cost with only the ``alive`` units kept."""
+        return np.asarray(self.resource.layer_costs(*self.counts(alive)), dtype=np.float64)
+
     def cost(self, alive: np.ndarray) -> float:
         """The cost with only the ``alive`` units kept."""
-        kept_in, kept_out = self.counts(alive)
-        return float(np.where(self.depthwise, self.coef * kept_out, self.coef * kept_in * kept_out).sum())
+        return float(self.layer_costs(alive).sum() + float(getattr(self.resource, "fixed", 0.0)))
 
     def unit_weights(self, alive: np.ndarray) -> np.ndarray:
         """``d cost / d (kept units)`` per unit, with the other side's counts held: MorphNet's
-        weight of each unit's ``|gamma|``."""
+        weight of each unit's ``|gamma|``.
+
+        A depthwise layer's input channels are its output channels (tied units), so its
+        cost is charged once, through the outputs.
+        """
         kept_in, kept_out = self.counts(alive)
+        d_in, d_out = self.resource.partials(kept_in, kept_out)
+        d_in = np.where(self.depthwise, 0.0, d_in)
         units = self.graph.num_units
-        out_w = np.where(self.depthwise, self.coef, self.coef * kept_in)[self.out_layer]
-        in_w = np.where(self.depthwise, 0.0, self.coef * kept_out)[self.in_layer]
-        return (np.bincount(self.out_units, weights=out_w, minlength=units)
-                + np.bincount(self.in_units, weights=in_w, minlength=units))
+        return (np.bincount(self.out_units, weights=np.asarray(d_out, dtype=np.float64)[self.out_layer],
+                            minlength=units)
+                + np.bincount(self.in_units, weights=d_in[self.in_layer], minlength=units))
 
     def cheapest_first(self, keep: np.ndarray, scores: np.ndarray, target: float,
                        removable: Optional[np.ndarray] = None) -> np.ndarray:
@@ -89,7 +215,54 @@ class CostModel:
         return dropped(low)
 
 
-def _weights_per_pair(model: nn.Module, layer) -> float:
+def group_multiples(graph: ChannelGraph, layer_multiples: Tuple[np.ndarray, np.ndarray],
+                    layers: Sequence[LayerCost]) -> Tuple[np.ndarray, List[str]]:
+    """Per group, the channel multiple its kept count is rounded to, and notes on the groups
+    too small to round.
+
+    ``layer_multiples`` is ``(per-layer multiple on the input side, on the output side)``
+    (from the latency profile: the channel block the runtime's kernels need). A group takes
+    the largest multiple among the layer sides that read or write it; a group with fewer
+    removable units than its multiple keeps its count unrounded (rounding would keep it
+    whole or could not be met), and a note says so.
+    """
+    mult_in, mult_out = layer_multiples
+    per_unit = np.ones(graph.num_units, dtype=np.int64)
+    for i, layer in enumerate(layers):
+        np.maximum.at(per_unit, layer.in_units, int(mult_in[i]))
+        np.maximum.at(per_unit, layer.out_units, int(mult_out[i]))
+    multiples = np.ones(len(graph.groups), dtype=np.int64)
+    notes = []
+    for g, group in enumerate(graph.groups):
+        m = int(per_unit[group.units].max()) if group.size else 1
+        removable = int(group.removable.sum())
+        if m > 1 and removable and group.size < m:
+            notes.append(f"group {group.name!r} has {group.size} channels, fewer than the runtime's block of {m}: "
+                         "its width is kept unrounded")
+            m = 1
+        multiples[g] = m
+    return multiples, notes
+
+
+def resolve_round_to(graph: ChannelGraph, model: nn.Module, round_to: Union[int, str, None],
+                     profile: Any = None) -> Tuple[Union[int, np.ndarray], List[str]]:
+    """``round_to`` as the width rules take it: an int as given (``None`` → 1), or for
+    ``"auto"`` one multiple per group from the latency profile (see :func:`group_multiples`),
+    with notes on the groups kept unrounded."""
+    if round_to is None:
+        return 1, []
+    if isinstance(round_to, str):
+        if round_to != "auto":
+            raise ValueError(f"round_to must be an integer >= 1 or 'auto', not {round_to!r}")
+        costs = CostModel(graph, model, "latency", profile=profile)
+        multiples = getattr(costs.resource, "channel_multiples", None)
+        if multiples is None:
+            return 1, ["the latency cost model gives no channel multiples: widths are not rounded"]
+        return group_multiples(graph, multiples(), costs.layers)
+    return int(round_to), []
+
+
+def _weights_per_pair(model: nn.Module, layer: LayerCost) -> float:
     if layer.params_coef is not None:  # given by a function handler (F.conv2d on a module's weight)
         return float(layer.params_coef)
     module = model.get_submodule(layer.name)
@@ -97,3 +270,20 @@ def _weights_per_pair(model: nn.Module, layer) -> float:
         per_pair = math.prod(module.kernel_size)
         return per_pair if layer.kind == "depthwise" else per_pair / module.groups
     return 1.0
+
+
+RESOURCE_COSTS = (("macs", "flops"), ("params", "params"), ("activations", "activations"), ("latency_ms", "latency"))
+
+
+def resource_table(graph: ChannelGraph, model: nn.Module, keep: np.ndarray, profile: Any = None) -> dict:
+    """Every resource before (all units kept) and after (``keep``): MACs, parameters and
+    activations of the conv/linear layers, and the latency the profile predicts (ms).
+    A cost model that is not loaded is left out."""
+    table = {}
+    for key, name in RESOURCE_COSTS:
+        try:
+            costs = CostModel(graph, model, name, profile=profile)
+        except PluginError:
+            continue
+        table[key] = {"before": costs.initial, "after": costs.cost(keep), "unit": costs.unit}
+    return table

@@ -91,3 +91,36 @@ def dnnshrink_exporter(fmt: str) -> Optional[Any]:
 @hookspec
 def dnnshrink_export_formats() -> List[str]:
     """Return the names of the formats your exporters write (for listings and messages)."""
+
+
+@hookspec(firstresult=True)
+def dnnshrink_cost_model(name: str) -> Optional[Any]:
+    """Return the cost model (a *resource*) called ``name``, or ``None``.
+
+    The defaults (plugin ``costs``) are ``flops`` (MACs), ``params`` (weights),
+    ``activations`` (output elements of every conv/linear layer) and ``latency`` (a
+    roofline per op calibrated on the target runtime, see ``dnnshrink calibrate``).
+
+    The answer is a factory ``make(table, **options) -> resource``. ``table`` is a
+    :class:`dnnshrink_core.cost.LayerTable` (one entry per conv/linear layer: MACs factor,
+    weights per channel pair, kernel, spatial positions, op kind, full widths); ``options``
+    are the cost model's own (``profile=`` for ``latency``; ignore the ones you do not know).
+    The resource has ``unit`` (its unit word, as targets write it: ``MACs``, ``ms``…),
+    ``fixed`` (a cost that no channel changes, e.g. a runtime's overhead per run; 0 if
+    none), and two vectorised methods over the layers, given the kept input and output
+    channel counts (float arrays, one entry per layer):
+
+    * ``layer_costs(kept_in, kept_out) -> array``: each layer's cost;
+    * ``partials(kept_in, kept_out) -> (d_in, d_out)``: its partial derivatives w.r.t. the
+      two counts. The core turns them into each channel unit's weight (MorphNet's weight
+      of the unit's ``|gamma|``). For a depthwise layer (input channels tied to output
+      channels) charge everything to ``kept_out``.
+
+    A resource may also give ``channel_multiples() -> (per-layer input multiple, output
+    multiple)``: the channel block the runtime's kernels need, used by ``round_to: auto``.
+    """
+
+
+@hookspec
+def dnnshrink_cost_model_names() -> List[str]:
+    """Return the names of the cost models your plugin gives (for listings and messages)."""

@@ -9,6 +9,7 @@ The user's model object is never modified: the pipeline works on a copy.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import numbers
@@ -29,7 +30,7 @@ from .api import trace
 from .algorithm import LearnContext, LearnResult
 from .checkpoint import Checkpoints
 from .compensate import compensate as fold_removed_channels
-from .cost import CostModel
+from .cost import CostModel, resolve_round_to, resource_table
 from .errors import (ConfigError, DnnshrinkError, DnnshrinkWarning, NoBatchNormError, OutputExistsError, PluginError,
                      ScoreDropError, UnknownOptionError)
 from .export import export
@@ -55,7 +56,14 @@ class ShrinkOptions:
     ``0.5``, ``"50%"``, ``"1.5M"``, ``{"resource": "macs", "amount": 1.5e6}``) or its short
     spelling ``target_macs`` (``0.5``, ``"50%"``, ``"1.5M"``); half the baseline's MACs when
     neither is given. A bare number is always a fraction in (0, 1]; an absolute count needs
-    its unit. ``max_score_drop``: when the shrunk model scores more than this below the
+    its unit. Other resources: ``{"resource": "latency" | "params" | "activations", "value": ...}``
+    (latency in ms, predicted by the latency ``profile``: a JSON path, default the shipped
+    onnxruntime CPU profile); MorphNet then learns with ``morphnet_<resource>`` unless a
+    ``regularizer`` is given. ``round_to``: ``"auto"`` rounds each group's width to the
+    channel block the profile measured (a group smaller than the block keeps its width); an
+    int rounds every group to that multiple. ``onnx_latency``: time the exported ONNX of the
+    baseline and the shrunk model with onnxruntime (the profile's threads) for the report.
+    ``max_score_drop``: when the shrunk model scores more than this below the
     baseline, :func:`shrink` raises :class:`~dnnshrink_core.errors.ScoreDropError` after
     writing its report (the CLI exits with 1).
     """
@@ -71,7 +79,9 @@ class ShrinkOptions:
     threshold: float = 1e-2
     expand: bool = True
     min_width: int = 1
-    round_to: int = 1
+    round_to: Union[int, str] = "auto"
+    profile: Optional[str] = None
+    onnx_latency: bool = True
     compensate: bool = True
     device: Optional[str] = None
     find_unused_parameters: bool = False
@@ -181,6 +191,9 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
             hint = f" Did you mean {close[0]!r}?" if close else f" Options: {', '.join(names)}."
             raise UnknownOptionError(f"shrink(): unknown option {key!r}.{hint}")
     check_options(options, OPTION_HINTS, "shrink(): ")
+    goal = resolve(options.get("target"), options.get("target_macs"))
+    if "regularizer" not in options and goal.resource != "macs":
+        options = {**options, "regularizer": f"morphnet_{goal.cost_model}"}  # learn with the target's own cost
     opts = ShrinkOptions(**options)
     if opts.finetune and train is None:
         raise TypeError("shrink needs train(model) to fine-tune the shrunk model (or finetune=False)")
@@ -220,8 +233,13 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
     if not graph.source_modules and opts.algorithm != "magnitude":
         raise NoBatchNormError(f"{type(model).__name__} has no BatchNorm that scales prunable channels; "
                                f"{opts.algorithm} learns from BatchNorm scales")
-    costs = CostModel(graph, work)
     goal = resolve(opts.target, opts.target_macs)
+    costs = CostModel(graph, work, goal.cost_model, profile=opts.profile)
+    # "auto": one multiple per group, the channel block of the profile's runtime
+    round_to, round_notes = resolve_round_to(graph, work, opts.round_to, opts.profile)
+    for note in round_notes:
+        _step(f"round_to {opts.round_to}: {note}")
+    opts = dataclasses.replace(opts, round_to=round_to)
     target = check_reachable(goal, costs.initial, smallest_cost(graph, costs, opts.min_width, opts.round_to),
                              key="target" if opts.target is not None else "target_macs", algorithm=opts.algorithm,
                              grows=bool(getattr(algorithm, "grows_networks", False)), min_width=opts.min_width)
@@ -315,7 +333,9 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
                        "latency_ms": 1e3 * measure_latency(shrunk, inputs, opts.latency_runs)},
             "structure_learning": {"algorithm": opts.algorithm, "epochs": epochs, "target_macs": target,
                                    "target": goal.to_dict(), "reinit": opts.reinit, **learned.info},
-            "widths": widths_against_uniform(graph, costs, keep, target, opts.min_width, opts.round_to),
+            "widths": widths_against_uniform(graph, costs, keep, target, opts.min_width, _one_multiple(opts.round_to)),
+            "resources": resource_table(graph, work, keep, opts.profile),
+            "round_to": {"multiples": _jsonable(opts.round_to), "notes": round_notes},
             "device": str(device),
             "distributed": {"world_size": distributed.world_size(), "mask_digests": digests},
         }
@@ -323,6 +343,8 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
             drop = baseline_score - score
             report.extra["score_check"] = {"max_score_drop": opts.max_score_drop, "drop": drop,
                                            "passed": drop <= opts.max_score_drop}
+        if opts.onnx_latency and "onnx" in opts.exporters:
+            report.extra["onnx_latency"] = _onnx_latency(baseline, shrunk, inputs, opts)
         result = ShrinkResult(shrunk, masks, report, baseline_score, score, epochs)
         if opts.progress:
             print(report.table())
@@ -362,6 +384,38 @@ def reinitialize(model: nn.Module, seed: Optional[int] = None) -> int:
     if generator_state is not None:
         torch.random.set_rng_state(generator_state)
     return count
+
+
+def _one_multiple(round_to: Any) -> int:
+    """The most common group multiple (the widths-against-uniform table takes one)."""
+    values = np.asarray(round_to, dtype=np.int64).ravel()
+    return int(np.bincount(values).argmax()) if values.size else 1
+
+
+def _jsonable(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def _onnx_latency(baseline: nn.Module, shrunk: nn.Module, inputs: tuple, opts: ShrinkOptions) -> Dict[str, Any]:
+    """The exported ONNX's onnxruntime latency, baseline and shrunk interleaved, at the
+    latency profile's threads: the measured speed-up next to the predicted one."""
+    from .timing import onnx_latency
+
+    threads = 2
+    try:
+        threads = int(CostModel(trace(baseline, inputs), baseline, "latency", profile=opts.profile)
+                      .resource.runtime.get("threads", 2))
+    except Exception:  # no latency plugin: its default settings
+        pass
+    try:
+        timed = onnx_latency({"baseline": copy.deepcopy(baseline).cpu().eval(),
+                              "shrunk": copy.deepcopy(shrunk).cpu().eval()}, inputs, threads,
+                             rounds=max(2, opts.latency_runs // 4), runs=4)
+    except Exception as exc:  # said in the report, not fatal: the files are still written
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    (b_fast, b_med), (s_fast, s_med) = timed["baseline"], timed["shrunk"]
+    return {"threads": threads, "baseline_ms": 1e3 * b_fast, "shrunk_ms": 1e3 * s_fast,
+            "baseline_median_ms": 1e3 * b_med, "shrunk_median_ms": 1e3 * s_med, "speedup": b_fast / s_fast}
 
 
 def _epoch_runner(context: LearnContext, train_one_epoch: Callable, trainee: nn.Module) -> Callable:
@@ -436,9 +490,26 @@ def _summary_table(report: Report) -> str:
             ("score", f"{b['score']:.4f}", f"{s['score']:.4f}", f"{s['score'] - b['score']:+.4f}"),
             ("latency ms", f"{b['latency_ms']:.3f}", f"{s['latency_ms']:.3f}",
              f"{s['latency_ms'] / max(b['latency_ms'], 1e-12):.2f}")]
+    rows += _resource_rows(report.extra)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)
+
+
+def _resource_rows(extra: Dict[str, Any]) -> list:
+    """Summary rows for the predicted latency, activations and the measured ONNX latency."""
+    rows = []
+    res = extra.get("resources", {})
+    for key, label in (("activations", "activations"), ("latency_ms", "predicted ms")):
+        if key in res:
+            b, a = res[key]["before"], res[key]["after"]
+            rows.append((label, f"{b:,.3f}" if key == "latency_ms" else f"{b:,.0f}",
+                         f"{a:,.3f}" if key == "latency_ms" else f"{a:,.0f}", f"{a / max(b, 1e-12):.2f}"))
+    onnx = extra.get("onnx_latency", {})
+    if "baseline_ms" in onnx:
+        rows.append(("ONNX ms", f"{onnx['baseline_ms']:.3f}", f"{onnx['shrunk_ms']:.3f}",
+                     f"{onnx['shrunk_ms'] / max(onnx['baseline_ms'], 1e-12):.2f}"))
+    return rows
 
 
 def _write_outputs(result: ShrinkResult, baseline: nn.Module, inputs: tuple, out_dir: Path,
@@ -470,8 +541,14 @@ def _report_markdown(result: ShrinkResult) -> str:
                    f"{widths_markdown(widths)}\n\n") if widths else ""
     return (f"# dnnshrink report\n\n{_markdown_table(result.report)}\n\n"
             f"Structure learning: `{learn['algorithm']}`, {learn['epochs']} epoch(s), target "
-            f"{learn['target_macs']:,.0f} MACs" + (f" ({details})" if details else "") + ".\n\n"
+            f"{learn['target_macs']:,.4g} {_target_unit(learn)}" + (f" ({details})" if details else "") + ".\n\n"
             f"{width_table}## Layers\n\n```\n{result.report.table()}\n```\n")
+
+
+def _target_unit(learn: Dict[str, Any]) -> str:
+    from .target import RESOURCES
+
+    return RESOURCES.get(learn.get("target", {}).get("resource", "macs"), "MACs")
 
 
 def _markdown_table(report: Report) -> str:
@@ -481,4 +558,5 @@ def _markdown_table(report: Report) -> str:
                             ("latency_ms", "latency (ms)", "{:.3f}")):
         ratio = s[key] / b[key] if b[key] else float("nan")
         lines.append(f"| {label} | {fmt.format(b[key])} | {fmt.format(s[key])} | {ratio:.3f} |")
+    lines += [f"| {label} | {b} | {s} | {ratio} |" for label, b, s, ratio in _resource_rows(report.extra)]
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Size targets: one small value, parsed in one place for the config, the CLI and ``shrink()``.
 
-A target names a resource (only ``macs`` so far) and either a **fraction** of the
-baseline or an **absolute amount**. The two can never be confused: a bare number is a
+A target names a resource (``macs``, also spelled ``flops``; ``params``; ``activations``;
+``latency`` in milliseconds, priced by the calibrated latency profile) and either a
+**fraction** of the baseline or an **absolute amount**. The two can never be confused: a bare number is a
 fraction and must lie in (0, 1]; an absolute amount carries its unit.
 
 ==========================================  ==========================================
@@ -14,6 +15,9 @@ written as                                  means
 ``{resource: macs, amount: 1.5e6}``         the explicit form of an amount (a plain
                                             number is fine: the key says it is absolute)
 ``{resource: macs, value: "1.5M"}``         ``value`` follows the short rules above
+``{resource: latency, value: 0.5}``         half the baseline's predicted latency
+``{resource: latency, amount: "3ms"}``      3 milliseconds (predicted by the profile)
+``{resource: params, value: "1M params"}``  one million weights
 ==========================================  ==========================================
 
 ``target_macs`` (config key and ``shrink()`` option) takes the short forms;
@@ -33,7 +37,11 @@ import numpy as np
 from .errors import TargetError
 
 # resource name → the unit word an absolute amount may carry
-RESOURCES = {"macs": "MACs"}
+RESOURCES = {"macs": "MACs", "params": "params", "activations": "activations", "latency": "ms"}
+# other spellings of a resource
+RESOURCE_ALIASES = {"flops": "macs", "size": "params", "weights": "params"}
+# resource → the cost model (dnnshrink_cost_model hook) that prices it
+COST_MODELS = {"macs": "flops", "params": "params", "activations": "activations", "latency": "latency"}
 MULTIPLIERS = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _NUMBER = r"[+-]?(?:\d[\d_]*\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 FORMS = "a fraction of the baseline in (0, 1] such as 0.5 or '50%', or an amount with its unit such as '1.5M', " \
@@ -54,6 +62,8 @@ class Target:
     amount: Optional[float] = None
 
     def __post_init__(self) -> None:
+        if self.resource in RESOURCE_ALIASES:  # frozen: set through object's own setattr
+            object.__setattr__(self, "resource", RESOURCE_ALIASES[self.resource])
         if self.resource not in RESOURCES:
             raise TargetError(f"target resource {self.resource!r} is not supported; choose one of: "
                               f"{', '.join(RESOURCES)}")
@@ -66,8 +76,13 @@ class Target:
 
     @property
     def unit(self) -> str:
-        """The resource's unit word (``MACs``)."""
+        """The resource's unit word (``MACs``, ``params``, ``activations``, ``ms``)."""
         return RESOURCES[self.resource]
+
+    @property
+    def cost_model(self) -> str:
+        """The name of the cost model that prices this resource (``flops`` for ``macs``)."""
+        return COST_MODELS[self.resource]
 
     @classmethod
     def parse(cls, value: Any, key: str = "target", resource: str = "macs") -> "Target":
@@ -76,6 +91,7 @@ class Target:
         ``key`` names the option in error messages; ``resource`` is the resource of the
         short forms (``target_macs`` → ``macs``). Raises :class:`TargetError`.
         """
+        resource = RESOURCE_ALIASES.get(resource, resource)
         if isinstance(value, Target):
             if value.resource != resource and key != "target":
                 raise TargetError(f"{key} is a {resource} target, not a {value.resource} one")
@@ -94,6 +110,7 @@ class Target:
             raise TargetError(f"{key} has unknown field(s) {', '.join(sorted(map(str, unknown)))}; it takes "
                               "`resource` and one of `fraction`, `amount` or `value`")
         resource = value.get("resource", "macs")
+        resource = RESOURCE_ALIASES.get(resource, resource) if isinstance(resource, str) else resource
         if resource not in RESOURCES:
             raise TargetError(f"{key}: resource {resource!r} is not supported; choose one of: {', '.join(RESOURCES)}")
         given = [k for k in ("fraction", "amount", "value") if k in value]
@@ -184,16 +201,21 @@ def resolve(target: Any = None, target_macs: Any = None, where: str = "") -> Tar
     return Target("macs", fraction=0.5)
 
 
-def smallest_cost(graph: Any, costs: Any, min_width: int = 1, round_to: int = 1) -> float:
+def smallest_cost(graph: Any, costs: Any, min_width: int = 1, round_to: Any = 1) -> float:
     """The cost of the smallest network the model can become: every group keeps its
     units that cannot be removed and, if that is fewer, grows to ``min_width`` (at least
-    one unit, rounded up to a multiple of ``round_to``) with its cheapest removable units."""
+    one unit, rounded up to a multiple of ``round_to``) with its cheapest removable units.
+
+    ``costs`` is the cost model of the target's resource; ``round_to`` an int or one
+    multiple per group (``round_to: auto``)."""
     keep = ~graph.unit_removable.copy()
     weights = costs.unit_weights(np.ones(graph.num_units, dtype=bool))
-    for group in graph.groups:
+    multiples = np.broadcast_to(np.asarray(round_to, dtype=np.int64), (len(graph.groups),))
+    for group, multiple in zip(graph.groups, multiples):
         units = group.units
         fixed = int(keep[units].sum())
         need = max(min_width, 1)
+        round_to = int(multiple)
         if round_to > 1:
             need = int(math.ceil(need / round_to) * round_to)
         need = min(need, group.size)

@@ -26,7 +26,9 @@ RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "strength_scale": (lambda v: v > 0, "a number > 0"),
     "threshold": (lambda v: v >= 0, "a number >= 0 (the |gamma| at or below which a channel is dead)"),
     "min_width": (lambda v: v >= 1, "an integer >= 1 (channels every layer keeps at least)"),
-    "round_to": (lambda v: v >= 1, "an integer >= 1 (1 = no rounding of layer widths)"),
+    "round_to": (lambda v: v == "auto" if isinstance(v, str) else v >= 1,
+                 "an integer >= 1 (1 = no rounding of layer widths) or 'auto' (the channel block the latency "
+                 "profile measured)"),
     "latency_runs": (lambda v: v >= 1, "an integer >= 1"),
     "max_score_drop": (lambda v: v >= 0, "a number >= 0 (how far below the baseline's score the shrunk "
                                          "model may score), or null for no limit"),

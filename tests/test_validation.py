@@ -96,7 +96,7 @@ BAD = [  # (option(s), error class from shrink(), words the message must hold (C
     ({"target_macs": 0.01}, ds.TargetError, ["target_macs", "below the smallest network", "146 MACs"]),
     ({"target_macs": "5K"}, ds.TargetError, ["target_macs", "above the baseline's 3,856 MACs"]),
     ({"target": {"resource": "macs", "amount": 1e9}}, ds.TargetError, ["target", "above the baseline"]),
-    ({"target": {"resource": "latency", "value": 0.5}}, ds.TargetError, ["target", "'latency'", "macs"]),
+    ({"target": {"resource": "energy", "value": 0.5}}, ds.TargetError, ["target", "'energy'", "macs", "latency"]),
     ({"target": 0.5, "target_macs": 0.5}, ds.TargetError, ["target", "target_macs", "not both"]),
     ({"lr": -1}, ds.ConfigError, ["'lr'", "> 0", "-1"]),
     ({"lr": float("nan")}, ds.ConfigError, ["'lr'", "> 0", "nan"]),

@@ -6,6 +6,7 @@ Registered through the ``dnnshrink`` entry point ``morphnet``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 from dnnshrink_core import hookimpl
@@ -29,8 +30,18 @@ def dnnshrink_mask_extractor(name: str) -> Optional[Any]:
 
 @hookimpl(trylast=True)
 def dnnshrink_regularizer(name: str) -> Optional[Any]:
-    """``morphnet_flops`` (default), ``morphnet_size`` and ``slimming_l1``."""
-    return REGULARIZERS.get(name)
+    """``morphnet_flops`` (default), ``morphnet_size``, ``slimming_l1``, and
+    ``morphnet_<cost model>`` for every loaded cost model (``morphnet_params``,
+    ``morphnet_activations``, ``morphnet_latency``…)."""
+    if name in REGULARIZERS:
+        return REGULARIZERS[name]
+    if name.startswith("morphnet_"):
+        from dnnshrink_core.cost import cost_model_names
+
+        cost = name[len("morphnet_"):]
+        if cost in cost_model_names():
+            return functools.partial(GammaRegularizer, cost=cost)
+    return None
 
 
 @hookimpl(trylast=True)

@@ -95,8 +95,11 @@ class MorphNet:
 
     def learn(self, ctx: LearnContext) -> LearnResult:
         opts = ctx.options
+        # a latency profile other than the default goes to the regularizers that take one
+        extra = {"profile": opts.profile} if getattr(opts, "profile", None) is not None else {}
         reg = self._regularizers(opts.regularizer)(ctx.graph, ctx.model, strength=opts.strength,
-                                                    strength_scale=opts.strength_scale, threshold=opts.threshold)
+                                                    strength_scale=opts.strength_scale, threshold=opts.threshold,
+                                                    **extra)
         fraction = ctx.target / ctx.costs.initial
         learn_at = ctx.costs.initial * fraction ** self.learn_exponent if fraction < 1 else ctx.target
         history: List[List[int]] = []

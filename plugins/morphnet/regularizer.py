@@ -34,17 +34,19 @@ from dnnshrink_core.cost import CostModel
 class GammaRegularizer:
     """An L1 penalty on BatchNorm scales, weighted by each unit's share of the cost.
 
-    ``cost``: ``"flops"`` (MorphNet's GammaFlops), ``"size"`` (parameters), or
-    ``"uniform"`` (every unit weighs 1: Network Slimming's plain L1). ``strength`` defaults
-    to ``strength_scale / initial cost`` (MorphNet's rule of thumb; 1e-4 for uniform).
+    ``cost``: ``"flops"`` (MorphNet's GammaFlops), ``"size"``/``"params"`` (parameters),
+    ``"activations"``, ``"latency"`` (the calibrated roofline; ``profile=`` picks the
+    profile), any other loaded cost model, or ``"uniform"`` (every unit weighs 1: Network
+    Slimming's plain L1). ``strength`` defaults to ``strength_scale / initial cost``
+    (MorphNet's rule of thumb; 1e-4 for uniform).
     """
 
     def __init__(self, graph: ChannelGraph, model: nn.Module, cost: str = "flops",
-                 strength: Optional[float] = None, strength_scale: float = 1.0, threshold: float = 1e-2):
-        if cost not in ("flops", "size", "uniform"):
-            raise ValueError(f"cost must be 'flops', 'size' or 'uniform', not {cost!r}")
+                 strength: Optional[float] = None, strength_scale: float = 1.0, threshold: float = 1e-2,
+                 profile: Any = None):
         self.graph, self.model, self.cost_kind, self.threshold = graph, model, cost, threshold
-        self.costs = CostModel(graph, model, "size" if cost == "size" else "flops")
+        # the uniform penalty still reports MACs; every other name is a cost model (plugin)
+        self.costs = CostModel(graph, model, "flops" if cost == "uniform" else cost, profile=profile)
         self._removable = graph.unit_removable
         self._params: List[nn.Parameter] = graph.source_weights(model)
         self._src_param = graph.src_module

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import numpy as np
+
+# a channel multiple for every group (``round_to: auto`` gives one per group) or one for all
+Multiple = Union[int, np.ndarray]
 
 from dnnshrink_core import ChannelGraph
 
@@ -20,6 +23,11 @@ def _group_orders(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray) -> 
     return orders
 
 
+def _multiples(graph: ChannelGraph, multiple: Multiple) -> np.ndarray:
+    """One channel multiple per group from an int or a per-group array."""
+    return np.broadcast_to(np.asarray(multiple, dtype=np.int64), (len(graph.groups),))
+
+
 def _target(n: float, size: int, min_width: int, multiple: int) -> int:
     t = max(int(math.ceil(n - 1e-9)), min_width, 1)
     if multiple > 1:
@@ -28,20 +36,20 @@ def _target(n: float, size: int, min_width: int, multiple: int) -> int:
 
 
 def enforce_widths(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, min_width: int = 1,
-                   multiple: int = 1) -> np.ndarray:
+                   multiple: Multiple = 1) -> np.ndarray:
     """Grow every group to at least ``min_width`` units and to a multiple of ``multiple``
     (re-adding the units with the largest ``|gamma|``), so no layer collapses."""
     keep = keep.copy()
-    for group, order in zip(graph.groups, _group_orders(graph, keep, gammas)):
+    for group, order, m in zip(graph.groups, _group_orders(graph, keep, gammas), _multiples(graph, multiple)):
         n = int(keep[group.units].sum())
-        t = _target(n, group.size, min_width, multiple)
+        t = _target(n, group.size, min_width, int(m))
         if t > n:
             keep[order[:t]] = True
     return keep
 
 
 def expand_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, cost: Callable[[np.ndarray], float],
-                     budget: float, min_width: int = 1, multiple: int = 1, steps: int = 40) -> np.ndarray:
+                     budget: float, min_width: int = 1, multiple: Multiple = 1, steps: int = 40) -> np.ndarray:
     """MorphNet's expand step: one width multiplier for every group, as large as the budget allows.
 
     Each group keeps ``ceil(m · alive units)`` (rounded like :func:`enforce_widths`), the
@@ -55,10 +63,12 @@ def expand_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, 
     counts = np.array([keep[g.units].sum() for g in graph.groups], dtype=np.float64)
     sizes = np.array([g.size for g in graph.groups])
 
+    multiples = _multiples(graph, multiple)
+
     def build(mult: float) -> np.ndarray:
         out = np.zeros_like(keep)
-        for order, n, size in zip(orders, counts, sizes):
-            out[order[:_target(n * mult, size, min_width, multiple)]] = True
+        for order, n, size, m in zip(orders, counts, sizes, multiples):
+            out[order[:_target(n * mult, size, min_width, int(m))]] = True
         return out
 
     return _largest_fitting(build, cost, budget, 1.0, float(np.max(sizes / np.maximum(counts, 1))), keep, steps)
@@ -87,7 +97,7 @@ def width_floors(graph: ChannelGraph, cost: Callable[[np.ndarray], float], budge
 
 
 def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, cost: Callable[[np.ndarray], float],
-                    budget: float, min_width: int = 1, multiple: int = 1, floors: Optional[np.ndarray] = None,
+                    budget: float, min_width: int = 1, multiple: Multiple = 1, floors: Optional[np.ndarray] = None,
                     steps: int = 40) -> np.ndarray:
     """MorphNet's width multiplier in both directions: every group keeps
     ``max(ceil(m · alive units), floor)`` units (the largest ``|gamma|`` first), with the
@@ -103,10 +113,12 @@ def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, c
     counts = np.array([keep[g.units].sum() for g in graph.groups], dtype=np.float64)
     sizes = np.array([g.size for g in graph.groups])
 
+    multiples = _multiples(graph, multiple)
+
     def build(mult: float) -> np.ndarray:
         out = np.zeros_like(keep)
-        for order, n, size, floor in zip(orders, counts, sizes, floors):
-            width = max(_target(n * mult, size, min_width, multiple), min(int(floor), size))
+        for order, n, size, floor, m in zip(orders, counts, sizes, floors, multiples):
+            width = max(_target(n * mult, size, min_width, int(m)), min(int(floor), size))
             out[order[:width]] = True
         return out
 
@@ -117,7 +129,7 @@ def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, c
 
 
 def uniform_fraction(graph: ChannelGraph, scores: np.ndarray, cost: Callable[[np.ndarray], float], budget: float,
-                     removable: np.ndarray, min_width: int = 1, multiple: int = 1, steps: int = 40) -> np.ndarray:
+                     removable: np.ndarray, min_width: int = 1, multiple: Multiple = 1, steps: int = 40) -> np.ndarray:
     """Keep the same fraction of every group's removable units (the best by ``scores``), the
     largest fraction whose cost fits ``budget`` (a uniform width multiplier on the groups)."""
     orders = []
@@ -127,12 +139,14 @@ def uniform_fraction(graph: ChannelGraph, scores: np.ndarray, cost: Callable[[np
         free = units[removable[units]]
         orders.append((fixed, free[np.argsort(-scores[free], kind="stable")]))
 
+    multiples = _multiples(graph, multiple)
+
     def build(fraction: float) -> np.ndarray:
         keep = np.zeros(graph.num_units, dtype=bool)
-        for fixed, free in orders:
+        for (fixed, free), m in zip(orders, multiples):
             keep[fixed] = True
             size = len(fixed) + len(free)
-            n = _target(len(free) * fraction + len(fixed), size, min_width, multiple) - len(fixed)
+            n = _target(len(free) * fraction + len(fixed), size, min_width, int(m)) - len(fixed)
             keep[free[:max(n, 0)]] = True
         return keep
 

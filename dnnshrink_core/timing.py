@@ -1,0 +1,72 @@
+"""Timing ONNX models with onnxruntime the way ``bench/bench_onnx_latency.py`` and the
+latency profile do: CPU provider, fixed intra-op threads, variants interleaved, fastest
+and median of repeated runs."""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Tuple, Union
+
+import numpy as np
+
+
+def session(model: Union[str, bytes], threads: int) -> Any:
+    """An onnxruntime CPU session with ``threads`` intra-op threads and one inter-op thread
+    (full graph optimisation, as a deployed model runs)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def interleaved_times(sessions: Mapping[str, Any], feeds: Mapping[str, dict], rounds: int, runs: int,
+                      warmup: int = 2, budget_s: float = float("inf")) -> Dict[str, List[float]]:
+    """Seconds of every timed run of each session. The sessions take turns in blocks of
+    ``warmup`` + ``runs`` consecutive runs, ``rounds`` times, the order rotated every round,
+    so that the machine's drift hits every one alike. Stops after the round that passes
+    ``budget_s``."""
+    times: Dict[str, List[float]] = {label: [] for label in sessions}
+    order = list(sessions)
+    begin = time.perf_counter()
+    for r in range(rounds):
+        shift = r % len(order)
+        for label in order[shift:] + order[:shift]:
+            s, feed = sessions[label], feeds[label]
+            for i in range(warmup + runs):
+                start = time.perf_counter()
+                s.run(None, feed)
+                if i >= warmup:
+                    times[label].append(time.perf_counter() - start)
+        if time.perf_counter() - begin > budget_s:
+            break
+    return times
+
+
+def fastest_and_median(times: Mapping[str, List[float]]) -> Dict[str, Tuple[float, float]]:
+    """``{label: (fastest, median)}`` in seconds."""
+    return {label: (min(t), statistics.median(t)) for label, t in times.items()}
+
+
+def onnx_latency(models: Mapping[str, Any], inputs: tuple, threads: int, rounds: int = 10,
+                 runs: int = 5) -> Dict[str, Tuple[float, float]]:
+    """Export each PyTorch model to ONNX (dnnshrink's verified exporter) and time it with
+    onnxruntime: ``{label: (fastest, median)}`` seconds, the models interleaved."""
+    from .export import export
+
+    cpu_inputs = tuple(x.detach().cpu() if hasattr(x, "detach") else x for x in inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions, feeds = {}, {}
+        for label, model in models.items():
+            path = Path(tmp) / f"{label}.onnx"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export(model, cpu_inputs, "onnx", path)
+            s = sessions[label] = session(str(path), threads)
+            feeds[label] = {i.name: np.asarray(x.numpy() if hasattr(x, "numpy") else x)
+                            for i, x in zip(s.get_inputs(), cpu_inputs)}
+        return fastest_and_median(interleaved_times(sessions, feeds, rounds, runs))

@@ -1,0 +1,349 @@
+"""``dnnshrink calibrate``: measure the latency profile of a runtime.
+
+1. **Block.** Each op kind (pointwise, depthwise, 3×3 conv) is timed at widths that are
+   multiples of 64, of 32, 16, 8 and 4 only, and unaligned (65); the block
+   (``channel_multiple``) is the smallest multiple whose widths run as fast per MAC as the
+   fully aligned ones, when the unaligned width is clearly slower (else 1: no block).
+2. **Sweep.** Short chains of conv/pointwise/depthwise/linear ops with the shapes of
+   ResNets and MobileNets, aligned and unaligned, are timed (fastest of repeated runs, the
+   chains taking turns so the machine's drift hits all alike).
+3. **Fit.** The roofline of :mod:`.latency` (per kind: aligned and unaligned peak,
+   bandwidth, overhead per op; per run: a fixed overhead) is fitted to the chains' times by
+   least squares on the log of predicted/measured time.
+4. **Check.** Whole networks the fit never saw (torchvision ResNet-18/50, MobileNetV2/V3,
+   EfficientNet-B0, ``weights=None``) are exported and timed, and their predicted latency
+   (the traced channel graph priced by the profile) is compared with the measured one.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .latency import BYTES_PER_ELEMENT, KINDS, OpConstants, Profile, roofline_seconds
+from .runtime import Op, chain_model, fastest_and_median, interleaved_times, session
+
+VALIDATION_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
+CANDIDATES = (4, 8, 16, 32, 64)
+
+
+def _pairs(kind: str, shapes: Sequence[tuple], reps: int = 2) -> List[List[Op]]:
+    """Chains ``cin→cout→cin…`` (``2·reps`` ops) of one kind, one chain per shape."""
+    chains = []
+    for shape in shapes:
+        if kind == "depthwise":
+            c, hw, k = shape
+            chains.append([("depthwise", c, c, hw, k, 1)] * (2 * reps))
+        elif kind == "linear":
+            cin, cout = shape
+            chains.append([("linear", cin, cout, 1, 1, 1), ("linear", cout, cin, 1, 1, 1)] * reps)
+        else:
+            cin, cout, hw = shape
+            k = 3 if kind == "conv" else 1
+            chains.append([(kind, cin, cout, hw, k, 1), (kind, cout, cin, hw, k, 1)] * reps)
+    return chains
+
+
+def sweep_chains() -> List[List[Op]]:
+    """The calibration sweep: ResNet and MobileNet shapes, aligned and unaligned widths,
+    chains of 4 ops and single ops (which separate the per-run from the per-op overhead)."""
+    chains = []
+    chains += _pairs("pointwise", [(16, 96, 112), (32, 192, 56), (64, 256, 56), (128, 512, 28), (96, 576, 14),
+                                   (256, 1024, 14), (160, 960, 7), (512, 2048, 7)])
+    chains += _pairs("pointwise", [(30, 190, 56), (60, 250, 56), (120, 500, 28), (90, 570, 14), (250, 1000, 14),
+                                   (150, 950, 7)])
+    chains += _pairs("conv", [(64, 64, 56), (128, 128, 28), (256, 256, 14), (512, 512, 7)], reps=1)
+    chains += _pairs("conv", [(60, 60, 56), (120, 120, 28), (250, 250, 14), (500, 500, 7)], reps=1)
+    chains += _pairs("depthwise", [(32, 112, 3), (96, 112, 3), (144, 56, 3), (192, 28, 3), (384, 14, 3),
+                                   (960, 7, 3), (240, 14, 5), (672, 7, 5)])
+    chains += _pairs("depthwise", [(100, 56, 3), (150, 28, 3), (380, 14, 3), (950, 7, 3), (250, 14, 5)])
+    chains += _pairs("linear", [(512, 1000), (1280, 1000), (2048, 1000), (576, 1024)])
+    chains += [[("conv", 3, 32, 224, 3, 2)], [("conv", 3, 64, 224, 7, 2)], [("pointwise", 64, 64, 14, 1, 1)],
+               [("depthwise", 64, 64, 7, 3, 1)], [("linear", 256, 256, 1, 1, 1)]]
+    return chains
+
+
+def op_terms(op: Op, batch: int) -> Tuple[float, float]:
+    """(MACs, bytes moved) of one op at ``batch`` (the same counting as :class:`LatencyCost`)."""
+    kind, cin, cout, hw, k, stride = op
+    if kind == "linear":
+        return batch * cin * cout, BYTES_PER_ELEMENT * (batch * (cin + cout) + cin * cout)
+    out_hw = (hw + 2 * (k // 2) - k) // stride + 1
+    per_pair = k * k
+    if kind == "depthwise":
+        macs = batch * per_pair * out_hw ** 2 * cout
+        weights = per_pair * cout
+    else:
+        macs = batch * per_pair * out_hw ** 2 * cin * cout
+        weights = per_pair * cin * cout
+    return macs, BYTES_PER_ELEMENT * (batch * (cin * hw * hw + cout * out_hw * out_hw) + weights)
+
+
+def is_aligned(op: Op, multiple: int) -> bool:
+    """Whether an op's widths fit the block (as :meth:`LatencyCost.aligned` decides)."""
+    kind, cin, cout = op[:3]
+    if kind == "linear" or multiple <= 1:
+        return True
+    return cout % multiple == 0 and (kind == "depthwise" or cin % multiple == 0 or cin < multiple)
+
+
+# --- timing backends ---------------------------------------------------------------------
+class OnnxBackend:
+    """Times op chains and networks with onnxruntime's CPU provider."""
+
+    def __init__(self, threads: int, batch: int):
+        import onnxruntime
+
+        self.threads, self.batch = threads, batch
+        self.runtime = {"name": "onnxruntime", "device": "cpu", "threads": threads, "batch": batch,
+                        "version": onnxruntime.__version__}
+
+    def prepare(self, ops: Sequence[Op]) -> Tuple[Any, dict]:
+        model, shape = chain_model(ops, self.batch)
+        return session(model, self.threads), {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+
+    def prepare_network(self, model: Any, x: Any, folder: Path, name: str) -> Tuple[Any, dict]:
+        from dnnshrink_core.export import export
+
+        path = folder / f"{name}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export(model, x, "onnx", path)
+        s = session(str(path), self.threads)
+        return s, {s.get_inputs()[0].name: x.numpy()}
+
+    def time(self, prepared: Dict[str, Tuple[Any, dict]], rounds: int, runs: int,
+             budget_s: float = float("inf")) -> Dict[str, Tuple[float, float]]:
+        sessions = {k: v[0] for k, v in prepared.items()}
+        feeds = {k: v[1] for k, v in prepared.items()}
+        return fastest_and_median(interleaved_times(sessions, feeds, rounds, runs, budget_s=budget_s))
+
+
+class _TorchRunner:
+    def __init__(self, module: Any, x: Any, device: Any):
+        self.module, self.x, self.device = module, x, device
+
+    def run(self, *_: Any) -> None:
+        import torch
+
+        with torch.no_grad():
+            self.module(self.x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+class TorchBackend:
+    """Times op chains and networks as eager PyTorch modules (``--runtime torch``)."""
+
+    def __init__(self, threads: int, batch: int, device: str):
+        import torch
+
+        self.torch, self.batch, self.device = torch, batch, torch.device(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.runtime = {"name": "torch", "device": str(self.device), "threads": threads, "batch": batch,
+                        "version": torch.__version__}
+
+    def prepare(self, ops: Sequence[Op]) -> Tuple[Any, dict]:
+        nn = self.torch.nn
+        layers = []
+        for kind, cin, cout, hw, k, stride in ops:
+            if kind == "linear":
+                layers.append(nn.Linear(cin, cout))
+            else:
+                layers += [nn.Conv2d(cin, cout, k, stride, k // 2, groups=cin if kind == "depthwise" else 1),
+                           nn.ReLU()]
+        kind, cin, _, hw, _, _ = ops[0]
+        shape = (self.batch, cin) if kind == "linear" else (self.batch, cin, hw, hw)
+        module = nn.Sequential(*layers).eval().to(self.device)
+        return _TorchRunner(module, self.torch.randn(shape, device=self.device), self.device), {}
+
+    def prepare_network(self, model: Any, x: Any, folder: Path, name: str) -> Tuple[Any, dict]:
+        return _TorchRunner(model.eval().to(self.device), x.to(self.device), self.device), {}
+
+    def time(self, prepared: Dict[str, Tuple[Any, dict]], rounds: int, runs: int,
+             budget_s: float = float("inf")) -> Dict[str, Tuple[float, float]]:
+        sessions = {k: v[0] for k, v in prepared.items()}
+        return fastest_and_median(interleaved_times(sessions, {k: {} for k in prepared}, rounds, runs,
+                                                    budget_s=budget_s))
+
+
+# --- the steps ----------------------------------------------------------------------------
+def measure_blocks(backend: Any, rounds: int = 8, runs: int = 3, ratio: float = 1.5) -> Dict[str, Dict[str, Any]]:
+    """Per op kind, the measured channel block (see the module's step 1) and the per-unit
+    times it was decided from (µs per MAC·1e3 for dense kinds, per channel for depthwise)."""
+    widths = {"aligned": [64, 128], "unaligned": [65], 4: [68], 8: [72], 16: [80], 32: [96]}
+    kinds = {"pointwise": (1, 4), "depthwise": (3, 4), "conv": (3, 2)}
+    prepared, keys = {}, []
+    for kind, (k, n) in kinds.items():
+        for label, ws in widths.items():
+            for w in ws:
+                prepared[f"{kind}:{w}"] = backend.prepare([(kind, w, w, 56, k, 1)] * n)
+                keys.append((kind, label, w))
+    timed = backend.time(prepared, rounds, runs)
+    result = {}
+    for kind in kinds:
+        per_unit = {}
+        for k2, label, w in keys:
+            if k2 == kind:
+                units = w if kind == "depthwise" else w * w
+                per_unit[w] = timed[f"{kind}:{w}"][0] / units
+        best = min(per_unit[w] for w in widths["aligned"])
+        slow_unaligned = per_unit[65] > ratio * best
+        multiple = 1
+        if slow_unaligned:
+            multiple = 64
+            for m in sorted(CANDIDATES, reverse=True)[1:]:  # the smallest m whose widths (and larger) stay fast
+                if per_unit[widths[m][0]] <= ratio * best:
+                    multiple = m
+                else:
+                    break
+        result[kind] = {"channel_multiple": multiple,
+                        "relative_time_per_unit": {str(w): round(t / best, 3) for w, t in sorted(per_unit.items())}}
+    return result
+
+
+def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Dict[str, int]
+        ) -> Tuple[Dict[str, OpConstants], float, Dict[str, float]]:
+    """Fit the roofline constants to ``(chain, seconds)`` samples; returns the constants per
+    kind, the per-run overhead (ms) and fit statistics (relative errors in %)."""
+    from scipy.optimize import least_squares
+
+    rows = []  # per sample: list of (kind index, macs, bytes, aligned)
+    for ops, _ in samples:
+        rows.append([(KINDS.index(op[0]), *op_terms(op, batch), is_aligned(op, multiples.get(op[0], 1)))
+                     for op in ops])
+    measured = np.array([t for _, t in samples])
+    has_unaligned = {KINDS[i] for r in rows for i, _, _, a in r if not a}
+    n = len(KINDS)
+    flat_kind = np.array([i for r in rows for i, *_ in r])
+    flat_macs = np.array([m for r in rows for _, m, _, _ in r], dtype=np.float64)
+    flat_bytes = np.array([b for r in rows for _, _, b, _ in r], dtype=np.float64)
+    flat_aligned = np.array([a for r in rows for *_, a in r], dtype=bool)
+    sample_of = np.array([s for s, r in enumerate(rows) for _ in r])
+
+    def unpack(theta: np.ndarray) -> Tuple[np.ndarray, ...]:
+        peak, peak_un, bw = np.exp(theta[0:n]), np.exp(theta[n:2 * n]), np.exp(theta[2 * n:3 * n])
+        overhead, per_run = theta[3 * n:4 * n], theta[4 * n]
+        return peak, peak_un, bw, overhead, per_run
+
+    def predict(theta: np.ndarray) -> np.ndarray:
+        peak, peak_un, bw, overhead, per_run = unpack(theta)
+        p = np.where(flat_aligned, peak[flat_kind], peak_un[flat_kind])
+        per_op = roofline_seconds(flat_macs, flat_bytes, p, bw[flat_kind], overhead[flat_kind])
+        return per_run + np.bincount(sample_of, weights=per_op, minlength=len(samples))
+
+    def residual(theta: np.ndarray) -> np.ndarray:
+        return np.log(np.maximum(predict(theta), 1e-9) / measured)
+
+    best = None
+    for peak0, bw0 in ((50e9, 20e9), (20e9, 5e9), (100e9, 50e9)):  # a few starts: the max() has kinks
+        theta0 = np.r_[np.full(n, math.log(peak0)), np.full(n, math.log(peak0 / 4)), np.full(n, math.log(bw0)),
+                       np.full(n, 5e-6), 20e-6]
+        lower = np.r_[np.full(3 * n, math.log(1e6)), np.zeros(n + 1)]
+        upper = np.r_[np.full(3 * n, math.log(1e14)), np.full(n + 1, 1e-2)]
+        result = least_squares(residual, theta0, bounds=(lower, upper), x_scale="jac")
+        if best is None or result.cost < best.cost:
+            best = result
+    peak, peak_un, bw, overhead, per_run = unpack(best.x)
+    ops = {}
+    for i, kind in enumerate(KINDS):
+        unaligned = peak_un[i] if kind in has_unaligned else peak[i]
+        ops[kind] = OpConstants(peak_gmacs=float(peak[i] / 1e9), peak_unaligned_gmacs=float(unaligned / 1e9),
+                                bandwidth_gbs=float(bw[i] / 1e9), overhead_us=float(overhead[i] * 1e6),
+                                channel_multiple=int(multiples.get(kind, 1)))
+    errors = 100 * np.abs(predict(best.x) / measured - 1)
+    return ops, float(per_run * 1e3), {"sweep_mean_abs_error_pct": float(errors.mean()),
+                                       "sweep_max_abs_error_pct": float(errors.max())}
+
+
+def predict_network(model: Any, x: Any, profile: Profile) -> float:
+    """Predicted milliseconds of ``model`` on ``x`` under ``profile`` (its channel graph priced)."""
+    import dnnshrink_core as ds
+    from dnnshrink_core.cost import CostModel
+
+    return CostModel(ds.trace(model, x), model, "latency", profile=profile).initial
+
+
+def validate(backend: Any, profile: Profile, models: Sequence[str] = VALIDATION_MODELS, rounds: int = 6,
+             runs: int = 3, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """Predicted against measured latency (fastest and median of interleaved runs) of whole
+    torchvision networks (``weights=None``) the fit did not see."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    x = torch.randn(backend.batch, 3, 224, 224)
+    prepared, predicted = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            model = torchvision.models.get_model(name, weights=None).eval()
+            predicted[name] = predict_network(model, x, profile)
+            prepared[name] = backend.prepare_network(model, x, Path(tmp), name)
+        timed = backend.time(prepared, rounds, runs)
+    rows = []
+    for name in models:
+        fastest, median = timed[name]
+        rows.append({"model": name, "predicted_ms": round(predicted[name], 3), "measured_ms": round(1e3 * fastest, 3),
+                     "measured_median_ms": round(1e3 * median, 3),
+                     "error_pct": round(100 * (predicted[name] / (1e3 * fastest) - 1), 1)})
+        log(f"  {name:<20} predicted {predicted[name]:8.2f} ms, measured {1e3 * fastest:8.2f} ms (median "
+            f"{1e3 * median:.2f}): {rows[-1]['error_pct']:+.1f}%")
+    return rows
+
+
+def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, device: str = "cpu",
+              out: Optional[Any] = None, check: bool = True, rounds: int = 6,
+              log: Callable[[str], None] = print) -> Profile:
+    """Measure a latency profile (the module's four steps) and write it to ``out``."""
+    start = time.perf_counter()
+    if runtime == "onnxruntime":
+        if device != "cpu":
+            raise ValueError("--runtime onnxruntime measures the CPU provider; use --device cpu")
+        backend: Any = OnnxBackend(threads, batch)
+    elif runtime == "torch":
+        backend = TorchBackend(threads, batch, device)
+    else:
+        raise ValueError(f"runtime must be 'onnxruntime' or 'torch', not {runtime!r}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    log(f"dnnshrink calibrate: {runtime} {device}, {threads} threads, batch {batch} (1-minute load average "
+        f"{load:.2f})")
+    blocks = measure_blocks(backend)
+    multiples = {kind: info["channel_multiple"] for kind, info in blocks.items()}
+    multiples["linear"] = 1
+    log("  channel blocks: " + ", ".join(f"{k} {v}" for k, v in multiples.items()))
+    chains = sweep_chains()
+    prepared = {str(i): backend.prepare(ops) for i, ops in enumerate(chains)}
+    timed = backend.time(prepared, rounds, 3)
+    samples = [(ops, timed[str(i)][0]) for i, ops in enumerate(chains)]
+    ops, per_run_ms, stats = fit(samples, batch, multiples)
+    sweep_s = time.perf_counter() - start
+    log(f"  fitted {len(samples)} chains in {sweep_s:.0f} s: mean error {stats['sweep_mean_abs_error_pct']:.1f}%")
+    for kind, c in ops.items():
+        log(f"  {kind:<10} peak {c.peak_gmacs:7.1f} GMAC/s (unaligned {c.peak_unaligned_gmacs:6.1f}), bandwidth "
+            f"{c.bandwidth_gbs:6.1f} GB/s, overhead {c.overhead_us:5.1f} us, block {c.channel_multiple}")
+    calibration: Dict[str, Any] = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(),
+                                   "processor": platform.processor() or platform.machine(),
+                                   "cpu_count": os.cpu_count(), "load_average_1min": round(load, 2),
+                                   "sweep_chains": len(samples), "blocks": blocks, **stats}
+    profile = Profile(backend.runtime, per_run_ms, ops, calibration)
+    if check:
+        log("  unseen networks (predicted against measured, fastest of runs):")
+        rows = validate(backend, profile, log=log)
+        errors = [abs(r["error_pct"]) for r in rows]
+        calibration["validation"] = rows
+        calibration["validation_mean_abs_error_pct"] = round(float(np.mean(errors)), 1)
+        log(f"  mean absolute error {np.mean(errors):.1f}%")
+    calibration["seconds"] = round(time.perf_counter() - start, 1)
+    calibration["load_average_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    if out is not None:
+        profile.save(out)
+        log(f"  wrote {out} ({calibration['seconds']:.0f} s)")
+    return profile

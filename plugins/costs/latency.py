@@ -1,0 +1,248 @@
+"""The ``latency`` cost: a roofline per conv/linear layer, with constants measured on the
+target runtime (``dnnshrink calibrate``) and stored in a versioned JSON profile.
+
+A layer at batch ``b`` moves ``bytes = 4 · (b · in_positions · kept_in + b · out_positions ·
+kept_out + weights)`` (float32) and computes ``macs = b · coef · kept_in · kept_out``; it takes
+
+    max(macs / peak, bytes / bandwidth) + overhead          (seconds)
+
+with ``peak``, ``bandwidth`` and ``overhead`` fitted per op kind (``conv``, ``pointwise``,
+``depthwise``, ``linear``). Runtimes such as onnxruntime's CPU provider run a convolution
+with their fast blocked-channel kernels only when its channel counts fit the block, so each
+kind has a second peak, ``peak_unaligned``, for widths that do not, and its measured block
+(``channel_multiple``), which ``round_to: auto`` rounds widths to. The network's cost adds
+``overhead_ms`` per run. Costs are in milliseconds.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from dnnshrink_core.cost import LayerTable
+from dnnshrink_core.errors import ConfigError
+
+FORMAT = "dnnshrink-latency-profile"
+VERSION = 1
+KINDS = ("conv", "pointwise", "depthwise", "linear")
+DEFAULT_PROFILE = Path(__file__).parent / "profiles" / "onnxruntime-cpu-2t-b1.json"
+BYTES_PER_ELEMENT = 4  # float32
+
+
+class ProfileError(ConfigError):
+    """A latency profile that is missing, unreadable or does not follow the schema."""
+
+
+@dataclass(frozen=True)
+class OpConstants:
+    """The fitted roofline of one op kind: ``peak_gmacs`` (GMAC/s with aligned widths),
+    ``peak_unaligned_gmacs`` (GMAC/s when the widths miss the block), ``bandwidth_gbs``
+    (GB/s), ``overhead_us`` (per call) and ``channel_multiple`` (the measured block)."""
+
+    peak_gmacs: float
+    peak_unaligned_gmacs: float
+    bandwidth_gbs: float
+    overhead_us: float
+    channel_multiple: int = 1
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A calibrated latency profile: the runtime it was measured on, the per-run overhead,
+    the constants of every op kind, and what the calibration measured (kept for the record)."""
+
+    runtime: Dict[str, Any]
+    overhead_ms: float
+    ops: Dict[str, OpConstants]
+    calibration: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        """The batch size the profile was measured at."""
+        return int(self.runtime.get("batch", 1))
+
+    @property
+    def threads(self) -> int:
+        """The intra-op threads the profile was measured with."""
+        return int(self.runtime.get("threads", 1))
+
+    def describe(self) -> str:
+        """``onnxruntime cpu, 2 threads, batch 1``."""
+        r = self.runtime
+        return f"{r.get('name')} {r.get('device')}, {r.get('threads')} threads, batch {r.get('batch')}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON form (see :func:`load_profile`)."""
+        return {"format": FORMAT, "version": VERSION, "runtime": dict(self.runtime), "overhead_ms": self.overhead_ms,
+                "ops": {k: vars(v).copy() for k, v in self.ops.items()}, "calibration": dict(self.calibration)}
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the profile as JSON (atomically)."""
+        from dnnshrink_core.fileio import atomic_write
+
+        path = Path(path)
+        with atomic_write(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+        return path
+
+
+_RUNTIME_KEYS = {"name": str, "device": str, "threads": int, "batch": int, "version": str}
+_OP_KEYS = {"peak_gmacs": float, "peak_unaligned_gmacs": float, "bandwidth_gbs": float, "overhead_us": float,
+            "channel_multiple": int}
+
+
+def _check_number(value: Any, kind: type, where: str, minimum: float = 0.0, strict: bool = True) -> Any:
+    ok = (isinstance(value, numbers.Integral) if kind is int else isinstance(value, numbers.Real)) \
+        and not isinstance(value, bool) and math.isfinite(value) and (value > minimum if strict else value >= minimum)
+    if not ok:
+        word = "an integer" if kind is int else "a number"
+        raise ProfileError(f"{where} must be {word} {'>' if strict else '>='} {minimum:g}, not {value!r}")
+    return kind(value)
+
+
+def _closed(data: Mapping, keys: Mapping[str, Any], where: str, optional: Tuple[str, ...] = ()) -> None:
+    if not isinstance(data, Mapping):
+        raise ProfileError(f"{where} must be a mapping, not {type(data).__name__}")
+    unknown = sorted(set(map(str, data)) - set(keys))
+    if unknown:
+        raise ProfileError(f"{where} has unknown key(s) {', '.join(unknown)}; it takes {', '.join(keys)}")
+    missing = [k for k in keys if k not in data and k not in optional]
+    if missing:
+        raise ProfileError(f"{where} is missing {', '.join(missing)}")
+
+
+def profile_from_dict(data: Any, source: str = "profile") -> Profile:
+    """A :class:`Profile` from its JSON form, checked against the closed schema (every key
+    known, every value of its type and range); :class:`ProfileError` names what is wrong."""
+    _closed(data, {"format": str, "version": int, "runtime": dict, "overhead_ms": float, "ops": dict,
+                   "calibration": dict}, source, optional=("calibration",))
+    if data["format"] != FORMAT:
+        raise ProfileError(f"{source}: format must be {FORMAT!r}, not {data['format']!r}")
+    if data["version"] != VERSION:
+        raise ProfileError(f"{source}: version {data['version']!r} is not supported (this dnnshrink reads version "
+                           f"{VERSION}); make a new one with `dnnshrink calibrate`")
+    runtime = data["runtime"]
+    _closed(runtime, _RUNTIME_KEYS, f"{source}: runtime", optional=("version",))
+    for key in ("name", "device", "version"):
+        if key in runtime and not isinstance(runtime[key], str):
+            raise ProfileError(f"{source}: runtime.{key} must be a string, not {runtime[key]!r}")
+    for key in ("threads", "batch"):
+        _check_number(runtime[key], int, f"{source}: runtime.{key}")
+    ops_data = data["ops"]
+    _closed(ops_data, {k: dict for k in KINDS}, f"{source}: ops")
+    ops = {}
+    for kind in KINDS:
+        entry = ops_data[kind]
+        _closed(entry, _OP_KEYS, f"{source}: ops.{kind}")
+        values = {key: _check_number(entry[key], typ, f"{source}: ops.{kind}.{key}",
+                                     strict=key not in ("overhead_us",))
+                  for key, typ in _OP_KEYS.items()}
+        if values["channel_multiple"] < 1:
+            raise ProfileError(f"{source}: ops.{kind}.channel_multiple must be >= 1")
+        ops[kind] = OpConstants(**values)
+    overhead = _check_number(data["overhead_ms"], float, f"{source}: overhead_ms", strict=False)
+    calibration = data.get("calibration", {})
+    if not isinstance(calibration, Mapping):
+        raise ProfileError(f"{source}: calibration must be a mapping")
+    return Profile(dict(runtime), overhead, ops, dict(calibration))
+
+
+def load_profile(profile: Union[None, str, Path, Profile, Mapping] = None) -> Profile:
+    """The profile at ``profile`` (a path to its JSON), or the given :class:`Profile` or
+    mapping; ``None`` is the default one shipped with dnnshrink (onnxruntime CPU, 2
+    threads, batch 1)."""
+    if isinstance(profile, Profile):
+        return profile
+    if isinstance(profile, Mapping):
+        return profile_from_dict(profile)
+    path = Path(profile) if profile is not None else DEFAULT_PROFILE
+    if not path.is_file():
+        raise ProfileError(f"latency profile {path} does not exist; make one with `dnnshrink calibrate --out {path}`")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ProfileError(f"latency profile {path} is not readable JSON: {exc}") from exc
+    return profile_from_dict(data, str(path))
+
+
+def roofline_seconds(macs: np.ndarray, traffic: np.ndarray, peak: np.ndarray, bandwidth: np.ndarray,
+                     overhead: np.ndarray) -> np.ndarray:
+    """``max(macs / peak, bytes / bandwidth) + overhead`` (peak in MAC/s, bandwidth in B/s)."""
+    return np.maximum(macs / peak, traffic / bandwidth) + overhead
+
+
+class LatencyCost:
+    """The ``latency`` resource (milliseconds) for a :class:`LayerTable`, from a profile
+    (``profile=``: a path, a :class:`Profile`, or ``None`` for the default)."""
+
+    unit = "ms"
+
+    def __init__(self, table: LayerTable, profile: Union[None, str, Path, Profile] = None, **_: Any):
+        self.profile = load_profile(profile)
+        ops = self.profile.ops
+        kinds = [str(k) for k in table.op]
+        pick = (lambda attr, scale: np.array([getattr(ops[k], attr) * scale for k in kinds], dtype=np.float64))
+        self.peak, self.peak_unaligned = pick("peak_gmacs", 1e9), pick("peak_unaligned_gmacs", 1e9)
+        self.bandwidth, self.overhead = pick("bandwidth_gbs", 1e9), pick("overhead_us", 1e-6)
+        self.multiple = np.array([ops[k].channel_multiple for k in kinds], dtype=np.int64)
+        self.depthwise = table.depthwise
+        self.linear = np.array([k == "linear" for k in kinds], dtype=bool)
+        b = float(self.profile.batch)
+        self.macs_coef = b * table.coef
+        self.in_bytes = BYTES_PER_ELEMENT * b * table.in_positions
+        self.out_bytes = BYTES_PER_ELEMENT * b * table.out_positions
+        self.weight_bytes = BYTES_PER_ELEMENT * table.weights_per_pair
+        self.fixed = self.profile.overhead_ms
+        self.runtime = dict(self.profile.runtime)
+
+    @staticmethod
+    def calibrate(**options: Any) -> Profile:
+        """Measure a profile of a runtime (``dnnshrink calibrate``; see :mod:`.calibrate`)."""
+        from .calibrate import calibrate
+
+        return calibrate(**options)
+
+    def channel_multiples(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Per layer, the channel block of its input and output sides (``round_to: auto``).
+        A linear layer's runtime kernel has no block (its multiple is what was measured)."""
+        return self.multiple.copy(), self.multiple.copy()
+
+    def aligned(self, kept_in: np.ndarray, kept_out: np.ndarray) -> np.ndarray:
+        """Whether each layer's kept widths fit its block (an input narrower than the block,
+        such as an image's 3 channels, is read as it is and does not count)."""
+        m = self.multiple
+        out_ok = np.mod(kept_out, m) == 0
+        in_ok = (np.mod(kept_in, m) == 0) | (kept_in < m) | self.depthwise
+        return out_ok & in_ok | self.linear
+
+    def _terms(self, kept_in: np.ndarray, kept_out: np.ndarray) -> Tuple[np.ndarray, ...]:
+        kin = np.where(self.depthwise, kept_out, kept_in)  # a depthwise layer reads what it writes
+        macs = np.where(self.depthwise, self.macs_coef * kept_out, self.macs_coef * kin * kept_out)
+        weights = np.where(self.depthwise, self.weight_bytes * kept_out, self.weight_bytes * kin * kept_out)
+        traffic = self.in_bytes * kin + self.out_bytes * kept_out + weights
+        peak = np.where(self.aligned(kept_in, kept_out), self.peak, self.peak_unaligned)
+        return kin, macs, traffic, peak
+
+    def layer_costs(self, kept_in: np.ndarray, kept_out: np.ndarray) -> np.ndarray:
+        """Each layer's predicted milliseconds."""
+        _, macs, traffic, peak = self._terms(kept_in, kept_out)
+        return 1e3 * roofline_seconds(macs, traffic, peak, self.bandwidth, self.overhead)
+
+    def partials(self, kept_in: np.ndarray, kept_out: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """``(d ms / d kept_in, d ms / d kept_out)``: the bound side of the roofline (compute
+        or memory) at the current widths gives the derivative."""
+        kin, macs, traffic, peak = self._terms(kept_in, kept_out)
+        compute = macs / peak >= traffic / self.bandwidth
+        d_in = np.where(compute, self.macs_coef * kept_out / peak,
+                        (self.in_bytes + self.weight_bytes * kept_out) / self.bandwidth)
+        d_out_dense = np.where(compute, self.macs_coef * kin / peak,
+                               (self.out_bytes + self.weight_bytes * kin) / self.bandwidth)
+        d_out_dw = np.where(compute, self.macs_coef / peak,
+                            (self.in_bytes + self.out_bytes + self.weight_bytes) / self.bandwidth)
+        return 1e3 * np.where(self.depthwise, 0.0, d_in), 1e3 * np.where(self.depthwise, d_out_dw, d_out_dense)
