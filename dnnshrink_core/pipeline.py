@@ -281,6 +281,8 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
         baseline_score = distributed.on_main(test_baseline)
 
     writer = distributed.on_main(lambda: _tensorboard(out_dir, opts), share=False)
+    if writer is not None:
+        writer.add_scalar("score/baseline", baseline_score, 0)
     # rank 0 writes the checkpoint; every rank learns its name (or that writing it failed)
     on_epoch = ((lambda epoch: distributed.on_main(lambda: checkpoints.save_epoch(epoch, work.state_dict())))
                 if out_dir is not None else None)
@@ -305,9 +307,13 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
     masks = Masks({g.name: keep[g.units] for g in graph.groups}, graph)
 
     def generate() -> nn.Module:
+        if writer is not None:  # with the score after generation, this shows what generation changed
+            writer.add_scalar("score/after_structure_learning", _score(test(work), "test(model)"), epochs)
         model = build(work, graph, keep)
         if opts.compensate:
             fold_removed_channels(work, model, graph, keep, inputs, max_gamma=opts.threshold or 1e-2)
+        if writer is not None:
+            writer.add_scalar("score/after_generation", _score(test(model), "test(model)"), epochs)
         # sent to the other ranks from the CPU, so that each puts it on its own device
         return model.cpu() if distributed.active() else model
 
@@ -352,6 +358,8 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
         if out_dir is not None:
             result.files = _write_outputs(result, baseline, inputs, out_dir, opts)
         if writer is not None:
+            writer.add_scalar("score/after_fine_tuning" if opts.finetune else "score/shrunk", score, epochs)
+            writer.add_text("widths", _widths_text(graph, keep))
             writer.close()
         return score, report, result.files
 
@@ -480,6 +488,15 @@ def _tensorboard(out_dir: Optional[Path], opts: ShrinkOptions) -> Any:
         return None
     from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def _widths_text(graph: Any, keep: Any) -> str:
+    """The final width of every group, as a Markdown table for TensorBoard's text tab."""
+    rows = ["| group | width | kept of |", "|---|---:|---:|"]
+    for group in graph.groups:
+        if group.removable.any():
+            rows.append(f"| {group.name} | {int(keep[group.units].sum())} | {group.size} |")
+    return "\n".join(rows)
 
 
 def _summary_table(report: Report) -> str:

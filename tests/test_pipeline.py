@@ -83,7 +83,7 @@ def test_test_must_return_a_number():
 
 def test_existing_output_folder_is_not_overwritten(tmp_path):
     (tmp_path / "keep.txt").write_text("precious")
-    with pytest.raises(ds.DnnshrinkError, match="--force"):
+    with pytest.raises(ds.OutputExistsError, match="already exists and is not empty.*force=True"):
         shrink(Tiny(), X[:1], train_one_epoch=lambda m, lr: pytest.fail("no work before the check"),
                train=lambda m: None, test=lambda m: 1.0, out_dir=str(tmp_path), device="cpu")
     assert (tmp_path / "keep.txt").read_text() == "precious"
@@ -177,6 +177,7 @@ def test_broken_and_missing_config_files(tmp_path):
     assert run.returncode != 0 and "Traceback" in run.stderr
 
 
+@pytest.mark.heavy
 def test_demo_meets_its_goals(tmp_path):
     out = tmp_path / "demo"
     run = dnnshrink("demo", "--out", out, "--quiet")
@@ -265,6 +266,27 @@ def test_resume_after_structure_learning_goes_straight_to_generation(tmp_path):
     assert resumed.epochs == first.epochs
     assert all(np.array_equal(resumed.masks[g], first.masks[g]) for g in first.masks)
     assert resumed.report.extra["shrunk"]["macs"] == first.report.extra["shrunk"]["macs"]
+
+
+def test_tensorboard_shows_the_score_at_every_stage_and_the_widths(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scores = iter([0.9, 0.8, 0.7, 0.6])  # baseline, after learning, after generation, after fine-tuning
+    result = shrink(Tiny(), X[:1], train_one_epoch=regularizer_only_epoch, train=lambda m: None,
+                    test=lambda m: next(scores), target_macs=0.7, strength_scale=20.0, lr=0.01, max_epochs=100,
+                    device="cpu", progress=False, latency_runs=1, exporters=[], out_dir=str(tmp_path / "run"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0}).Reload()
+    value = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert value["score/baseline"] == pytest.approx([0.9])
+    assert value["score/after_structure_learning"] == pytest.approx([0.8])
+    assert value["score/after_generation"] == pytest.approx([0.7])
+    assert value["score/after_fine_tuning"] == pytest.approx([0.6]) and result.score == pytest.approx(0.6)
+    assert len(value["cost/estimated_macs"]) == result.epochs  # the cost, epoch by epoch
+    (text,) = events.Tensors("widths/text_summary")
+    table = text.tensor_proto.string_val[0].decode()
+    for group in result.masks.graph:
+        if group.removable.any():
+            assert f"| {group.name} | {int(result.masks[group.name].sum())} | {group.size} |" in table
 
 
 def test_divergence_names_the_epoch_and_the_last_checkpoint(tmp_path):
