@@ -7,10 +7,11 @@ import warnings
 import weakref
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 from torch import nn
 
 from .compensate import compensate as fold_removed_channels
-from .errors import ConfigError, NoBatchNormError, NothingRemovedWarning, PluginError
+from .errors import ConfigError, DnnshrinkWarning, NoBatchNormError, NothingRemovedWarning, PluginError
 from .generate import build, units_to_keep
 from .graph import ChannelGraph
 from .labels import LabelStore
@@ -83,8 +84,15 @@ def _has_batchnorm(model: nn.Module) -> bool:
 
 
 def alive_masks(model: nn.Module, example_inputs: Any, threshold: Optional[float] = 1e-2, *,
-                extractor: str = "threshold", **options: Any) -> Masks:
+                extractor: str = "threshold", round_to: Any = None, profile: Any = None, **options: Any) -> Masks:
     """Per-group keep masks by MorphNet's rule.
+
+    ``round_to``: ``None`` (or 1) keeps the alive count of every group; an int rounds each
+    group's count up to a multiple of it, and ``"auto"`` to the channel block the latency
+    ``profile`` measured for the group's layers (default profile: onnxruntime CPU), so the
+    runtime's fast kernels apply. Rounding keeps the next-best units by ``|gamma|``: dead
+    units carry zeros, so the generated network stays exact. A group whose rounded count
+    would exceed its size keeps its count, with a warning naming it (``masks.notes``).
 
     A channel unit lives if any BatchNorm source in it has ``|gamma| > threshold``
     (``threshold=None`` lets the extractor pick one in the gap of the ``|gamma|``
@@ -110,7 +118,42 @@ def alive_masks(model: nn.Module, example_inputs: Any, threshold: Optional[float
     if extract is None:
         raise PluginError(f"no mask extractor called {extractor!r} is loaded; `dnnshrink plugins` lists what is. "
                           "The default `threshold` comes with dnnshrink's `morphnet` plugin.")
-    return extract(graph, model, threshold=threshold, **options)
+    masks = extract(graph, model, threshold=threshold, **options)
+    if round_to is not None and round_to != 1:
+        masks = _rounded(graph, model, masks, round_to, profile)
+    return masks
+
+
+def _rounded(graph: ChannelGraph, model: nn.Module, masks: Masks, round_to: Any, profile: Any) -> Masks:
+    """``masks`` with each group's kept count rounded up to its multiple (see :func:`alive_masks`)."""
+    from .cost import resolve_round_to
+
+    if not (round_to == "auto" or (isinstance(round_to, numbers.Integral) and not isinstance(round_to, bool)
+                                   and round_to >= 1)):
+        raise ConfigError(f"alive_masks(): round_to must be None, an integer >= 1 or 'auto', not {round_to!r}")
+    multiples, notes = resolve_round_to(graph, model, round_to, profile)
+    multiples = np.broadcast_to(np.asarray(multiples, dtype=np.int64), (len(graph.groups),))
+    gammas = graph.unit_gammas(model)
+    keep = graph.units_from_masks(masks)
+    for group, m in zip(graph.groups, multiples):
+        units = group.units
+        n = int(keep[units].sum())
+        want = int(math.ceil(n / m) * m) if m > 1 else n
+        if want == n or n == group.size or not group.removable.any():  # whole or frozen: nothing to round
+            continue
+        spare = units[~keep[units] & graph.unit_removable[units]]
+        if want > n + len(spare):
+            notes.append(f"group {group.name!r} is too small to round: {n} of {group.size} channels kept, and the "
+                         f"next multiple of {m} is {want}")
+            continue
+        keep[spare[np.argsort(-gammas[spare], kind="stable")[:want - n]]] = True  # the next-best units
+    if notes:
+        warnings.warn("dnnshrink: round_to " + repr(round_to) + ": " + "; ".join(notes), DnnshrinkWarning,
+                      stacklevel=3)
+    result = Masks({g.name: keep[g.units] for g in graph.groups}, graph)
+    result.threshold = getattr(masks, "threshold", None)
+    result.notes = notes
+    return result
 
 
 def generate(model: nn.Module, example_inputs: Any, masks: Mapping[str, Any], *,

@@ -239,24 +239,29 @@ def check_reachable(target: Target, baseline: float, minimum: float, *, key: str
         else:
             why = (f"every removable channel group at its minimum width ({max(min_width, 1)} unit"
                    f"{'s' if min_width > 1 else ''})")
-        asked = f"{target}" if target.amount is not None else f"{target} ({amount:,.0f} {unit})"
+        asked = f"{target}" if target.amount is not None else f"{target} ({_fmt(amount)} {unit})"
         if minimum >= baseline * (1 - 1e-9):
             advice = ("Give the fraction 1, or make channels removable (a BatchNorm after each conv; "
                       "`dnnshrink inspect` shows the groups).")
         else:
             smallest = min(math.ceil(minimum / baseline * 1000) / 1000, 1.0)
             suggestion = _writable(minimum, unit, "up")
-            if Target.parse(suggestion.strip("'")).amount > baseline:  # rounding up went past the baseline
+            if Target.parse(suggestion.strip("'"), resource=target.resource).amount > baseline:  # rounding up went past the baseline
                 suggestion = f"'{math.ceil(minimum)} {unit}'"
             advice = f"Give a target of at least {suggestion} (or the fraction {smallest:g})."
         raise TargetError(
-            f"{key} {asked} is below the smallest network this model can become: {minimum:,.0f} {unit} "
-            f"({minimum / baseline:.1%} of the baseline's {baseline:,.0f}), with {why}. {advice}")
+            f"{key} {asked} is below the smallest network this model can become: {_fmt(minimum)} {unit} "
+            f"({minimum / baseline:.1%} of the baseline's {_fmt(baseline)}), with {why}. {advice}")
     if amount > baseline * (1 + 1e-9) and not grows:
         raise TargetError(
-            f"{key} {target} is above the baseline's {baseline:,.0f} {unit}; the {algorithm} algorithm only "
+            f"{key} {target} is above the baseline's {_fmt(baseline)} {unit}; the {algorithm} algorithm only "
             f"removes channels. Give at most {_writable(baseline, unit, 'down')}, or a fraction in (0, 1].")
     return amount
+
+
+def _fmt(amount: float) -> str:
+    """``1,234,567`` for counts; ``0.0624`` for small amounts such as milliseconds."""
+    return f"{amount:,.0f}" if amount >= 100 else f"{amount:.4g}"
 
 
 def _number(value: Any) -> Optional[float]:

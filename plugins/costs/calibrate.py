@@ -57,13 +57,13 @@ def sweep_chains() -> List[List[Op]]:
     chains = []
     chains += _pairs("pointwise", [(16, 96, 112), (32, 192, 56), (64, 256, 56), (128, 512, 28), (96, 576, 14),
                                    (256, 1024, 14), (160, 960, 7), (512, 2048, 7)])
-    chains += _pairs("pointwise", [(30, 190, 56), (60, 250, 56), (120, 500, 28), (90, 570, 14), (250, 1000, 14),
+    chains += _pairs("pointwise", [(30, 190, 56), (58, 250, 56), (122, 502, 28), (90, 570, 14), (250, 1002, 14),
                                    (150, 950, 7)])
     chains += _pairs("conv", [(64, 64, 56), (128, 128, 28), (256, 256, 14), (512, 512, 7)], reps=1)
-    chains += _pairs("conv", [(60, 60, 56), (120, 120, 28), (250, 250, 14), (500, 500, 7)], reps=1)
+    chains += _pairs("conv", [(62, 62, 56), (122, 122, 28), (250, 250, 14), (502, 502, 7)], reps=1)
     chains += _pairs("depthwise", [(32, 112, 3), (96, 112, 3), (144, 56, 3), (192, 28, 3), (384, 14, 3),
                                    (960, 7, 3), (240, 14, 5), (672, 7, 5)])
-    chains += _pairs("depthwise", [(100, 56, 3), (150, 28, 3), (380, 14, 3), (950, 7, 3), (250, 14, 5)])
+    chains += _pairs("depthwise", [(98, 56, 3), (150, 28, 3), (382, 14, 3), (950, 7, 3), (250, 14, 5)])
     chains += _pairs("linear", [(512, 1000), (1280, 1000), (2048, 1000), (576, 1024)])
     chains += [[("conv", 3, 32, 224, 3, 2)], [("conv", 3, 64, 224, 7, 2)], [("pointwise", 64, 64, 14, 1, 1)],
                [("depthwise", 64, 64, 7, 3, 1)], [("linear", 256, 256, 1, 1, 1)]]
@@ -110,12 +110,17 @@ class OnnxBackend:
         return session(model, self.threads), {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
 
     def prepare_network(self, model: Any, x: Any, folder: Path, name: str) -> Tuple[Any, dict]:
-        from dnnshrink_core.export import export
+        import torch
 
         path = folder / f"{name}.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            export(model, x, "onnx", path)
+            try:  # TorchScript export: a few times faster than the dynamo one, the same graph once optimised
+                torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17)
+            except Exception:
+                from dnnshrink_core.export import export
+
+                export(model, x, "onnx", path)
         s = session(str(path), self.threads)
         return s, {s.get_inputs()[0].name: x.numpy()}
 
@@ -176,37 +181,35 @@ class TorchBackend:
 
 
 # --- the steps ----------------------------------------------------------------------------
-def measure_blocks(backend: Any, rounds: int = 8, runs: int = 3, ratio: float = 1.5) -> Dict[str, Dict[str, Any]]:
-    """Per op kind, the measured channel block (see the module's step 1) and the per-unit
-    times it was decided from (µs per MAC·1e3 for dense kinds, per channel for depthwise)."""
-    widths = {"aligned": [64, 128], "unaligned": [65], 4: [68], 8: [72], 16: [80], 32: [96]}
+def measure_blocks(backend: Any, rounds: int = 12, runs: int = 3, ratio: float = 1.2) -> Dict[str, Dict[str, Any]]:
+    """Per op kind, the measured channel block (see the module's step 1) and the ratios it
+    was decided from.
+
+    For each candidate ``m`` a width that is an odd multiple of ``m`` (68, 72, 80, 96, 128 for
+    4…64) is timed next to the width one above it (never aligned); ``m`` *fits* when the
+    aligned width is at least ``ratio`` times faster per unit. The block is the smallest
+    ``m`` that fits while the median over it and every larger candidate fits too (one
+    noisy probe does not decide); 1 when none does (the runtime has no block).
+    """
+    probes = {4: 68, 8: 72, 16: 80, 32: 96, 64: 128}
     kinds = {"pointwise": (1, 4), "depthwise": (3, 4), "conv": (3, 2)}
-    prepared, keys = {}, []
-    for kind, (k, n) in kinds.items():
-        for label, ws in widths.items():
-            for w in ws:
-                prepared[f"{kind}:{w}"] = backend.prepare([(kind, w, w, 56, k, 1)] * n)
-                keys.append((kind, label, w))
+    prepared = {f"{kind}:{w + d}": backend.prepare([(kind, w + d, w + d, 56, k, 1)] * n)
+                for kind, (k, n) in kinds.items() for w in probes.values() for d in (0, 1)}
     timed = backend.time(prepared, rounds, runs)
     result = {}
     for kind in kinds:
-        per_unit = {}
-        for k2, label, w in keys:
-            if k2 == kind:
-                units = w if kind == "depthwise" else w * w
-                per_unit[w] = timed[f"{kind}:{w}"][0] / units
-        best = min(per_unit[w] for w in widths["aligned"])
-        slow_unaligned = per_unit[65] > ratio * best
+        def per_unit(w: int) -> float:
+            return timed[f"{kind}:{w}"][0] / (w if kind == "depthwise" else w * w)
+
+        ratios = {m: per_unit(w + 1) / per_unit(w) for m, w in probes.items()}
         multiple = 1
-        if slow_unaligned:
-            multiple = 64
-            for m in sorted(CANDIDATES, reverse=True)[1:]:  # the smallest m whose widths (and larger) stay fast
-                if per_unit[widths[m][0]] <= ratio * best:
-                    multiple = m
-                else:
-                    break
+        for m in sorted(probes):
+            larger = [ratios[c] for c in probes if c >= m]
+            if ratios[m] >= ratio and float(np.median(larger)) >= ratio:
+                multiple = m
+                break
         result[kind] = {"channel_multiple": multiple,
-                        "relative_time_per_unit": {str(w): round(t / best, 3) for w, t in sorted(per_unit.items())}}
+                        "slowdown_one_above": {str(probes[m]): round(r, 2) for m, r in ratios.items()}}
     return result
 
 
@@ -229,9 +232,14 @@ def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Di
     flat_aligned = np.array([a for r in rows for *_, a in r], dtype=bool)
     sample_of = np.array([s for s, r in enumerate(rows) for _ in r])
 
+    # one bandwidth for the convolutions (the same memory system moves their activations;
+    # 3×3 convs are compute-bound at every realistic shape, so a bandwidth of their own would
+    # be unidentified and could wander), one for linear layers (streaming their weights)
+    bw_of = np.array([1 if kind == "linear" else 0 for kind in KINDS])
+
     def unpack(theta: np.ndarray) -> Tuple[np.ndarray, ...]:
-        peak, peak_un, bw = np.exp(theta[0:n]), np.exp(theta[n:2 * n]), np.exp(theta[2 * n:3 * n])
-        overhead, per_run = theta[3 * n:4 * n], theta[4 * n]
+        peak, peak_un, bw = np.exp(theta[0:n]), np.exp(theta[n:2 * n]), np.exp(theta[2 * n:2 * n + 2])[bw_of]
+        overhead, per_run = theta[2 * n + 2:3 * n + 2], theta[3 * n + 2]
         return peak, peak_un, bw, overhead, per_run
 
     def predict(theta: np.ndarray) -> np.ndarray:
@@ -245,10 +253,10 @@ def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Di
 
     best = None
     for peak0, bw0 in ((50e9, 20e9), (20e9, 5e9), (100e9, 50e9)):  # a few starts: the max() has kinks
-        theta0 = np.r_[np.full(n, math.log(peak0)), np.full(n, math.log(peak0 / 4)), np.full(n, math.log(bw0)),
+        theta0 = np.r_[np.full(n, math.log(peak0)), np.full(n, math.log(peak0 / 4)), np.full(2, math.log(bw0)),
                        np.full(n, 5e-6), 20e-6]
-        lower = np.r_[np.full(3 * n, math.log(1e6)), np.zeros(n + 1)]
-        upper = np.r_[np.full(3 * n, math.log(1e14)), np.full(n + 1, 1e-2)]
+        lower = np.r_[np.full(2 * n + 2, math.log(1e6)), np.zeros(n + 1)]
+        upper = np.r_[np.full(2 * n + 2, math.log(1e14)), np.full(n + 1, 1e-2)]
         result = least_squares(residual, theta0, bounds=(lower, upper), x_scale="jac")
         if best is None or result.cost < best.cost:
             best = result
