@@ -1,0 +1,153 @@
+"""Structures chosen by the FLOP cost and by the calibrated latency cost, with and without
+``round_to: auto``, timed with onnxruntime.
+
+For ResNet-50 and MobileNetV2 (torchvision, weights=None) every variant uses the same
+algorithm and the same masks source, so only the cost model and the rounding differ:
+magnitude ranking (L1 norm of each unit's filters, normalised per group) divided by the
+unit's share of the cost (its per-unit weight under that cost: MACs or predicted latency),
+units dropped in that order down to the geometric midpoint of the budget, then MorphNet's
+width multiplier scales the structure to the budget (rounded to the profile's channel
+blocks with ``auto``), with the floor at half the uniform width as in ``morphnet``.
+
+* equal MACs: every variant at ``--macs`` of the baseline's MACs;
+* equal latency: the FLOP and latency costs at ``--latency`` of the baseline's predicted
+  latency (``round_to: auto``), MACs kept reported.
+
+Timing: onnxruntime CPU, the profile's threads (2), batch 1, variants interleaved in
+blocks, fastest and median of all timed runs.
+
+    python bench/bench_latency_cost.py [--macs 0.3] [--latency 0.4] [--rounds 15] [--runs 6]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+import dnnshrink_core as ds
+from dnnshrink_core.cost import CostModel, resolve_round_to
+from dnnshrink_core.timing import fastest_and_median, interleaved_times, session
+from dnnshrink_plugins.morphnet.structure import scale_to_budget, width_floors
+
+
+def magnitude(model, costs: CostModel, graph) -> np.ndarray:
+    """Per unit, the mean |w| of the filters that make it, normalised by its group's mean."""
+    scores = np.zeros(graph.num_units)
+    for layer in costs.layers:
+        owner, _, attr = layer.weight.rpartition(".")
+        w = getattr(model.get_submodule(owner), attr).detach().abs().flatten(1).mean(1).numpy()
+        np.add.at(scores, layer.out_units, w[: len(layer.out_units)])
+    for group in graph.groups:
+        mean = scores[group.units].mean()
+        if mean > 0:
+            scores[group.units] /= mean
+    return scores
+
+
+def structure(graph, scores, chooser: CostModel, budget_costs: CostModel, budget: float, multiple) -> np.ndarray:
+    """Drop units by magnitude per unit of ``chooser``'s cost down to the budget's geometric
+    midpoint (in ``budget_costs``), then one width multiplier to the budget."""
+    removable = graph.unit_removable
+    ones = np.ones(graph.num_units, dtype=bool)
+    weights = chooser.unit_weights(ones)
+    ranking = scores / np.maximum(weights / weights[removable].mean(), 1e-12)
+    midpoint = budget_costs.initial * (budget / budget_costs.initial) ** 0.5
+    candidates = np.flatnonzero(removable)
+    candidates = candidates[np.argsort(ranking[candidates], kind="stable")]
+    best = {g.name: g.units[np.argmax(scores[g.units])] for g in graph.groups}
+    protected = np.zeros(graph.num_units, dtype=bool)
+    protected[list(best.values())] = True
+    candidates = candidates[~protected[candidates]]
+
+    def dropped(k: int) -> np.ndarray:
+        keep = ones.copy()
+        keep[candidates[:k]] = False
+        return keep
+
+    low, high = 0, len(candidates)
+    while low < high:
+        mid = (low + high) // 2
+        if budget_costs.cost(dropped(mid)) <= midpoint:
+            high = mid
+        else:
+            low = mid + 1
+    learned = dropped(low)
+    floors = width_floors(graph, budget_costs.cost, budget, ~graph.unit_frozen, 0.5)
+    return scale_to_budget(graph, learned, scores, budget_costs.cost, budget, 1, multiple, floors)
+
+
+def export(model, x, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17)
+        except Exception:
+            ds.export(model, x, "onnx", path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2"])
+    parser.add_argument("--macs", type=float, default=0.3)
+    parser.add_argument("--latency", type=float, default=0.4)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=6)
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    warnings.simplefilter("ignore")
+    x = torch.randn(1, 3, 224, 224)
+    rows = []
+    print(f"1-minute load average at the start: {os.getloadavg()[0]:.2f}")
+    for name in args.models:
+        model = torchvision.models.get_model(name, weights=None).eval()
+        graph = ds.trace(model, x)
+        flops, latency = CostModel(graph, model, "flops"), CostModel(graph, model, "latency")
+        scores = magnitude(model, flops, graph)
+        auto, _ = resolve_round_to(graph, model, "auto")
+        variants = {"baseline": np.ones(graph.num_units, dtype=bool)}
+        for chooser_name, chooser in (("flops", flops), ("latency", latency)):
+            for rounding, multiple in (("1", 1), ("auto", auto)):
+                variants[f"{chooser_name} cost, round_to {rounding} @MACs"] = structure(
+                    graph, scores, chooser, flops, args.macs * flops.initial, multiple)
+            variants[f"{chooser_name} cost, round_to auto @latency"] = structure(
+                graph, scores, chooser, latency, args.latency * latency.initial, auto)
+        with tempfile.TemporaryDirectory() as tmp:
+            sessions, feeds = {}, {}
+            for label, keep in variants.items():
+                net = model if label == "baseline" else ds.generate(model, x, {g.name: keep[g.units] for g in graph})
+                path = Path(tmp) / f"{len(sessions)}.onnx"
+                export(net, x, path)
+                sessions[label] = session(str(path), 2)
+                feeds[label] = {sessions[label].get_inputs()[0].name: x.numpy()}
+            timed = fastest_and_median(interleaved_times(sessions, feeds, args.rounds, args.runs))
+        base_fast, base_med = timed["baseline"]
+        for label, keep in variants.items():
+            fast, med = timed[label]
+            macs = flops.cost(keep)
+            cut = flops.initial / macs
+            rows.append({"model": name, "variant": label, "macs_kept": macs / flops.initial,
+                         "predicted_ms": latency.cost(keep), "fastest_ms": 1e3 * fast, "median_ms": 1e3 * med,
+                         "speedup_fastest": base_fast / fast, "speedup_median": base_med / med, "macs_cut": cut,
+                         "efficiency_fastest": base_fast / fast / cut, "efficiency_median": base_med / med / cut})
+    print(f"{'model':<13}{'variant':<38}{'MACs kept':>10}{'pred ms':>9}{'fast ms':>9}{'med ms':>9}"
+          f"{'speed-up':>10}{'MACs cut':>10}{'eff.':>7}{'eff.med':>8}")
+    for r in rows:
+        print(f"{r['model']:<13}{r['variant']:<38}{r['macs_kept']:>10.3f}{r['predicted_ms']:>9.2f}"
+              f"{r['fastest_ms']:>9.2f}{r['median_ms']:>9.2f}{r['speedup_fastest']:>9.2f}x{r['macs_cut']:>9.2f}x"
+              f"{r['efficiency_fastest']:>7.2f}{r['efficiency_median']:>8.2f}")
+    print(f"1-minute load average at the end: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
