@@ -208,16 +208,41 @@ def _param_paths(model: nn.Module, graph: fx.Graph, constants: Dict[str, Any]) -
     return paths
 
 
-def eval_graph_module(model: nn.Module) -> fx.GraphModule:
+def eval_graph_module(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
     """The model's eval-mode fx graph as a GraphModule, traced with the plugins' leaf rules.
 
     Tensor constants fx lifts out of ``forward`` are copied into the GraphModule and not left
-    on ``model``.
+    on ``model``. When torch.fx cannot follow ``forward`` and ``example_inputs`` are given, the
+    graph is recorded by running the model on them (:mod:`dnnshrink_core.recording`), so it
+    is specialised to their shapes; the GraphModule's ``dnnshrink_specialized`` says so.
     """
-    tracer = _Tracer(get_plugin_manager(), ())
-    with model_mode(model, training=False), _restoring_attributes(model):
-        graph = tracer.trace(model)
-        return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    pm = get_plugin_manager()
+    tracer = _Tracer(pm, ())
+    try:
+        with model_mode(model, training=False), _restoring_attributes(model):
+            graph = tracer.trace(model)
+            module = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+            module.dnnshrink_specialized = False
+            return module
+    except Exception:  # fx raises many types; all mean "cannot trace symbolically"
+        if example_inputs is None:
+            raise
+    with model_mode(model, training=False):
+        graph, _, constants, _ = record(model, normalize_inputs(example_inputs), _Tracer(pm, ()))
+    owned: Dict[str, Any] = dict(constants)
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in owned:
+            owned[node.target] = _fetch(model, node.target)
+    module = fx.GraphModule(owned, graph, class_name=type(model).__name__)
+    module.dnnshrink_specialized = True
+    return module
+
+
+def _fetch(model: nn.Module, target: str) -> Any:
+    value: Any = model
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _attribute_names(model: nn.Module) -> Tuple[frozenset, ...]:

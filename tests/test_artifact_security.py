@@ -513,3 +513,33 @@ def test_forged_files_load_nothing_from_the_original_model(good):
     kinds = {type(m) for m in loaded.modules()} - {type(loaded), nn.Module}
     assert kinds <= set(allowlist.LAYER_CLASSES.values()), kinds
     assert copy.deepcopy(loaded) is not None
+
+
+class ShapeDependent(nn.Module):
+    """forward reads the input's size into Python (timm's "same" padding): fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.up = nn.Upsample(scale_factor=2.0)
+        # a library's own tags on a torch.nn layer (as ultralytics does), one not even storable
+        self.up.f, self.up.i, self.up.type, self.up.hook = -1, 7, "torch.nn.Upsample", print
+
+    def forward(self, x):
+        if x.shape[-1] % 2:  # Python control flow on a size
+            x = torch.nn.functional.pad(x, (0, 1, 0, 1))
+        return self.up(self.bn(self.conv(x)))
+
+
+def test_a_network_fx_cannot_trace_is_recorded_on_its_example_and_keeps_that_shape(tmp_path):
+    model, x = ShapeDependent().eval(), torch.randn(2, 3, 9, 9)
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)
+    result = ds.export(model, x, "pytorch", tmp_path / "s.dnnshrink")
+    loaded = ds.load(result["path"])
+    assert loaded.dnnshrink_manifest["specialized"] is True
+    with torch.no_grad():
+        assert max_relative_error(model(x), loaded(x)) < 1e-6
+    with pytest.raises(ValueError, match=r"specialised to the example input .*\(2, 3, 9, 9\)"):
+        loaded(torch.randn(2, 3, 12, 12))
+    assert not hasattr(loaded.up, "hook") and loaded.up.scale_factor == 2.0  # the library's tags stay behind

@@ -47,6 +47,7 @@ from torch import fx, nn
 from dnnshrink_core import __version__
 from dnnshrink_core.errors import ArtifactError, ExportError
 from dnnshrink_core.fileio import atomic_write, sha256_bytes
+from dnnshrink_core.recording import InputShapeCheck
 from dnnshrink_core.tracing import eval_graph_module, normalize_inputs
 
 from . import allowlist
@@ -60,7 +61,8 @@ MAX_NODES = 100_000
 MAX_NESTING = 32
 WEIGHTS_OVERHEAD_PER_TENSOR = 1024
 WEIGHTS_OVERHEAD = 64 << 10
-_MANIFEST_KEYS = {"format", "dnnshrink", "torch", "class_name", "inputs", "members", "tensors", "signature"}
+_MANIFEST_KEYS = {"format", "dnnshrink", "torch", "class_name", "inputs", "specialized", "members", "tensors",
+                  "signature"}
 _NODE_KEYS = {"op", "name", "target", "args", "kwargs"}
 _SPEC_KEYS = {"class", "attrs", "params", "buffers", "children"}
 _MODULE_BASE_ATTRS = frozenset(vars(nn.Module()))
@@ -297,15 +299,15 @@ def _module_spec(module: nn.Module, prefix: str, tensors: Dict[str, torch.Tensor
         raise ExportError(f"layer `{prefix}` is a {_qualname(cls)}; the pytorch artifact stores only the torch.nn "
                           "layers on dnnshrink's list (so it loads without your source and runs no code of the "
                           "file's). Export to ONNX instead.")
-    attrs = {}
+    attrs, unstorable = {}, {}
     for key, value in vars(module).items():
         if key in _MODULE_BASE_ATTRS:
             continue
         try:
             attrs[key] = _encode(value)
         except ExportError as exc:
-            raise ExportError(f"layer `{prefix}` ({cls.__name__}) has attribute {key!r} that cannot be stored: "
-                              f"{exc}") from exc
+            unstorable[key] = ExportError(f"layer `{prefix}` ({cls.__name__}) has attribute {key!r} that cannot "
+                                          f"be stored: {exc}")
     params, buffers = [], []
     for pname, p in module._parameters.items():
         if p is not None:
@@ -317,7 +319,16 @@ def _module_spec(module: nn.Module, prefix: str, tensors: Dict[str, torch.Tensor
         buffers.append([bname, None if b is None else bname not in module._non_persistent_buffers_set])
     children = {cname: _module_spec(child, f"{prefix}.{cname}", tensors, top=False)
                 for cname, child in module._modules.items() if child is not None}
-    return {"class": name, "attrs": attrs, "params": params, "buffers": buffers, "children": children}
+    spec = {"class": name, "attrs": attrs, "params": params, "buffers": buffers, "children": children}
+    made = _made_attributes(spec, prefix) if top else None
+    if made is not None:
+        # libraries tag torch.nn layers with attributes of their own (ultralytics: ``f``, ``i``,
+        # ``type``…) that a torch.nn layer's forward never reads: they are not stored
+        spec["attrs"] = {k: v for k, v in attrs.items() if k in made}
+        unstorable = {k: e for k, e in unstorable.items() if k in made}
+    if unstorable:
+        raise next(iter(unstorable.values()))
+    return spec
 
 
 def _present(spec: Dict[str, Any], name: str) -> bool:
@@ -331,29 +342,44 @@ _DERIVED_SETTINGS = {
 }
 
 
-def _build_layer(spec: Dict[str, Any], prefix: str, tensors: Dict[str, torch.Tensor]) -> nn.Module:
-    """Call the listed class's constructor with the stored settings (on ``meta``: nothing is
-    allocated), then check that every stored setting, parameter and buffer matches it."""
+def _construct(spec: Dict[str, Any], prefix: str) -> nn.Module:
+    """Call the listed class's constructor with the stored settings, on ``meta`` (nothing is
+    allocated)."""
     cls = allowlist.layer_class(spec["class"])
-    settings = {k: _decode(v, {}) for k, v in spec["attrs"].items()}
+    settings = spec["attrs"]
     kwargs: Dict[str, Any] = {}
     for param in list(inspect.signature(cls.__init__).parameters.values())[1:]:
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or param.name in ("device", "dtype"):
             continue
         if param.name in settings:
-            kwargs[param.name] = settings[param.name]
+            kwargs[param.name] = _decode(settings[param.name], {})
         elif param.name in _DERIVED_SETTINGS:
             kwargs[param.name] = _DERIVED_SETTINGS[param.name](spec)
         elif param.default is param.empty:
             raise ArtifactError(f"layer `{prefix}` ({spec['class']}) lacks the setting {param.name!r}")
     try:
         with torch.device("meta"):
-            module = cls(**kwargs)
+            return cls(**kwargs)
     except Exception as exc:
         raise ArtifactError(f"layer `{prefix}` ({spec['class']}) has settings its constructor refuses "
                             f"({type(exc).__name__}: {exc})") from exc
+
+
+def _build_layer(spec: Dict[str, Any], prefix: str, tensors: Dict[str, torch.Tensor]) -> nn.Module:
+    """A layer built by its own constructor, every stored setting, parameter and buffer
+    checked against it."""
+    module = _construct(spec, prefix)
     _fill(module, spec, prefix, tensors, top=True)
     return module
+
+
+def _made_attributes(spec: Dict[str, Any], prefix: str) -> Optional[Set[str]]:
+    """The attributes the layer's constructor makes from ``spec``'s settings (None if it
+    refuses them: the check that follows says why)."""
+    try:
+        return set(vars(_construct(spec, prefix))) - _MODULE_BASE_ATTRS
+    except ArtifactError:
+        return None
 
 
 def _fill(module: nn.Module, spec: Dict[str, Any], prefix: str, tensors: Dict[str, torch.Tensor],
@@ -509,7 +535,7 @@ def save_artifact(model: nn.Module, example_inputs: Any, path: Path, sign_key: O
     """
     key = None if sign_key is None else _key_bytes(sign_key, "sign_key")
     inputs = normalize_inputs(example_inputs)
-    gm = eval_graph_module(model)
+    gm = eval_graph_module(model, inputs)  # recorded on the inputs where torch.fx cannot follow forward
     tensors: Dict[str, torch.Tensor] = {}
     nodes: List[Dict[str, Any]] = []
     modules: Dict[str, Any] = {}
@@ -549,6 +575,10 @@ def save_artifact(model: nn.Module, example_inputs: Any, path: Path, sign_key: O
         "format": FORMAT, "dnnshrink": __version__, "torch": torch.__version__,
         "class_name": type(model).__name__ if allowlist.is_identifier(type(model).__name__) else "Shrunk",
         "inputs": [list(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs],
+        # a graph recorded by running (now, or when the network was generated) holds the inputs'
+        # sizes as literals: other shapes are refused
+        "specialized": bool(getattr(gm, "dnnshrink_specialized", False)) or any(
+            isinstance(hook, InputShapeCheck) for hook in model._forward_pre_hooks.values()),
         "members": {name: {"sha256": sha256_bytes(data), "size": len(data)} for name, data in payload.items()},
         "tensors": table,
     }
@@ -605,6 +635,12 @@ def _check_manifest(manifest: Any, path: Path) -> Dict[str, Any]:
               and isinstance(entry["size"], int) and not isinstance(entry["size"], bool) and entry["size"] >= 0)
         if not ok:
             raise ArtifactError(f"{path}: the manifest's entry for {name} needs a SHA-256 and a size")
+    inputs = manifest.get("inputs")
+    if not (isinstance(inputs, list) and all(x is None or (isinstance(x, list) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in x)) for x in inputs)):
+        raise ArtifactError(f"{path}: the manifest's input shapes are malformed")
+    if not isinstance(manifest.get("specialized", False), bool):
+        raise ArtifactError(f"{path}: the manifest's `specialized` must be true or false")
     if not allowlist.is_identifier(manifest.get("class_name")):
         raise ArtifactError(f"{path}: the manifest's class name is not a plain identifier")
     return members
@@ -676,4 +712,6 @@ def load_artifact(path: Path, verify_key: Optional[Key] = None) -> fx.GraphModul
         raise ArtifactError(f"{path} holds an inconsistent graph ({type(exc).__name__}: {exc})") from exc
     module.eval()
     module.dnnshrink_manifest = manifest
+    if manifest.get("specialized") is True:
+        module.register_forward_pre_hook(InputShapeCheck(manifest["inputs"]))
     return module

@@ -129,7 +129,7 @@ def build_digraph(model: nn.Module, baseline: Optional[nn.Module] = None, fmt: s
     """
     import graphviz
 
-    gm = eval_graph_module(model)
+    gm = eval_graph_module(model, example_inputs)
     macs_after: Dict[str, int] = {}
     macs_before: Dict[str, int] = {}
     if example_inputs is not None and channel_graph is None:
