@@ -239,6 +239,15 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
     round_to, round_notes = resolve_round_to(graph, work, opts.round_to, opts.profile)
     for note in round_notes:
         _step(f"round_to {opts.round_to}: {note}")
+    if opts.round_to == "auto" and not isinstance(round_to, int):
+        # a target below the smallest rounded network, but not below the unrounded one: keep the
+        # target (the user's word) and give up the rounding, saying so
+        rounded_min, plain_min = (smallest_cost(graph, costs, opts.min_width, r) for r in (round_to, 1))
+        if goal.absolute(costs.initial) < rounded_min * (1 - 1e-9) <= rounded_min and \
+                goal.absolute(costs.initial) >= plain_min * (1 - 1e-9):
+            round_to, round_notes = 1, ["the target is below the smallest network with widths rounded to the "
+                                        "runtime's blocks: widths are not rounded"]
+            _step(f"round_to auto: {round_notes[0]}")
     opts = dataclasses.replace(opts, round_to=round_to)
     target = check_reachable(goal, costs.initial, smallest_cost(graph, costs, opts.min_width, opts.round_to),
                              key="target" if opts.target is not None else "target_macs", algorithm=opts.algorithm,

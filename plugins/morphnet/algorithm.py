@@ -145,6 +145,10 @@ class Slimming:
         gammas = ctx.graph.unit_gammas(ctx.model)
         keep = ctx.costs.cheapest_first(np.ones(ctx.graph.num_units, dtype=bool), gammas, ctx.target)
         keep = enforce_widths(ctx.graph, keep, gammas, opts.min_width, opts.round_to)
+        if ctx.costs.cost(keep) > ctx.target:  # rounding up went past the target: scale down, still rounded
+            floors = width_floors(ctx.graph, ctx.costs.cost, ctx.target, ctx.graph.unit_removable, 0.0, opts.min_width)
+            keep = scale_to_budget(ctx.graph, keep, gammas, ctx.costs.cost, ctx.target, opts.min_width, opts.round_to,
+                                   floors)
         return LearnResult(keep, epochs, {"regularizer": "slimming_l1", "strength": reg.strength})
 
 
