@@ -222,9 +222,8 @@ def group_multiples(graph: ChannelGraph, layer_multiples: Tuple[np.ndarray, np.n
 
     ``layer_multiples`` is ``(per-layer multiple on the input side, on the output side)``
     (from the latency profile: the channel block the runtime's kernels need). A group takes
-    the largest multiple among the layer sides that read or write it; a group with fewer
-    removable units than its multiple keeps its count unrounded (rounding would keep it
-    whole or could not be met), and a note says so.
+    the largest multiple among the layer sides that read or write it; a group no wider than
+    its multiple keeps its count unrounded (rounding would keep it whole), and a note says so.
     """
     mult_in, mult_out = layer_multiples
     per_unit = np.ones(graph.num_units, dtype=np.int64)
@@ -236,9 +235,9 @@ def group_multiples(graph: ChannelGraph, layer_multiples: Tuple[np.ndarray, np.n
     for g, group in enumerate(graph.groups):
         m = int(per_unit[group.units].max()) if group.size else 1
         removable = int(group.removable.sum())
-        if m > 1 and removable and group.size < m:
-            notes.append(f"group {group.name!r} has {group.size} channels, fewer than the runtime's block of {m}: "
-                         "its width is kept unrounded")
+        if m > 1 and removable and group.size <= m:  # one block or less: rounding would keep it whole
+            notes.append(f"group {group.name!r} has {group.size} channels, no more than the runtime's block of "
+                         f"{m}: its width is kept unrounded")
             m = 1
         multiples[g] = m
     return multiples, notes
