@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 from torch import nn
 
+from . import distributed
 from .cost import CostModel
 from .graph import ChannelGraph
 
@@ -45,6 +46,13 @@ class LearnContext:
         """Tell the pipeline an epoch finished cleanly (it writes a checkpoint)."""
         if self.on_epoch is not None:
             self.last_good = self.on_epoch(epoch)
+
+    @staticmethod
+    def agree(decision: bool) -> bool:
+        """Rank 0's ``decision`` on every rank (as is, in one process). Under torchrun every rank
+        must run the same epochs: a rank that stopped on its own would wait forever for the
+        others; if their copies drifted apart, the mask check after learning says so."""
+        return bool(distributed.broadcast(bool(decision))) if distributed.active() else bool(decision)
 
     last_good: Any = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,9 @@ import torch
 
 import dnnshrink_core as ds
 from dnnshrink_core import distributed
+
+# every torchrun here runs on one xdist worker, one after the other: two at once would need four cores
+pytestmark = [pytest.mark.xdist_group("torchrun"), pytest.mark.heavy]
 
 # Each rank records what it was given; test() may only run on rank 0.
 FUNCTIONS = '''
@@ -107,18 +111,28 @@ def read_calls(calls, rank):
     return [tuple(json.loads(line)) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_run_under_torchrun_trains_every_rank_under_ddp(tmp_path):
-    config, calls, env = setup_run(tmp_path)
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """One run under torchrun that several tests read: trains every rank (baseline, five
+    structure-learning epochs, fine-tuning), exports, and keeps its checkpoints."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    config, calls, env = setup_run(tmp_path, max_epochs=5, strength_scale=1e-6)
     run = torchrun("run", config, "--out", tmp_path / "out", "--quiet", env=env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return tmp_path, config, calls, run
+
+
+def test_run_under_torchrun_trains_every_rank_under_ddp(ddp_run):
+    tmp_path, _, calls, run = ddp_run
     rank0, rank1 = read_calls(calls, 0), read_calls(calls, 1)
     training = [c for c in rank0 if c[0] != "test"]
     # the user's training ran on both ranks, in step, always on the DDP wrapper
     assert training == rank1 and len(training) >= 3
     assert {c[1] for c in training} == {"DistributedDataParallel"}
     assert [c[0] for c in training][0] == "train" and [c[0] for c in training][-1] == "train"
-    # test() only on rank 0, with the plain model (baseline, then the shrunk one)
-    assert [c for c in rank0 if c[0] == "test"] == [("test", "Net"), ("test", "Net")]
+    # test() only on rank 0, with the plain model: the baseline, then for TensorBoard the learned and
+    # the generated model, then the fine-tuned one
+    assert [c for c in rank0 if c[0] == "test"] == [("test", "Net")] * 4
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["distributed"]["world_size"] == 2
     first, second = report["distributed"]["mask_digests"]
@@ -126,6 +140,7 @@ def test_run_under_torchrun_trains_every_rank_under_ddp(tmp_path):
     assert report["shrunk"]["macs"] < report["baseline"]["macs"]
     loaded = ds.load(tmp_path / "out" / "model.dnnshrink")
     assert loaded(torch.randn(2, 3, 8, 8)).shape == (2, 2)
+    assert (tmp_path / "out" / "model.onnx").is_file()
     # one process printed the results
     assert run.stdout.count("testing the shrunk model") == 1
 
@@ -161,23 +176,23 @@ def test_single_process_helpers_are_plain():
         distributed.on_main(lambda: int("x"))
 
 
-def test_resume_under_torchrun(tmp_path):
-    config, calls, env = setup_run(tmp_path, max_epochs=5, strength_scale=1e-6, train_baseline=False, exporters=[])
-    first = torchrun("run", config, "--out", tmp_path / "out", "--quiet", env=env)
-    assert first.returncode == 0, first.stderr[-3000:]
-    digests = json.loads((tmp_path / "out" / "report.json").read_text())["distributed"]["mask_digests"]
-    folder = tmp_path / "out" / "checkpoints"
+def test_resume_under_torchrun(ddp_run, tmp_path):
+    first_dir, config, _, _ = ddp_run
+    out = tmp_path / "out"
+    shutil.copytree(first_dir / "out", out)  # the shared run stays as it was for the other tests
+    digests = json.loads((out / "report.json").read_text())["distributed"]["mask_digests"]
+    folder = out / "checkpoints"
     uninterrupted = torch.load(folder / "epoch-0005.pt", weights_only=True)["state"]
-    for path in folder.glob("epoch-000[3-5].pt"):
+    for path in [*folder.glob("epoch-000[3-5].pt"), folder / "learned.pt"]:
         path.unlink()  # as if the run had stopped after epoch 2
-    for path in calls.iterdir():
-        path.unlink()
-    resumed = torchrun("run", config, "--out", tmp_path / "out", "--quiet", "--resume", env=env)
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    resumed = torchrun("run", config, "--out", out, "--quiet", "--resume", env={**os.environ, "CALLS_DIR": str(calls)})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.count("resuming after epoch 2") == 1
     for rank in (0, 1):  # epochs 3 to 5 only, on both ranks
         assert [c[0] for c in read_calls(calls, rank)].count("train_one_epoch") == 3
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text())
     assert report["structure_learning"]["epochs"] == 5
     assert report["distributed"]["mask_digests"] == digests  # the same training, the same channels
     resumed_state = torch.load(folder / "epoch-0005.pt", weights_only=True)["state"]

@@ -62,7 +62,7 @@ def train_regularized(ctx: LearnContext, reg: GammaRegularizer, stop_at_target: 
                 history.append([int(alive[g.units].sum()) for g in ctx.graph.groups])
             ctx.epoch_done(epoch)
             bar.set_postfix(macs=f"{cost / ctx.costs.initial:.1%}", target=f"{stop_at / ctx.costs.initial:.0%}")
-            if stop_at_target and cost <= stop_at:
+            if stop_at_target and ctx.agree(cost <= stop_at):
                 break
     return epochs
 
