@@ -1,7 +1,20 @@
+"""Shared test settings.
+
+The suite runs on two pytest-xdist workers (``-n 2`` in pyproject.toml): each worker's torch
+gets one thread, so the two workers share the machine's two cores instead of fighting over
+them. Tests marked ``heavy`` are started first, so the long ones do not end up last on a
+single worker while the other idles.
+"""
+import os
+
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable: heavy ones first
 
 
 @pytest.fixture(autouse=True)

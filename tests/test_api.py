@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import dnnshrink_core as ds
+from dnnshrink_core.recording import SpecializedTraceWarning
 from helpers import kill_half, max_relative_error, state_copy, states_equal
 from models import HANDWRITTEN, ConcatNet, GenerateGraphNet, LiteralView, conv_bn
 
@@ -64,10 +65,15 @@ class Gate(nn.Module):
         return x
 
 
-def test_untraceable_module_is_named_and_leaf_modules_helps():
+def test_untraceable_module_is_named_recorded_instead_and_leaf_modules_helps():
     model, x = DataDependent().eval(), torch.randn(1, 3, 8, 8)
-    with pytest.raises(ds.TraceError, match=r"(?s)module `gate` \(Gate\).*leaf_modules=\['gate'\]"):
-        ds.trace(model, x)
+    # fx cannot follow the branch on a tensor value: the model is recorded by running it, the
+    # warning names the module, and the channels the branch's value depends on are kept
+    with pytest.warns(SpecializedTraceWarning, match=r"module `gate` \(Gate\).*by running it"):
+        graph = ds.trace(model, x)
+    assert graph.traces[0].specialized
+    assert not graph.group_of("a.0").removable.any()
+    assert any("reduces over every dimension" in r for r in graph.group_of("a.0").frozen_reasons)
     with pytest.warns(ds.UnknownOpWarning, match="Gate"):
         graph = ds.trace(model, x, leaf_modules=["gate"])
     assert not graph.group_of("a.0").removable.any()

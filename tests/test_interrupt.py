@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 
 from dnnshrink_core.checkpoint import Checkpoints
@@ -49,6 +50,7 @@ def test(model):
 '''
 
 
+@pytest.mark.heavy
 def test_sigint_then_resume(tmp_path):
     (tmp_path / "funcs.py").write_text(FUNCTIONS)
     (tmp_path / "config.yaml").write_text(
