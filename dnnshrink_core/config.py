@@ -80,7 +80,7 @@ def load_config(path: Any) -> Dict[str, Any]:
         get_algorithm(algorithm)
     except DnnshrinkError as exc:
         raise ConfigError(f"{path}: key 'algorithm': {exc}") from exc
-    check_epochs(data.get("max_epochs", ShrinkOptions.max_epochs), algorithm, f"{path}: ", "key")
+    check_epochs(data.get("max_epochs", ShrinkOptions.max_epochs), get_algorithm(algorithm), f"{path}: ", "key")
     check_exporters(data.get("exporters", ShrinkOptions.exporters), f"{path}: ", "key")
     data["_base"] = str(path.parent.resolve())
     data["_path"] = str(path)
@@ -132,8 +132,8 @@ def run_config(data: Dict[str, Any], out: Any = None, force: bool = False, resum
     # the command line's overrides, checked like config keys (before the model is built)
     where = f"{data.get('_path', 'config')} with the command-line options: "
     check_options(options, HINTS, where, "key")
-    check_epochs(options.get("max_epochs", ShrinkOptions.max_epochs), options.get("algorithm", "morphnet"),
-                 where, "key")
+    check_epochs(options.get("max_epochs", ShrinkOptions.max_epochs),
+                 get_algorithm(options.get("algorithm", ShrinkOptions.algorithm)), where, "key")
     out = out or data.get("out")
     if out is None:
         raise ConfigError("no output folder: give `out:` in the config or --out on the command line")

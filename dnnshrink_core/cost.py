@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from torch import nn
@@ -286,3 +286,19 @@ def resource_table(graph: ChannelGraph, model: nn.Module, keep: np.ndarray, prof
             continue
         table[key] = {"before": costs.initial, "after": costs.cost(keep), "unit": costs.unit}
     return table
+
+
+def largest_fitting(build: Callable[[float], np.ndarray], cost: Callable[[np.ndarray], float], budget: float,
+                    low: float, high: float, fallback: np.ndarray, steps: int = 40) -> np.ndarray:
+    """Bisection for the largest ``x`` in ``[low, high]`` whose keep-set ``build(x)`` costs at
+    most ``budget`` (the cost grows with ``x``); ``fallback`` when none does. Width rules
+    (a uniform multiplier, an expand step) are searches of this kind."""
+    best = fallback
+    for _ in range(steps):
+        mid = (low + high) / 2
+        candidate = build(mid)
+        if cost(candidate) <= budget:
+            best, low = candidate, mid
+        else:
+            high = mid
+    return best

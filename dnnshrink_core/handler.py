@@ -15,6 +15,7 @@ A handler answers two questions for one traced op (see ``docs/plugins.md``):
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -221,6 +222,25 @@ class PropagateContext:
         """Declare this module (a BatchNorm) a MorphNet source of ``labels``."""
         channels = np.arange(len(labels)) if channels is None else channels
         self.store.add_source(labels, self.owner, channels)
+
+    LAYER_KINDS = ("dense", "grouped", "depthwise")
+
+    def declare_layer(self, kind: str, in_labels: np.ndarray, out_labels: np.ndarray, macs_coef: float, *,
+                      layer_name: Optional[str] = None, weight: Optional[str] = None,
+                      params_coef: Optional[float] = None) -> None:
+        """Declare this call a layer whose cost depends on kept channels (a conv or a linear), so
+        the cost model, the regularizer and the report count it: MACs = ``macs_coef`` · kept
+        inputs · kept outputs (``depthwise``: ``macs_coef`` · kept outputs). A function on a
+        module's weight (``F.conv2d(x, self.weight)``) names that module (``layer_name``), the
+        weight's path and the weights per channel pair (``params_coef``)."""
+        if kind not in self.LAYER_KINDS:
+            raise ValueError(f"layer kind must be one of {', '.join(self.LAYER_KINDS)}, not {kind!r}")
+        if not (math.isfinite(macs_coef) and macs_coef >= 0):
+            raise ValueError(f"macs_coef must be a finite number >= 0, not {macs_coef!r}")
+        self.info.update(layer=True, kind=kind, in_labels=np.asarray(in_labels), out_labels=np.asarray(out_labels),
+                         macs_coef=float(macs_coef))
+        extra = {"layer_name": layer_name, "weight": weight, "params_coef": params_coef}
+        self.info.update({k: v for k, v in extra.items() if v is not None})
 
     def mixes(self, chan: Chan, labels: Optional[np.ndarray] = None) -> None:
         """Declare that this op mixes ``chan``'s channels into others (a conv's inputs).

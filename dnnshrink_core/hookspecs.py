@@ -69,6 +69,10 @@ def dnnshrink_algorithm(name: str) -> Optional[Any]:
     :class:`dnnshrink_core.algorithm.LearnContext` (the working model, its channel graph,
     the user's ``train_one_epoch``, the options and the MACs target) it trains as it needs
     and returns which channel units to keep. The generator, exporters and report are shared.
+    Optional attributes tell the core what the algorithm needs: ``learns_over_epochs``
+    (default True; False lets ``max_epochs`` be 0), ``needs_batchnorm`` (default True: it
+    learns from BatchNorm scales) and ``grows_networks`` (default False: a target above the
+    baseline is then an error).
     """
 
 

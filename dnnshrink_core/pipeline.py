@@ -201,7 +201,7 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
         raise ConfigError("shrink(): reinit=True trains the learned structure from scratch with train(model), "
                           "so it needs finetune=True")
     algorithm = get_algorithm(opts.algorithm)
-    check_epochs(opts.max_epochs, opts.algorithm, "shrink(): ")
+    check_epochs(opts.max_epochs, algorithm, "shrink(): ")
     check_exporters(opts.exporters, "shrink(): ")
     owns_group = distributed.init_from_env(opts.device)
     try:
@@ -230,7 +230,7 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
     # the inputs, the graph and the target are checked before the output folder is made and
     # before any of the user's code runs, so a bad run leaves nothing behind
     graph = trace(work, inputs)
-    if not graph.source_modules and opts.algorithm != "magnitude":
+    if not graph.source_modules and getattr(algorithm, "needs_batchnorm", True):
         raise NoBatchNormError(f"{type(model).__name__} has no BatchNorm that scales prunable channels; "
                                f"{opts.algorithm} learns from BatchNorm scales")
     goal = resolve(opts.target, opts.target_macs)

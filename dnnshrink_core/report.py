@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .cost import largest_fitting
 from .fileio import atomic_path, atomic_write
 from .tracing import model_mode, normalize_inputs
 
@@ -181,14 +182,7 @@ def uniform_widths(graph: Any, cost: Any, budget: float, min_width: int = 1, mul
             keep[free[:min(n, len(free))]] = True
         return keep
 
-    best, low, high = build(0.0), 0.0, 1.0
-    for _ in range(steps):
-        mid = (low + high) / 2
-        candidate = build(mid)
-        if cost(candidate) <= budget:
-            best, low = candidate, mid
-        else:
-            high = mid
+    best = largest_fitting(build, cost, budget, 0.0, 1.0, build(0.0), steps)
     return {g.name: int(best[g.units].sum()) for g in graph.groups}
 
 

@@ -91,12 +91,14 @@ def check_options(options: Mapping[str, Any], hints: Mapping[str, Any], where: s
         raise TargetError(f"{where}{exc}") from None
 
 
-def check_epochs(max_epochs: int, algorithm: str, where: str = "", noun: str = "option") -> None:
-    """``max_epochs`` must be at least 1 for an algorithm that learns over epochs."""
-    if max_epochs < 1 and algorithm != "magnitude":
-        raise ConfigError(f"{where}{noun} 'max_epochs' must be at least 1 for the {algorithm} algorithm, which "
-                          f"learns the structure over training epochs, not {max_epochs!r} (only `magnitude` "
-                          "runs none)")
+def check_epochs(max_epochs: int, algorithm: Any, where: str = "", noun: str = "option") -> None:
+    """``max_epochs`` must be at least 1 for an algorithm that learns over epochs (one whose
+    ``learns_over_epochs`` attribute is not False)."""
+    if max_epochs < 1 and getattr(algorithm, "learns_over_epochs", True):
+        name = getattr(algorithm, "name", type(algorithm).__name__)
+        raise ConfigError(f"{where}{noun} 'max_epochs' must be at least 1 for the {name} algorithm, which "
+                          f"learns the structure over training epochs, not {max_epochs!r} (one-shot algorithms "
+                          "such as `magnitude` run none)")
 
 
 def check_exporters(names: Any, where: str = "", noun: str = "option") -> None:

@@ -140,3 +140,43 @@ def test_third_party_handler_wins_over_default(fresh_manager):
     assert ds.trace(model, x).group_of("0.0").removable.all()
     get_plugin_manager().register(FreezeReLU(), name="freeze-relu")
     assert not ds.trace(model, x).group_of("0.0").removable.any()
+
+
+def test_plugins_import_only_the_plugin_api():
+    """dnnshrink's own plugins and the documented example use the declared plugin-author
+    surface (dnnshrink_core.plugin_api, or the package root), never another core module."""
+    import ast
+    from pathlib import Path
+
+    import dnnshrink_core.plugin_api as api
+
+    root = Path(__file__).parent.parent
+    files = [*sorted((root / "plugins").rglob("*.py")),
+             *sorted((root / "tests" / "example_plugin" / "dnnshrink_example").rglob("*.py"))]
+    assert len(files) > 20
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dnnshrink_core"):
+                assert node.module in ("dnnshrink_core", "dnnshrink_core.plugin_api"), (path, node.module)
+                if node.module == "dnnshrink_core.plugin_api":
+                    missing = [a.name for a in node.names if a.name not in api.__all__]
+                    assert not missing, (path, missing)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("dnnshrink_core.") or alias.name == "dnnshrink_core.plugin_api", \
+                        (path, alias.name)
+    assert all(hasattr(api, name) and getattr(api, name).__doc__ for name in api.__all__
+               if name not in ("LAYER_TYPES", "LEARNING_ADVICE", "__version__"))
+
+
+def test_docs_describe_every_handler_context_member():
+    from pathlib import Path
+
+    from dnnshrink_core.plugin_api import PropagateContext, RebuildContext
+
+    docs = (Path(__file__).parent.parent / "docs" / "plugins.md").read_text()
+    section = docs[docs.index("## The handler contexts, in full"):]
+    for cls in (PropagateContext, RebuildContext):
+        for name in vars(cls):
+            if not name.startswith("_") and name != "LAYER_KINDS":
+                assert f"`ctx.{name}" in section, f"{cls.__name__}.{name} is not in docs/plugins.md"

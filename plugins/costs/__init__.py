@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional
 
-from dnnshrink_core import hookimpl
+from dnnshrink_core.plugin_api import hookimpl
 
 from .latency import DEFAULT_PROFILE, LatencyCost, Profile, load_profile
 from .resources import ActivationsCost, FlopsCost, ParamsCost

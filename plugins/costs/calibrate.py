@@ -118,7 +118,7 @@ class OnnxBackend:
             try:  # TorchScript export: a few times faster than the dynamo one, the same graph once optimised
                 torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17)
             except Exception:
-                from dnnshrink_core.export import export
+                from dnnshrink_core.plugin_api import export
 
                 export(model, x, "onnx", path)
         s = session(str(path), self.threads)
@@ -275,7 +275,7 @@ def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Di
 def predict_network(model: Any, x: Any, profile: Profile) -> float:
     """Predicted milliseconds of ``model`` on ``x`` under ``profile`` (its channel graph priced)."""
     import dnnshrink_core as ds
-    from dnnshrink_core.cost import CostModel
+    from dnnshrink_core.plugin_api import CostModel
 
     return CostModel(ds.trace(model, x), model, "latency", profile=profile).initial
 

@@ -20,12 +20,11 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Tuple, Union
 
 import numpy as np
 
-from dnnshrink_core.cost import LayerTable
-from dnnshrink_core.errors import ConfigError
+from dnnshrink_core.plugin_api import ConfigError, LayerTable
 
 FORMAT = "dnnshrink-latency-profile"
 VERSION = 1
@@ -83,7 +82,7 @@ class Profile:
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write the profile as JSON (atomically)."""
-        from dnnshrink_core.fileio import atomic_write
+        from dnnshrink_core.plugin_api import atomic_write
 
         path = Path(path)
         with atomic_write(path, "w") as f:

@@ -10,7 +10,7 @@ from typing import Any, Tuple
 
 import numpy as np
 
-from dnnshrink_core.cost import LayerTable
+from dnnshrink_core.plugin_api import LayerTable
 
 
 class _Bilinear:

@@ -7,7 +7,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from dnnshrink_core.timing import fastest_and_median, interleaved_times, onnx_latency, session
+from dnnshrink_core.plugin_api import fastest_and_median, interleaved_times, onnx_latency, session
 
 __all__ = ["Op", "chain_model", "fastest_and_median", "interleaved_times", "onnx_latency", "session"]
 

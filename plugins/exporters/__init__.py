@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 
-from dnnshrink_core import hookimpl
+from dnnshrink_core.plugin_api import hookimpl
 
 
 class PytorchExporter:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
-from dnnshrink_core.errors import ArtifactError
+from dnnshrink_core.plugin_api import ArtifactError
 
 _TORCH = """
 abs absolute acos acosh add addcdiv addcmul addmm amax amin all any argmax argmin argsort asin asinh atan atan2

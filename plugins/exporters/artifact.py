@@ -44,11 +44,8 @@ from typing import Any, Dict, List, Optional, Set, Union
 import torch
 from torch import fx, nn
 
-from dnnshrink_core import __version__
-from dnnshrink_core.errors import ArtifactError, ExportError
-from dnnshrink_core.fileio import atomic_write, sha256_bytes
-from dnnshrink_core.recording import InputShapeCheck
-from dnnshrink_core.tracing import eval_graph_module, normalize_inputs
+from dnnshrink_core.plugin_api import (__version__, ArtifactError, atomic_write, eval_graph_module, ExportError,
+    InputShapeCheck, normalize_inputs, sha256_bytes)
 
 from . import allowlist
 

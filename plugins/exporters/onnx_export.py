@@ -17,9 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dnnshrink_core.errors import ExportError
-from dnnshrink_core.fileio import atomic_path
-from dnnshrink_core.tracing import model_mode, normalize_inputs
+from dnnshrink_core.plugin_api import atomic_path, ExportError, model_mode, normalize_inputs
 
 
 def _flat(out: Any) -> List[torch.Tensor]:

@@ -30,16 +30,14 @@ import sysconfig
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dnnshrink_core.errors import DnnshrinkWarning, ExportError
-from dnnshrink_core.fileio import atomic_write
-from dnnshrink_core.report import LAYER_TYPES, count_macs, layer_width
-from dnnshrink_core.tracing import eval_graph_module
+from dnnshrink_core.plugin_api import (atomic_write, count_macs, DnnshrinkWarning, eval_graph_module, ExportError,
+    LAYER_TYPES, layer_width)
 
 JOINS = {operator.add: "add", operator.iadd: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
          operator.mul: "mul", operator.imul: "mul", torch.mul: "mul", torch.cat: "concat", torch.concat: "concat"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from dnnshrink_core import OpHandler, hookimpl
+from dnnshrink_core.plugin_api import hookimpl, OpHandler
 
 from .registry import handler_for
 

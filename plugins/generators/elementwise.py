@@ -8,8 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 from torch import fx
 
-from dnnshrink_core import Chan, OpHandler, PropagateContext
-from dnnshrink_core.handler import TensorSpec
+from dnnshrink_core.plugin_api import Chan, OpHandler, PropagateContext, TensorSpec
 
 
 class PassThrough(OpHandler):

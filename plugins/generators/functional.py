@@ -16,8 +16,7 @@ from typing import Any, List, Optional
 
 import numpy as np
 
-from dnnshrink_core import Chan, OpHandler, PropagateContext, RebuildContext
-from dnnshrink_core.handler import TensorSpec
+from dnnshrink_core.plugin_api import Chan, OpHandler, PropagateContext, RebuildContext, TensorSpec
 
 
 def _owner(path: str) -> str:
@@ -138,8 +137,7 @@ class ConvFunctionHandler(OpHandler):
             ctx.mixes(chan)
             guard = np.zeros(cout, dtype=bool)
             kind, macs, params = ("grouped" if groups > 1 else "dense"), per_pair / groups, kernel / groups
-        ctx.info.update(layer=True, kind=kind, in_labels=chan.labels, out_labels=out_l, macs_coef=macs,
-                        params_coef=params, layer_name=_owner(path), weight=path)
+        ctx.declare_layer(kind, chan.labels, out_l, macs, params_coef=params, layer_name=_owner(path), weight=path)
         ctx.output(Chan(out_l, guard))
 
     def rebuild(self, ctx: RebuildContext) -> None:
@@ -201,9 +199,8 @@ class LinearFunctionHandler(OpHandler):
         if bias is not None:
             ctx.tie(bias.labels, out_l)
         ctx.mixes(chan)
-        ctx.info.update(layer=True, kind="dense", in_labels=chan.labels, out_labels=out_l,
-                        macs_coef=float(math.prod(spec.shape[1:-1])), params_coef=1.0,
-                        layer_name=_owner(path), weight=path)
+        ctx.declare_layer("dense", chan.labels, out_l, float(math.prod(spec.shape[1:-1])), params_coef=1.0,
+                          layer_name=_owner(path), weight=path)
         ctx.output(Chan(out_l, np.zeros(len(out_l), dtype=bool), chan.dim))
 
 

@@ -7,8 +7,7 @@ import math
 import numpy as np
 import torch
 
-from dnnshrink_core import Chan, OpHandler, PropagateContext, RebuildContext
-from dnnshrink_core.handler import TensorSpec, index_of
+from dnnshrink_core.plugin_api import Chan, index_of, OpHandler, PropagateContext, RebuildContext, TensorSpec
 
 
 def _all(keep: np.ndarray) -> bool:
@@ -54,8 +53,7 @@ class ConvHandler(OpHandler):
         # MACs = coef * in * out (depthwise: coef * out); spatial size from the traced shapes
         spatial = spec.shape[2:] if m.transposed else ctx.out_spec.shape[2:]
         per_pair = math.prod(m.kernel_size) * math.prod(spatial)
-        ctx.info.update(layer=True, kind=kind, in_labels=in_l, out_labels=out_l,
-                        macs_coef=per_pair if kind == "depthwise" else per_pair / groups)
+        ctx.declare_layer(kind, in_l, out_l, per_pair if kind == "depthwise" else per_pair / groups)
         ctx.output(Chan(out_l, guard))
 
     def rebuild(self, ctx: RebuildContext) -> None:
@@ -108,8 +106,7 @@ class LinearHandler(OpHandler):
             ctx.tie(in_l, chan.labels)
             ctx.mixes(chan)
             # every position before the last dimension (but the batch) is one more product
-            ctx.info.update(layer=True, kind="dense", in_labels=in_l, out_labels=out_l,
-                            macs_coef=float(math.prod(spec.shape[1:-1])))
+            ctx.declare_layer("dense", in_l, out_l, float(math.prod(spec.shape[1:-1])))
             ctx.output(Chan(out_l, dim=chan.dim))
             return
         if chan is not None and chan.dim != 1:

@@ -12,8 +12,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from torch import fx
 
-from dnnshrink_core import Chan, OpHandler, PropagateContext, RebuildContext
-from dnnshrink_core.handler import TensorSpec
+from dnnshrink_core.plugin_api import Chan, OpHandler, PropagateContext, RebuildContext, TensorSpec
 
 
 def channel_pad(ndim: int, pad: Sequence[int]) -> Optional[Tuple[int, int]]:

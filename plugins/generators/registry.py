@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dnnshrink_core import OpHandler
+from dnnshrink_core.plugin_api import OpHandler
 
 from .elementwise import (BinaryHandler, ClampHandler, FactoryHandler, FrozenPassThrough, LikeHandler, PassThrough,
                           ReductionHandler, SoftmaxHandler, table)

@@ -8,8 +8,7 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 from torch import fx
 
-from dnnshrink_core import Chan, OpHandler, PropagateContext, RebuildContext
-from dnnshrink_core.handler import TensorSpec
+from dnnshrink_core.plugin_api import Chan, OpHandler, PropagateContext, RebuildContext, TensorSpec
 
 
 def _sizes_arg(node: fx.Node) -> Tuple[Optional[int], Optional[List[Any]]]:

@@ -7,8 +7,7 @@ from typing import Any, List, Optional
 import numpy as np
 from torch import fx
 
-from dnnshrink_core import Chan, OpHandler, PropagateContext, RebuildContext
-from dnnshrink_core.handler import TensorSpec
+from dnnshrink_core.plugin_api import Chan, OpHandler, PropagateContext, RebuildContext, TensorSpec
 
 from .shape import moved_dim
 

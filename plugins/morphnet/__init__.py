@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Optional
 
-from dnnshrink_core import hookimpl
+from dnnshrink_core.plugin_api import hookimpl
 
 from .masks import ThresholdExtractor, gap_threshold, threshold_masks
 from .algorithm import ALGORITHMS, REGULARIZERS, Magnitude, MorphNet, Slimming
@@ -36,7 +36,7 @@ def dnnshrink_regularizer(name: str) -> Optional[Any]:
     if name in REGULARIZERS:
         return REGULARIZERS[name]
     if name.startswith("morphnet_"):
-        from dnnshrink_core.cost import cost_model_names
+        from dnnshrink_core.plugin_api import cost_model_names
 
         cost = name[len("morphnet_"):]
         if cost in cost_model_names():

@@ -17,9 +17,8 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 from torch import nn
 
-from dnnshrink_core import DnnshrinkError, DnnshrinkWarning
-from dnnshrink_core.algorithm import LearnContext, LearnResult, log_epoch
-from dnnshrink_core.guard import LEARNING_ADVICE, divergence
+from dnnshrink_core.plugin_api import (divergence, DnnshrinkError, DnnshrinkWarning, LearnContext, LEARNING_ADVICE,
+    LearnResult, log_epoch)
 
 from .regularizer import GammaRegularizer, morphnet_flops, morphnet_size, slimming_l1
 from .structure import enforce_widths, scale_to_budget, uniform_fraction, width_floors
@@ -173,6 +172,8 @@ class Magnitude:
     """One-shot L1-norm filter ranking down to the MACs target (no structure-learning epochs)."""
 
     name = "magnitude"
+    learns_over_epochs = False  # one shot: max_epochs may be 0
+    needs_batchnorm = False  # ranks conv filters, not BatchNorm scales
 
     def learn(self, ctx: LearnContext) -> LearnResult:
         opts = ctx.options
@@ -187,7 +188,7 @@ ALGORITHMS = {a.name: a for a in (MorphNet(lambda name: _regularizer(name)), Sli
 
 
 def _regularizer(name: str) -> Callable[..., GammaRegularizer]:
-    from dnnshrink_core.plugins import get_plugin_manager
+    from dnnshrink_core.plugin_api import get_plugin_manager
 
     factory = get_plugin_manager().hook.dnnshrink_regularizer(name=name)
     if factory is None:

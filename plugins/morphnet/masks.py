@@ -7,7 +7,7 @@ from typing import Any, Optional
 import numpy as np
 from torch import nn
 
-from dnnshrink_core import ChannelGraph, DnnshrinkWarning, Masks
+from dnnshrink_core.plugin_api import ChannelGraph, DnnshrinkWarning, Masks
 
 
 def gap_threshold(gammas: np.ndarray, floor: float = 1e-12) -> float:

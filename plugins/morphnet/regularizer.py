@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dnnshrink_core import ChannelGraph
-from dnnshrink_core.cost import CostModel
+from dnnshrink_core.plugin_api import ChannelGraph, CostModel
 
 
 class GammaRegularizer:

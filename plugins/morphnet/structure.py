@@ -9,7 +9,7 @@ import numpy as np
 # a channel multiple for every group (``round_to: auto`` gives one per group) or one for all
 Multiple = Union[int, np.ndarray]
 
-from dnnshrink_core import ChannelGraph
+from dnnshrink_core.plugin_api import ChannelGraph, largest_fitting
 
 
 def _group_orders(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray) -> List[np.ndarray]:
@@ -71,7 +71,7 @@ def expand_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, 
             out[order[:_target(n * mult, size, min_width, int(m))]] = True
         return out
 
-    return _largest_fitting(build, cost, budget, 1.0, float(np.max(sizes / np.maximum(counts, 1))), keep, steps)
+    return largest_fitting(build, cost, budget, 1.0, float(np.max(sizes / np.maximum(counts, 1))), keep, steps)
 
 
 def width_floors(graph: ChannelGraph, cost: Callable[[np.ndarray], float], budget: float, removable: np.ndarray,
@@ -125,7 +125,7 @@ def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, c
     high = float(np.max(sizes / np.maximum(counts, 1)))
     if cost(build(high)) <= budget:
         return build(high)
-    return _largest_fitting(build, cost, budget, 0.0, high, build(0.0), steps)
+    return largest_fitting(build, cost, budget, 0.0, high, build(0.0), steps)
 
 
 def uniform_fraction(graph: ChannelGraph, scores: np.ndarray, cost: Callable[[np.ndarray], float], budget: float,
@@ -153,19 +153,6 @@ def uniform_fraction(graph: ChannelGraph, scores: np.ndarray, cost: Callable[[np
     whole = build(1.0)
     if cost(whole) <= budget:
         return whole
-    return _largest_fitting(build, cost, budget, 0.0, 1.0, build(0.0), steps)
+    return largest_fitting(build, cost, budget, 0.0, 1.0, build(0.0), steps)
 
 
-def _largest_fitting(build: Callable[[float], np.ndarray], cost: Callable[[np.ndarray], float], budget: float,
-                     low: float, high: float, fallback: np.ndarray, steps: int) -> np.ndarray:
-    """Bisection for the largest ``x`` in ``[low, high]`` whose ``build(x)`` costs at most
-    ``budget`` (the cost grows with ``x``); ``fallback`` when none does."""
-    best = fallback
-    for _ in range(steps):
-        mid = (low + high) / 2
-        candidate = build(mid)
-        if cost(candidate) <= budget:
-            best, low = candidate, mid
-        else:
-            high = mid
-    return best

@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from dnnshrink_core import Chan, Masks, OpHandler, hookimpl
-from dnnshrink_core.fileio import atomic_write
-from dnnshrink_core.handler import index_of, resized
+from dnnshrink_core.plugin_api import atomic_write, Chan, hookimpl, index_of, Masks, OpHandler, resized
 
 from .layers import FusedConvBNAct
 
@@ -38,8 +36,7 @@ class FusedHandler(OpHandler):
         ctx.tie(in_l, chan.labels)
         ctx.mixes(chan)
         ctx.store.add_source(out_l, f"{ctx.module_name}.bn", np.arange(len(out_l)))
-        ctx.info.update(layer=True, kind="dense", in_labels=in_l, out_labels=out_l,
-                        macs_coef=float(np.prod(m.conv.kernel_size) * np.prod(ctx.out_spec.shape[2:])))
+        ctx.declare_layer("dense", in_l, out_l, float(np.prod(m.conv.kernel_size) * np.prod(ctx.out_spec.shape[2:])))
         ctx.output(Chan(out_l, np.ones(len(out_l), dtype=bool)))
 
     def rebuild(self, ctx):

@@ -1,0 +1,50 @@
+"""Everything a plugin may use from dnnshrink's core, in one place.
+
+Plugins (dnnshrink's own under ``plugins/`` and third parties') import from here and from
+nowhere else in the core, so the rest of the core can change without breaking them::
+
+    from dnnshrink_core.plugin_api import OpHandler, PropagateContext, RebuildContext, hookimpl
+
+What is here, by the kind of plugin that needs it:
+
+* every plugin: :func:`hookimpl`, the errors and warnings, :func:`get_plugin_manager`;
+* channel handlers: :class:`OpHandler`, :class:`PropagateContext`, :class:`RebuildContext`,
+  :class:`TensorSpec`, :class:`Chan`, :func:`index_of`, :func:`resized`;
+* algorithms, regularizers and mask extractors: :class:`ChannelGraph`, :class:`Masks`,
+  :class:`LearnContext`, :class:`LearnResult`, :func:`log_epoch`, :class:`CostModel`,
+  :func:`cost_model_names`, :func:`divergence` and :data:`LEARNING_ADVICE`;
+* cost models: :class:`LayerTable`;
+* exporters: :func:`eval_graph_module` (the eval-mode graph, recorded on the example input
+  where torch.fx cannot trace), :func:`normalize_inputs`, :func:`model_mode`,
+  :class:`InputShapeCheck`, :func:`atomic_write`, :func:`atomic_path`, :func:`sha256_bytes`,
+  :func:`count_macs`, :func:`layer_width`, :data:`LAYER_TYPES`, :func:`export`;
+* latency measurement: :func:`session`, :func:`onnx_latency`, :func:`interleaved_times`,
+  :func:`fastest_and_median`.
+"""
+from . import __version__
+from .algorithm import LearnContext, LearnResult, log_epoch
+from .cost import CostModel, LayerTable, cost_model_names, largest_fitting
+from .errors import (ArtifactError, ConfigError, DnnshrinkError, DnnshrinkWarning, ExportError, MaskError,
+                     PluginError, TraceError)
+from .export import export
+from .fileio import atomic_path, atomic_write, sha256_bytes
+from .graph import ChannelGraph, Group
+from .guard import LEARNING_ADVICE, divergence
+from .handler import OpHandler, PropagateContext, RebuildContext, TensorSpec, index_of, resized
+from .labels import Chan
+from .masks import Masks
+from .plugins import get_plugin_manager, hookimpl
+from .recording import InputShapeCheck
+from .report import LAYER_TYPES, count_macs, layer_width
+from .timing import fastest_and_median, interleaved_times, onnx_latency, session
+from .tracing import eval_graph_module, model_mode, normalize_inputs
+
+__all__ = [
+    "ArtifactError", "Chan", "ChannelGraph", "ConfigError", "CostModel", "DnnshrinkError", "DnnshrinkWarning",
+    "ExportError", "Group", "InputShapeCheck", "LAYER_TYPES", "LEARNING_ADVICE", "LayerTable", "LearnContext",
+    "LearnResult", "MaskError", "Masks", "OpHandler", "PluginError", "PropagateContext", "RebuildContext",
+    "TensorSpec", "TraceError", "__version__", "atomic_path", "atomic_write", "cost_model_names", "count_macs",
+    "divergence", "eval_graph_module", "export", "fastest_and_median", "get_plugin_manager", "hookimpl",
+    "index_of", "interleaved_times", "largest_fitting", "layer_width", "log_epoch", "model_mode", "normalize_inputs", "onnx_latency",
+    "resized", "session", "sha256_bytes",
+]
