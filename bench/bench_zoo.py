@@ -96,7 +96,6 @@ def _build(name: str, size: int) -> Any:
 
 def _torch_pruning(model: Any, x: Any) -> Dict[str, Any]:
     """Prune, with Torch-Pruning's DependencyGraph, the channels dead in every coupled BatchNorm."""
-    import torch
     import torch_pruning as tp
     from torch import nn
     bn_types = nn.modules.batchnorm._BatchNorm

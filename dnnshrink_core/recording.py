@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
-import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch

@@ -1,6 +1,7 @@
 """Shared test helpers: kill channels, compare outputs."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -59,3 +60,22 @@ def state_copy(model: nn.Module) -> dict:
 
 def states_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def shrink_dead_half(name: str, **mode) -> tuple:
+    """A hand-written model (``models.HANDWRITTEN``) with half its channels dead, shrunk by
+    ``generate``; checks that the model handed in is left as it was. Returns (model, small, x)."""
+    import dnnshrink_core as ds
+    from models import HANDWRITTEN
+
+    factory, shape = HANDWRITTEN[name]
+    model = kill_half(factory()).eval()
+    for attr, value in mode.items():
+        setattr(model, attr, value)
+    x = torch.randn(shape)
+    before = state_copy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ds.UnknownOpWarning)
+        small = ds.generate(model, x, ds.alive_masks(model, x))
+    assert states_equal(before, state_copy(model)), "the user's model was modified"
+    return model, small, x

@@ -8,7 +8,6 @@ import copy
 import io
 import json
 import pickle
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Callable, Dict
@@ -21,25 +20,16 @@ import dnnshrink_core as ds
 from dnnshrink_core.fileio import sha256_bytes
 from dnnshrink_plugins.exporters import allowlist
 from dnnshrink_plugins.exporters.artifact import MAX_JSON_BYTES, MAX_NODES
-from helpers import kill_half, max_relative_error
+from helpers import max_relative_error, shrink_dead_half
 from models import HANDWRITTEN
 
 SIDE_EFFECT = "PWNED"
 
 
-def shrunk(name):
-    factory, shape = HANDWRITTEN[name]
-    model = kill_half(factory()).eval()
-    x = torch.randn(shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ds.UnknownOpWarning)
-        return model, ds.generate(model, x, ds.alive_masks(model, x)), x
-
-
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     """A good artifact of a shrunk LeNet (literal view rewritten, so a GraphModule) and its input."""
-    _, small, x = shrunk("literal_view")
+    _, small, x = shrink_dead_half("literal_view")
     path = tmp_path_factory.mktemp("good") / "good.dnnshrink"
     ds.export(small, x, "pytorch", path)
     return path, x
@@ -452,7 +442,7 @@ def test_every_listed_name_exists_and_none_is_private():
 # --- round trips under the allowlist ----------------------------------------------------
 @pytest.mark.parametrize("name", sorted(HANDWRITTEN))
 def test_every_handwritten_model_round_trips(name, tmp_path):
-    _, small, x = shrunk(name)
+    _, small, x = shrink_dead_half(name)
     path = tmp_path / "m.dnnshrink"
     ds.export(small, x, "pytorch", path)
     loaded = ds.load(path)
@@ -486,7 +476,7 @@ def test_layers_with_sub_layers_round_trip(tmp_path):
 
 # --- signatures -------------------------------------------------------------------------
 def test_signed_artifacts(tmp_path):
-    _, small, x = shrunk("concat")
+    _, small, x = shrink_dead_half("concat")
     path = tmp_path / "s.dnnshrink"
     assert ds.export(small, x, "pytorch", path, sign_key=b"team secret")["signed"]
     with torch.no_grad():

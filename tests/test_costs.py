@@ -2,7 +2,6 @@
 calibration fit, ``round_to: auto``, and a latency target through the pipeline."""
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 import dnnshrink_core as ds
-from dnnshrink_core.cost import CostModel, group_multiples, resolve_round_to
+from dnnshrink_core.cost import CostModel, resolve_round_to
 from dnnshrink_core.target import Target, check_reachable, smallest_cost
 from dnnshrink_plugins.costs.calibrate import fit, op_terms, sweep_chains
 from dnnshrink_plugins.costs.latency import (KINDS, OpConstants, Profile, ProfileError, load_profile,
@@ -160,7 +159,6 @@ def test_round_to_auto_widths_and_alive_masks_keep_exactness():
     graph = ds.trace(model, x)
     profile = synthetic_profile(16)
     multiples, notes = resolve_round_to(graph, model, "auto", profile)
-    sizes = {g.name: g.size for g in graph.groups}
     by_name = dict(zip(graph.group_names, multiples))
     assert by_name[graph.group_of("pw.0").name] == 16  # 40 channels: rounded to 16
     assert by_name[graph.group_of("fc").name] == 1  # the classifier's outputs are frozen, never rounded

@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import html
-import io
 import json
 import re
-import pickle
 import shutil
 import subprocess
 import sys
 import warnings
-import zipfile
 
 import numpy as np
 import onnx
@@ -20,18 +17,8 @@ import torch
 from torch import nn
 
 import dnnshrink_core as ds
-from dnnshrink_core.fileio import sha256_bytes
-from helpers import kill_half, max_relative_error
+from helpers import max_relative_error, shrink_dead_half
 from models import HANDWRITTEN
-
-
-def shrunk(name):
-    factory, shape = HANDWRITTEN[name]
-    model = kill_half(factory()).eval()
-    x = torch.randn(shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ds.UnknownOpWarning)
-        return model, ds.generate(model, x, ds.alive_masks(model, x)), x
 
 
 LOADER = """
@@ -58,7 +45,7 @@ print("ok", type(model).__name__, len(flat(out)))
 @pytest.mark.parametrize("name", ["literal_view", "channel_pad_shortcut", "concat", "depthwise", "dict_output",
                                   "squeeze_excitation"])
 def test_pytorch_artifact_loads_in_a_fresh_process_without_the_source(name, tmp_path):
-    _, small, x = shrunk(name)
+    _, small, x = shrink_dead_half(name)
     path = tmp_path / f"{name}.dnnshrink"
     result = ds.export(small, x, "pytorch", path)
     assert result["path"] == str(path) and path.is_file()
@@ -71,7 +58,7 @@ def test_pytorch_artifact_loads_in_a_fresh_process_without_the_source(name, tmp_
 
 
 def test_loaded_artifact_matches_in_process(tmp_path):
-    _, small, x = shrunk("grouped")
+    _, small, x = shrink_dead_half("grouped")
     ds.export(small, x, "pytorch", tmp_path / "m.dnnshrink")
     loaded = ds.load(tmp_path / "m.dnnshrink")
     with torch.no_grad():
@@ -104,7 +91,7 @@ def test_artifact_refuses_ops_outside_torch(tmp_path):
 
 @pytest.mark.parametrize("name", ["literal_view", "channel_pad_shortcut"])
 def test_onnx_export_is_verified_and_dynamic(name, tmp_path):
-    _, small, x = shrunk(name)
+    _, small, x = shrink_dead_half(name)
     path = tmp_path / "m.onnx"
     result = ds.export(small, x, "onnx", path, opset=20)
     assert result["max_relative_error"] < 1e-4 and result["tolerance"] == 1e-4
@@ -119,7 +106,7 @@ def test_onnx_export_is_verified_and_dynamic(name, tmp_path):
 
 
 def test_onnx_mismatch_is_an_error_with_the_measured_error(tmp_path):
-    _, small, x = shrunk("concat")
+    _, small, x = shrink_dead_half("concat")
     with pytest.raises(ds.ExportError, match=r"relative error \d\.\d+e-\d+ exceeds the tolerance 1e-30"):
         ds.export(small, x, "onnx", tmp_path / "m.onnx", rtol=1e-30)
     assert not (tmp_path / "m.onnx").exists()
@@ -140,7 +127,7 @@ def _texts(svg):
 @pytest.mark.parametrize("renderer", ["dot", "graphviz-pure"])
 def test_graph_picture_shows_channels_and_macs_kept(renderer, tmp_path, monkeypatch):
     _use_renderer(monkeypatch, renderer)
-    model, small, x = shrunk("channel_pad_shortcut")
+    model, small, x = shrink_dead_half("channel_pad_shortcut")
     result = ds.export(small, x, "graph", tmp_path / "g.svg", baseline=model)
     svg = (tmp_path / "g.svg").read_text()
     assert result["rendered"] and result["renderer"] == renderer and svg.lstrip().startswith(("<?xml", "<svg"))
@@ -185,7 +172,7 @@ def test_inspect_picture_shows_removable_and_frozen_layers(renderer, tmp_path, m
 def test_graph_without_a_renderer_writes_source_and_says_how_to_install(tmp_path, monkeypatch):
     import dnnshrink_plugins.exporters.picture as picture
     monkeypatch.setattr(picture.shutil, "which", lambda name, path=None: None)
-    _, small, x = shrunk("concat")
+    _, small, x = shrink_dead_half("concat")
     with pytest.warns(ds.DnnshrinkWarning, match="pip install graphviz-pure.*apt-get install graphviz"):
         result = ds.export(small, x, "graph", tmp_path / "g.svg")
     assert not result["rendered"] and (tmp_path / "g.dot").read_text().startswith("digraph")

@@ -2,31 +2,16 @@
 zeros, so removing them leaves every output unchanged, with fewer parameters."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 from torch import fx
 
 import dnnshrink_core as ds
-from helpers import kill_half, max_relative_error, n_params, state_copy, states_equal
+from helpers import kill_half, max_relative_error, n_params, shrink_dead_half
 from models import HANDWRITTEN
 
 TOLERANCE = 1e-4
-
-
-def shrink_dead_half(name: str, **mode):
-    factory, shape = HANDWRITTEN[name]
-    model = kill_half(factory()).eval()
-    for attr, value in mode.items():
-        setattr(model, attr, value)
-    x = torch.randn(shape)
-    before = state_copy(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ds.UnknownOpWarning)
-        small = ds.generate(model, x, ds.alive_masks(model, x))
-    assert states_equal(before, state_copy(model)), "the user's model was modified"
-    return model, small, x
 
 
 @pytest.mark.parametrize("name", sorted(HANDWRITTEN))
