@@ -89,21 +89,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _check_target(args: argparse.Namespace) -> None:
-    """``--target`` parsed as the config's ``target`` is, so its error names the flag."""
+    """``--target`` parsed as the config's ``target`` is (``0.5``, ``1.5M``, ``latency:0.5``,
+    or the YAML mapping ``{resource: latency, value: 0.5}``), so its error names the flag."""
     if args.target is not None:
-        from .target import RESOURCES, RESOURCE_ALIASES, Target
+        from .target import Target
 
         text = args.target.strip()
-        resource, sep, value = text.partition(":")
-        if text.startswith("{"):  # the YAML mapping form: {resource: latency, value: 0.5}
+        if text.startswith("{"):
             import yaml
 
             try:
                 args.target = yaml.safe_load(text)
             except yaml.YAMLError:
                 pass
-        elif sep and resource.strip().lower() in {*RESOURCES, *RESOURCE_ALIASES}:  # latency:0.5
-            args.target = {"resource": resource.strip().lower(), "value": value.strip()}
         Target.parse(args.target, "--target")
 
 

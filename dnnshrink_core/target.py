@@ -96,8 +96,15 @@ class Target:
             if value.resource != resource and key != "target":
                 raise TargetError(f"{key} is a {resource} target, not a {value.resource} one")
             return value
+        if isinstance(value, str) and ":" in value:  # RESOURCE:VALUE, the command line's short form
+            name, _, rest = value.partition(":")
+            name = RESOURCE_ALIASES.get(name.strip().lower(), name.strip().lower())
+            if name in RESOURCES:
+                if key == "target_macs" and name != "macs":
+                    raise TargetError(f"{key} is a MACs target; give a {name} target as `target: {value}`")
+                return cls._parse_mapping({"resource": name, "value": rest.strip()}, key)
         if isinstance(value, Mapping):
-            if key != "target":
+            if key not in ("target", "--target"):
                 raise TargetError(f"{key} takes {FORMS}; the mapping form ({{resource: ..., amount: ...}}) "
                                   "belongs under `target`")
             return cls._parse_mapping(value, key)
@@ -184,7 +191,8 @@ class Target:
 
     def __str__(self) -> str:
         if self.fraction is not None:
-            return f"{self.fraction * 100:.4g}% of the baseline's {self.unit}"
+            what = {"latency": "latency", "params": "parameters"}.get(self.resource, self.unit)
+            return f"{self.fraction * 100:.4g}% of the baseline's {what}"
         return f"{_human(self.amount)} {self.unit}"
 
 

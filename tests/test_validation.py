@@ -147,6 +147,10 @@ def test_cli_target_flag_is_checked(tmp_path, capsys):
     config = write_config(tmp_path)
     status, err = run_cli(capsys, config, "--out", tmp_path / "out", "--target", "1.5")
     assert status == 1 and "--target = '1.5'" in err and "'1.5M'" in err and "Traceback" not in err
+    status, err = run_cli(capsys, config, "--out", tmp_path / "out", "--target", "latency:2")
+    assert status == 1 and "--target" in err and "'2 ms'" in err and "Traceback" not in err
+    status, err = run_cli(capsys, config, "--out", tmp_path / "out", "--target", "{resource: latency, value: 2}")
+    assert status == 1 and "--target.value" in err and "'2 ms'" in err and "Traceback" not in err
     status, err = run_cli(capsys, config, "--out", tmp_path / "out", "--max-score-drop", "-1")
     assert status == 1 and "'max_score_drop'" in err
     assert not (tmp_path / "out").exists()
@@ -159,6 +163,8 @@ def test_cli_target_flag_is_checked(tmp_path, capsys):
     ("1500000 MACs", Target("macs", amount=1.5e6)),
     ({"resource": "macs", "amount": 1.5e6}, Target("macs", amount=1.5e6)),
     ({"value": "1.5M"}, Target("macs", amount=1.5e6)), ({"fraction": 0.3}, Target("macs", fraction=0.3)),
+    ("latency:0.5", Target("latency", fraction=0.5)), ("latency:3ms", Target("latency", amount=3.0)),
+    ("params:1M", Target("params", amount=1e6)), ("flops:30%", Target("macs", fraction=0.3)),
 ])
 def test_target_forms(value, expected):
     assert Target.parse(value) == expected
