@@ -15,8 +15,8 @@ from .errors import ConfigError, DnnshrinkWarning, NoBatchNormError, NothingRemo
 from .generate import build, units_to_keep
 from .graph import ChannelGraph
 from .labels import LabelStore
-from .masks import Masks
-from .plugins import get_plugin_manager
+from .masks import DEFAULT_THRESHOLD, Masks
+from .plugins import get_plugin_manager, lookup
 from .tracing import BACK_BONE_ONLY, GENERATE_GRAPH, normalize_inputs, propagate, trace_modes
 from .validation import check_input_count
 
@@ -83,7 +83,7 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def alive_masks(model: nn.Module, example_inputs: Any, threshold: Optional[float] = 1e-2, *,
+def alive_masks(model: nn.Module, example_inputs: Any, threshold: Optional[float] = DEFAULT_THRESHOLD, *,
                 extractor: str = "threshold", round_to: Any = None, profile: Any = None, **options: Any) -> Masks:
     """Per-group keep masks by MorphNet's rule.
 
@@ -113,11 +113,7 @@ def alive_masks(model: nn.Module, example_inputs: Any, threshold: Optional[float
             "BatchNorm scales (gamma), so add a BatchNorm after each conv you want shrunk "
             "(nn.Conv2d -> nn.BatchNorm2d -> activation).")
     graph = trace(model, example_inputs)
-    pm = get_plugin_manager()
-    extract = pm.hook.dnnshrink_mask_extractor(name=extractor)
-    if extract is None:
-        raise PluginError(f"no mask extractor called {extractor!r} is loaded; `dnnshrink plugins` lists what is. "
-                          "The default `threshold` comes with dnnshrink's `morphnet` plugin.")
+    extract = lookup("mask extractor", extractor)
     masks = extract(graph, model, threshold=threshold, **options)
     if round_to is not None and round_to != 1:
         masks = _rounded(graph, model, masks, round_to, profile)

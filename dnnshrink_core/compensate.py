@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .graph import ChannelGraph, LayerCost
+from .masks import DEFAULT_THRESHOLD
 from .tracing import model_mode
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -75,7 +76,7 @@ def input_means(model: nn.Module, names: List[str], inputs: tuple) -> Dict[str, 
 
 
 def bias_shifts(model: nn.Module, graph: ChannelGraph, keep: np.ndarray, inputs: tuple,
-                max_gamma: float = 1e-2) -> Dict[str, torch.Tensor]:
+                max_gamma: float = DEFAULT_THRESHOLD) -> Dict[str, torch.Tensor]:
     """Per layer name, the shift of every kept output that removing the dropped near-constant
     input channels causes; layers whose shift is exactly zero are left out."""
     folded = ~keep & (graph.unit_gammas(model) <= max_gamma)
@@ -123,7 +124,7 @@ def apply_shifts(shrunk: nn.Module, shifts: Dict[str, torch.Tensor]) -> None:
 
 
 def compensate(original: nn.Module, shrunk: nn.Module, graph: ChannelGraph, keep: np.ndarray,
-               inputs: Any, max_gamma: float = 1e-2) -> List[str]:
+               inputs: Any, max_gamma: float = DEFAULT_THRESHOLD) -> List[str]:
     """Fold the removed near-constant channels' means into ``shrunk``'s biases; returns the
     layers changed."""
     shifts = bias_shifts(original, graph, keep, tuple(inputs), max_gamma)

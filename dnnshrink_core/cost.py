@@ -110,22 +110,16 @@ def _weight(model: nn.Module, layer: LayerCost) -> Any:
 
 def cost_model_names() -> List[str]:
     """The names of the loaded cost models (``flops``, ``params``, ``activations``, ``latency``…)."""
-    from .plugins import get_plugin_manager
+    from .plugins import plugin_names
 
-    return sorted({n for names in get_plugin_manager().hook.dnnshrink_cost_model_names() for n in names})
+    return plugin_names("cost model")
 
 
 def get_cost_model(name: str) -> Any:
     """The cost-model factory called ``name`` (see the ``dnnshrink_cost_model`` hook)."""
-    from .plugins import get_plugin_manager
+    from .plugins import lookup
 
-    name = ALIASES.get(name, name)
-    factory = get_plugin_manager().hook.dnnshrink_cost_model(name=name)
-    if factory is None:
-        known = cost_model_names()
-        raise PluginError(f"no cost model called {name!r} is loaded; choose one of: {', '.join(known) or 'none'} "
-                          "(the defaults come with dnnshrink's `costs` plugin; `dnnshrink plugins` lists what is loaded)")
-    return factory
+    return lookup("cost model", ALIASES.get(name, name))
 
 
 class CostModel:

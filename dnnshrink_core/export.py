@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Union
 from torch import nn
 
 from .errors import PluginError
-from .plugins import get_plugin_manager
+from .plugins import get_plugin_manager, lookup
 
 
 def export_formats() -> List[str]:
@@ -19,12 +19,13 @@ def export_formats() -> List[str]:
     return names
 
 
+def get_exporter(fmt: str) -> Any:
+    """The exporter plugin for ``fmt``; a :class:`PluginError` lists the loaded formats."""
+    return _exporter(fmt)
+
+
 def _exporter(fmt: str) -> Any:
-    exporter = get_plugin_manager().hook.dnnshrink_exporter(fmt=fmt)
-    if exporter is None:
-        known = ", ".join(export_formats()) or "none (is dnnshrink's `exporters` plugin installed?)"
-        raise PluginError(f"no exporter for format {fmt!r}; the loaded ones are: {known}")
-    return exporter
+    return lookup("exporter", fmt)
 
 
 def export(model: nn.Module, example_inputs: Any, fmt: str, path: Union[str, os.PathLike],

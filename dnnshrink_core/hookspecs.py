@@ -45,19 +45,30 @@ def dnnshrink_mask_extractor(name: str) -> Optional[Any]:
     A mask extractor is a callable ``extract(graph, model, **options) -> Masks`` that
     decides, from the trained model and its :class:`dnnshrink_core.ChannelGraph`, which
     channel units of every group stay alive. The default, ``"threshold"``, keeps a unit
-    when any BatchNorm source in it has ``|gamma| > threshold``. The pipeline also uses
-    its ``enforce_widths`` and ``expand_to_budget`` methods (minimum widths, rounding,
-    MorphNet's expand step).
+    when any BatchNorm source in it has ``|gamma| > threshold``. The width rules after
+    structure learning (minimum widths, rounding, the expand step) are the algorithm's.
     """
+
+
+@hookspec
+def dnnshrink_mask_extractor_names() -> List[str]:
+    """Return the names of the mask extractors your plugin gives (for listings and messages)."""
 
 
 @hookspec(firstresult=True)
 def dnnshrink_regularizer(name: str) -> Optional[Any]:
     """Return the regularizer class or factory called ``name``, or ``None``.
 
-    A regularizer adds its gradient to BatchNorm scales through parameter hooks while
-    the user's own ``train_one_epoch(model, lr)`` runs.
+    A regularizer adds its gradient to the BatchNorm scales' ``.grad`` in a global
+    optimizer step pre-hook (``attach()``), after a GradScaler has unscaled the gradients
+    and DistributedDataParallel has averaged them, while the user's own
+    ``train_one_epoch(model, lr)`` runs with any ``torch.optim`` optimizer.
     """
+
+
+@hookspec
+def dnnshrink_regularizer_names() -> List[str]:
+    """Return the names of the regularizers your plugin gives (for listings and messages)."""
 
 
 @hookspec(firstresult=True)
@@ -88,7 +99,9 @@ def dnnshrink_exporter(fmt: str) -> Optional[Any]:
     An exporter is an object with ``export(model, example_inputs, path, **options)``,
     which writes the file (atomically), verifies it before it reports the export as done,
     and returns a dict of what it measured (at least ``"path"``). It may also have
-    ``load(path)``; ``suffix`` is the file suffix it suggests.
+    ``load(path)``; ``suffix`` is the file suffix it suggests (the pipeline writes
+    ``model<suffix>``, or ``filename`` when the exporter has one), and ``wants_baseline =
+    True`` makes the pipeline pass ``baseline=`` (the model before shrinking).
     """
 
 

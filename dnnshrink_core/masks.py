@@ -15,6 +15,10 @@ import torch
 
 from .errors import MaskError
 
+#: MorphNet's alive threshold: a channel whose largest |gamma| is at or below it is dead (the
+#: |gamma| values become bimodal while structure is learned; the gap holds this value).
+DEFAULT_THRESHOLD = 1e-2
+
 
 def keep_flags(mask: Any, name: str = "?") -> np.ndarray:
     """``mask`` as a boolean array by the rule above; ``name`` (the group) is for the error."""

@@ -31,20 +31,18 @@ from .algorithm import LearnContext, LearnResult
 from .checkpoint import Checkpoints
 from .compensate import compensate as fold_removed_channels
 from .cost import CostModel, resolve_round_to, resource_table
-from .errors import (ConfigError, DnnshrinkError, DnnshrinkWarning, NoBatchNormError, OutputExistsError, PluginError,
-                     ScoreDropError, UnknownOptionError)
-from .export import export
+from .errors import (ConfigError, DnnshrinkError, DnnshrinkWarning, NoBatchNormError, OutputExistsError, ScoreDropError, UnknownOptionError)
+from .export import export, get_exporter
 from .fileio import atomic_write
 from .guard import LEARNING_ADVICE, FiniteGuard
 from .generate import build
-from .masks import Masks
-from .plugins import get_plugin_manager
+from .masks import DEFAULT_THRESHOLD, Masks
+from .plugins import lookup
 from .report import Report, layer_report, widths_against_uniform, widths_markdown
 from .target import check_reachable, resolve, smallest_cost
 from .tracing import normalize_inputs
 from .validation import check_epochs, check_exporters, check_options
 
-SUFFIXES = {"pytorch": "model.dnnshrink", "onnx": "model.onnx", "graph": "graph.svg"}
 
 
 @dataclass
@@ -76,7 +74,7 @@ class ShrinkOptions:
     lr: float = 0.1
     strength: Optional[float] = None
     strength_scale: float = 1.0
-    threshold: float = 1e-2
+    threshold: float = DEFAULT_THRESHOLD
     expand: bool = True
     min_width: int = 1
     round_to: Union[int, str] = "auto"
@@ -158,12 +156,7 @@ def measure_latency(model: nn.Module, inputs: tuple, runs: int) -> float:
 
 def get_algorithm(name: str) -> Any:
     """The algorithm plugin called ``name``; a clear error lists the loaded ones."""
-    pm = get_plugin_manager()
-    algorithm = pm.hook.dnnshrink_algorithm(name=name)
-    if algorithm is None:
-        known = sorted({n for names in pm.hook.dnnshrink_algorithm_names() for n in names})
-        raise PluginError(f"no algorithm called {name!r} is loaded; choose one of: {', '.join(known) or 'none'}")
-    return algorithm
+    return lookup("algorithm", name)
 
 
 def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[nn.Module, float], Any],
@@ -320,7 +313,7 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
             writer.add_scalar("score/after_structure_learning", _score(test(work), "test(model)"), epochs)
         model = build(work, graph, keep)
         if opts.compensate:
-            fold_removed_channels(work, model, graph, keep, inputs, max_gamma=opts.threshold or 1e-2)
+            fold_removed_channels(work, model, graph, keep, inputs, max_gamma=opts.threshold or DEFAULT_THRESHOLD)
         if writer is not None:
             writer.add_scalar("score/after_generation", _score(test(model), "test(model)"), epochs)
         # sent to the other ranks from the CPU, so that each puts it on its own device
@@ -544,8 +537,12 @@ def _write_outputs(result: ShrinkResult, baseline: nn.Module, inputs: tuple, out
     cpu_inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in inputs)
     model = copy.deepcopy(result.model).cpu().eval()
     for fmt in opts.exporters:
-        options = {"baseline": copy.deepcopy(baseline).cpu()} if fmt == "graph" else {}
-        done = export(model, cpu_inputs, fmt, out_dir / SUFFIXES.get(fmt, f"model.{fmt}"), **options)
+        exporter = get_exporter(fmt)
+        # an exporter names its file (``filename``) or gets model<suffix>; one that draws the
+        # change (``wants_baseline``) gets the model before shrinking too
+        name = getattr(exporter, "filename", None) or f"model{getattr(exporter, 'suffix', '.' + fmt)}"
+        options = {"baseline": copy.deepcopy(baseline).cpu()} if getattr(exporter, "wants_baseline", False) else {}
+        done = export(model, cpu_inputs, fmt, out_dir / name, **options)
         files[fmt] = done["path"]
     # the layer table is in report.json and report.md already; the chart is the only new thing
     files["layers.png"] = str(result.report.bar_chart(out_dir / "layers.png"))

@@ -32,19 +32,19 @@ from .graph import ChannelGraph, Group
 from .guard import LEARNING_ADVICE, divergence
 from .handler import OpHandler, PropagateContext, RebuildContext, TensorSpec, index_of, resized
 from .labels import Chan
-from .masks import Masks
-from .plugins import get_plugin_manager, hookimpl
+from .masks import DEFAULT_THRESHOLD, Masks
+from .plugins import get_plugin_manager, hookimpl, lookup, plugin_names
 from .recording import InputShapeCheck
 from .report import LAYER_TYPES, count_macs, layer_width
 from .timing import fastest_and_median, interleaved_times, onnx_latency, session
 from .tracing import eval_graph_module, model_mode, normalize_inputs
 
 __all__ = [
-    "ArtifactError", "Chan", "ChannelGraph", "ConfigError", "CostModel", "DnnshrinkError", "DnnshrinkWarning",
+    "ArtifactError", "Chan", "DEFAULT_THRESHOLD", "ChannelGraph", "ConfigError", "CostModel", "DnnshrinkError", "DnnshrinkWarning",
     "ExportError", "Group", "InputShapeCheck", "LAYER_TYPES", "LEARNING_ADVICE", "LayerTable", "LearnContext",
     "LearnResult", "MaskError", "Masks", "OpHandler", "PluginError", "PropagateContext", "RebuildContext",
     "TensorSpec", "TraceError", "__version__", "atomic_path", "atomic_write", "cost_model_names", "count_macs",
     "divergence", "eval_graph_module", "export", "fastest_and_median", "get_plugin_manager", "hookimpl",
-    "index_of", "interleaved_times", "largest_fitting", "layer_width", "log_epoch", "model_mode", "normalize_inputs", "onnx_latency",
-    "resized", "session", "sha256_bytes",
+    "index_of", "interleaved_times", "largest_fitting", "layer_width", "log_epoch", "lookup", "model_mode",
+    "normalize_inputs", "onnx_latency", "plugin_names", "resized", "session", "sha256_bytes",
 ]

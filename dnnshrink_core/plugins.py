@@ -80,3 +80,34 @@ def blocked_plugins(pm: Optional[pluggy.PluginManager] = None) -> List[str]:
     """Names blocked in ``pm`` (default: the process-wide manager)."""
     pm = pm or get_plugin_manager()
     return sorted(name for name, plugin in pm.list_name_plugin() if plugin is None)
+
+
+# kind → (the hook that gives the plugin by name, the hook that lists the names, the keyword
+# the lookup hook takes, where dnnshrink's own ones come from)
+LOOKUPS = {
+    "algorithm": ("dnnshrink_algorithm", "dnnshrink_algorithm_names", "name", "morphnet"),
+    "cost model": ("dnnshrink_cost_model", "dnnshrink_cost_model_names", "name", "costs"),
+    "exporter": ("dnnshrink_exporter", "dnnshrink_export_formats", "fmt", "exporters"),
+    "mask extractor": ("dnnshrink_mask_extractor", "dnnshrink_mask_extractor_names", "name", "morphnet"),
+    "regularizer": ("dnnshrink_regularizer", "dnnshrink_regularizer_names", "name", "morphnet"),
+}
+
+
+def plugin_names(kind: str) -> List[str]:
+    """The names the loaded plugins give for ``kind`` (a key of :data:`LOOKUPS`), sorted."""
+    _, names_hook, _, _ = LOOKUPS[kind]
+    return sorted({n for names in getattr(get_plugin_manager().hook, names_hook)() for n in names})
+
+
+def lookup(kind: str, name: str) -> object:
+    """The loaded plugin object of ``kind`` called ``name``; otherwise a :class:`PluginError`
+    that lists the loaded names and says where dnnshrink's own ones come from."""
+    from .errors import PluginError
+
+    hook, _, keyword, home = LOOKUPS[kind]
+    found = getattr(get_plugin_manager().hook, hook)(**{keyword: name})
+    if found is None:
+        known = ", ".join(plugin_names(kind)) or "none"
+        raise PluginError(f"no {kind} called {name!r} is loaded; choose one of: {known} (dnnshrink's own come with "
+                          f"its `{home}` plugin; `dnnshrink plugins` lists what is loaded)")
+    return found

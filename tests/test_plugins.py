@@ -28,7 +28,8 @@ def test_defaults_come_from_entry_points():
     infos = {i.name: i for i in list_plugins()}
     assert infos["generators"].hooks == ("dnnshrink_op_handler",)
     assert infos["morphnet"].hooks == ("dnnshrink_algorithm", "dnnshrink_algorithm_names",
-                                       "dnnshrink_mask_extractor", "dnnshrink_regularizer")
+                                       "dnnshrink_mask_extractor", "dnnshrink_mask_extractor_names",
+                                       "dnnshrink_regularizer", "dnnshrink_regularizer_names")
     assert infos["exporters"].hooks == ("dnnshrink_export_formats", "dnnshrink_exporter")
     assert infos["generators"].distribution.startswith("dnnshrink ")
 
@@ -180,3 +181,19 @@ def test_docs_describe_every_handler_context_member():
         for name in vars(cls):
             if not name.startswith("_") and name != "LAYER_KINDS":
                 assert f"`ctx.{name}" in section, f"{cls.__name__}.{name} is not in docs/plugins.md"
+
+
+@pytest.mark.parametrize("kind, name, listed", [
+    ("algorithm", "prune", ["magnitude", "morphnet", "slimming"]),
+    ("cost model", "joules", ["activations", "flops", "latency", "params"]),
+    ("exporter", "tflite", ["graph", "onnx", "pytorch"]),
+    ("mask extractor", "top", ["threshold"]),
+    ("regularizer", "l0", ["morphnet_flops", "morphnet_latency", "slimming_l1"]),
+])
+def test_every_lookup_kind_lists_its_names_and_fails_the_same_way(kind, name, listed):
+    from dnnshrink_core.plugin_api import lookup, plugin_names
+
+    assert set(listed) <= set(plugin_names(kind))
+    assert lookup(kind, listed[0]) is not None
+    with pytest.raises(ds.PluginError, match=f"no {kind} called '{name}' is loaded; choose one of: .*{listed[0]}"):
+        lookup(kind, name)

@@ -99,7 +99,7 @@ def test_a_third_party_plugin_can_be_blocked(site):
     script = "import dnnshrink_core as ds, torch\ntry:\n    ds.export(torch.nn.Linear(2, 2), torch.zeros(1, 2), 'npz', 'a.npz')\n" \
              "except ds.PluginError as e:\n    print('refused:', e)\n"
     out = run(site, script=script, env={"DNNSHRINK_BLOCK_PLUGINS": "example"})
-    assert "refused: no exporter for format 'npz'" in out.stdout, out.stderr
+    assert "refused: no exporter called 'npz' is loaded" in out.stdout, out.stderr
 
 
 def test_docs_hook_reference_matches_the_specs():

@@ -46,6 +46,8 @@ class GraphExporter:
 
     fmt = "graph"
     suffix = ".svg"
+    filename = "graph.svg"  # in an output folder: it is a picture of the network, not the model
+    wants_baseline = True  # draws what was removed
 
     def export(self, model: nn.Module, example_inputs: Any, path: Path, **options: Any) -> Dict[str, Any]:
         from .picture import export_graph

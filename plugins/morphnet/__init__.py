@@ -44,6 +44,20 @@ def dnnshrink_regularizer(name: str) -> Optional[Any]:
     return None
 
 
+@hookimpl
+def dnnshrink_mask_extractor_names() -> list:
+    """The mask extractors this plugin gives."""
+    return ["threshold"]
+
+
+@hookimpl
+def dnnshrink_regularizer_names() -> list:
+    """The regularizers this plugin gives: the named ones and one per loaded cost model."""
+    from dnnshrink_core.plugin_api import cost_model_names
+
+    return sorted({*REGULARIZERS, *(f"morphnet_{cost}" for cost in cost_model_names())})
+
+
 @hookimpl(trylast=True)
 def dnnshrink_algorithm(name: str) -> Optional[Any]:
     """``morphnet`` (default), ``slimming`` and ``magnitude``."""

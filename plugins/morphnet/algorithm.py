@@ -188,9 +188,6 @@ ALGORITHMS = {a.name: a for a in (MorphNet(lambda name: _regularizer(name)), Sli
 
 
 def _regularizer(name: str) -> Callable[..., GammaRegularizer]:
-    from dnnshrink_core.plugin_api import get_plugin_manager
+    from dnnshrink_core.plugin_api import lookup
 
-    factory = get_plugin_manager().hook.dnnshrink_regularizer(name=name)
-    if factory is None:
-        raise DnnshrinkError(f"no regularizer called {name!r} is loaded; `dnnshrink plugins` lists the plugins")
-    return factory
+    return lookup("regularizer", name)

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import numpy as np
 from torch import nn
 
-from dnnshrink_core.plugin_api import ChannelGraph, DnnshrinkWarning, Masks
+from dnnshrink_core.plugin_api import DEFAULT_THRESHOLD, ChannelGraph, DnnshrinkWarning, Masks
 
 
 def gap_threshold(gammas: np.ndarray, floor: float = 1e-12) -> float:
@@ -19,13 +19,13 @@ def gap_threshold(gammas: np.ndarray, floor: float = 1e-12) -> float:
     """
     values = np.unique(np.log10(np.maximum(np.abs(gammas), floor)))
     if len(values) < 2:
-        return 1e-2
+        return DEFAULT_THRESHOLD
     gaps = np.diff(values)
     i = int(np.argmax(gaps))
     return float(10 ** ((values[i] + values[i + 1]) / 2))
 
 
-def threshold_masks(graph: ChannelGraph, model: nn.Module, threshold: Optional[float] = 1e-2,
+def threshold_masks(graph: ChannelGraph, model: nn.Module, threshold: Optional[float] = DEFAULT_THRESHOLD,
                     **_: Any) -> Masks:
     """Keep a unit unless it is removable and all its BatchNorm sources have ``|gamma| <= threshold``.
 
@@ -54,20 +54,8 @@ def threshold_masks(graph: ChannelGraph, model: nn.Module, threshold: Optional[f
 
 
 class ThresholdExtractor:
-    """The ``threshold`` mask extractor: :func:`threshold_masks` when called, plus the width
-    rules the pipeline applies after structure learning (minimum width, rounding, and
-    MorphNet's expand step)."""
+    """The ``threshold`` mask extractor: :func:`threshold_masks` when called."""
 
-    def __call__(self, graph: ChannelGraph, model: nn.Module, threshold: Optional[float] = 1e-2,
+    def __call__(self, graph: ChannelGraph, model: nn.Module, threshold: Optional[float] = DEFAULT_THRESHOLD,
                  **options: Any) -> Masks:
         return threshold_masks(graph, model, threshold, **options)
-
-    @staticmethod
-    def enforce_widths(*args: Any, **kwargs: Any) -> np.ndarray:
-        from .structure import enforce_widths
-        return enforce_widths(*args, **kwargs)
-
-    @staticmethod
-    def expand_to_budget(*args: Any, **kwargs: Any) -> np.ndarray:
-        from .structure import expand_to_budget
-        return expand_to_budget(*args, **kwargs)

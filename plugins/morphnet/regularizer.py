@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dnnshrink_core.plugin_api import ChannelGraph, CostModel
+from dnnshrink_core.plugin_api import DEFAULT_THRESHOLD, ChannelGraph, CostModel
 
 
 class GammaRegularizer:
@@ -41,7 +41,7 @@ class GammaRegularizer:
     """
 
     def __init__(self, graph: ChannelGraph, model: nn.Module, cost: str = "flops",
-                 strength: Optional[float] = None, strength_scale: float = 1.0, threshold: float = 1e-2,
+                 strength: Optional[float] = None, strength_scale: float = 1.0, threshold: float = DEFAULT_THRESHOLD,
                  profile: Any = None):
         self.graph, self.model, self.cost_kind, self.threshold = graph, model, cost, threshold
         # the uniform penalty still reports MACs; every other name is a cost model (plugin)
