@@ -67,14 +67,17 @@ class LearnResult:
 
 
 def log_epoch(ctx: LearnContext, epoch: int, alive: np.ndarray, gammas: Optional[np.ndarray] = None,
-              penalty: Optional[float] = None) -> float:
-    """Write one epoch's figures to TensorBoard; returns the estimated MACs."""
+              penalty: Optional[float] = None, gradient_share: Optional[float] = None) -> float:
+    """Write one epoch's figures to TensorBoard; returns the estimated MACs. ``gradient_share``
+    is the regularizer's share of the scales' gradient over the epoch."""
     cost = ctx.costs.cost(alive)
     if ctx.writer is not None:
         ctx.writer.add_scalar("cost/estimated_macs", cost, epoch)
         ctx.writer.add_scalar("cost/fraction_of_baseline", cost / ctx.costs.initial, epoch)
         if penalty is not None:
             ctx.writer.add_scalar("regularizer/penalty", penalty, epoch)
+        if gradient_share is not None:
+            ctx.writer.add_scalar("regularizer/share_of_scale_gradient", gradient_share, epoch)
         for group in ctx.graph.groups:
             if group.removable.any():
                 ctx.writer.add_scalar(f"alive/{group.name}", int(alive[group.units].sum()), epoch)

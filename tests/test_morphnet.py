@@ -148,3 +148,21 @@ def test_expand_step_meets_the_budget():
     assert reg.cost(keep) < reg.cost(grown) <= budget
     assert reg.cost(grown) > 0.5 * reg.initial_cost  # close to the budget, not just under it
     assert (grown | keep).sum() == grown.sum()  # nothing alive was dropped
+
+
+def test_gradient_share_measures_the_penalty_against_the_data_gradient():
+    factory, shape = HANDWRITTEN["depthwise"]
+    model, x = factory().eval(), torch.randn(shape)
+    graph = ds.trace(model, x)
+    reg = morphnet_flops(graph, model, strength=1e-3)
+    params = [model.get_submodule(n).weight for n in graph.source_modules]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the gradients, not the step, matter
+    with reg.attach():
+        model.zero_grad()
+        model(x).square().mean().backward()
+        data = sum(float(p.grad.pow(2).sum()) for p in params) ** 0.5
+        penalty = sum(float(g.pow(2).sum()) for g in reg.source_gradients().values()) ** 0.5
+        optimizer.step()
+    assert reg.gradient_share() == pytest.approx(penalty / (data + penalty), rel=1e-5)
+    assert 0 < penalty / (data + penalty) < 1
+    assert reg.gradient_share() is None  # read and reset

@@ -282,6 +282,8 @@ def test_tensorboard_shows_the_score_at_every_stage_and_the_widths(tmp_path):
     assert value["score/after_generation"] == pytest.approx([0.7])
     assert value["score/after_fine_tuning"] == pytest.approx([0.6]) and result.score == pytest.approx(0.6)
     assert len(value["cost/estimated_macs"]) == result.epochs  # the cost, epoch by epoch
+    # the data loss here is 0 * output: the regularizer's is the whole of the scales' gradient
+    assert value["regularizer/share_of_scale_gradient"] == pytest.approx([1.0] * result.epochs)
     (text,) = events.Tensors("widths/text_summary")
     table = text.tensor_proto.string_val[0].decode()
     for group in result.masks.graph:

@@ -56,7 +56,8 @@ def train_regularized(ctx: LearnContext, reg: GammaRegularizer, stop_at_target: 
                                  "BatchNorm scales or the regularizer became NaN or infinite", LEARNING_ADVICE,
                                  ctx.last_good)
             alive = reg.alive(gammas)
-            cost = log_epoch(ctx, epoch, alive, gammas, reg.last_penalty * reg.strength)
+            share = reg.gradient_share() if hasattr(reg, "gradient_share") else None
+            cost = log_epoch(ctx, epoch, alive, gammas, reg.last_penalty * reg.strength, share)
             if history is not None:
                 history.append([int(alive[g.units].sum()) for g in ctx.graph.groups])
             ctx.epoch_done(epoch)

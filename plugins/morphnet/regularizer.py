@@ -58,6 +58,10 @@ class GammaRegularizer:
         self._index: Dict[int, int] = {}
         self.steps = 0  # optimizer steps that took the penalty since attach()
         self.last_penalty = 0.0
+        # squared norms of the scales' gradients from the data and from the penalty, summed over
+        # steps on the device (no sync per step), read and reset by gradient_share()
+        self._data_sq: Any = 0.0
+        self._penalty_sq: Any = 0.0
 
     # --- the cost model -------------------------------------------------------------
     def unit_gammas(self) -> np.ndarray:
@@ -134,12 +138,22 @@ class GammaRegularizer:
                     continue
                 if grads is None:
                     grads = self.source_gradients()  # once per step, from the current scales
+                self._penalty_sq = self._penalty_sq + grads[idx].detach().pow(2).sum()
                 if param.grad is None:
                     param.grad = grads[idx].clone()
                 else:
+                    self._data_sq = self._data_sq + param.grad.detach().pow(2).sum()
                     param.grad.add_(grads[idx])
         if grads is not None:
             self.steps += 1
+
+    def gradient_share(self) -> Optional[float]:
+        """The penalty's share of the scales' gradient since the last call (norm of the
+        penalty's part over the sum of both parts' norms; None before any step). It says
+        how hard the regularizer pulls against the user's loss, which dnnshrink does not see."""
+        data, penalty = float(self._data_sq) ** 0.5, float(self._penalty_sq) ** 0.5
+        self._data_sq, self._penalty_sq = 0.0, 0.0
+        return None if data + penalty == 0 else penalty / (data + penalty)
 
     def attach(self) -> "HookHandle":
         """Add the penalty's gradient to every source BatchNorm weight from now on."""
