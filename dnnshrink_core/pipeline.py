@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import typing
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from .guard import LEARNING_ADVICE, FiniteGuard
 from .generate import build
 from .masks import DEFAULT_THRESHOLD, Masks
 from .plugins import lookup
-from .report import Report, layer_report, widths_against_uniform, widths_markdown
+from .report import Report, layer_report, report_markdown, summary_table, widths_against_uniform, widths_text
 from .target import check_reachable, resolve, smallest_cost
 from .tracing import normalize_inputs
 from .validation import check_epochs, check_exporters, check_options
@@ -211,17 +211,58 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
     return result
 
 
+@dataclass
+class _Run:
+    """One shrink run's state, filled in phase by phase (see :func:`_shrink`)."""
+
+    opts: ShrinkOptions
+    algorithm: Any
+    main: bool
+    device: torch.device
+    inputs: tuple
+    work: nn.Module
+    graph: Any
+    goal: Any
+    costs: Any
+    round_notes: List[str]
+    target: float
+    out_dir: Optional[Path]
+    checkpoints: Optional[Checkpoints]
+    baseline: Optional[nn.Module] = None  # rank 0's copy of the baseline, for the report
+    baseline_score: float = float("nan")
+    start_epoch: int = 1
+    finished: Optional[Dict[str, Any]] = None  # a resumed run whose structure learning had finished
+    trainee: Any = None
+    writer: Any = None
+
+
 def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, test: Callable,
             train: Optional[Callable], opts: ShrinkOptions, algorithm: Any) -> ShrinkResult:
+    """The run, in phases: checks (before any of the user's code runs or any file is made),
+    the baseline, structure learning, generation, fine-tuning, and the report and files."""
+    run = _prepare(model, example_inputs, opts, algorithm)
+    _baseline(run, train, test)
+    learned = _learn(run, train_one_epoch)
+    shrunk, masks, digests = _generate(run, learned, test)
+    if run.opts.reinit:
+        # MorphNet's own procedure: the learned structure, trained from a fresh start
+        reinitialize(shrunk, seed=0 if distributed.active() else None)
+    if run.opts.finetune:
+        _step("fine-tuning the shrunk model with train(model)")
+        _guarded(train, distributed.wrap(shrunk, run.opts.find_unused_parameters), shrunk,
+                 "fine-tuning the shrunk model with train(model)")
+    return _finish(run, learned, shrunk, masks, digests, test)
+
+
+def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorithm: Any) -> _Run:
+    """Device, trace, target: all checked before the output folder is made and before any of
+    the user's code runs, so a bad run leaves nothing behind."""
     main = distributed.is_main()
     device = pick_device(distributed.local_device(opts.device), quiet=not main)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # collectives of objects use the current device
     inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in normalize_inputs(example_inputs))
-
     work = copy.deepcopy(model).to(device)
-    # the inputs, the graph and the target are checked before the output folder is made and
-    # before any of the user's code runs, so a bad run leaves nothing behind
     graph = trace(work, inputs)
     if not graph.source_modules and getattr(algorithm, "needs_batchnorm", True):
         raise NoBatchNormError(f"{type(model).__name__} has no BatchNorm that scales prunable channels; "
@@ -247,13 +288,18 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
                              grows=bool(getattr(algorithm, "grows_networks", False)), min_width=opts.min_width)
     out_dir = distributed.on_main(lambda: _prepare_out_dir(opts))
     checkpoints = Checkpoints(out_dir / "checkpoints") if out_dir is not None and main else None
-    kept: Dict[str, nn.Module] = {}  # rank 0's copy of the baseline, for the report
-    start_epoch = 1
-    finished: Optional[Dict[str, Any]] = None  # a resumed run whose structure learning had finished
+    return _Run(opts, algorithm, main, device, inputs, work, graph, goal, costs, round_notes, target, out_dir,
+                checkpoints)
+
+
+def _baseline(run: _Run, train: Optional[Callable], test: Callable) -> None:
+    """The baseline's weights and score: trained and tested, or read back from the checkpoints
+    of the run being resumed (with the learned structure, if learning had finished)."""
+    opts, work, checkpoints = run.opts, run.work, run.checkpoints
     if opts.resume:
         def resume() -> tuple:
-            start, score = _resume(work, checkpoints, out_dir)
-            kept["baseline"] = copy.deepcopy(work)
+            start, score = _resume(work, checkpoints, run.out_dir)
+            run.baseline = copy.deepcopy(work)
             learned_before = checkpoints.learned()
             # learning that stopped before its epochs ran out had reached its goal; one that used
             # them all continues only when this run allows more
@@ -264,117 +310,138 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
             work.load_state_dict(checkpoints.load(checkpoints.latest())["state"])
             return start, score, None
 
-        start_epoch, baseline_score, finished = distributed.on_main(resume)
-        trainee = distributed.wrap(work, opts.find_unused_parameters)  # every rank starts from rank 0's weights
-    else:
-        trainee = distributed.wrap(work, opts.find_unused_parameters)
-        if opts.train_baseline:
-            _step("training the baseline with train(model)")
-            _guarded(train, trainee, work, "training the baseline with train(model)")
+        run.start_epoch, run.baseline_score, run.finished = distributed.on_main(resume)
+        run.trainee = distributed.wrap(work, opts.find_unused_parameters)  # every rank starts from rank 0's weights
+        return
+    run.trainee = distributed.wrap(work, opts.find_unused_parameters)
+    if opts.train_baseline:
+        _step("training the baseline with train(model)")
+        _guarded(train, run.trainee, work, "training the baseline with train(model)")
 
-        def test_baseline() -> float:
-            _step("testing the baseline")
-            score = _score(test(work), "test(baseline)")
-            kept["baseline"] = copy.deepcopy(work)
-            if checkpoints is not None:
-                checkpoints.save_baseline(work.state_dict(), score)
-            return score
-
-        baseline_score = distributed.on_main(test_baseline)
-
-    writer = distributed.on_main(lambda: _tensorboard(out_dir, opts), share=False)
-    if writer is not None:
-        writer.add_scalar("score/baseline", baseline_score, 0)
-    # rank 0 writes the checkpoint; every rank learns its name (or that writing it failed)
-    on_epoch = ((lambda epoch: distributed.on_main(lambda: checkpoints.save_epoch(epoch, work.state_dict())))
-                if out_dir is not None else None)
-    context = LearnContext(work, graph, inputs, train_one_epoch, opts, target, costs, writer,
-                           opts.progress and main, start_epoch, on_epoch)
-    context.train_one_epoch = _epoch_runner(context, train_one_epoch, trainee)
-    if finished is not None:
-        learned = LearnResult(finished["keep"], finished["epochs"], finished["info"])
-        _step(f"structure learning had finished after {learned.epochs} epoch(s): going straight to generation")
-    else:
-        try:
-            learned = algorithm.learn(context)
-        except KeyboardInterrupt:
-            if checkpoints is not None and checkpoints.latest() is not None:
-                print(f"\ndnnshrink: interrupted. The last checkpoint is {checkpoints.latest()}; continue with "
-                      "`dnnshrink run CONFIG --resume` (or shrink(..., resume=True)).")
-            raise
+    def test_baseline() -> float:
+        _step("testing the baseline")
+        score = _score(test(work), "test(baseline)")
+        run.baseline = copy.deepcopy(work)
         if checkpoints is not None:
-            checkpoints.save_learned(learned.keep, learned.epochs, opts.max_epochs, learned.info, work.state_dict())
-    keep, epochs = learned.keep, learned.epochs
+            checkpoints.save_baseline(work.state_dict(), score)
+        return score
+
+    run.baseline_score = distributed.on_main(test_baseline)
+
+
+def _learn(run: _Run, train_one_epoch: Callable) -> LearnResult:
+    """Structure learning by the algorithm (or what a resumed run had learned), recorded in
+    the checkpoints so that a later resume goes straight to generation."""
+    opts, checkpoints = run.opts, run.checkpoints
+    run.writer = distributed.on_main(lambda: _tensorboard(run.out_dir, opts), share=False)
+    if run.writer is not None:
+        run.writer.add_scalar("score/baseline", run.baseline_score, 0)
+    # rank 0 writes the checkpoint; every rank learns its name (or that writing it failed)
+    on_epoch = ((lambda epoch: distributed.on_main(lambda: checkpoints.save_epoch(epoch, run.work.state_dict())))
+                if run.out_dir is not None else None)
+    context = LearnContext(run.work, run.graph, run.inputs, train_one_epoch, opts, run.target, run.costs,
+                           run.writer, opts.progress and run.main, run.start_epoch, on_epoch)
+    context.train_one_epoch = _epoch_runner(context, train_one_epoch, run.trainee)
+    if run.finished is not None:
+        learned = LearnResult(run.finished["keep"], run.finished["epochs"], run.finished["info"])
+        _step(f"structure learning had finished after {learned.epochs} epoch(s): going straight to generation")
+        return learned
+    try:
+        learned = run.algorithm.learn(context)
+    except KeyboardInterrupt:
+        if checkpoints is not None and checkpoints.latest() is not None:
+            print(f"\ndnnshrink: interrupted. The last checkpoint is {checkpoints.latest()}; continue with "
+                  "`dnnshrink run CONFIG --resume` (or shrink(..., resume=True)).")
+        raise
+    if checkpoints is not None:
+        checkpoints.save_learned(learned.keep, learned.epochs, opts.max_epochs, learned.info, run.work.state_dict())
+    return learned
+
+
+def _generate(run: _Run, learned: LearnResult, test: Callable) -> tuple:
+    """The physically smaller network (rank 0 builds it; the others get it), its masks, and
+    every rank's digest of the chosen channels."""
+    keep, epochs, work, writer = learned.keep, learned.epochs, run.work, run.writer
     digests = distributed.gather_digests(keep)  # raises unless every rank chose the same channels
-    masks = Masks({g.name: keep[g.units] for g in graph.groups}, graph)
+    masks = Masks({g.name: keep[g.units] for g in run.graph.groups}, run.graph)
 
     def generate() -> nn.Module:
         if writer is not None:  # with the score after generation, this shows what generation changed
             writer.add_scalar("score/after_structure_learning", _score(test(work), "test(model)"), epochs)
-        model = build(work, graph, keep)
-        if opts.compensate:
-            fold_removed_channels(work, model, graph, keep, inputs, max_gamma=opts.threshold or DEFAULT_THRESHOLD)
+        model = build(work, run.graph, keep)
+        if run.opts.compensate:
+            fold_removed_channels(work, model, run.graph, keep, run.inputs,
+                                  max_gamma=run.opts.threshold or DEFAULT_THRESHOLD)
         if writer is not None:
             writer.add_scalar("score/after_generation", _score(test(model), "test(model)"), epochs)
         # sent to the other ranks from the CPU, so that each puts it on its own device
         return model.cpu() if distributed.active() else model
 
-    shrunk = distributed.on_main(generate).to(device)
-    if opts.reinit:
-        # MorphNet's own procedure: the learned structure, trained from a fresh start
-        reinitialize(shrunk, seed=0 if distributed.active() else None)
-    if opts.finetune:
-        _step("fine-tuning the shrunk model with train(model)")
-        _guarded(train, distributed.wrap(shrunk, opts.find_unused_parameters), shrunk,
-                 "fine-tuning the shrunk model with train(model)")
+    return distributed.on_main(generate).to(run.device), masks, digests
+
+
+def _finish(run: _Run, learned: LearnResult, shrunk: nn.Module, masks: Masks, digests: List[str],
+            test: Callable) -> ShrinkResult:
+    """Test the shrunk network, write the report and the files (rank 0), and enforce
+    ``max_score_drop`` once everything is written."""
+    opts, keep, epochs = run.opts, learned.keep, learned.epochs
 
     def finish() -> tuple:
         _step("testing the shrunk model")
         score = _score(test(shrunk), "test(shrunk)")
-        baseline = kept["baseline"]
-        report = layer_report(shrunk, inputs, baseline=baseline)
-        t = report.totals
-        report.extra = {
-            "baseline": {"macs": t["macs_before"], "params": t["params_before"], "score": baseline_score,
-                         "latency_ms": 1e3 * measure_latency(baseline, inputs, opts.latency_runs)},
-            "shrunk": {"macs": t["macs_after"], "params": t["params_after"], "score": score,
-                       "latency_ms": 1e3 * measure_latency(shrunk, inputs, opts.latency_runs)},
-            "structure_learning": {"algorithm": opts.algorithm, "epochs": epochs, "target_macs": target,
-                                   "target": goal.to_dict(), "reinit": opts.reinit, **learned.info},
-            "widths": widths_against_uniform(graph, costs, keep, target, opts.min_width, _one_multiple(opts.round_to)),
-            "resources": resource_table(graph, work, keep, opts.profile),
-            "round_to": {"multiples": _jsonable(opts.round_to), "notes": round_notes},
-            "device": str(device),
-            "distributed": {"world_size": distributed.world_size(), "mask_digests": digests},
-        }
-        if opts.max_score_drop is not None:
-            drop = baseline_score - score
-            report.extra["score_check"] = {"max_score_drop": opts.max_score_drop, "drop": drop,
-                                           "passed": drop <= opts.max_score_drop}
-        if opts.onnx_latency and "onnx" in opts.exporters:
-            report.extra["onnx_latency"] = _onnx_latency(baseline, shrunk, inputs, opts)
-        result = ShrinkResult(shrunk, masks, report, baseline_score, score, epochs)
+        report = _report(run, learned, shrunk, score, digests)
+        result = ShrinkResult(shrunk, masks, report, run.baseline_score, score, epochs)
         if opts.progress:
             print(report.table())
-        print(_summary_table(report))
-        if out_dir is not None:
-            result.files = _write_outputs(result, baseline, inputs, out_dir, opts)
-        if writer is not None:
-            writer.add_scalar("score/after_fine_tuning" if opts.finetune else "score/shrunk", score, epochs)
-            writer.add_text("widths", _widths_text(graph, keep))
-            writer.close()
+        print(summary_table(report))
+        if run.out_dir is not None:
+            result.files = _write_outputs(result, run.baseline, run.inputs, run.out_dir, opts)
+        if run.writer is not None:
+            run.writer.add_scalar("score/after_fine_tuning" if opts.finetune else "score/shrunk", score, epochs)
+            run.writer.add_text("widths", widths_text(run.graph, keep))
+            run.writer.close()
         return score, report, result.files
 
     score, report, files = distributed.on_main(finish)
-    result = ShrinkResult(shrunk, masks, report, baseline_score, score, epochs, files)
+    result = ShrinkResult(shrunk, masks, report, run.baseline_score, score, epochs, files)
+    baseline_score = run.baseline_score
     if opts.max_score_drop is not None and baseline_score - score > opts.max_score_drop:
-        where = f"the model and report are in {out_dir}" if out_dir is not None else "nothing was written"
+        where = f"the model and report are in {run.out_dir}" if run.out_dir is not None else "nothing was written"
         raise ScoreDropError(
             f"the shrunk model scores {score:.4g}, {baseline_score - score:.4g} below the baseline's "
             f"{baseline_score:.4g}, more than max_score_drop {opts.max_score_drop:g} allows; {where} for "
             "inspection, but do not ship it. Aim for a larger target, fine-tune longer in train(model), or "
             "raise max_score_drop.", result)
     return result
+
+
+def _report(run: _Run, learned: LearnResult, shrunk: nn.Module, score: float, digests: List[str]) -> Report:
+    """Every figure of the run: the layer table plus the baseline and shrunk totals, the
+    structure learning, widths, resources, rounding, device and ranks."""
+    opts, keep, baseline, inputs = run.opts, learned.keep, run.baseline, run.inputs
+    report = layer_report(shrunk, inputs, baseline=baseline)
+    t = report.totals
+    report.extra = {
+        "baseline": {"macs": t["macs_before"], "params": t["params_before"], "score": run.baseline_score,
+                     "latency_ms": 1e3 * measure_latency(baseline, inputs, opts.latency_runs)},
+        "shrunk": {"macs": t["macs_after"], "params": t["params_after"], "score": score,
+                   "latency_ms": 1e3 * measure_latency(shrunk, inputs, opts.latency_runs)},
+        "structure_learning": {"algorithm": opts.algorithm, "epochs": learned.epochs, "target_macs": run.target,
+                               "target": run.goal.to_dict(), "reinit": opts.reinit, **learned.info},
+        "widths": widths_against_uniform(run.graph, run.costs, keep, run.target, opts.min_width,
+                                         _one_multiple(opts.round_to)),
+        "resources": resource_table(run.graph, run.work, keep, opts.profile),
+        "round_to": {"multiples": _jsonable(opts.round_to), "notes": run.round_notes},
+        "device": str(run.device),
+        "distributed": {"world_size": distributed.world_size(), "mask_digests": digests},
+    }
+    if opts.max_score_drop is not None:
+        drop = run.baseline_score - score
+        report.extra["score_check"] = {"max_score_drop": opts.max_score_drop, "drop": drop,
+                                       "passed": drop <= opts.max_score_drop}
+    if opts.onnx_latency and "onnx" in opts.exporters:
+        report.extra["onnx_latency"] = _onnx_latency(baseline, shrunk, inputs, opts)
+    return report
 
 
 def reinitialize(model: nn.Module, seed: Optional[int] = None) -> int:
@@ -492,45 +559,6 @@ def _tensorboard(out_dir: Optional[Path], opts: ShrinkOptions) -> Any:
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 
-def _widths_text(graph: Any, keep: Any) -> str:
-    """The final width of every group, as a Markdown table for TensorBoard's text tab."""
-    rows = ["| group | width | kept of |", "|---|---:|---:|"]
-    for group in graph.groups:
-        if group.removable.any():
-            rows.append(f"| {group.name} | {int(keep[group.units].sum())} | {group.size} |")
-    return "\n".join(rows)
-
-
-def _summary_table(report: Report) -> str:
-    b, s = report.extra["baseline"], report.extra["shrunk"]
-    rows = [("", "baseline", "shrunk", "ratio"),
-            ("MACs", f"{b['macs']:,}", f"{s['macs']:,}", f"{s['macs'] / max(b['macs'], 1):.2f}"),
-            ("params", f"{b['params']:,}", f"{s['params']:,}", f"{s['params'] / max(b['params'], 1):.2f}"),
-            ("score", f"{b['score']:.4f}", f"{s['score']:.4f}", f"{s['score'] - b['score']:+.4f}"),
-            ("latency ms", f"{b['latency_ms']:.3f}", f"{s['latency_ms']:.3f}",
-             f"{s['latency_ms'] / max(b['latency_ms'], 1e-12):.2f}")]
-    rows += _resource_rows(report.extra)
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
-
-
-def _resource_rows(extra: Dict[str, Any]) -> list:
-    """Summary rows for the predicted latency, activations and the measured ONNX latency."""
-    rows = []
-    res = extra.get("resources", {})
-    for key, label in (("activations", "activations"), ("latency_ms", "predicted ms")):
-        if key in res:
-            b, a = res[key]["before"], res[key]["after"]
-            rows.append((label, f"{b:,.3f}" if key == "latency_ms" else f"{b:,.0f}",
-                         f"{a:,.3f}" if key == "latency_ms" else f"{a:,.0f}", f"{a / max(b, 1e-12):.2f}"))
-    onnx = extra.get("onnx_latency", {})
-    if "baseline_ms" in onnx:
-        rows.append(("ONNX ms", f"{onnx['baseline_ms']:.3f}", f"{onnx['shrunk_ms']:.3f}",
-                     f"{onnx['shrunk_ms'] / max(onnx['baseline_ms'], 1e-12):.2f}"))
-    return rows
-
-
 def _write_outputs(result: ShrinkResult, baseline: nn.Module, inputs: tuple, out_dir: Path,
                    opts: ShrinkOptions) -> Dict[str, str]:
     files: Dict[str, str] = {}
@@ -549,37 +577,7 @@ def _write_outputs(result: ShrinkResult, baseline: nn.Module, inputs: tuple, out
     with atomic_write(out_dir / "report.json", "w") as f:
         json.dump(result.report.to_dict(), f, indent=2)
     with atomic_write(out_dir / "report.md", "w") as f:
-        f.write(_report_markdown(result))
+        f.write(report_markdown(result))
     files["report.json"] = str(out_dir / "report.json")
     files["report.md"] = str(out_dir / "report.md")
     return files
-
-
-def _report_markdown(result: ShrinkResult) -> str:
-    learn = result.report.extra["structure_learning"]
-    details = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in learn.items()
-                        if k not in ("algorithm", "epochs", "target_macs", "learned_widths", "widths_per_epoch"))
-    widths = result.report.extra.get("widths")
-    width_table = ("## Widths per group, against a uniform width multiplier at the same budget\n\n"
-                   f"{widths_markdown(widths)}\n\n") if widths else ""
-    return (f"# dnnshrink report\n\n{_markdown_table(result.report)}\n\n"
-            f"Structure learning: `{learn['algorithm']}`, {learn['epochs']} epoch(s), target "
-            f"{learn['target_macs']:,.4g} {_target_unit(learn)}" + (f" ({details})" if details else "") + ".\n\n"
-            f"{width_table}## Layers\n\n```\n{result.report.table()}\n```\n")
-
-
-def _target_unit(learn: Dict[str, Any]) -> str:
-    from .target import RESOURCES
-
-    return RESOURCES.get(learn.get("target", {}).get("resource", "macs"), "MACs")
-
-
-def _markdown_table(report: Report) -> str:
-    b, s = report.extra["baseline"], report.extra["shrunk"]
-    lines = ["| | baseline | shrunk | ratio |", "|---|---:|---:|---:|"]
-    for key, label, fmt in (("macs", "MACs", "{:,}"), ("params", "parameters", "{:,}"), ("score", "score", "{:.4f}"),
-                            ("latency_ms", "latency (ms)", "{:.3f}")):
-        ratio = s[key] / b[key] if b[key] else float("nan")
-        lines.append(f"| {label} | {fmt.format(b[key])} | {fmt.format(s[key])} | {ratio:.3f} |")
-    lines += [f"| {label} | {b} | {s} | {ratio} |" for label, b, s, ratio in _resource_rows(report.extra)]
-    return "\n".join(lines)

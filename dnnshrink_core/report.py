@@ -202,3 +202,75 @@ def widths_markdown(widths: Dict[str, Dict[str, int]]) -> str:
     for name, w in widths.items():
         lines.append(f"| `{name}` | {w['original']} | {w['chosen']} | {w['uniform']} |")
     return "\n".join(lines)
+
+
+# --- a shrink run's summary and report.md --------------------------------------------
+def widths_text(graph: Any, keep: Any) -> str:
+    """The final width of every group, as a Markdown table for TensorBoard's text tab."""
+    rows = ["| group | width | kept of |", "|---|---:|---:|"]
+    for group in graph.groups:
+        if group.removable.any():
+            rows.append(f"| {group.name} | {int(keep[group.units].sum())} | {group.size} |")
+    return "\n".join(rows)
+
+
+def summary_table(report: Report) -> str:
+    """The baseline-against-shrunk table a run prints at its end."""
+    b, s = report.extra["baseline"], report.extra["shrunk"]
+    rows = [("", "baseline", "shrunk", "ratio"),
+            ("MACs", f"{b['macs']:,}", f"{s['macs']:,}", f"{s['macs'] / max(b['macs'], 1):.2f}"),
+            ("params", f"{b['params']:,}", f"{s['params']:,}", f"{s['params'] / max(b['params'], 1):.2f}"),
+            ("score", f"{b['score']:.4f}", f"{s['score']:.4f}", f"{s['score'] - b['score']:+.4f}"),
+            ("latency ms", f"{b['latency_ms']:.3f}", f"{s['latency_ms']:.3f}",
+             f"{s['latency_ms'] / max(b['latency_ms'], 1e-12):.2f}")]
+    rows += _resource_rows(report.extra)
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def _resource_rows(extra: Dict[str, Any]) -> list:
+    """Summary rows for the predicted latency, activations and the measured ONNX latency."""
+    rows = []
+    res = extra.get("resources", {})
+    for key, label in (("activations", "activations"), ("latency_ms", "predicted ms")):
+        if key in res:
+            b, a = res[key]["before"], res[key]["after"]
+            rows.append((label, f"{b:,.3f}" if key == "latency_ms" else f"{b:,.0f}",
+                         f"{a:,.3f}" if key == "latency_ms" else f"{a:,.0f}", f"{a / max(b, 1e-12):.2f}"))
+    onnx = extra.get("onnx_latency", {})
+    if "baseline_ms" in onnx:
+        rows.append(("ONNX ms", f"{onnx['baseline_ms']:.3f}", f"{onnx['shrunk_ms']:.3f}",
+                     f"{onnx['shrunk_ms'] / max(onnx['baseline_ms'], 1e-12):.2f}"))
+    return rows
+
+
+def report_markdown(result: Any) -> str:
+    """``report.md`` of a shrink run (a :class:`~dnnshrink_core.pipeline.ShrinkResult`)."""
+    learn = result.report.extra["structure_learning"]
+    details = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in learn.items()
+                        if k not in ("algorithm", "epochs", "target_macs", "learned_widths", "widths_per_epoch"))
+    widths = result.report.extra.get("widths")
+    width_table = ("## Widths per group, against a uniform width multiplier at the same budget\n\n"
+                   f"{widths_markdown(widths)}\n\n") if widths else ""
+    return (f"# dnnshrink report\n\n{_markdown_table(result.report)}\n\n"
+            f"Structure learning: `{learn['algorithm']}`, {learn['epochs']} epoch(s), target "
+            f"{learn['target_macs']:,.4g} {_target_unit(learn)}" + (f" ({details})" if details else "") + ".\n\n"
+            f"{width_table}## Layers\n\n```\n{result.report.table()}\n```\n")
+
+
+def _target_unit(learn: Dict[str, Any]) -> str:
+    from .target import RESOURCES
+
+    return RESOURCES.get(learn.get("target", {}).get("resource", "macs"), "MACs")
+
+
+def _markdown_table(report: Report) -> str:
+    b, s = report.extra["baseline"], report.extra["shrunk"]
+    lines = ["| | baseline | shrunk | ratio |", "|---|---:|---:|---:|"]
+    for key, label, fmt in (("macs", "MACs", "{:,}"), ("params", "parameters", "{:,}"), ("score", "score", "{:.4f}"),
+                            ("latency_ms", "latency (ms)", "{:.3f}")):
+        ratio = s[key] / b[key] if b[key] else float("nan")
+        lines.append(f"| {label} | {fmt.format(b[key])} | {fmt.format(s[key])} | {ratio:.3f} |")
+    lines += [f"| {label} | {b} | {s} | {ratio} |" for label, b, s, ratio in _resource_rows(report.extra)]
+    return "\n".join(lines)
