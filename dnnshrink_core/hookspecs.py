@@ -7,15 +7,21 @@ A plugin is any module or object with functions named like the specs below, mark
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 import pluggy
+
+if TYPE_CHECKING:  # the types only: hook specs import nothing heavy
+    from torch import fx, nn
+
+    from .handler import OpHandler
+    from .masks import Masks
 
 hookspec = pluggy.HookspecMarker("dnnshrink")
 
 
 @hookspec(firstresult=True)
-def dnnshrink_op_handler(node: Any, module: Optional[Any]) -> Optional[Any]:
+def dnnshrink_op_handler(node: "fx.Node", module: Optional["nn.Module"]) -> Optional["OpHandler"]:
     """Return the depth-change handler for one traced op, or ``None`` if you do not know it.
 
     ``node`` is a :class:`torch.fx.Node`; ``module`` is the called ``nn.Module`` when
@@ -29,7 +35,7 @@ def dnnshrink_op_handler(node: Any, module: Optional[Any]) -> Optional[Any]:
 
 
 @hookspec(firstresult=True)
-def dnnshrink_leaf_module(module: Any, qualname: str) -> Optional[bool]:
+def dnnshrink_leaf_module(module: "nn.Module", qualname: str) -> Optional[bool]:
     """Say whether the tracer keeps ``module`` whole (``True``) or traces into it (``False``).
 
     Return ``None`` to leave the decision to others (the default keeps the layers of
@@ -39,7 +45,7 @@ def dnnshrink_leaf_module(module: Any, qualname: str) -> Optional[bool]:
 
 
 @hookspec(firstresult=True)
-def dnnshrink_mask_extractor(name: str) -> Optional[Any]:
+def dnnshrink_mask_extractor(name: str) -> Optional[Callable[..., "Masks"]]:
     """Return the mask extractor called ``name``, or ``None``.
 
     A mask extractor is a callable ``extract(graph, model, **options) -> Masks`` that
@@ -56,7 +62,7 @@ def dnnshrink_mask_extractor_names() -> List[str]:
 
 
 @hookspec(firstresult=True)
-def dnnshrink_regularizer(name: str) -> Optional[Any]:
+def dnnshrink_regularizer(name: str) -> Optional[Callable[..., Any]]:
     """Return the regularizer class or factory called ``name``, or ``None``.
 
     A regularizer adds its gradient to the BatchNorm scales' ``.grad`` in a global
@@ -111,7 +117,7 @@ def dnnshrink_export_formats() -> List[str]:
 
 
 @hookspec(firstresult=True)
-def dnnshrink_cost_model(name: str) -> Optional[Any]:
+def dnnshrink_cost_model(name: str) -> Optional[Callable[..., Any]]:
     """Return the cost model (a *resource*) called ``name``, or ``None``.
 
     The defaults (plugin ``costs``) are ``flops`` (MACs), ``params`` (weights),
