@@ -74,6 +74,20 @@ def iter_chans(value: Any) -> Iterator[Chan]:
             yield from iter_chans(item)
 
 
+def frozen_chans(store: LabelStore, owner: str, role: str, spec: Any, reason: str) -> Any:
+    """Fresh, frozen channel labels for every tensor (of two or more dims) in ``spec``: the
+    network's inputs, lifted constants, and the outputs of ops that make new tensors."""
+    if isinstance(spec, TensorSpec):
+        if spec.ndim < 2:
+            return None
+        labels = store.new_space(owner, role, spec.shape[1])
+        store.freeze(labels, reason)
+        return Chan(labels)
+    if isinstance(spec, tuple):
+        return tuple(frozen_chans(store, f"{owner}[{i}]", role, s, reason) for i, s in enumerate(spec))
+    return None
+
+
 class OpHandler:
     """Base class of depth-change handlers. Subclass it and override what you need.
 
@@ -274,17 +288,7 @@ class PropagateContext:
 
     def fresh_output(self, reason: str) -> None:
         """Give the op's tensor outputs fresh frozen labels (for ops that make new tensors)."""
-        def build(spec: Any) -> Any:
-            if isinstance(spec, TensorSpec):
-                if spec.ndim < 2:
-                    return None
-                labels = self.new_labels("out", spec.shape[1])
-                self.store.freeze(labels, reason)
-                return Chan(labels)
-            if isinstance(spec, tuple):
-                return tuple(build(s) for s in spec)
-            return None
-        self.output(build(self.out_spec))
+        self.output(frozen_chans(self.store, self.owner, "out", self.out_spec, reason))
 
     def describe(self) -> str:
         """A short description of the op for messages."""

@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from .errors import InputRunError, PluginError, TraceError, UnknownOpWarning, UntracedModuleWarning
-from .handler import OpHandler, PropagateContext, TensorSpec, iter_chans, iter_nodes, spec_of
+from .handler import OpHandler, PropagateContext, TensorSpec, frozen_chans, iter_chans, iter_nodes, spec_of
 from .labels import Chan, LabelStore
 from .plugins import get_plugin_manager
 from .recording import SpecializedTraceWarning, record
@@ -462,7 +462,7 @@ def _propagate_node(tg: TracedGraph, node: fx.Node, store: LabelStore, pm: Any,
                     frozen_modules: frozenset, unknown: _UnknownOps, claims: set) -> None:
     spec = tg.specs.get(node)
     if node.op == "placeholder":
-        tg.values[node] = _fresh(store, node.name, "input", spec, "network input")
+        tg.values[node] = frozen_chans(store, node.name, "input", spec, "network input")
         return
     if node.op == "get_attr":
         path = tg.param_paths.get(node)
@@ -475,7 +475,7 @@ def _propagate_node(tg: TracedGraph, node: fx.Node, store: LabelStore, pm: Any,
                 store.freeze(labels, f"{owner} is outside the backbone (back_bone_only)")
             tg.values[node] = Chan(labels, dim=0)
             return
-        tg.values[node] = _fresh(store, node.target, "constant", spec, f"constant tensor {node.target}")
+        tg.values[node] = frozen_chans(store, node.target, "constant", spec, f"constant tensor {node.target}")
         return
     if node.op == "output":
         for arg in iter_nodes(node.args):
@@ -508,18 +508,6 @@ def _propagate_node(tg: TracedGraph, node: fx.Node, store: LabelStore, pm: Any,
         raise PluginError(f"channel handler {handler!r} failed on {ctx.describe()}: {type(exc).__name__}: {exc}") from exc
     if not ctx._answered:
         raise PluginError(f"channel handler {handler!r} did not call ctx.output(...) for {ctx.describe()}")
-
-
-def _fresh(store: LabelStore, owner: str, role: str, spec: Any, reason: str) -> Any:
-    if isinstance(spec, TensorSpec):
-        if spec.ndim < 2:
-            return None
-        labels = store.new_space(owner, role, spec.shape[1])
-        store.freeze(labels, reason)
-        return Chan(labels)
-    if isinstance(spec, tuple):
-        return tuple(_fresh(store, f"{owner}[{i}]", role, s, reason) for i, s in enumerate(spec))
-    return None
 
 
 def _has_tensor(spec: Any) -> bool:
