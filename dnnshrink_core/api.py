@@ -11,13 +11,20 @@ import numpy as np
 from torch import nn
 
 from .compensate import compensate as fold_removed_channels
-from .errors import ConfigError, DnnshrinkWarning, NoBatchNormError, NothingRemovedWarning, PluginError
+from .errors import (
+    ConfigError,
+    DnnshrinkWarning,
+    NoBatchNormError,
+    NothingRemovedWarning,
+    PluginError,
+)
 from .generate import build, units_to_keep
 from .graph import ChannelGraph
 from .labels import LabelStore
 from .masks import DEFAULT_THRESHOLD, Masks
 from .plugins import get_plugin_manager, lookup
-from .tracing import BACK_BONE_ONLY, GENERATE_GRAPH, normalize_inputs, propagate, trace_modes
+from .propagation import propagate
+from .tracing import BACK_BONE_ONLY, GENERATE_GRAPH, normalize_inputs, trace_modes
 from .validation import check_input_count
 
 _graphs: "weakref.WeakKeyDictionary[nn.Module, ChannelGraph]" = weakref.WeakKeyDictionary()

@@ -1,4 +1,4 @@
-"""Tracing a model into torch.fx graphs (one per mode it needs) and propagating channels.
+"""Tracing a model into torch.fx graphs, one per mode it needs (propagation: :mod:`.propagation`).
 
 Most models give one graph. A model whose forward depends on a mode gives several, all
 propagated into one :class:`~dnnshrink_core.labels.LabelStore` so that every module is
@@ -22,9 +22,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import fx, nn
 
-from .errors import InputRunError, PluginError, TraceError, UnknownOpWarning, UntracedModuleWarning
-from .handler import OpHandler, PropagateContext, TensorSpec, frozen_chans, iter_chans, iter_nodes, spec_of
-from .labels import Chan, LabelStore
+from .errors import InputRunError, TraceError, UntracedModuleWarning
+from .handler import OpHandler, spec_of
 from .plugins import get_plugin_manager
 from .recording import SpecializedTraceWarning, record
 
@@ -370,147 +369,3 @@ def _shown_name(model: nn.Module, name: str) -> str:
         return name
     own = [n for n, _ in model.named_parameters(recurse=False)] + [n for n, _ in model.named_buffers(recurse=False)]
     return ", ".join(f"<root>.{n}" for n in own) or "<root>"
-
-
-class _UnknownOps:
-    """Collects ops without a handler so each kind is reported once."""
-
-    def __init__(self) -> None:
-        self.seen: Dict[str, List[str]] = {}
-        # parameters read by an op treated as opaque: never sliced (see _freeze_unsafe_params)
-        self.opaque_params: Dict[str, str] = {}
-
-    def __call__(self, ctx: PropagateContext, reason: str, warn: bool) -> None:
-        inputs = ctx.input_chans()
-        if ctx.module_name is not None:
-            ctx.store.make_opaque(ctx.module_name, reason)
-        for chan in inputs:
-            ctx.store.freeze(chan.labels, reason)
-        for arg in iter_nodes((ctx.node.args, ctx.node.kwargs)):
-            path = ctx.param_path(arg)
-            if path is not None:
-                self.opaque_params.setdefault(path, reason)
-        ctx.fresh_output(reason)
-        if warn and inputs:
-            self.seen.setdefault(_op_key(ctx), []).append(_where(ctx))
-
-    def report(self) -> None:
-        for key, where in self.seen.items():
-            places = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
-            warnings.warn(
-                f"dnnshrink: no channel handler for `{key}` (at {places}); the channels crossing it are "
-                "kept. To prune through it, register a handler with the `dnnshrink_op_handler` hook "
-                "(see docs/plugins.md).", UnknownOpWarning, stacklevel=4)
-
-
-def _where(ctx: PropagateContext) -> str:
-    if ctx.module_name is not None:
-        return f"module `{ctx.module_name}`"
-    stack = ctx.node.meta.get("nn_module_stack")
-    inside = f" in `{list(stack)[-1]}`" if stack else ""
-    return f"node `{ctx.node.name}`{inside}"
-
-
-def _op_key(ctx: PropagateContext) -> str:
-    node = ctx.node
-    if node.op == "call_module":
-        return type(ctx.module).__qualname__
-    if node.op == "call_method":
-        return f"Tensor.{node.target}"
-    target = node.target
-    return f"{getattr(target, '__module__', '') or ''}.{getattr(target, '__name__', str(target))}".lstrip(".")
-
-
-def propagate(graphs: Sequence[TracedGraph], store: LabelStore, pm: Any, frozen_modules: frozenset) -> None:
-    """Run every node's handler over every graph, filling ``store``."""
-    unknown = _UnknownOps()
-    claims: set = set()
-    for tg in graphs:
-        for node in tg.graph.nodes:
-            _propagate_node(tg, node, store, pm, frozen_modules, unknown, claims)
-    _freeze_unsafe_params(graphs, store, unknown, claims)
-    unknown.report()
-
-
-def _freeze_unsafe_params(graphs: Sequence[TracedGraph], store: LabelStore, unknown: _UnknownOps,
-                          claims: set) -> None:
-    """Keep whole every parameter that some op reads without saying how to slice it.
-
-    A parameter of two or more dimensions is sliced only if every op that reads it claimed
-    it (``ctx.param_labels``); one read by an opaque op, or owned by a module that is also
-    called whole (whose handler slices it its own way), keeps all its entries, and that
-    module keeps its channels.
-    """
-    unsafe = dict(unknown.opaque_params)
-    leaf_modules = {name for tg in graphs for name in tg.module_names.values()}
-    for tg in graphs:
-        for node, path in tg.param_paths.items():
-            spec = tg.specs.get(node)
-            owner = path.rpartition(".")[0]
-            if owner in leaf_modules:
-                unsafe.setdefault(path, f"{path} is read directly although its module `{owner}` is called whole")
-                store.make_opaque(owner, unsafe[path])
-            elif isinstance(spec, TensorSpec) and spec.ndim >= 2 and any((node, user) not in claims for user in node.users):
-                users = ", ".join(sorted(u.name for u in node.users if (node, u) not in claims))
-                unsafe.setdefault(path, f"{path} is read by an op that does not slice it ({users})")
-    for path, reason in unsafe.items():
-        for labels in store.param_labels(path):
-            store.freeze(labels, reason)
-
-
-def _propagate_node(tg: TracedGraph, node: fx.Node, store: LabelStore, pm: Any,
-                    frozen_modules: frozenset, unknown: _UnknownOps, claims: set) -> None:
-    spec = tg.specs.get(node)
-    if node.op == "placeholder":
-        tg.values[node] = frozen_chans(store, node.name, "input", spec, "network input")
-        return
-    if node.op == "get_attr":
-        path = tg.param_paths.get(node)
-        if path is not None and isinstance(spec, TensorSpec) and spec.ndim == 1:
-            # a per-channel parameter (a BatchNorm weight read by F.batch_norm, a layer
-            # scale): its entries are channels at dim 0, sliced where the tensor lives
-            labels, created = store.param_space(path, 0, spec.shape[0])
-            owner = path.rpartition(".")[0]
-            if created and owner in frozen_modules:
-                store.freeze(labels, f"{owner} is outside the backbone (back_bone_only)")
-            tg.values[node] = Chan(labels, dim=0)
-            return
-        tg.values[node] = frozen_chans(store, node.target, "constant", spec, f"constant tensor {node.target}")
-        return
-    if node.op == "output":
-        for arg in iter_nodes(node.args):
-            for chan in iter_chans(tg.values.get(arg)):
-                store.freeze(chan.labels, "network output")
-        return
-    module = tg.get_submodule(node.target) if node.op == "call_module" else None
-    info: Dict[str, Any] = {}
-    tg.infos[node] = info
-    handler = pm.hook.dnnshrink_op_handler(node=node, module=module)
-    any_dim = bool(getattr(handler, "any_channel_dim", False))
-    ctx = PropagateContext(node, module, tg.module_names.get(node), store, tg.values, tg.specs, info,
-                           tg.allow_rewrite, frozen_modules, unknown, param_paths=tg.param_paths, claims=claims,
-                           any_channel_dim=any_dim)
-    if handler is not None and not any_dim:
-        # the handler reads channels at dim 1 only: channels elsewhere stay as they are
-        for chan in ctx.input_chans():
-            if chan.dim != 1:
-                store.freeze(chan.labels, f"{ctx.describe()} does not follow channels at dim {chan.dim}")
-    if handler is None:
-        if spec is None or not _has_tensor(spec):
-            tg.values[node] = None  # sizes, shapes, ints: nothing to do with channels
-            return
-        ctx.unknown(f"{ctx.describe()} has no channel handler")
-        return
-    tg.handlers[node] = handler
-    try:
-        handler.propagate(ctx)
-    except Exception as exc:
-        raise PluginError(f"channel handler {handler!r} failed on {ctx.describe()}: {type(exc).__name__}: {exc}") from exc
-    if not ctx._answered:
-        raise PluginError(f"channel handler {handler!r} did not call ctx.output(...) for {ctx.describe()}")
-
-
-def _has_tensor(spec: Any) -> bool:
-    if isinstance(spec, TensorSpec):
-        return True
-    return isinstance(spec, tuple) and any(_has_tensor(s) for s in spec)
