@@ -275,21 +275,24 @@ def table(path: Path) -> str:
     rows = [r for r in _done(path).values() if r.get("error") != "no BatchNorm"]
     measured = [r for r in rows if "error" not in r]
 
+    def err(r: Dict[str, Any], prefix: str) -> float:
+        return r.get(f"{prefix}_err", float("inf"))  # a pruned model that no longer runs has none
+
     def count(prefix: str, pred: Any) -> int:
         return sum(1 for r in measured if f"{prefix}_kept" in r and pred(r))
 
     def goal(prefix: str) -> int:
-        return count(prefix, lambda r: r[f"{prefix}_err"] < TOLERANCE and r[f"{prefix}_kept"] < 0.9)
+        return count(prefix, lambda r: err(r, prefix) < TOLERANCE and r[f"{prefix}_kept"] < 0.9)
 
     def median(prefix: str) -> str:
-        vals = sorted(r[f"{prefix}_kept"] for r in measured if f"{prefix}_kept" in r and r[f"{prefix}_err"] < TOLERANCE)
+        vals = sorted(r[f"{prefix}_kept"] for r in measured if f"{prefix}_kept" in r and err(r, prefix) < TOLERANCE)
         return f"{vals[len(vals) // 2]:.2f}x" if vals else "-"
     out = [f"{len(rows)} models with BatchNorm attempted, {len(measured)} measured "
            f"({len(rows) - len(measured)} over the limit or failing to build/run before either tool).", "",
            "| | dnnshrink | Torch-Pruning |", "|---|---|---|",
            f"| ran | {count('ds', lambda r: True)} | {count('tp', lambda r: True)} |",
-           f"| exact (rel. err. < 1e-4) | {count('ds', lambda r: r['ds_err'] < TOLERANCE)} | "
-           f"{count('tp', lambda r: r['tp_err'] < TOLERANCE)} |",
+           f"| exact (rel. err. < 1e-4) | {count('ds', lambda r: err(r, 'ds') < TOLERANCE)} | "
+           f"{count('tp', lambda r: err(r, 'tp') < TOLERANCE)} |",
            f"| exact and < 0.9x params | {goal('ds')} | {goal('tp')} |",
            f"| median params kept (exact ones) | {median('ds')} | {median('tp')} |",
            f"| failed with an error | {sum(1 for r in measured if 'ds_error' in r)} | "
