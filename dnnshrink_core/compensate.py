@@ -49,6 +49,27 @@ def _candidates(model: nn.Module, graph: ChannelGraph, folded: np.ndarray) -> Di
     return chosen
 
 
+def _exactly_zero(model: nn.Module, graph: ChannelGraph, folded: np.ndarray) -> bool:
+    """Whether every folded unit's sources have gamma = beta = 0 exactly: a removable unit
+    reaches its consumers only through zero-preserving ops, so its channels then carry exact
+    zeros and nothing is to be folded (no forward pass needed to measure it)."""
+    if not folded.any():
+        return True
+    for idx, name in enumerate(graph.source_modules):
+        sources = graph.src_module == idx
+        channels = graph.src_channel[sources][folded[graph.src_unit[sources]]]
+        if not len(channels):
+            continue
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            return False  # a scale reached functionally: its shift lives elsewhere, measure instead
+        for tensor in (getattr(module, "weight", None), getattr(module, "bias", None)):
+            if isinstance(tensor, torch.Tensor) and tensor.detach()[torch.from_numpy(channels)].any():
+                return False
+    return True
+
+
 def input_means(model: nn.Module, names: List[str], inputs: tuple) -> Dict[str, torch.Tensor]:
     """The mean of every input column (conv channel or linear feature) of each named layer,
     over batch and positions, from one eval-mode forward pass of ``model`` on ``inputs``."""
@@ -81,7 +102,7 @@ def bias_shifts(model: nn.Module, graph: ChannelGraph, keep: np.ndarray, inputs:
     input channels causes; layers whose shift is exactly zero are left out."""
     folded = ~keep & (graph.unit_gammas(model) <= max_gamma)
     chosen = _candidates(model, graph, folded)
-    if not chosen:
+    if not chosen or _exactly_zero(model, graph, folded):
         return {}
     means = input_means(model, list(chosen), inputs)
     shifts = {}

@@ -72,6 +72,21 @@ def test_zero_channels_change_nothing():
     assert states_equal(state_copy(folded), state_copy(plain))
 
 
+
+@pytest.mark.parametrize("beta_scale, passes", [(0.0, 0), (1.0, 1)])
+def test_the_model_runs_only_when_a_removed_channel_carries_something(beta_scale, passes):
+    """Channels with gamma = beta = 0 carry exact zeros: nothing to measure, no forward pass."""
+    model = dead_scales(PointwiseNet(), beta_scale=beta_scale)
+    masks = ds.alive_masks(model, X)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        ds.generate(model, X, masks)
+    finally:
+        handle.remove()
+    assert len(calls) == passes
+
+
 def test_new_bias_is_trainable_and_exported(tmp_path):
     model = dead_scales(PointwiseNet(), beta_scale=1.0)
     small = ds.generate(model, X, ds.alive_masks(model, X))
