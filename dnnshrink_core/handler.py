@@ -351,6 +351,17 @@ class RebuildContext:
         if kwargs is not None:
             self.new_kwargs = dict(kwargs)
 
+    def set_arg(self, index: int, name: str, value: Any) -> None:
+        """Rewrite one argument where the call gave it: at position ``index`` if it was passed
+        positionally, else as the keyword ``name``."""
+        args = list(self.node.args if self.new_args is None else self.new_args)
+        kwargs = dict(self.node.kwargs if self.new_kwargs is None else self.new_kwargs)
+        if len(args) > index:
+            args[index] = value
+        else:
+            kwargs[name] = value
+        self.set_args(args, kwargs)
+
 
 def _only_dim1(value: Any) -> Any:
     """``value`` with every :class:`Chan` whose channels are not at dim 1 replaced by None."""

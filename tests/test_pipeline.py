@@ -224,12 +224,17 @@ def test_cli_algorithm_option(tmp_path):
     assert report["structure_learning"]["algorithm"] == "magnitude" and report["structure_learning"]["epochs"] == 0
 
 
-def test_checkpoints_and_resume(tmp_path):
-    calls = []
-
+def counted(calls: list):
+    """``regularizer_only_epoch`` that appends its learning rate to ``calls``."""
     def epoch(model, lr):
         calls.append(lr)
         regularizer_only_epoch(model, lr)
+    return epoch
+
+
+def test_checkpoints_and_resume(tmp_path):
+    calls = []
+    epoch = counted(calls)
 
     options = dict(train_one_epoch=epoch, train=lambda m: None, test=lambda m: 0.5, target_macs=0.01,
                    strength_scale=1e-6, device="cpu", progress=False, latency_runs=1, exporters=[],
@@ -249,10 +254,7 @@ def test_checkpoints_and_resume(tmp_path):
 
 def test_resume_after_structure_learning_goes_straight_to_generation(tmp_path):
     calls = []
-
-    def epoch(model, lr):
-        calls.append(lr)
-        regularizer_only_epoch(model, lr)
+    epoch = counted(calls)
 
     options = dict(train_one_epoch=epoch, train=lambda m: None, test=lambda m: 0.5, target_macs=0.7,
                    strength_scale=20.0, lr=0.01, device="cpu", progress=False, latency_runs=1, exporters=[],

@@ -147,12 +147,7 @@ class ConvFunctionHandler(OpHandler):
         groups = int(ctx.keep(labels).sum())
         if groups == len(labels):
             return
-        args, kwargs = list(ctx.node.args), dict(ctx.node.kwargs)
-        if len(args) > 6:
-            args[6] = groups
-        else:
-            kwargs["groups"] = groups
-        ctx.set_args(args, kwargs)
+        ctx.set_arg(6, "groups", groups)
         # the module that owns the weight (a Conv2d subclass that calls F.conv2d itself, such
         # as timm's Conv2dSame) passes its own `groups`: keep it true, so the module's own
         # forward runs with the new width too

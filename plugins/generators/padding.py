@@ -81,12 +81,7 @@ class PadFunctionHandler(_PadBase):
         new = self._new_pad(ctx, _pad_arg(ctx.node))
         if new is None:
             return
-        args, kwargs = list(ctx.node.args), dict(ctx.node.kwargs)
-        if len(args) > 1:
-            args[1] = new
-        else:
-            kwargs["pad"] = new
-        ctx.set_args(args, kwargs)
+        ctx.set_arg(1, "pad", new)
 
 
 def _pad_arg(node: fx.Node) -> Sequence[int]:
