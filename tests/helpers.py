@@ -62,10 +62,26 @@ def states_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def shrink_checked(model: nn.Module, x: Any) -> tuple:
+    """Trace, find the dead channels and generate, recording the warnings; check that the
+    model handed in is left as it was and that the shrunk network gives its outputs (relative
+    error < 1e-4). Returns (graph, small, caught warnings)."""
+    import dnnshrink_core as ds
+
+    before = state_copy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = ds.trace(model, x)
+        small = ds.generate(model, x, ds.alive_masks(model, x))
+    assert states_equal(before, state_copy(model)), "the user's model was modified"
+    with torch.no_grad():
+        assert max_relative_error(model(x), small(x)) < 1e-4
+    return graph, small, caught
+
+
 def shrink_dead_half(name: str, **mode) -> tuple:
     """A hand-written model (``models.HANDWRITTEN``) with half its channels dead, shrunk by
-    ``generate``; checks that the model handed in is left as it was. Returns (model, small, x)."""
-    import dnnshrink_core as ds
+    ``generate`` (see :func:`shrink_checked`). Returns (model, small, x)."""
     from models import HANDWRITTEN
 
     factory, shape = HANDWRITTEN[name]
@@ -73,9 +89,5 @@ def shrink_dead_half(name: str, **mode) -> tuple:
     for attr, value in mode.items():
         setattr(model, attr, value)
     x = torch.randn(shape)
-    before = state_copy(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ds.UnknownOpWarning)
-        small = ds.generate(model, x, ds.alive_masks(model, x))
-    assert states_equal(before, state_copy(model)), "the user's model was modified"
+    _, small, _ = shrink_checked(model, x)
     return model, small, x

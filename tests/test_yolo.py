@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dnnshrink_core as ds
-from helpers import kill_half, max_relative_error, n_params, state_copy, states_equal
+from helpers import kill_half, max_relative_error, n_params, shrink_checked
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 tasks = pytest.importorskip("ultralytics.nn.tasks")
@@ -19,16 +19,8 @@ tasks = pytest.importorskip("ultralytics.nn.tasks")
 def _shrunk(cfg: str, side: int):
     torch.manual_seed(0)
     model = kill_half(tasks.DetectionModel(cfg, verbose=False)).eval()
-    x = torch.randn(1, 3, side, side)
-    before = state_copy(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = ds.trace(model, x)
-        small = ds.generate(model, x, ds.alive_masks(model, x))
+    graph, small, _ = shrink_checked(model, torch.randn(1, 3, side, side))
     assert graph.traces[0].specialized
-    assert states_equal(before, state_copy(model))
-    with torch.no_grad():
-        assert max_relative_error(model(x), small(x)) < 1e-4
     return model, small
 
 
