@@ -1,7 +1,9 @@
 """The model zoo, dnnshrink vs Torch-Pruning: does every model shrink exactly?
 
-For each model (random weights, eval mode): half of every BatchNorm's channels are killed
-(gamma = beta = 0, as MorphNet leaves them), then
+For each model (random weights and BatchNorm statistics, eval mode): half of the channels of
+every coupled group that dnnshrink can remove are killed in every BatchNorm of the group
+(gamma = beta = 0, as MorphNet's group penalty leaves them; when dnnshrink cannot trace the
+model, half of every BatchNorm's channels independently), then
 
 * dnnshrink: ``trace`` (torch.fx, or by running the model when fx cannot), ``alive_masks``,
   ``generate``; the shrunk network is compared with the killed baseline;
@@ -43,7 +45,8 @@ TOLERANCE = 1e-4
 
 
 # --- one model (runs in a child process) ----------------------------------------------
-def _kill_half(model: Any, seed: int = 0) -> Any:
+def _init_bns(model: Any, seed: int = 0) -> None:
+    """Random, non-trivial BatchNorm statistics and affine parameters (timm/YOLO start at 1/0)."""
     import torch
     from torch import nn
     g = torch.Generator().manual_seed(seed)
@@ -53,13 +56,78 @@ def _kill_half(model: Any, seed: int = 0) -> Any:
                 n = m.num_features
                 m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-                dead = torch.randperm(n, generator=g)[: n // 2]
-                m.weight[dead] = 0.0
-                m.bias[dead] = 0.0
                 if m.running_mean is not None:
                     m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
                     m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    return model
+
+
+def _zero(model: Any, name: str, channels: Any) -> None:
+    """gamma = beta = 0 at ``channels`` of source ``name`` (a BatchNorm module, or the
+    functional parameter at that path with its ``bias`` sibling)."""
+    import torch
+    owner, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(name)
+        params = [getattr(module, "weight", None), getattr(module, "bias", None)]
+    except AttributeError:
+        module = model.get_submodule(owner)
+        params = [getattr(module, attr, None), getattr(module, attr.replace("weight", "bias"), None)]
+    with torch.no_grad():
+        for p in params:
+            if isinstance(p, torch.Tensor) and p.dim() == 1:
+                p[channels] = 0.0
+
+
+def _kill_half(model: Any, x: Any, seed: int = 0) -> str:
+    """Kill half of every coupled channel group, as MorphNet's group penalty leaves them: the
+    same channels in every BatchNorm of the group (gamma = beta = 0). The groups come from
+    dnnshrink's trace; when it cannot trace, half of every BatchNorm's channels die
+    independently. Returns how the channels were chosen."""
+    import numpy as np
+    import torch
+    from torch import nn
+    _init_bns(model, seed)
+    rng = np.random.default_rng(seed)
+    try:
+        import dnnshrink_core as ds
+        graph = ds.trace(model, x)
+    except Exception:
+        g = torch.Generator().manual_seed(seed)
+        for name, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                _zero(model, name, torch.randperm(m.num_features, generator=g)[: m.num_features // 2])
+        return "independent"
+    dead = np.zeros(graph.num_units, dtype=bool)
+    for group in graph.groups:
+        units = group.units[graph.unit_removable[group.units]]
+        if len(units) > 1:
+            dead[rng.choice(units, size=len(units) // 2, replace=False)] = True
+    for idx, name in enumerate(graph.source_modules):
+        rows = (graph.src_module == idx) & dead[graph.src_unit]
+        if rows.any():
+            _zero(model, name, torch.as_tensor(graph.src_channel[rows]))
+    return "per group"
+
+
+def _reach(model: Any, x: Any) -> Dict[str, Any]:
+    """What BatchNorm can reach at all: the share of the parameters in removable channels, and
+    the most common reasons why the other channels that have a BatchNorm are kept."""
+    import numpy as np
+    import dnnshrink_core as ds
+    from dnnshrink_core.cost import CostModel
+    graph = ds.trace(model, x)
+    costs = CostModel(graph, model, kind="params")
+    full = np.ones(graph.num_units, dtype=bool)
+    total = sum(p.numel() for p in model.parameters())
+    reach = (costs.cost(full) - costs.cost(~graph.unit_removable)) / total
+    held = graph.unit_has_source & ~graph.unit_removable
+    why: Dict[str, int] = defaultdict(int)
+    for unit in np.flatnonzero(held):
+        reason = graph.unit_reason[unit]
+        why[graph.reasons[reason] if reason >= 0 else "no exact way to remove (unguarded)"] += 1
+    top = sorted(why.items(), key=lambda kv: -kv[1])[:2]
+    return {"reach": round(float(reach), 3), "held": int(held.sum()), "removable": int(graph.unit_removable.sum()),
+            "held_why": [f"{n} units: {r[:120]}" for r, n in top]}
 
 
 def _flat(out: Any) -> list:
@@ -125,6 +193,25 @@ def _torch_pruning(model: Any, x: Any) -> Dict[str, Any]:
     return {"seconds": time.perf_counter() - start}
 
 
+def _stage(name: str) -> None:
+    """Say which stage runs, so that a model stopped at the time limit names where."""
+    print(f"stage: {name}", flush=True)
+
+
+def has_batchnorm(name: str) -> bool:
+    """Whether timm model ``name`` has a BatchNorm, looked at on the meta device (no weights
+    are made, so this takes milliseconds); True when the look itself fails."""
+    import timm
+    import torch
+    from torch import nn
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name, pretrained=False)
+    except Exception:
+        return True
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in probe.modules())
+
+
 def run_one(name: str, size: int) -> Dict[str, Any]:
     """Measure one model; every failure is caught and named."""
     import torch
@@ -133,16 +220,10 @@ def run_one(name: str, size: int) -> Dict[str, Any]:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     row: Dict[str, Any] = {"model": name}
-    if name not in YOLO:  # a cheap look on the meta device first: no weights are made
-        try:
-            import timm
-            with torch.device("meta"):
-                probe = timm.create_model(name, pretrained=False)
-            if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in probe.modules()):
-                row["error"] = "no BatchNorm"
-                return row
-        except Exception:
-            pass
+    if name not in YOLO and not has_batchnorm(name):
+        row["error"] = "no BatchNorm"
+        return row
+    _stage("build")
     try:
         model, x = _build(name, size)
     except Exception as exc:
@@ -151,10 +232,13 @@ def run_one(name: str, size: int) -> Dict[str, Any]:
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         row["error"] = "no BatchNorm"
         return row
-    model = _kill_half(model).eval()
+    model = model.eval()
+    _stage("kill")
+    row["kill"] = _kill_half(model, x)
     row["input"] = list(x.shape)
     params = sum(p.numel() for p in model.parameters())
     row["params"] = params
+    _stage("forward")
     with torch.no_grad():
         try:
             ref = model(x)
@@ -163,6 +247,7 @@ def run_one(name: str, size: int) -> Dict[str, Any]:
             return row
     import dnnshrink_core as ds
     baseline = copy.deepcopy(model)
+    _stage("dnnshrink")
     try:
         start = time.perf_counter()
         graph = ds.trace(model, x)
@@ -174,8 +259,11 @@ def run_one(name: str, size: int) -> Dict[str, Any]:
         row["ds_kept"] = sum(p.numel() for p in small.parameters()) / params
         with torch.no_grad():
             row["ds_err"] = _rel_err(ref, small(x))
+        if row["ds_kept"] >= 0.9:  # name why so little goes
+            row.update(_reach(baseline, x))
     except Exception as exc:
         row["ds_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    _stage("torch-pruning")
     try:
         import torch_pruning  # noqa: F401
         tp_model = baseline
@@ -211,7 +299,7 @@ def sample(count: int, seed: int, everything: bool) -> List[str]:
     order = sorted(by_family)
     rng.shuffle(order)
     picked: List[str] = []
-    while len(picked) < count * 2 and any(by_family.values()):  # extra: some have no BatchNorm
+    while any(by_family.values()):  # the driver stops at ``count`` models with BatchNorm
         for fam in order:
             if by_family[fam]:
                 picked.append(by_family[fam].pop())
@@ -243,17 +331,27 @@ def drive(args: argparse.Namespace) -> None:
         if name in done:
             continue
         start = time.perf_counter()
-        try:
-            proc = subprocess.run([sys.executable, __file__, "--one", name, "--size", str(args.size)],
-                                  capture_output=True, text=True, timeout=args.timeout)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            row = json.loads(lines[-1]) if lines else {"model": name, "error": f"crashed: {proc.stderr[-300:]}"}
-        except subprocess.TimeoutExpired:
-            row = {"model": name, "error": f"over the {args.timeout} s limit"}
+        if name not in YOLO and not has_batchnorm(name):  # no child process for these
+            row: Dict[str, Any] = {"model": name, "error": "no BatchNorm"}
+        else:
+            row = _child(name, args)
         row["wall"] = round(time.perf_counter() - start, 1)
         with path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(_line(row), flush=True)
+
+
+def _child(name: str, args: argparse.Namespace) -> Dict[str, Any]:
+    """Measure one model in its own process, under the time limit."""
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--size", str(args.size)],
+                              capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        stages = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("stage: ")]
+        return {"model": name, "error": f"over the {args.timeout} s limit (in {stages[-1] if stages else 'start-up'})"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"model": name, "error": f"crashed: {proc.stderr[-300:]}"}
 
 
 def _line(row: Dict[str, Any]) -> str:

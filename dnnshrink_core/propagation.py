@@ -6,7 +6,7 @@ graphs, per mode) is :mod:`dnnshrink_core.tracing`.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from torch import fx
 
@@ -94,12 +94,25 @@ def _freeze_unsafe_params(graphs: Sequence[TracedGraph], store: LabelStore, unkn
             if owner in leaf_modules:
                 unsafe.setdefault(path, f"{path} is read directly although its module `{owner}` is called whole")
                 store.make_opaque(owner, unsafe[path])
-            elif isinstance(spec, TensorSpec) and spec.ndim >= 2 and any((node, user) not in claims for user in node.users):
+            elif (isinstance(spec, TensorSpec) and spec.ndim >= 2 and per_channel_dim(spec) is None
+                  and any((node, user) not in claims for user in node.users)):
                 users = ", ".join(sorted(u.name for u in node.users if (node, u) not in claims))
                 unsafe.setdefault(path, f"{path} is read by an op that does not slice it ({users})")
     for path, reason in unsafe.items():
         for labels in store.param_labels(path):
             store.freeze(labels, reason)
+
+
+def per_channel_dim(spec: Any) -> Optional[int]:
+    """The channel dimension of a parameter that holds one value per channel: dim 0 of a
+    1-D tensor, or the only dimension longer than 1 (a layer scale of shape ``(C, 1, 1)``
+    or ``(1, C, 1, 1)``); None for anything else."""
+    if not isinstance(spec, TensorSpec) or spec.ndim == 0:
+        return None
+    if spec.ndim == 1:
+        return 0
+    long = [d for d, n in enumerate(spec.shape) if n != 1]
+    return long[0] if len(long) == 1 else None
 
 
 def _propagate_node(tg: TracedGraph, node: fx.Node, store: LabelStore, pm: Any,
@@ -110,14 +123,16 @@ def _propagate_node(tg: TracedGraph, node: fx.Node, store: LabelStore, pm: Any,
         return
     if node.op == "get_attr":
         path = tg.param_paths.get(node)
-        if path is not None and isinstance(spec, TensorSpec) and spec.ndim == 1:
+        dim = per_channel_dim(spec)
+        if path is not None and dim is not None:
             # a per-channel parameter (a BatchNorm weight read by F.batch_norm, a layer
-            # scale): its entries are channels at dim 0, sliced where the tensor lives
-            labels, created = store.param_space(path, 0, spec.shape[0])
+            # scale of shape (C,) or (C, 1, 1)): its entries are channels at that dim,
+            # sliced where the tensor lives
+            labels, created = store.param_space(path, dim, spec.shape[dim])
             owner = path.rpartition(".")[0]
             if created and owner in frozen_modules:
                 store.freeze(labels, f"{owner} is outside the backbone (back_bone_only)")
-            tg.values[node] = Chan(labels, dim=0)
+            tg.values[node] = Chan(labels, dim=dim)
             return
         tg.values[node] = frozen_chans(store, node.target, "constant", spec, f"constant tensor {node.target}")
         return

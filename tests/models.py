@@ -238,7 +238,7 @@ class GenerateGraphNet(nn.Module):
 
 
 class UnknownOpNet(nn.Module):
-    """A matmul over channels that no default handler understands."""
+    """A batched matrix product over channels (`torch.bmm`) that no default handler understands."""
 
     def __init__(self):
         super().__init__()
@@ -251,8 +251,8 @@ class UnknownOpNet(nn.Module):
         x = self.a(x)
         n, c, h, w = x.shape
         flat = x.flatten(2)
-        attn = torch.softmax(torch.matmul(flat, flat.transpose(1, 2)) / h, dim=-1)  # (n, c, c)
-        x = torch.matmul(attn, flat).view(n, c, h, w)
+        attn = torch.softmax(torch.bmm(flat, flat.transpose(1, 2)) / h, dim=-1)  # (n, c, c)
+        x = torch.bmm(attn, flat).view(n, c, h, w)
         return self.fc(self.c(self.b(x)).mean((2, 3)))
 
 

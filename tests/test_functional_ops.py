@@ -180,8 +180,49 @@ class EinsumNet(nn.Module):
         return self.head(torch.einsum("bchw,bc->bchw", x, s))
 
 
+class LayerScaleNet(nn.Module):
+    """Channels-first layer scales kept as ``(C, 1, 1)`` parameters on a residual stream
+    (FastViT, SwiftFormer, PoolFormer), the mixer's output normalised over its channels
+    (``F.normalize``, as in additive attention) and over space."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.mixer = conv_bn(16, 16)
+        self.scale1 = nn.Parameter(torch.rand(16, 1, 1) + 0.5)
+        self.mlp = nn.Sequential(conv_bn(16, 32), nn.Conv2d(32, 16, 1), nn.BatchNorm2d(16))
+        self.scale2 = nn.Parameter(torch.rand(1, 16, 1, 1) + 0.5)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.scale1 * F.normalize(self.mixer(x), dim=1)
+        x = x + F.normalize(self.mlp(x), dim=-1) * self.scale2
+        return self.head(x)
+
+
+class MatmulNet(nn.Module):
+    """Channels-last features times a bare ``nn.Parameter`` (a projection stored as
+    ``(in, out)``), as in attention blocks that keep a learned query vector."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.proj = nn.Parameter(torch.randn(16, 12) * 0.3)
+        self.norm = nn.BatchNorm1d(12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        tokens = self.stem(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        y = tokens @ self.proj  # (B, HW, 12)
+        y = torch.relu(self.norm(y.transpose(1, 2)))
+        return self.head(y.mean(2))
+
+
 MODELS = {
     "batchnorm_act": (BNActNet, (2, 3, 8, 8)),
+    "layer_scale_normalize": (LayerScaleNet, (2, 3, 8, 8)),
+    "matmul_parameter": (MatmulNet, (2, 3, 8, 8)),
     "dense_functional": (DenseFunctionalNet, (2, 3, 8, 8)),
     "channels_last": (ChannelsLastNet, (2, 3, 8, 8)),
     "stack_unbind": (StackUnbindNet, (2, 3, 8, 8)),
@@ -337,3 +378,30 @@ def test_unused_root_parameter_is_named():
 
     with pytest.warns(ds.UntracedModuleWarning, match=r"\(<root>\.unused\)"):
         ds.trace(Net(), torch.randn(1, 3, 4, 4))
+
+
+def test_layer_scales_and_projections_are_sliced_where_they_live():
+    model, small, x = shrink_dead_half("layer_scale_normalize")
+    kept = small.head.in_channels
+    assert kept < 16 and small.scale1.shape == (kept, 1, 1) and small.scale2.shape == (1, kept, 1, 1)
+    model, small, x = shrink_dead_half("matmul_parameter")
+    assert small.proj.shape[0] < 16 and small.proj.shape[1] == small.norm.num_features < 12
+    # the bare projection counts as a layer (its MACs are in the cost model)
+    graph = ds.trace(model, x)
+    assert "proj" in {layer.name for layer in CostModel(graph, model).layers}
+
+
+def test_normalising_over_channels_keeps_channels_that_are_not_zero():
+    """A channel that is not zero changes the norm of the others: it is never removed."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)  # no BatchNorm: its channels are never exactly zero
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.head(F.normalize(self.conv(x), dim=1))
+
+    model, x = Net().eval(), torch.randn(1, 3, 4, 4)
+    graph = ds.trace(model, x)
+    assert not graph.group_of("conv").removable.any()

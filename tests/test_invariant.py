@@ -100,9 +100,9 @@ def test_unknown_op_warns_and_keeps_its_channels():
     factory, shape = HANDWRITTEN["unknown_op"]
     model = kill_half(factory()).eval()
     x = torch.randn(shape)
-    with pytest.warns(ds.UnknownOpWarning, match=r"torch\.matmul.*dnnshrink_op_handler"):
+    with pytest.warns(ds.UnknownOpWarning, match=r"torch\.bmm.*dnnshrink_op_handler"):
         graph = ds.trace(model, x)
-    assert not graph.group_of("a.0").removable.any()  # feeds the matmul: frozen
+    assert not graph.group_of("a.0").removable.any()  # feeds the bmm: frozen
     assert graph.group_of("b.0").removable.all()  # after it: still prunable
     small = ds.generate(model, x, ds.alive_masks(model, x))
     assert small.a[0].out_channels == 16 and small.b[0].out_channels < 16

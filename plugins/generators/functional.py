@@ -344,6 +344,55 @@ class EinsumHandler(OpHandler):
         ctx.output(Chan(tied[0].labels, guard, output.index(letter)))
 
 
+class NormalizeHandler(OpHandler):
+    """``F.normalize(x, p, dim)``: divides by the ``p``-norm along ``dim``. Along another
+    dimension every channel is scaled on its own (a zero channel stays zero). Along the
+    channel dimension a channel that is exactly zero adds nothing to the norm, so it can go;
+    a channel that is not zero would change every other channel's value, so it stays."""
+
+    name = "normalize"
+    any_channel_dim = True
+
+    def propagate(self, ctx: PropagateContext) -> None:
+        x = ctx.arg(0, "input")
+        chan, spec = ctx.chan(x), ctx.spec(x)
+        p, dim = ctx.arg(1, "p", 2.0), ctx.arg(2, "dim", 1)
+        if chan is None or not isinstance(spec, TensorSpec) or not isinstance(dim, int) \
+                or not isinstance(p, (int, float)) or p <= 0:
+            ctx.unknown(f"{ctx.describe()} normalises a tensor it cannot follow", warn=False)
+            return
+        if dim % spec.ndim == chan.dim:
+            ctx.mixes(chan)
+        ctx.passthrough(x)
+
+
+class MatmulHandler(OpHandler):
+    """``x @ W`` with a 2-D parameter of the model (an attention's learned query vector, a
+    projection kept as a bare ``nn.Parameter``): when ``x`` has its channels in the last
+    dimension it is a linear layer whose weight is stored transposed; the columns of ``W``
+    become the new channels. Products of two activations are not followed."""
+
+    name = "matmul"
+    any_channel_dim = True
+
+    def propagate(self, ctx: PropagateContext) -> None:
+        x, w = ctx.arg(0, "input"), ctx.arg(1, "other")
+        chan, spec, wspec = ctx.chan(x), ctx.spec(x), ctx.spec(w)
+        path = ctx.param_path(w)
+        if chan is None or not isinstance(spec, TensorSpec) or spec.ndim < 2 or chan.dim != spec.ndim - 1 \
+                or path is None or not isinstance(wspec, TensorSpec) or wspec.ndim != 2 \
+                or wspec.shape[0] != len(chan):
+            ctx.unknown(f"{ctx.describe()} multiplies tensors whose channels it cannot follow", warn=False)
+            return
+        label = _layer_label(path)
+        ctx.tie(ctx.param_labels(w, 0, owner=label, role="in"), chan.labels)
+        out_l = ctx.param_labels(w, 1, owner=label, role="out")
+        ctx.mixes(chan)
+        ctx.declare_layer("dense", chan.labels, out_l, float(math.prod(spec.shape[1:-1])), params_coef=1.0,
+                          layer_name=label, weight=path)
+        ctx.output(Chan(out_l, np.zeros(len(out_l), dtype=bool), chan.dim))
+
+
 def _parse_einsum(equation: Any, n: int) -> Optional[tuple]:
     """``("bchw,bc->bchw", 2)`` -> (["bchw", "bc"], "bchw"); None for what is not followed."""
     if not isinstance(equation, str) or "..." in equation or "->" not in equation:
@@ -365,3 +414,5 @@ UNBIND = UnbindHandler()
 PIXEL_SHUFFLE = PixelShuffleHandler(shuffle=True)
 PIXEL_UNSHUFFLE = PixelShuffleHandler(shuffle=False)
 EINSUM = EinsumHandler()
+NORMALIZE = NormalizeHandler()
+MATMUL = MatmulHandler()

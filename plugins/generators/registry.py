@@ -12,8 +12,8 @@ from dnnshrink_core.plugin_api import OpHandler
 
 from .elementwise import (BinaryHandler, ClampHandler, FactoryHandler, FrozenPassThrough, LikeHandler, PassThrough,
                           ReductionHandler, SoftmaxHandler, table)
-from .functional import (BATCH_NORM_FUNCTION, CONV_FUNCTION, EINSUM, LAYER_NORM, LINEAR_FUNCTION, PIXEL_SHUFFLE,
-                         PIXEL_UNSHUFFLE, STACK, UNBIND)
+from .functional import (BATCH_NORM_FUNCTION, CONV_FUNCTION, EINSUM, LAYER_NORM, LINEAR_FUNCTION, MATMUL, NORMALIZE,
+                         PIXEL_SHUFFLE, PIXEL_UNSHUFFLE, STACK, UNBIND)
 from .layers import BATCHNORM, CONV, INSTANCENORM, LINEAR, PRELU
 from .padding import PAD_FUNCTION, PAD_MODULE
 from .shape import EXPAND, PERMUTE, RESHAPE
@@ -92,6 +92,8 @@ FUNCTIONS: Dict[Any, OpHandler] = {
     **table([F.pixel_shuffle, torch.pixel_shuffle], PIXEL_SHUFFLE),
     **table([F.pixel_unshuffle, torch.pixel_unshuffle], PIXEL_UNSHUFFLE),
     torch.einsum: EINSUM,
+    F.normalize: NORMALIZE,
+    **table([operator.matmul, torch.matmul], MATMUL),
     **table([torch.zeros_like, torch.empty_like], ZEROS_LIKE),
     **table([torch.ones_like, torch.full_like, torch.rand_like, torch.randn_like], CONST_LIKE),
 }
@@ -111,6 +113,7 @@ METHODS: Dict[str, OpHandler] = {
     "split": SPLIT,
     "chunk": CHUNK,
     "unbind": UNBIND,
+    "matmul": MATMUL,
     **table(["add", "add_", "sub", "sub_"], ADD),
     **table(["mul", "mul_"], MUL),
     **table(["div", "div_"], DIV),
