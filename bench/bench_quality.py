@@ -19,8 +19,12 @@ that same trained baseline and the result gets the same fine-tuning budget (one
 expand it back to 100% of the baseline's MACs with the width multiplier, train it from
 scratch, against the baseline architecture trained from scratch for the same total epochs.
 
-    python bench/bench_quality.py --task mnist1d --seeds 0 1 2 --json out.json
-    python bench/bench_quality.py --plot docs/quality.png --from digits.json mnist1d.json
+    python bench/bench_quality.py --task mnist1d --seeds 0 1 2   # -> bench/results/quality-mnist1d.jsonl
+    python bench/bench_quality.py --plot docs/quality.png --from bench/results/quality-digits.jsonl \
+        bench/results/quality-mnist1d.jsonl
+
+Rows are appended as they come and a rerun skips the cells already measured, so a sweep
+that was stopped resumes; each seed's trained baseline is kept next to the results.
 """
 from __future__ import annotations
 
@@ -42,21 +46,25 @@ import dnnshrink_core as ds
 from dnnshrink_core.pipeline import shrink
 from dnnshrink_core.report import layer_width
 
+RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = {"digits": "dnnshrink_core.demo.digits", "mnist1d": "dnnshrink_core.demo.mnist1d"}
 METHODS = ["morphnet", "morphnet-reinit", "slimming", "magnitude", "uniform", "torch-pruning"]
 TARGETS = [0.5, 0.25, 0.1, 0.05, 0.03, 0.015]
 # MorphNet with other settings, for the measurements behind the defaults (learn_exponent,
-# min_share: see dnnshrink_plugins.morphnet.algorithm.MorphNet)
-VARIANTS = {"morphnet-direct": (1.0, 0.0), "morphnet-scale": (0.5, 0.0), "morphnet-floor": (1.0, 0.5),
-            "morphnet-share1": (0.5, 1.0)}
+# min_share, price_at_target: see dnnshrink_plugins.morphnet.algorithm.MorphNet)
+VARIANTS = {"morphnet-direct": (1.0, 0.0, False), "morphnet-scale": (0.5, 0.0, False),
+            "morphnet-floor": (1.0, 0.5, False), "morphnet-share1": (0.5, 1.0, False),
+            "morphnet-exp75": (0.75, 0.5, False), "morphnet-priced": (0.5, 0.5, True),
+            "morphnet-priced-direct": (1.0, 0.5, True), "morphnet-priced-nofloor": (1.0, 0.0, True)}
 
 
 def register_variants() -> None:
     """Make the VARIANTS loadable by name, like any algorithm plugin's."""
     from dnnshrink_plugins.morphnet import algorithm as morphnet
 
-    for name, (exponent, share) in VARIANTS.items():
-        variant = morphnet.MorphNet(morphnet._regularizer, learn_exponent=exponent, min_share=share)
+    for name, (exponent, share, priced) in VARIANTS.items():
+        variant = morphnet.MorphNet(morphnet._regularizer, learn_exponent=exponent, min_share=share,
+                                    price_at_target=priced)
         variant.name = name
         morphnet.ALGORITHMS[name] = variant
 
@@ -122,35 +130,61 @@ def run_dnnshrink(task: Any, model: nn.Module, algorithm: str, target: float, **
                   latency_runs=1, exporters=(), **options)
 
 
+def _rows(path: Path) -> List[Dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _append(path: Path, row: Dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def _baseline(task: Any, args: argparse.Namespace, seed: int, out: Path) -> nn.Module:
+    """The seed's trained baseline, kept next to the results so a resumed sweep reuses it."""
+    cache = out.with_name(f"{out.stem}.seed{seed}.pt")
+    torch.manual_seed(seed)
+    task._seed[0] = 1000 * seed
+    base = new_model(task)
+    if cache.exists():
+        base.load_state_dict(torch.load(cache, weights_only=True))
+    else:
+        task.train(base, args.epochs)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(base.state_dict(), tmp)
+        tmp.replace(cache)
+    return base
+
+
 def quality(args: argparse.Namespace) -> Dict[str, Any]:
-    """The sweep: every seed × target × method; returns the rows and the baselines."""
+    """The sweep: every seed × target × method. Rows are appended to ``--out`` as they come
+    and cells already there are skipped, so a stopped sweep resumes where it stopped."""
     task = load_task(args.task)
     x = task.example_input()
-    rows, baselines = [], []
+    out = Path(args.out or RESULTS / f"quality-{args.task}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {(r["seed"], r["target"], r["method"]) for r in _rows(out) if "method" in r}
     learned: Dict[Any, Any] = {}  # (seed, target) -> MorphNet's structure before fine-tuning, for -reinit
     for seed in args.seeds:
-        torch.manual_seed(seed)
-        task._seed[0] = 1000 * seed
-        base = new_model(task)
-        task.train(base, args.epochs)
+        base = _baseline(task, args, seed, out)
         base_acc, base_macs = task.test(base), macs(base, x)
-        baselines.append(base_acc)
+        if not any(r.get("baseline_seed") == seed for r in _rows(out)):
+            _append(out, {"baseline_seed": seed, "accuracy": base_acc})
         print(f"seed {seed}: baseline accuracy {base_acc:.4f}, {base_macs:,} MACs, widths {widths(base)}", flush=True)
         for target in args.targets:
             for method in args.methods:
+                if (seed, target, method) in done:
+                    continue
                 torch.manual_seed(seed)
                 model = copy.deepcopy(base)
                 info: Dict[str, Any] = {}
                 started = time.perf_counter()
-                if method == "morphnet-reinit" and (seed, target) in learned:
-                    from dnnshrink_core.pipeline import reinitialize
-                    small, info = learned[(seed, target)]  # the same structure as morphnet's, from scratch
-                    small = copy.deepcopy(small)
-                    reinitialize(small)
-                elif method == "uniform":
+                if method == "uniform":
                     small = uniform_width(model, target, x)
                 elif method == "torch-pruning":
                     small = torch_pruning(model, target, x)
+                elif method == "morphnet-reinit" and (seed, target) in learned:
+                    small, info = learned[(seed, target)]  # the same structure as morphnet's, from scratch
+                    small = copy.deepcopy(small)
                 else:
                     algorithm = method if method in VARIANTS else method.split("-")[0]
                     result = run_dnnshrink(task, model, algorithm, target)
@@ -159,17 +193,24 @@ def quality(args: argparse.Namespace) -> Dict[str, Any]:
                     info = {k: learn[k] for k in ("epochs", "learned_widths", "widths_per_epoch") if k in learn}
                     if method == "morphnet":
                         learned[(seed, target)] = (copy.deepcopy(small), info)
-                    if method.endswith("-reinit"):  # the same structure, trained from scratch
-                        from dnnshrink_core.pipeline import reinitialize
-                        reinitialize(small)
+                if method.endswith("-reinit"):  # the same structure, trained from scratch
+                    from dnnshrink_core.pipeline import reinitialize
+                    reinitialize(small)
                 task.train(small, args.finetune)  # the same fine-tuning budget for every method
                 frac, acc = macs(small, x) / base_macs, task.test(small)
-                rows.append({"seed": seed, "target": target, "method": method, "macs": frac, "accuracy": acc,
-                             "widths": widths(small), "seconds": time.perf_counter() - started, **info})
+                row = {"seed": seed, "target": target, "method": method, "macs": frac, "accuracy": acc,
+                       "widths": widths(small), "seconds": time.perf_counter() - started, **info}
+                _append(out, row)
                 print(f"  target {target:.3f} {method:<16} MACs {frac:.4f}  accuracy {acc:.4f}  "
-                      f"widths {widths(small)}", flush=True)
-    return {"task": args.task, "rows": rows, "baselines": baselines, "epochs": args.epochs,
-            "finetune": args.finetune}
+                      f"widths {widths(small)}  {row['seconds']:.0f} s", flush=True)
+    return load_results(out, args.task, args.finetune)
+
+
+def load_results(path: Path, task: str, finetune: int = 15) -> Dict[str, Any]:
+    """A sweep's results file as ``{"task", "rows", "baselines", "finetune"}``."""
+    rows = _rows(path)
+    return {"task": task, "rows": [r for r in rows if "method" in r], "finetune": finetune,
+            "baselines": [r["accuracy"] for r in rows if "baseline_seed" in r]}
 
 
 def headline(args: argparse.Namespace) -> Dict[str, Any]:
@@ -305,6 +346,8 @@ def main() -> None:
     parser.add_argument("--headline", action="store_true", help="MorphNet's paper experiment (see above)")
     parser.add_argument("--seed-width", type=int, default=48, help="--headline: the seed network's width")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--out", help="the sweep's results, appended as they come (default "
+                        "bench/results/quality-TASK.jsonl); a rerun skips what is there")
     parser.add_argument("--plot", help="write the accuracy-against-MACs plot here")
     parser.add_argument("--from", dest="sources", nargs="+", help="plot/tabulate saved --json results only")
     args = parser.parse_args()
@@ -312,8 +355,9 @@ def main() -> None:
     warnings.simplefilter("ignore")
     register_variants()
     if args.sources:
-        datasets = [json.loads(Path(p).read_text()) if p.endswith(".json") else parse_log(p, Path(p).stem)
-                    for p in args.sources]
+        datasets = [json.loads(Path(p).read_text()) if p.endswith(".json") else
+                    load_results(Path(p), Path(p).stem.replace("quality-", "")) if p.endswith(".jsonl") else
+                    parse_log(p, Path(p).stem) for p in args.sources]
         for data in datasets:
             if "rows" in data:
                 print(f"\n### {data['task']}: baseline {statistics.mean(data['baselines']):.4f} ± "

@@ -57,6 +57,12 @@ def units_to_keep(graph: ChannelGraph, masks: Mapping[str, Any], model: nn.Modul
 
 def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.Module:
     """Rebuild every traced op for ``keep_units`` and assemble the new model."""
+    cut = ~keep_units & graph.unit_frozen
+    if cut.any():  # an algorithm's structure that drops what must stay: never build it
+        unit = int(np.flatnonzero(cut)[0])
+        group = next(g.name for g in graph.groups if unit in g.units)
+        raise MaskError(f"the structure removes {int(cut.sum())} frozen unit(s), for example in group {group!r} "
+                        f"({graph.reasons[graph.unit_reason[unit]]}); frozen units must be kept")
     keep_labels = graph.keep_labels(keep_units)
     replacements: Dict[str, nn.Module] = {}
     resizes: Dict[str, Tuple[Dict[str, torch.Tensor], Dict[str, Any]]] = {}

@@ -9,6 +9,7 @@ from torch import nn
 
 import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel
+from dnnshrink_core.generate import build
 from dnnshrink_core.pipeline import reinitialize, shrink
 from dnnshrink_core.report import uniform_widths
 from dnnshrink_plugins.morphnet.structure import scale_to_budget, width_floors
@@ -112,6 +113,21 @@ def test_width_multiplier_scales_down_evenly_and_up_to_the_budget():
         kept, dropped = gammas[g.units][small[g.units]], gammas[g.units][~small[g.units]]
         if len(kept) and len(dropped):
             assert kept.min() >= dropped.max()
+
+
+def test_the_multiplier_never_cuts_frozen_units_and_the_generator_refuses_a_structure_that_does():
+    """Without a floor the multiplier once cut the classifier's outputs (the network's
+    output, frozen) to 3 of 10 at a 1.5% budget, and the pipeline built that network."""
+    model = Chain()
+    graph = ds.trace(model, X[:1])
+    costs = CostModel(graph, model)
+    gammas = np.random.default_rng(3).random(graph.num_units)
+    keep = scale_to_budget(graph, gammas > 0.3, gammas, costs.cost, 0.015 * costs.initial)
+    assert keep[graph.unit_frozen].all()
+    assert keep[graph["classifier"].units].sum() == 10
+    keep[graph["classifier"].units[:7]] = False
+    with pytest.raises(ds.MaskError, match=r"removes 7 frozen unit\(s\).*'classifier'.*network output"):
+        build(model, graph, keep)
 
 
 def test_reinit_trains_the_learned_structure_from_a_fresh_start():

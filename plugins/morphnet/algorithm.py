@@ -89,9 +89,11 @@ class MorphNet:
 
     name = "morphnet"
 
-    def __init__(self, regularizers: Callable[[str], Any], learn_exponent: float = 0.5, min_share: float = 0.5):
+    def __init__(self, regularizers: Callable[[str], Any], learn_exponent: float = 0.5, min_share: float = 0.5,
+                 price_at_target: bool = False):
         self._regularizers = regularizers
         self.learn_exponent, self.min_share = learn_exponent, min_share
+        self.price_at_target = price_at_target
 
     def learn(self, ctx: LearnContext) -> LearnResult:
         opts = ctx.options
@@ -101,6 +103,9 @@ class MorphNet:
                                                     strength_scale=opts.strength_scale, threshold=opts.threshold,
                                                     **extra)
         fraction = ctx.target / ctx.costs.initial
+        if self.price_at_target and fraction < 1 and hasattr(reg, "price_at"):
+            reg.price_at(uniform_fraction(ctx.graph, np.zeros(ctx.graph.num_units), ctx.costs.cost, ctx.target,
+                                          ~ctx.graph.unit_frozen, opts.min_width))
         learn_at = ctx.costs.initial * fraction ** self.learn_exponent if fraction < 1 else ctx.target
         history: List[List[int]] = []
         epochs = train_regularized(ctx, reg, stop_at_target=True, stop_at=learn_at, history=history)

@@ -56,6 +56,8 @@ class GammaRegularizer:
             strength = strength_scale * (1e-4 if cost == "uniform" else 1.0 / max(self.initial_cost, 1.0))
         self.strength = strength
         self._index: Dict[int, int] = {}
+        self.priced_at: Optional[np.ndarray] = None  # see price_at()
+        self._price_scale = 1.0
         self.steps = 0  # optimizer steps that took the penalty since attach()
         self.last_penalty = 0.0
         # squared norms of the scales' gradients from the data and from the penalty, summed over
@@ -81,10 +83,29 @@ class GammaRegularizer:
         """``dP / d gamma_unit`` for every unit (zero for units that cannot be removed)."""
         if self.cost_kind == "uniform":
             w = np.ones(self.graph.num_units, dtype=np.float64)
+        elif self.priced_at is not None:
+            w = self.costs.unit_weights(self.priced_at) * self._price_scale
         else:
             w = self.costs.unit_weights(alive)
         w[~self._removable] = 0.0
         return w
+
+    def price_at(self, structure: Optional[np.ndarray]) -> None:
+        """Fix every unit's weight at what it costs in ``structure`` (a per-unit keep array)
+        instead of in the current alive structure; None goes back to the current one.
+
+        Why: the cost is bilinear, so at the current structure a channel's price is set by
+        its neighbours' *current* widths; as one layer thins, its neighbours look ever cheaper
+        and it is pressed ever harder, a feedback loop that ends in a bottleneck. Priced at
+        the structure the network is heading for (the uniform multiplier's at the target),
+        the relative prices are those of the network that will ship and stay put. They are
+        scaled to the mean price at full width, so ``strength`` means the same either way.
+        """
+        self.priced_at = None if structure is None else np.asarray(structure, dtype=bool)
+        if self.priced_at is not None:
+            full = self.costs.unit_weights(np.ones(self.graph.num_units, dtype=bool))[self._removable]
+            fixed = self.costs.unit_weights(self.priced_at)[self._removable]
+            self._price_scale = float(full.mean() / fixed.mean()) if len(fixed) and fixed.mean() > 0 else 1.0
 
     def penalty(self) -> float:
         """The penalty ``P`` at the current scales (unscaled by ``strength``)."""

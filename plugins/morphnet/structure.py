@@ -13,12 +13,12 @@ from dnnshrink_core.plugin_api import ChannelGraph, largest_fitting
 
 
 def _group_orders(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray) -> List[np.ndarray]:
-    """Per group, its units in the order they are worth keeping: units that cannot be
-    removed, then alive units, then the rest, each by falling ``|gamma|``."""
+    """Per group, its units in the order they are worth keeping: frozen units, units that
+    cannot be removed exactly, then alive units, then the rest, each by falling ``|gamma|``."""
     orders = []
     for group in graph.groups:
         units = group.units
-        rank = np.lexsort((-gammas[units], ~keep[units], graph.unit_removable[units]))
+        rank = np.lexsort((-gammas[units], ~keep[units], graph.unit_removable[units], ~graph.unit_frozen[units]))
         orders.append(units[rank])
     return orders
 
@@ -109,6 +109,8 @@ def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, c
     groups whose scales happen to be small and leaves the others whole.
     """
     floors = np.ones(len(graph.groups), dtype=np.int64) if floors is None else floors
+    # frozen units (a network output, an op that couples channels) are never cut
+    floors = np.maximum(floors, [int(graph.unit_frozen[g.units].sum()) for g in graph.groups])
     orders = _group_orders(graph, keep, gammas)
     counts = np.array([keep[g.units].sum() for g in graph.groups], dtype=np.float64)
     sizes = np.array([g.size for g in graph.groups])
