@@ -90,6 +90,10 @@ class ChannelGraph:
         self.fingerprint = fingerprint
         a, b = store.ties()
         self.unit_of, self.num_units = connected_components(store.size, a, b)
+        for first, second, why in store.same_units:
+            if len(first) != len(second) or (self.unit_of[first] != self.unit_of[second]).any():
+                store.freeze(first, why)
+                store.freeze(second, why)
         self._resolve_units()
         self._build_groups()
 

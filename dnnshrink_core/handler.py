@@ -232,6 +232,13 @@ class PropagateContext:
         """Keep every channel in ``labels`` (and everything tied to it)."""
         self.store.freeze(labels, reason or f"crosses {self.describe()}")
 
+    def is_frozen(self, chan: Chan) -> bool:
+        """Whether every channel of ``chan`` is already known to be kept whole (the fresh
+        labels of an op that was not followed, a network input). Such a tensor's labelled
+        dimension carries nothing to remove, so a handler may follow another dimension
+        instead (a ``Linear`` over the last dimension of tokens from an unfollowed reshape)."""
+        return self.store.frozen_so_far(chan.labels)
+
     def add_source(self, labels: np.ndarray, channels: Optional[np.ndarray] = None) -> None:
         """Declare this module (a BatchNorm) a MorphNet source of ``labels``."""
         channels = np.arange(len(labels)) if channels is None else channels

@@ -74,6 +74,32 @@ class Chan:
         return f"Chan({len(self.labels)} channels{where})"
 
 
+class ChanCount:
+    """A number the model's code read from a tensor's shape at its channel dimension
+    (``C`` in ``B, C, H, W = x.shape``, ``x.size(1)``): it changes when those channels are
+    removed, so whatever uses it must be sized by the same channels."""
+
+    __slots__ = ("labels",)
+
+    def __init__(self, labels: np.ndarray):
+        self.labels = labels
+
+    def __repr__(self) -> str:
+        return f"ChanCount({len(self.labels)})"
+
+
+class ShapeOf:
+    """A tensor's whole shape (``x.shape``, ``x.size()``) where the tensor has channels."""
+
+    __slots__ = ("chan",)
+
+    def __init__(self, chan: "Chan"):
+        self.chan = chan
+
+    def __repr__(self) -> str:
+        return f"ShapeOf({self.chan!r})"
+
+
 class LabelStore:
     """Collects spaces, ties, freezes and sources while the graphs are propagated."""
 
@@ -86,6 +112,8 @@ class LabelStore:
         # (labels, BatchNorm module name, channel indices into its weight)
         self.sources: List[Tuple[np.ndarray, str, np.ndarray]] = []
         self.unguarded: List[np.ndarray] = []
+        # (labels, labels, reason): the two must end in the same units, else both are frozen
+        self.same_units: List[Tuple[np.ndarray, np.ndarray, str]] = []
         self.module_spaces: Dict[Tuple[str, str], Space] = {}
         self.opaque_modules: Dict[str, str] = {}
         # (parameter or buffer path, dimension) -> its labels; the generator slices that
@@ -165,6 +193,24 @@ class LabelStore:
         labels = np.asarray(labels, dtype=np.int64)
         if labels.size:
             self.frozen.append((labels, reason))
+
+    def require_same_units(self, a: np.ndarray, b: np.ndarray, reason: str) -> None:
+        """``a`` and ``b`` must be kept and removed together (a channel count read from one
+        tensor sizes another); checked once every tie is known, both frozen if they are not."""
+        self.same_units.append((np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64), reason))
+
+    def frozen_so_far(self, labels: np.ndarray) -> bool:
+        """Whether every one of ``labels`` has been frozen itself so far (ties to frozen
+        labels are resolved only at the end, so False does not mean it will stay free)."""
+        flags = getattr(self, "_frozen_flags", np.zeros(0, dtype=bool))
+        done = getattr(self, "_frozen_seen", 0)
+        if len(flags) < self.size:
+            flags = np.concatenate([flags, np.zeros(self.size - len(flags), dtype=bool)])
+        for frozen, _ in self.frozen[done:]:  # only the freezes since the last call
+            flags[frozen] = True
+        self._frozen_flags, self._frozen_seen = flags, len(self.frozen)
+        labels = np.asarray(labels, dtype=np.int64)
+        return bool(labels.size) and bool(flags[labels].all())
 
     def add_source(self, labels: np.ndarray, module_name: str, channels: np.ndarray) -> None:
         """Record that BatchNorm ``module_name`` scales ``labels`` with ``weight[channels]``."""

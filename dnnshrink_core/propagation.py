@@ -5,6 +5,7 @@ graphs, per mode) is :mod:`dnnshrink_core.tracing`.
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -12,7 +13,7 @@ from torch import fx
 
 from .errors import PluginError, UnknownOpWarning
 from .handler import PropagateContext, TensorSpec, frozen_chans, iter_chans, iter_nodes
-from .labels import Chan, LabelStore
+from .labels import Chan, ChanCount, LabelStore, ShapeOf
 from .tracing import TracedGraph
 
 
@@ -141,6 +142,9 @@ def _propagate_node(tg: TracedGraph, node: fx.Node, store: LabelStore, pm: Any,
             for chan in iter_chans(tg.values.get(arg)):
                 store.freeze(chan.labels, "network output")
         return
+    if _shape_read(tg, node, store):
+        return
+    counts = _counts_used(tg, node)
     module = tg.get_submodule(node.target) if node.op == "call_module" else None
     info: Dict[str, Any] = {}
     tg.infos[node] = info
@@ -167,6 +171,65 @@ def _propagate_node(tg: TracedGraph, node: fx.Node, store: LabelStore, pm: Any,
         raise PluginError(f"channel handler {handler!r} failed on {ctx.describe()}: {type(exc).__name__}: {exc}") from exc
     if not ctx._answered:
         raise PluginError(f"channel handler {handler!r} did not call ctx.output(...) for {ctx.describe()}")
+    _check_counts(tg, node, store, counts, ctx.describe())
+
+
+def _shape_read(tg: TracedGraph, node: fx.Node, store: LabelStore) -> bool:
+    """Follow reads of a tensor's shape (``x.shape``, ``x.size()``, ``x.size(1)``, an item
+    of a shape): the channel count becomes a :class:`ChanCount`. True when ``node`` was one."""
+    def chan_of(arg: Any) -> Optional[Chan]:
+        value = tg.values.get(arg) if isinstance(arg, fx.Node) else None
+        return value if isinstance(value, Chan) else None
+
+    args = node.args
+    if node.op == "call_function" and node.target is getattr and len(args) == 2 and args[1] == "shape" \
+            or node.op == "call_method" and node.target == "size" and len(args) == 1 and not node.kwargs:
+        chan = chan_of(args[0])
+        tg.values[node] = ShapeOf(chan) if chan is not None else None
+        return True
+    if node.op == "call_method" and node.target == "size" and (len(args) == 2 or "dim" in node.kwargs):
+        chan, spec = chan_of(args[0]), tg.specs.get(args[0])
+        dim = args[1] if len(args) == 2 else node.kwargs["dim"]
+        tg.values[node] = ChanCount(chan.labels) if chan is not None and isinstance(dim, int) and \
+            isinstance(spec, TensorSpec) and dim % spec.ndim == chan.dim else None
+        return True
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(args[0], fx.Node) \
+            and isinstance(tg.values.get(args[0]), ShapeOf):
+        chan, index, ndim = tg.values[args[0]].chan, args[1], None
+        spec = tg.specs.get(args[0].args[0]) if args[0].args else None
+        ndim = spec.ndim if isinstance(spec, TensorSpec) else None
+        if isinstance(index, int) and ndim:
+            tg.values[node] = ChanCount(chan.labels) if index % ndim == chan.dim else None
+        else:  # a slice of the shape (``x.shape[1:]``): its users cannot be followed
+            store.freeze(chan.labels, f"`{node.name}` takes part of a shape that holds the channel count")
+            tg.values[node] = None
+        return True
+    return False
+
+
+def _counts_used(tg: TracedGraph, node: fx.Node) -> List[ChanCount]:
+    """The channel counts (and whole shapes) among ``node``'s arguments."""
+    found: List[ChanCount] = []
+    for arg in iter_nodes((node.args, node.kwargs)):
+        value = tg.values.get(arg)
+        if isinstance(value, ChanCount):
+            found.append(value)
+        elif isinstance(value, ShapeOf):
+            found.append(ChanCount(value.chan.labels))
+    return found
+
+
+def _check_counts(tg: TracedGraph, node: fx.Node, store: LabelStore, counts: List[ChanCount], what: str) -> None:
+    """A channel count read from one tensor that sizes this op's output (``x.view(B, C, -1)``
+    of a tensor with those channels) stays right when both lose the same channels; used any
+    other way (arithmetic, sizing a tensor of other channels) its channels are kept."""
+    out = tg.values.get(node)
+    for count in counts:
+        if isinstance(out, Chan) and len(out) == len(count.labels):
+            store.require_same_units(count.labels, out.labels,
+                                     f"{what} is sized by a channel count read from another tensor's shape")
+        else:
+            store.freeze(count.labels, f"{what} uses a channel count read from a tensor's shape")
 
 
 def _has_tensor(spec: Any) -> bool:

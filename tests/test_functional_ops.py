@@ -219,8 +219,54 @@ class MatmulNet(nn.Module):
         return self.head(y.mean(2))
 
 
+class ShapeSizedSE(nn.Module):
+    """Squeeze-and-excitation written with sizes read from the input's shape
+    (``b, c, _, _ = x.size()`` then ``view(b, c)``): the count follows the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, _, _ = x.size()
+        y = x.mean((2, 3)).view(b, c)
+        y = torch.sigmoid(self.fc(y)).view(b, c, 1, 1)
+        return self.head(x * y)
+
+
+class TokenAttention(nn.Module):
+    """Attention on a conv stream, as in hybrid nets: ``B, C, H, W = x.shape``, the heads
+    split by a reshape that is not followed, the result reshaped back with ``C`` (so the
+    stream must keep its width), an MLP on the tokens after it (its hidden width is free)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.qkv = nn.Linear(16, 48)
+        self.proj = nn.Linear(16, 16)
+        self.fc1 = nn.Linear(16, 32)
+        self.norm = nn.BatchNorm1d(32)
+        self.fc2 = nn.Linear(32, 16)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        B, C, H, W = x.shape
+        t = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        q, k, v = self.qkv(t).reshape(B, H * W, 3, 2, C // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        a = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        t = self.proj(a.transpose(1, 2).reshape(B, H * W, C))
+        h = torch.relu(self.norm(self.fc1(t).transpose(1, 2))).transpose(1, 2)
+        t = t + self.fc2(h)
+        return self.head(x + t.transpose(1, 2).reshape(B, C, H, W))
+
+
 MODELS = {
     "batchnorm_act": (BNActNet, (2, 3, 8, 8)),
+    "shape_sized_se": (ShapeSizedSE, (2, 3, 8, 8)),
     "layer_scale_normalize": (LayerScaleNet, (2, 3, 8, 8)),
     "matmul_parameter": (MatmulNet, (2, 3, 8, 8)),
     "dense_functional": (DenseFunctionalNet, (2, 3, 8, 8)),
@@ -405,3 +451,19 @@ def test_normalising_over_channels_keeps_channels_that_are_not_zero():
     model, x = Net().eval(), torch.randn(1, 3, 4, 4)
     graph = ds.trace(model, x)
     assert not graph.group_of("conv").removable.any()
+
+
+def test_a_channel_count_read_from_a_shape_follows_the_channels_or_keeps_them():
+    model, small, x = shrink_dead_half("shape_sized_se")
+    assert small.fc.in_features == small.fc.out_features < 16  # view(b, c) follows the kept channels
+    torch.manual_seed(0)
+    model = kill_half(TokenAttention(), 0).eval()
+    x = torch.randn(2, 3, 4, 4)
+    graph = ds.trace(model, x)
+    assert not graph.group_of("stem.0").removable.any()  # C sizes the attention's output: kept
+    assert any("channel count read from" in r for r in graph.group_of("stem.0").frozen_reasons)
+    assert graph.group_of("fc1").removable.all()  # the tokens' MLP after the unfollowed reshape
+    small = ds.generate(model, x, ds.alive_masks(model, x))
+    assert small.fc1.out_features < 32 and small.stem[0].out_channels == 16
+    with torch.no_grad():
+        assert max_relative_error(model(x), small(x)) < TOLERANCE

@@ -109,6 +109,14 @@ class LinearHandler(OpHandler):
             ctx.declare_layer("dense", in_l, out_l, float(math.prod(spec.shape[1:-1])))
             ctx.output(Chan(out_l, dim=chan.dim))
             return
+        if chan is not None and isinstance(spec, TensorSpec) and spec.ndim >= 3 and chan.dim != spec.ndim - 1 \
+                and spec.shape[-1] == m.in_features and ctx.is_frozen(chan):
+            # tokens (N, L, C) out of an op that was not followed: the labelled dim is kept
+            # whole anyway; the layer's own outputs are new channels at the last dimension
+            ctx.freeze(in_l, f"{ctx.describe()} reads features that come from an op that is not followed")
+            ctx.declare_layer("dense", in_l, out_l, float(math.prod(spec.shape[1:-1])))
+            ctx.output(Chan(out_l, dim=spec.ndim - 1))
+            return
         if chan is not None and chan.dim != 1:
             ctx.unknown(f"{ctx.describe()} gets channels at dim {chan.dim}, not its last", warn=False)
             return
