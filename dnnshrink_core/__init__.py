@@ -7,7 +7,7 @@ one import::
     from dnnshrink_core import hookimpl
 """
 from .api import alive_masks, generate, trace
-from .errors import (ArtifactError, ConfigError, DnnshrinkError, DnnshrinkWarning, ExportError, InputRunError,
+from .errors import (ArtifactError, ConfigError, DnnshrinkError, DnnshrinkWarning, ExportError, GenerationError, InputRunError,
                      MaskError, NoBatchNormError, NothingRemovedWarning, OutputExistsError, PluginError,
                      ScoreDropError, TargetError, TraceError, UnknownOptionError, UnknownOpWarning,
                      UntracedModuleWarning)
@@ -27,8 +27,8 @@ __all__ = [
     "ArtifactError", "ConfigError", "ExportError", "InputRunError", "NothingRemovedWarning", "OutputExistsError",
     "ScoreDropError", "Target", "TargetError", "UnknownOptionError", "Report", "export", "export_formats",
     "layer_report", "load",
-    "Chan", "ChannelGraph", "DivergenceError", "DnnshrinkError", "DnnshrinkWarning", "Group", "MaskError", "Masks",
-    "NoBatchNormError", "OpHandler", "PluginError", "PropagateContext", "RebuildContext", "TensorSpec",
+    "Chan", "ChannelGraph", "DivergenceError", "DnnshrinkError", "DnnshrinkWarning", "GenerationError", "Group",
+    "MaskError", "Masks", "NoBatchNormError", "OpHandler", "PluginError", "PropagateContext", "RebuildContext", "TensorSpec",
     "TraceError", "UnknownOpWarning", "UntracedModuleWarning", "alive_masks", "generate",
     "get_plugin_manager", "hookimpl", "list_plugins", "trace", "__version__",
 ]

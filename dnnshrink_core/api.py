@@ -8,11 +8,13 @@ import weakref
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+import torch
 from torch import nn
 
 from .compensate import compensate as fold_removed_channels
 from .errors import (
     ConfigError,
+    GenerationError,
     DnnshrinkWarning,
     NoBatchNormError,
     NothingRemovedWarning,
@@ -186,4 +188,24 @@ def generate(model: nn.Module, example_inputs: Any, masks: Mapping[str, Any], *,
     shrunk = build(model, graph, keep)
     if compensate:
         fold_removed_channels(model, shrunk, graph, keep, normalize_inputs(example_inputs))
+    _check_runs(shrunk, normalize_inputs(example_inputs))
     return shrunk
+
+
+def _check_runs(shrunk: nn.Module, inputs: tuple) -> None:
+    """Run the new network once on the example (in eval mode, every module's mode restored
+    after), so a network that cannot run never reaches the user."""
+    modes = [(m, m.training) for m in shrunk.modules()]
+    shrunk.eval()
+    try:
+        with torch.no_grad():
+            shrunk(*inputs)
+    except Exception as exc:
+        raise GenerationError(
+            f"dnnshrink: the generated network does not run on the example input ({type(exc).__name__}: "
+            f"{str(exc)[:300]}). A channel handler resized something the model's code sizes another way; "
+            "please report it with the model's code. Until then, keep the channels around that op whole "
+            "(leave its group out of the masks, or freeze its module with back_bone_only).") from exc
+    finally:
+        for module, mode in modes:
+            module.training = mode

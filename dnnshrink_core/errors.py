@@ -74,6 +74,10 @@ class MaskError(DnnshrinkError):
     """Masks handed to :func:`dnnshrink_core.generate` do not fit the channel graph."""
 
 
+class GenerationError(DnnshrinkError):
+    """The generated network does not run on the example input (a channel handler's bug)."""
+
+
 class PluginError(DnnshrinkError):
     """A plugin that a step needs is missing, blocked, or misbehaved."""
 

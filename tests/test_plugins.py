@@ -143,6 +143,38 @@ def test_third_party_handler_wins_over_default(fresh_manager):
     assert not ds.trace(model, x).group_of("0.0").removable.any()
 
 
+class PicksEight(nn.Module):
+    """Reads channels 0..7 by index: its code cannot take fewer channels."""
+
+    def forward(self, x):
+        return torch.index_select(x, 1, torch.arange(8))
+
+
+class WrongPassThrough:
+    """A buggy third-party handler: says channels pass through ``index_select`` unchanged."""
+
+    @hookimpl
+    def dnnshrink_op_handler(self, node, module):
+        if node.op == "call_function" and node.target is torch.index_select:
+            return PassAlong()
+        return None
+
+
+class PassAlong(OpHandler):
+    name = "pass-along"
+
+    def propagate(self, ctx):
+        ctx.passthrough()
+
+
+def test_a_network_that_cannot_run_is_never_returned(fresh_manager):
+    model = kill_half(nn.Sequential(conv_bn(3, 8), PicksEight(), nn.Conv2d(8, 2, 1))).eval()
+    x = torch.randn(1, 3, 6, 6)
+    get_plugin_manager().register(WrongPassThrough(), name="wrong")
+    with pytest.raises(ds.GenerationError, match=r"does not run on the example input \((RuntimeError|IndexError)"):
+        ds.generate(model, x, ds.alive_masks(model, x))
+
+
 def test_plugins_import_only_the_plugin_api():
     """dnnshrink's own plugins and the documented example use the declared plugin-author
     surface (dnnshrink_core.plugin_api, or the package root), never another core module."""
