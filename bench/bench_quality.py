@@ -54,7 +54,7 @@ TARGETS = [0.5, 0.25, 0.1, 0.05, 0.03, 0.015]
 # min_share, price_at_target: see dnnshrink_plugins.morphnet.algorithm.MorphNet)
 VARIANTS = {"morphnet-direct": (1.0, 0.0, False), "morphnet-scale": (0.5, 0.0, False),
             "morphnet-floor": (1.0, 0.5, False), "morphnet-share1": (0.5, 1.0, False),
-            "morphnet-exp75": (0.75, 0.5, False), "morphnet-priced": (0.5, 0.5, True),
+            "morphnet-exp75": (0.75, 0.5, False), "morphnet-unpriced": (0.5, 0.5, False),
             "morphnet-priced-direct": (1.0, 0.5, True), "morphnet-priced-nofloor": (1.0, 0.0, True)}
 
 
