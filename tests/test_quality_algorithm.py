@@ -130,6 +130,34 @@ def test_the_multiplier_never_cuts_frozen_units_and_the_generator_refuses_a_stru
         build(model, graph, keep)
 
 
+def test_prices_fixed_at_the_target_structure_do_not_follow_the_thinning_network():
+    from dnnshrink_plugins.morphnet import morphnet_flops
+    from dnnshrink_plugins.morphnet.structure import uniform_fraction
+
+    model = Chain()
+    graph = ds.trace(model, X[:1])
+    reg = morphnet_flops(graph, model)
+    costs = reg.costs
+    full = np.ones(graph.num_units, dtype=bool)
+    thin = full.copy()
+    thin[graph["features.6"].units[:28]] = False  # the third layer has thinned
+    # moving prices: the last layer's units get cheaper as the third thins (the feedback loop)
+    last = graph["features.9"].units
+    assert reg.unit_weights(thin)[last].mean() < reg.unit_weights(full)[last].mean()
+    target = uniform_fraction(graph, np.zeros(graph.num_units), costs.cost, 0.02 * costs.initial,
+                              ~graph.unit_frozen)
+    reg.price_at(target)
+    fixed = reg.unit_weights(full)
+    assert np.array_equal(fixed, reg.unit_weights(thin))  # they stay put
+    removable = graph.unit_removable
+    # the target structure's relative prices, scaled to the full-width mean
+    expected = costs.unit_weights(target)[removable]
+    expected = expected * costs.unit_weights(full)[removable].mean() / expected.mean()
+    assert np.allclose(fixed[removable], expected)
+    reg.price_at(None)
+    assert np.array_equal(reg.unit_weights(thin), costs.unit_weights(thin) * removable)
+
+
 def test_reinit_trains_the_learned_structure_from_a_fresh_start():
     torch.manual_seed(0)
     model = Chain()
