@@ -36,6 +36,8 @@ from dnnshrink_core.cost import CostModel, resolve_round_to
 from dnnshrink_core.timing import fastest_and_median, interleaved_times, session
 from dnnshrink_plugins.morphnet.structure import scale_to_budget, width_floors
 
+from common import imagenet_setup
+
 
 def magnitude(model, costs: CostModel, graph) -> np.ndarray:
     """Per unit, the mean |w| of the filters that make it, normalised by its group's mean."""
@@ -59,26 +61,9 @@ def structure(graph, scores, chooser: CostModel, budget_costs: CostModel, budget
     weights = chooser.unit_weights(ones)
     ranking = scores / np.maximum(weights / weights[removable].mean(), 1e-12)
     midpoint = budget_costs.initial * (budget / budget_costs.initial) ** 0.5
-    candidates = np.flatnonzero(removable)
-    candidates = candidates[np.argsort(ranking[candidates], kind="stable")]
-    best = {g.name: g.units[np.argmax(scores[g.units])] for g in graph.groups}
-    protected = np.zeros(graph.num_units, dtype=bool)
-    protected[list(best.values())] = True
-    candidates = candidates[~protected[candidates]]
-
-    def dropped(k: int) -> np.ndarray:
-        keep = ones.copy()
-        keep[candidates[:k]] = False
-        return keep
-
-    low, high = 0, len(candidates)
-    while low < high:
-        mid = (low + high) // 2
-        if budget_costs.cost(dropped(mid)) <= midpoint:
-            high = mid
-        else:
-            low = mid + 1
-    learned = dropped(low)
+    # within a group every unit has the same weight, so each group's best unit by ``ranking``
+    # (which cheapest_first keeps) is its best by magnitude
+    learned = budget_costs.cheapest_first(ones, ranking, midpoint, removable)
     floors = width_floors(graph, budget_costs.cost, budget, ~graph.unit_frozen, 0.5)
     return scale_to_budget(graph, learned, scores, budget_costs.cost, budget, 1, multiple, floors)
 
@@ -101,10 +86,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=6)
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    warnings.simplefilter("ignore")
-    x = torch.randn(1, 3, 224, 224)
+    x = imagenet_setup()
     rows = []
     print(f"1-minute load average at the start: {os.getloadavg()[0]:.2f}")
     for name in args.models:

@@ -21,7 +21,6 @@ import copy
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,8 @@ import torchvision
 from torch import nn
 
 import dnnshrink_core as ds
+
+from common import imagenet_setup
 
 
 def half_masks(graph, seed: int = 0):
@@ -96,10 +97,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="blocks per variant")
     parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    warnings.simplefilter("ignore")
-    x = torch.randn(1, 3, 224, 224)
+    x = imagenet_setup()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

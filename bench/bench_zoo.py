@@ -130,19 +130,9 @@ def _reach(model: Any, x: Any) -> Dict[str, Any]:
             "held_why": [f"{n} units: {r[:120]}" for r, n in top]}
 
 
-def _flat(out: Any) -> list:
-    import torch
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for k in out for t in _flat(out[k])]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flat(v)]
-    return []
-
-
 def _rel_err(a: Any, b: Any) -> float:
-    fa, fb = _flat(a), _flat(b)
+    from dnnshrink_core.plugin_api import flatten_outputs
+    fa, fb = flatten_outputs(a), flatten_outputs(b)
     if len(fa) != len(fb) or any(x.shape != y.shape for x, y in zip(fa, fb)):
         return float("inf")
     return max((((x - y).norm() / x.norm().clamp_min(1e-12)).item() for x, y in zip(fa, fb)), default=0.0)

@@ -16,7 +16,7 @@ from .graph import ChannelGraph
 from .handler import RebuildContext, index_of
 from .masks import keep_flags
 from .recording import InputShapeCheck
-from .tracing import model_mode
+from .tracing import flatten_outputs, model_mode
 
 
 def units_to_keep(graph: ChannelGraph, masks: Mapping[str, Any], model: nn.Module) -> np.ndarray:
@@ -120,22 +120,13 @@ def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.M
 def _same_outputs(candidate: nn.Module, reference: nn.Module, inputs: Tuple[Any, ...]) -> bool:
     """Whether ``candidate`` computes what ``reference`` does on ``inputs`` and on a second,
     random input of the same shapes (so a branch taken on the example's values shows)."""
-    def flat(value: Any) -> list:
-        if isinstance(value, torch.Tensor):
-            return [value]
-        if isinstance(value, dict):
-            return [t for k in value for t in flat(value[k])]
-        if isinstance(value, (list, tuple)):
-            return [t for v in value for t in flat(v)]
-        return [value]
-
     generator = torch.Generator().manual_seed(0)
     other = tuple(torch.randn(x.shape, generator=generator).to(x) if isinstance(x, torch.Tensor)
                   and x.is_floating_point() else x for x in inputs)
     with model_mode(candidate, training=False), model_mode(reference, training=False), torch.no_grad():
         for args in (inputs, other):
             try:
-                a, b = flat(candidate(*args)), flat(reference(*args))
+                a, b = flatten_outputs(candidate(*args), True), flatten_outputs(reference(*args), True)
             except Exception:  # the user's code cannot take the new widths
                 return False
             if len(a) != len(b):

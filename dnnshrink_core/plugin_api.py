@@ -15,7 +15,7 @@ What is here, by the kind of plugin that needs it:
   :func:`cost_model_names`, :func:`divergence` and :data:`LEARNING_ADVICE`;
 * cost models: :class:`LayerTable`;
 * exporters: :func:`eval_graph_module` (the eval-mode graph, recorded on the example input
-  where torch.fx cannot trace), :func:`normalize_inputs`, :func:`model_mode`,
+  where torch.fx cannot trace), :func:`normalize_inputs`, :func:`flatten_outputs`, :func:`model_mode`,
   :class:`InputShapeCheck`, :func:`atomic_write`, :func:`atomic_path`, :func:`sha256_bytes`,
   :func:`count_macs`, :func:`layer_width`, :data:`LAYER_TYPES`, :func:`export`;
 * latency measurement: :func:`session`, :func:`onnx_latency`, :func:`interleaved_times`,
@@ -37,7 +37,7 @@ from .plugins import get_plugin_manager, hookimpl, lookup, plugin_names
 from .recording import InputShapeCheck
 from .report import LAYER_TYPES, count_macs, layer_width
 from .timing import fastest_and_median, interleaved_times, onnx_latency, session
-from .tracing import eval_graph_module, model_mode, normalize_inputs
+from .tracing import eval_graph_module, flatten_outputs, model_mode, normalize_inputs
 
 __all__ = [
     "ArtifactError", "Chan", "DEFAULT_THRESHOLD", "ChannelGraph", "ConfigError", "CostModel", "DnnshrinkError", "DnnshrinkWarning",
@@ -46,5 +46,5 @@ __all__ = [
     "TensorSpec", "TraceError", "__version__", "atomic_path", "atomic_write", "cost_model_names", "count_macs",
     "divergence", "eval_graph_module", "export", "fastest_and_median", "get_plugin_manager", "hookimpl",
     "index_of", "interleaved_times", "largest_fitting", "layer_width", "log_epoch", "lookup", "model_mode",
-    "normalize_inputs", "onnx_latency", "plugin_names", "resized", "session", "sha256_bytes",
+    "flatten_outputs", "normalize_inputs", "onnx_latency", "plugin_names", "resized", "session", "sha256_bytes",
 ]

@@ -43,6 +43,18 @@ def normalize_inputs(example_inputs: Any) -> Tuple[Any, ...]:
     return (example_inputs,)
 
 
+def flatten_outputs(value: Any, keep_other: bool = False) -> List[Any]:
+    """Every tensor of a nested output (tensors, lists, tuples, dicts in key order), in a
+    stable order; with ``keep_other`` the other leaves (numbers, None…) are listed too."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for key in value for t in flatten_outputs(value[key], keep_other)]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in flatten_outputs(item, keep_other)]
+    return [value] if keep_other else []
+
+
 class _Tracer(fx.Tracer):
     """fx tracer that asks the plugins and the user which modules stay whole."""
 

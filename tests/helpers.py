@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dnnshrink_core.plugin_api import flatten_outputs
+
 
 def kill_half(model: nn.Module, seed: int = 0) -> nn.Module:
     """Zero gamma and beta of a random half of every BatchNorm's channels and randomise the
@@ -28,20 +30,9 @@ def kill_half(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def flat_outputs(out: Any) -> list:
-    """Every tensor in a nested output, in a stable order."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for k in out for t in flat_outputs(out[k])]
-    if isinstance(out, (list, tuple)):
-        return [t for item in out for t in flat_outputs(item)]
-    return []
-
-
 def max_relative_error(a: Any, b: Any) -> float:
     """Largest relative error between matching tensors of two nested outputs."""
-    fa, fb = flat_outputs(a), flat_outputs(b)
+    fa, fb = flatten_outputs(a), flatten_outputs(b)
     assert len(fa) == len(fb), f"{len(fa)} outputs vs {len(fb)}"
     worst = 0.0
     for x, y in zip(fa, fb):
@@ -91,3 +82,50 @@ def shrink_dead_half(name: str, **mode) -> tuple:
     x = torch.randn(shape)
     _, small, _ = shrink_checked(model, x)
     return model, small, x
+
+
+def user_functions(dims: int = 2, steps: int = 1, test_body: str = "return 0.75") -> str:
+    """The source of a user's functions file for the CLI and config tests: ``X``, a two-layer
+    Conv{dims}d BatchNorm ``Net`` and ``build()``, ``train_one_epoch`` making ``steps``
+    optimizer steps of zero gradient (the penalty alone moves the scales), a ``train`` that
+    does nothing and ``test`` with ``test_body``."""
+    shape, cin, pool = ("8, 2, 16", 2, "2") if dims == 1 else ("8, 3, 8, 8", 3, "(2, 3)")
+    conv, bn = f"nn.Conv{dims}d", f"nn.BatchNorm{dims}d"
+    return f"""
+import torch
+from torch import nn
+
+X = torch.randn({shape})
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential({conv}({cin}, 8, 3, padding=1, bias=False), {bn}(8), nn.ReLU())
+        self.b = nn.Sequential({conv}(8, 8, 3, padding=1, bias=False), {bn}(8), nn.ReLU())
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.b(self.a(x)).mean({pool}))
+
+
+def build():
+    torch.manual_seed(0)
+    return Net()
+
+
+def train_one_epoch(model, lr):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range({steps}):
+        opt.zero_grad()
+        (0.0 * model(X).sum()).backward()
+        opt.step()
+
+
+def train(model):
+    pass
+
+
+def test(model):
+    {test_body}
+"""

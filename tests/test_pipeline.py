@@ -12,7 +12,7 @@ from torch import nn
 
 import dnnshrink_core as ds
 from dnnshrink_core.pipeline import shrink
-from helpers import state_copy, states_equal
+from helpers import state_copy, states_equal, user_functions
 from models import conv_bn
 
 
@@ -89,39 +89,7 @@ def test_existing_output_folder_is_not_overwritten(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "precious"
 
 
-FUNCTIONS = """
-import torch
-from torch import nn
-
-X = torch.randn(8, 3, 8, 8)
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.fc = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.fc(self.b(self.a(x)).mean((2, 3)))
-
-def build():
-    torch.manual_seed(0)
-    return Net()
-
-def train_one_epoch(model, lr):
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    for _ in range(3):
-        opt.zero_grad()
-        (0.0 * model(X).sum()).backward()
-        opt.step()
-
-def train(model):
-    pass
-
-def test(model):
-    return 0.75
-"""
+FUNCTIONS = user_functions(dims=2, steps=3)
 
 
 def write_config(tmp_path, **extra):

@@ -20,46 +20,11 @@ from dnnshrink_core import cli
 from dnnshrink_core.pipeline import shrink
 from dnnshrink_core.target import Target
 from dnnshrink_core.validation import check_input_count
+from helpers import user_functions
 
-# the issue's setting: a small Conv1d BatchNorm model whose baseline scores 0.97
-FUNCTIONS = """
-import torch
-from torch import nn
-
-X = torch.randn(8, 2, 16)
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Sequential(nn.Conv1d(2, 8, 3, padding=1, bias=False), nn.BatchNorm1d(8), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv1d(8, 8, 3, padding=1, bias=False), nn.BatchNorm1d(8), nn.ReLU())
-        self.fc = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.fc(self.b(self.a(x)).mean(2))
-
-
-def build():
-    torch.manual_seed(0)
-    return Net()
-
-
-def train_one_epoch(model, lr):
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    opt.zero_grad()
-    (0.0 * model(X).sum()).backward()
-    opt.step()
-
-
-def train(model):
-    pass
-
-
-def test(model):
-    # the baseline scores 0.97; any shrunk model "breaks" (for the max_score_drop checks)
-    return 0.97 if model.a[0].out_channels == 8 else 0.10
-"""
+# the issue's setting: a small Conv1d BatchNorm model whose baseline scores 0.97 and any shrunk
+# model "breaks" (for the max_score_drop checks)
+FUNCTIONS = user_functions(dims=1, test_body="return 0.97 if model.a[0].out_channels == 8 else 0.10")
 NS: dict = {}
 exec(FUNCTIONS, NS)
 X1 = torch.randn(1, 2, 16)

@@ -1,7 +1,7 @@
 """A template for your own model: a BatchNorm CNN on scikit-learn's digits (8×8, 10 classes).
 
-Copy this file and replace the model and the data. dnnshrink needs three functions of yours
-(the manual's ``necessary_function.py``):
+Copy this file and ``recipe.py`` (the training loop), and replace the model and the data.
+dnnshrink needs three functions of yours (the manual's ``necessary_function.py``):
 
 * ``train_one_epoch(model, lr)`` — train one epoch at learning rate ``lr`` (plain SGD works
   best while the structure is learned);
@@ -10,7 +10,7 @@ Copy this file and replace the model and the data. dnnshrink needs three functio
 
 Use the model's own device (``next(model.parameters()).device``): dnnshrink moves the model
 to CUDA when it is available. Under ``torchrun`` the model you get is wrapped in
-DistributedDataParallel; give each rank its own share of the data (``_shard`` below), and
+DistributedDataParallel; give each rank its own share of the data (``recipe.shard``), and
 the same number of steps on every rank.
 """
 from __future__ import annotations
@@ -19,8 +19,9 @@ import functools
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .recipe import Recipe
 
 
 def conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -68,67 +69,11 @@ def example_input() -> torch.Tensor:
     return torch.zeros(1, 1, 8, 8)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+_recipe = Recipe(_data, batch=64)
+_seed = _recipe.seed  # where the shuffling seeds start (bench/bench_quality.py sets it per run)
 
 
-def _shard(order: torch.Tensor, batch: int) -> Tuple[torch.Tensor, int]:
-    """This rank's share of a shuffled epoch and its batch size (the global batch stays ``batch``).
-
-    Every rank draws the same permutation (same seed) and takes every N-th sample of an
-    equal-length prefix, so all ranks run the same number of steps, as DDP requires.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return order, batch
-    world, rank = dist.get_world_size(), dist.get_rank()
-    return order[: len(order) - len(order) % world][rank::world], max(1, batch // world)
-
-
-def _epoch(model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, batch: int = 64) -> None:
-    x, y, _, _ = _data()
-    device = _device(model)
-    model.train()
-    order, batch = _shard(torch.randperm(len(y), generator=generator), batch)
-    for start in range(0, len(order), batch):
-        idx = order[start:start + batch]
-        if len(idx) < 2:  # BatchNorm needs two samples; the same on every rank
-            continue
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
-        loss.backward()
-        optimizer.step()
-
-
-_seed = [0]
-
-
-def _generator() -> torch.Generator:
-    _seed[0] += 1
-    return torch.Generator().manual_seed(_seed[0])
-
-
-def train_one_epoch(model: nn.Module, lr: float) -> None:
-    """One epoch of SGD with momentum at a fixed learning rate."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    _epoch(model, optimizer, _generator())
-
-
-def train(model: nn.Module, epochs: int = 20) -> None:
-    """The full recipe: SGD with momentum, cosine schedule, weight decay."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
-    generator = _generator()
-    for _ in range(epochs):
-        _epoch(model, optimizer, generator)
-        schedule.step()
-
-
-@torch.no_grad()
-def test(model: nn.Module) -> float:
-    """Accuracy on the held-out quarter of the digits, as a fraction."""
-    _, _, x, y = _data()
-    model.eval()
-    predictions = model(x.to(_device(model))).argmax(1).cpu()
-    return float((predictions == y).float().mean())
+# the three functions dnnshrink asks for (see recipe.py for what they do)
+train_one_epoch = _recipe.train_one_epoch
+train = _recipe.train
+test = _recipe.test

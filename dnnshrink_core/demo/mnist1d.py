@@ -18,8 +18,9 @@ from typing import Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .recipe import Recipe
 
 # the authors' reference test accuracies (README of the mnist1d package and the paper)
 REFERENCE = {"logistic regression": 0.32, "MLP": 0.68, "CNN": 0.94, "GRU": 0.91, "human": 0.96}
@@ -73,51 +74,11 @@ def example_input() -> torch.Tensor:
     return torch.zeros(1, 1, 40)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+_recipe = Recipe(_data, batch=100)
+_seed = _recipe.seed  # where the shuffling seeds start (bench/bench_quality.py sets it per run)
 
 
-def _epoch(model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, batch: int = 100) -> None:
-    x, y, _, _ = _data()
-    device = _device(model)
-    model.train()
-    order = torch.randperm(len(y), generator=generator)
-    for start in range(0, len(order), batch):
-        idx = order[start:start + batch]
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
-        loss.backward()
-        optimizer.step()
-
-
-_seed = [0]
-
-
-def _generator() -> torch.Generator:
-    _seed[0] += 1
-    return torch.Generator().manual_seed(_seed[0])
-
-
-def train_one_epoch(model: nn.Module, lr: float) -> None:
-    """One epoch of SGD with momentum at a fixed learning rate."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    _epoch(model, optimizer, _generator())
-
-
-def train(model: nn.Module, epochs: int = 20) -> None:
-    """The full recipe: SGD with momentum, cosine schedule, weight decay."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
-    generator = _generator()
-    for _ in range(epochs):
-        _epoch(model, optimizer, generator)
-        schedule.step()
-
-
-@torch.no_grad()
-def test(model: nn.Module) -> float:
-    """Accuracy on MNIST-1D's 1,000 test signals, as a fraction."""
-    _, _, x, y = _data()
-    model.eval()
-    predictions = model(x.to(_device(model))).argmax(1).cpu()
-    return float((predictions == y).float().mean())
+# the three functions dnnshrink asks for (see recipe.py for what they do)
+train_one_epoch = _recipe.train_one_epoch
+train = _recipe.train
+test = _recipe.test

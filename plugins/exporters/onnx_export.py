@@ -17,17 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dnnshrink_core.plugin_api import atomic_path, ExportError, model_mode, normalize_inputs
-
-
-def _flat(out: Any) -> List[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flat(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flat(v)]
-    return []
+from dnnshrink_core.plugin_api import atomic_path, ExportError, flatten_outputs, model_mode, normalize_inputs
 
 
 def relative_errors(reference: List[torch.Tensor], outputs: List[np.ndarray]) -> List[float]:
@@ -58,7 +48,7 @@ def verify_onnx(path: Path, model: nn.Module, inputs: tuple, rtol: float, thread
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
     with torch.no_grad(), model_mode(model, training=False):
-        reference = _flat(model(*inputs))
+        reference = flatten_outputs(model(*inputs))
     worst = max(relative_errors(reference, session.run(None, feeds)), default=0.0)
     if not worst < rtol:
         raise ExportError(f"onnxruntime's output differs from PyTorch's: relative error {worst:.3e} "
