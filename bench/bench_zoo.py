@@ -253,6 +253,7 @@ def run_one(name: str, size: int) -> Dict[str, Any]:
             row.update(_reach(baseline, x))
     except Exception as exc:
         row["ds_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    print("partial: " + json.dumps(row), flush=True)  # kept if Torch-Pruning runs past the limit
     _stage("torch-pruning")
     try:
         import torch_pruning  # noqa: F401
@@ -339,6 +340,9 @@ def _child(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         stages = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("stage: ")]
+        partial = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("partial: ")]
+        if partial:  # dnnshrink finished; Torch-Pruning did not
+            return {**json.loads(partial[-1]), "tp_error": f"over the {args.timeout} s limit"}
         return {"model": name, "error": f"over the {args.timeout} s limit (in {stages[-1] if stages else 'start-up'})"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     return json.loads(lines[-1]) if lines else {"model": name, "error": f"crashed: {proc.stderr[-300:]}"}
