@@ -264,8 +264,23 @@ class TokenAttention(nn.Module):
         return self.head(x + t.transpose(1, 2).reshape(B, C, H, W))
 
 
+class PaddedTokens(nn.Module):
+    """Channels-last features zero-padded in H and W (as patch-merging blocks do before a
+    strided conv), then a Linear over the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        t = F.pad(self.stem(x).permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
+        return self.fc(t).mean((1, 2))
+
+
 MODELS = {
     "batchnorm_act": (BNActNet, (2, 3, 8, 8)),
+    "channels_last_pad": (PaddedTokens, (2, 3, 8, 8)),
     "shape_sized_se": (ShapeSizedSE, (2, 3, 8, 8)),
     "layer_scale_normalize": (LayerScaleNet, (2, 3, 8, 8)),
     "matmul_parameter": (MatmulNet, (2, 3, 8, 8)),

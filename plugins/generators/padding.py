@@ -15,19 +15,21 @@ from torch import fx
 from dnnshrink_core.plugin_api import Chan, OpHandler, PropagateContext, RebuildContext, TensorSpec
 
 
-def channel_pad(ndim: int, pad: Sequence[int]) -> Optional[Tuple[int, int]]:
-    """The (front, back) padding of dim 1 in a ``F.pad``-style tuple, (0, 0) if dim 1 is not
-    padded, or None when the batch dim is padded too."""
+def channel_pad(ndim: int, pad: Sequence[int], dim: int = 1) -> Optional[Tuple[int, int]]:
+    """The (front, back) padding of dimension ``dim`` (the channels) in a ``F.pad``-style
+    tuple, (0, 0) if it is not padded, or None when the batch dim is padded too."""
     pairs = len(pad) // 2
     if pairs > ndim - 1:
         return None
-    if pairs < ndim - 1:
+    if dim < ndim - pairs:
         return 0, 0
-    i = 2 * (ndim - 2)
+    i = 2 * (ndim - 1 - dim)
     return pad[i], pad[i + 1]
 
 
 class _PadBase(OpHandler):
+    any_channel_dim = True  # channels-last tensors padded in H and W (TinyViT's patch merging)
+
     def _propagate(self, ctx: PropagateContext, pad: Sequence[int], constant: bool, value: float,
                    rewritable: bool, persistent: bool) -> None:
         x = ctx.arg(0, "input")
@@ -35,8 +37,8 @@ class _PadBase(OpHandler):
         if chan is None or not isinstance(spec, TensorSpec):
             ctx.unknown(f"{ctx.describe()} pads a tensor it cannot follow", warn=False)
             return
-        sides = channel_pad(spec.ndim, pad)
-        if sides is None or min(sides) < 0 or (sides != (0, 0) and not constant):
+        sides = channel_pad(spec.ndim, pad, chan.dim)
+        if sides is None or min(sides) < 0 or (sides != (0, 0) and (not constant or chan.dim != 1)):
             ctx.unknown(f"{ctx.describe()} pads or crops the channel dimension in a way not followed", warn=False)
             return
         if sides == (0, 0):
