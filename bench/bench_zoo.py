@@ -124,7 +124,7 @@ def _reach(model: Any, x: Any) -> Dict[str, Any]:
     why: Dict[str, int] = defaultdict(int)
     for unit in np.flatnonzero(held):
         reason = graph.unit_reason[unit]
-        why[graph.reasons[reason] if reason >= 0 else "no exact way to remove (unguarded)"] += 1
+        why[graph.reasons[reason] if reason >= 0 else "not made zero by their BatchNorm on every path (a layer without BatchNorm also writes them, as into a residual stream)"] += 1
     top = sorted(why.items(), key=lambda kv: -kv[1])[:2]
     return {"reach": round(float(reach), 3), "held": int(held.sum()), "removable": int(graph.unit_removable.sum()),
             "held_why": [f"{n} units: {r[:120]}" for r, n in top]}
@@ -405,6 +405,15 @@ def table(path: Path) -> str:
         ds_cells, tp_cells = cells("ds"), cells("tp")
         out.append(f"| {r['model']} | {r['input'][-1]} | {r.get('ds_traced', '')} | " + " | ".join(ds_cells[:3])
                    + f" | {r.get('ds_returns', '')} | " + " | ".join(tp_cells) + " |")
+    why = [r for r in measured if "ds_kept" in r and (r["ds_kept"] >= 0.9 or err(r, "ds") >= TOLERANCE)]
+    if why:
+        out += ["", "Why these keep 0.9x or more, or are not exact (`reach`: the share of the parameters in "
+                "channels that BatchNorm can remove at all; killing half of them leaves about 1 - reach/2):", "",
+                "| model | dnnshrink kept | rel. err. | reach | why channels with a BatchNorm are kept |",
+                "|---|---|---|---|---|"]
+        for r in sorted(why, key=lambda r: r["model"]):
+            reasons = "; ".join(r.get("held_why", [])).replace("|", "/") or "-"
+            out.append(f"| {r['model']} | {r['ds_kept']:.2f}x | {err(r, 'ds'):.0e} | {r.get('reach', '-')} | {reasons} |")
     return "\n".join(out)
 
 
