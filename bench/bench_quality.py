@@ -51,20 +51,22 @@ TASKS = {"digits": "dnnshrink_core.demo.digits", "mnist1d": "dnnshrink_core.demo
 METHODS = ["morphnet", "morphnet-reinit", "slimming", "magnitude", "uniform", "torch-pruning"]
 TARGETS = [0.5, 0.25, 0.1, 0.05, 0.03, 0.015]
 # MorphNet with other settings, for the measurements behind the defaults (learn_exponent,
-# min_share, price_at_target: see dnnshrink_plugins.morphnet.algorithm.MorphNet)
-VARIANTS = {"morphnet-direct": (1.0, 0.0, False), "morphnet-scale": (0.5, 0.0, False),
-            "morphnet-floor": (1.0, 0.5, False), "morphnet-share1": (0.5, 1.0, False),
-            "morphnet-exp75": (0.75, 0.5, False), "morphnet-unpriced": (0.5, 0.5, False),
-            "morphnet-priced-direct": (1.0, 0.5, True), "morphnet-priced-nofloor": (1.0, 0.0, True)}
+# min_share, price_at_target, trust: see dnnshrink_plugins.morphnet.algorithm.MorphNet)
+VARIANTS = {"morphnet-direct": (1.0, 0.0, False, 1.0), "morphnet-scale": (0.5, 0.0, False, 1.0),
+            "morphnet-floor": (1.0, 0.5, False, 1.0), "morphnet-share1": (0.5, 1.0, False, 1.0),
+            "morphnet-exp75": (0.75, 0.5, False, 1.0), "morphnet-unpriced": (0.5, 0.5, False, 1.0),
+            "morphnet-priced-direct": (1.0, 0.5, True, 1.0), "morphnet-priced-nofloor": (1.0, 0.0, True, 1.0),
+            "morphnet-trust50": (0.5, 0.5, True, 0.5), "morphnet-trust25": (0.5, 0.5, True, 0.25),
+            "morphnet-trust1": (0.5, 0.5, True, 1.0)}
 
 
 def register_variants() -> None:
     """Make the VARIANTS loadable by name, like any algorithm plugin's."""
     from dnnshrink_plugins.morphnet import algorithm as morphnet
 
-    for name, (exponent, share, priced) in VARIANTS.items():
+    for name, (exponent, share, priced, trust) in VARIANTS.items():
         variant = morphnet.MorphNet(morphnet._regularizer, learn_exponent=exponent, min_share=share,
-                                    price_at_target=priced)
+                                    price_at_target=priced, trust=trust)
         variant.name = name
         morphnet.ALGORITHMS[name] = variant
 

@@ -158,6 +158,29 @@ def test_prices_fixed_at_the_target_structure_do_not_follow_the_thinning_network
     assert np.array_equal(reg.unit_weights(thin), costs.unit_weights(thin) * removable)
 
 
+def test_toward_uniform_blends_each_group_geometrically():
+    from dnnshrink_plugins.morphnet.structure import toward_uniform, uniform_fraction
+
+    model = Chain()
+    degenerate_scales(model)
+    graph = ds.trace(model, X[:1])
+    costs = CostModel(graph, model)
+    gammas = graph.unit_gammas(model)
+    learned = gammas > 0.2  # the degenerate structure: the last layer whole, the middle ones thin
+    budget = 0.05 * costs.initial
+    uniform = uniform_fraction(graph, np.zeros(graph.num_units), costs.cost, budget, ~graph.unit_frozen)
+    for trust in (0.0, 0.5, 1.0):
+        blended = toward_uniform(graph, learned, gammas, costs.cost, budget, trust)
+        for g in graph.groups:
+            if not graph.unit_removable[g.units].any():
+                continue
+            n, u = learned[g.units].sum(), uniform[g.units].sum()
+            assert blended[g.units].sum() == min(g.size, max(1, round(n ** trust * u ** (1 - trust))))
+            kept = gammas[g.units][blended[g.units]]  # the largest scales first
+            dropped = gammas[g.units][~blended[g.units]]
+            assert not len(kept) or not len(dropped) or kept.min() >= dropped.max()
+
+
 def test_reinit_trains_the_learned_structure_from_a_fresh_start():
     torch.manual_seed(0)
     model = Chain()

