@@ -161,17 +161,18 @@ def _propagate_node(tg: TracedGraph, node: fx.Node, store: LabelStore, pm: Any,
     if handler is None:
         if spec is None or not _has_tensor(spec):
             tg.values[node] = None  # sizes, shapes, ints: nothing to do with channels
-            return
-        ctx.unknown(f"{ctx.describe()} has no channel handler")
-        return
-    tg.handlers[node] = handler
-    try:
-        handler.propagate(ctx)
-    except Exception as exc:
-        raise PluginError(f"channel handler {handler!r} failed on {ctx.describe()}: {type(exc).__name__}: {exc}") from exc
-    if not ctx._answered:
-        raise PluginError(f"channel handler {handler!r} did not call ctx.output(...) for {ctx.describe()}")
-    _check_counts(tg, node, store, counts, ctx.describe())
+        else:
+            ctx.unknown(f"{ctx.describe()} has no channel handler")
+    else:
+        tg.handlers[node] = handler
+        try:
+            handler.propagate(ctx)
+        except Exception as exc:
+            raise PluginError(f"channel handler {handler!r} failed on {ctx.describe()}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if not ctx._answered:
+            raise PluginError(f"channel handler {handler!r} did not call ctx.output(...) for {ctx.describe()}")
+    _check_counts(tg, node, store, counts, ctx.describe())  # also after arithmetic on a count (``C // 2``)
 
 
 def _shape_read(tg: TracedGraph, node: fx.Node, store: LabelStore) -> bool:

@@ -478,6 +478,21 @@ def test_a_channel_count_read_from_a_shape_follows_the_channels_or_keeps_them():
     assert not graph.group_of("stem.0").removable.any()  # C sizes the attention's output: kept
     assert any("channel count read from" in r for r in graph.group_of("stem.0").frozen_reasons)
     assert graph.group_of("fc1").removable.all()  # the tokens' MLP after the unfollowed reshape
+    # arithmetic on a count (the heads' width, C // 2) keeps those channels too
+
+    class Halves(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = conv_bn(3, 16)
+            self.head = nn.Conv2d(24, 4, 1)
+
+        def forward(self, x):  # zero channels, half as many as x has, appended to it
+            x = self.stem(x)
+            b, c, h, w = x.shape
+            return self.head(torch.cat([x, x.new_zeros(b, c // 2, h, w)], 1))
+
+    halves = kill_half(Halves(), 0).eval()
+    assert not ds.trace(halves, x).group_of("stem.0").removable.any()
     small = ds.generate(model, x, ds.alive_masks(model, x))
     assert small.fc1.out_features < 32 and small.stem[0].out_channels == 16
     with torch.no_grad():
