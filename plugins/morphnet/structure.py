@@ -127,7 +127,34 @@ def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, c
     high = float(np.max(sizes / np.maximum(counts, 1)))
     if cost(build(high)) <= budget:
         return build(high)
-    return largest_fitting(build, cost, budget, 0.0, high, build(0.0), steps)
+    keep = largest_fitting(build, cost, budget, 0.0, high, build(0.0), steps)
+    return _fill(graph, keep, orders, counts, multiples, cost, budget)
+
+
+def _fill(graph: ChannelGraph, keep: np.ndarray, orders: List[np.ndarray], counts: np.ndarray,
+          multiples: np.ndarray, cost: Callable[[np.ndarray], float], budget: float) -> np.ndarray:
+    """Spend what the rounding of one multiplier left of the budget: ``ceil(m · width)`` moves
+    in whole channels, so at small widths the largest fitting ``m`` can stop well short of
+    the budget (13% short on a 4-layer net at 1.5% of its MACs). The group furthest below its
+    share of the multiplier gets its next units (a multiple's worth, the best ``|gamma|``
+    first) while the cost fits; a group whose next units do not fit is done."""
+    keep = keep.copy()
+    widths = np.array([keep[order].sum() for order in orders], dtype=np.int64)
+    open_ = np.array([w < len(order) and graph.unit_removable[order].any() and c > 0
+                      for w, order, c in zip(widths, orders, counts)])
+    while open_.any():
+        # the ratio of each open group's width to its learned width: the lowest grows first
+        share = np.where(open_, widths / np.maximum(counts, 1), np.inf)
+        i = int(np.argmin(share))
+        step = min(int(multiples[i]), len(orders[i]) - int(widths[i]))
+        trial = keep.copy()
+        trial[orders[i][:widths[i] + step]] = True
+        if cost(trial) <= budget:
+            keep, widths[i] = trial, widths[i] + step
+            open_[i] = widths[i] < len(orders[i])
+        else:
+            open_[i] = False
+    return keep
 
 
 def uniform_fraction(graph: ChannelGraph, scores: np.ndarray, cost: Callable[[np.ndarray], float], budget: float,
