@@ -181,6 +181,24 @@ def test_toward_uniform_blends_each_group_geometrically():
             assert not len(kept) or not len(dropped) or kept.min() >= dropped.max()
 
 
+def test_the_multiplier_leaves_no_budget_a_next_channel_could_use():
+    model = Chain()
+    graph = ds.trace(model, X[:1])
+    costs = CostModel(graph, model)
+    gammas = np.random.default_rng(4).random(graph.num_units)
+    learned = gammas > 0.3
+    for fraction in (0.015, 0.05, 0.3):
+        budget = fraction * costs.initial
+        keep = scale_to_budget(graph, learned, gammas, costs.cost, budget)
+        assert costs.cost(keep) <= budget
+        for g in graph.groups:
+            spare = g.units[~keep[g.units] & graph.unit_removable[g.units]]
+            if len(spare):  # its best spare unit would not fit
+                trial = keep.copy()
+                trial[spare[np.argmax(gammas[spare])]] = True
+                assert costs.cost(trial) > budget, (fraction, g.name)
+
+
 def test_reinit_trains_the_learned_structure_from_a_fresh_start():
     torch.manual_seed(0)
     model = Chain()
