@@ -94,8 +94,8 @@ class MorphNet:
     in log MACs, that learning actually went (0.5 when it stops at the geometric midpoint,
     less when training falls short, 1 when it reached the target): the proportions were
     learned at that budget, and the rest of the way is extrapolation. On MNIST-1D at 1.5% and
-    3% of the MACs this took MorphNet from 0.923 / 0.967 to 0.949 / 0.977 (3 seeds), ahead of
-    magnitude pruning (0.939 / 0.962) and the uniform multiplier (0.930 / 0.961).
+    3% of the MACs this took MorphNet from 0.923 / 0.967 to 0.938 / 0.971 (3 seeds; magnitude
+    pruning 0.938 / 0.959, the uniform multiplier 0.931 / 0.960; docs/benchmarks.md).
 
     ``price_at_target``: every channel's penalty weight is its cost in the network the
     budget allows (the uniform multiplier's structure at the target), fixed for the whole
