@@ -308,6 +308,7 @@ def table(data: Dict[str, Any]) -> str:
 def plot(datasets: List[Dict[str, Any]], path: str) -> None:
     """Accuracy against MACs with error bars, one panel per task."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -325,6 +326,8 @@ def plot(datasets: List[Dict[str, Any]], path: str) -> None:
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
         ax.axhline(statistics.mean(data["baselines"]), color="grey", linestyle="--", label="baseline")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # overlapping labels otherwise
+        ax.set_xticks(targets, [f"{t:.1%}".replace(".0%", "%") for t in targets])
         ax.set_xlabel("MACs kept (fraction of the baseline)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{data['task']}: {len({r['seed'] for r in data['rows']})} seeds, "
