@@ -219,21 +219,15 @@ class MatmulNet(nn.Module):
         return self.head(y.mean(2))
 
 
-class ShapeSizedSE(nn.Module):
-    """Squeeze-and-excitation written with sizes read from the input's shape
-    (``b, c, _, _ = x.size()`` then ``view(b, c)``): the count follows the channels."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = conv_bn(3, 16)
-        self.fc = nn.Linear(16, 16)
-        self.head = nn.Conv2d(16, 4, 1)
+class ShapeSizedSE(EinsumNet):
+    """The same gate written with sizes read from the input's shape (``b, c, _, _ =
+    x.size()`` then ``view(b, c)``): the count follows the channels."""
 
     def forward(self, x):
         x = self.stem(x)
         b, c, _, _ = x.size()
         y = x.mean((2, 3)).view(b, c)
-        y = torch.sigmoid(self.fc(y)).view(b, c, 1, 1)
+        y = torch.sigmoid(self.gate(y)).view(b, c, 1, 1)
         return self.head(x * y)
 
 
@@ -470,7 +464,7 @@ def test_normalising_over_channels_keeps_channels_that_are_not_zero():
 
 def test_a_channel_count_read_from_a_shape_follows_the_channels_or_keeps_them():
     model, small, x = shrink_dead_half("shape_sized_se")
-    assert small.fc.in_features == small.fc.out_features < 16  # view(b, c) follows the kept channels
+    assert small.gate.in_features == small.gate.out_features < 16  # view(b, c) follows the kept channels
     torch.manual_seed(0)
     model = kill_half(TokenAttention(), 0).eval()
     x = torch.randn(2, 3, 4, 4)

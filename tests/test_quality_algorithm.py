@@ -54,16 +54,20 @@ def one_tiny_step(model: nn.Module, lr: float) -> None:
     optimizer.step()
 
 
+def degenerate_chain():
+    """The Chain with degenerate scales, traced: (model, graph, cost model, unit gammas)."""
+    model = Chain()
+    degenerate_scales(model)
+    graph = ds.trace(model, X[:1])
+    return model, graph, CostModel(graph, model), graph.unit_gammas(model)
+
+
 def group_widths(graph, keep):
     return {g.name: int(keep[g.units].sum()) for g in graph.groups if graph.unit_removable[g.units].any()}
 
 
 def test_a_global_smallest_scale_cut_collapses_but_morphnet_keeps_every_layer():
-    model = Chain()
-    degenerate_scales(model)
-    graph = ds.trace(model, X[:1])
-    costs = CostModel(graph, model)
-    gammas = graph.unit_gammas(model)
+    model, graph, costs, gammas = degenerate_chain()
     budget = 0.03 * costs.initial
     uniform = uniform_widths(graph, costs.cost, budget)
     # the old way to meet the target: cut the smallest scales across the network
@@ -161,11 +165,7 @@ def test_prices_fixed_at_the_target_structure_do_not_follow_the_thinning_network
 def test_toward_uniform_blends_each_group_geometrically():
     from dnnshrink_plugins.morphnet.structure import toward_uniform, uniform_fraction
 
-    model = Chain()
-    degenerate_scales(model)
-    graph = ds.trace(model, X[:1])
-    costs = CostModel(graph, model)
-    gammas = graph.unit_gammas(model)
+    model, graph, costs, gammas = degenerate_chain()
     learned = gammas > 0.2  # the degenerate structure: the last layer whole, the middle ones thin
     budget = 0.05 * costs.initial
     uniform = uniform_fraction(graph, np.zeros(graph.num_units), costs.cost, budget, ~graph.unit_frozen)
