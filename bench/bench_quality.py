@@ -198,7 +198,10 @@ def quality(args: argparse.Namespace) -> Dict[str, Any]:
                 if method.endswith("-reinit"):  # the same structure, trained from scratch
                     from dnnshrink_core.pipeline import reinitialize
                     reinitialize(small)
-                task.train(small, args.finetune)  # the same fine-tuning budget for every method
+                # the same fine-tuning budget and data order for every method: the shuffling seed
+                # would otherwise depend on how many training calls ran before in this process
+                task._seed[0] = 1000 * seed + 500
+                task.train(small, args.finetune)
                 frac, acc = macs(small, x) / base_macs, task.test(small)
                 row = {"seed": seed, "target": target, "method": method, "macs": frac, "accuracy": acc,
                        "widths": widths(small), "seconds": time.perf_counter() - started, **info}
