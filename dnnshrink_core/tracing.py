@@ -113,7 +113,13 @@ class TracedGraph:
         root = self.root()
         if root is None:
             raise TraceError("the model this graph was traced from no longer exists")
-        return root.get_submodule(target)
+        # the graph is cached only while the model's structure is unchanged, so one lookup
+        # table per graph serves every rebuild (get_submodule walks the path each time)
+        table = self.__dict__.setdefault("_modules_by_name", {})
+        module = table.get(target)
+        if module is None:
+            module = table[target] = root.get_submodule(target)
+        return module
 
     def modules_called(self) -> set:
         """Canonical names of the modules this graph calls or reads weights from."""
