@@ -26,7 +26,7 @@ from .labels import LabelStore
 from .masks import DEFAULT_THRESHOLD, Masks
 from .plugins import get_plugin_manager, lookup
 from .propagation import propagate
-from .tracing import BACK_BONE_ONLY, GENERATE_GRAPH, normalize_inputs, trace_modes
+from .tracing import BACK_BONE_ONLY, GENERATE_GRAPH, model_mode, normalize_inputs, trace_modes
 from .validation import check_input_count
 
 _graphs: "weakref.WeakKeyDictionary[nn.Module, ChannelGraph]" = weakref.WeakKeyDictionary()
@@ -131,13 +131,13 @@ def alive_masks(model: nn.Module, example_inputs: Any, threshold: Optional[float
 
 def _rounded(graph: ChannelGraph, model: nn.Module, masks: Masks, round_to: Any, profile: Any) -> Masks:
     """``masks`` with each group's kept count rounded up to its multiple (see :func:`alive_masks`)."""
-    from .cost import resolve_round_to
+    from .cost import per_group_multiples, resolve_round_to
 
     if not (round_to == "auto" or (isinstance(round_to, numbers.Integral) and not isinstance(round_to, bool)
                                    and round_to >= 1)):
         raise ConfigError(f"alive_masks(): round_to must be None, an integer >= 1 or 'auto', not {round_to!r}")
     multiples, notes = resolve_round_to(graph, model, round_to, profile)
-    multiples = np.broadcast_to(np.asarray(multiples, dtype=np.int64), (len(graph.groups),))
+    multiples = per_group_multiples(graph, multiples)
     gammas = graph.unit_gammas(model)
     keep = graph.units_from_masks(masks)
     for group, m in zip(graph.groups, multiples):
@@ -186,9 +186,10 @@ def generate(model: nn.Module, example_inputs: Any, masks: Mapping[str, Any], *,
             "or unshrunk network has no scale near zero: learn a structure first (dnnshrink run, or "
             "dnnshrink_core.pipeline.shrink), or pass masks of your own."), stacklevel=2)
     shrunk = build(model, graph, keep)
+    inputs = normalize_inputs(example_inputs)
     if compensate:
-        fold_removed_channels(model, shrunk, graph, keep, normalize_inputs(example_inputs))
-    _check_runs(shrunk, normalize_inputs(example_inputs))
+        fold_removed_channels(model, shrunk, graph, keep, inputs)
+    _check_runs(shrunk, inputs)
     return shrunk
 
 
@@ -196,10 +197,8 @@ def _check_runs(shrunk: nn.Module, inputs: tuple) -> None:
     """Run the new network once on the example (in eval mode, every module's mode restored
     after), so a network that cannot run never reaches the user. A real pass: on the meta
     device (shapes only) it took longer than the arithmetic of a pruned MobileNetV2."""
-    modes = [(m, m.training) for m in shrunk.modules()]
-    shrunk.eval()
     try:
-        with torch.no_grad():
+        with model_mode(shrunk, training=False), torch.no_grad():
             shrunk(*inputs)
     except Exception as exc:
         raise GenerationError(
@@ -207,6 +206,3 @@ def _check_runs(shrunk: nn.Module, inputs: tuple) -> None:
             f"{str(exc)[:300]}). A channel handler resized something the model's code sizes another way; "
             "please report it with the model's code. Until then, keep the channels around that op whole "
             "(leave its group out of the masks, or freeze its module with back_bone_only).") from exc
-    finally:
-        for module, mode in modes:
-            module.training = mode

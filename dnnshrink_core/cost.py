@@ -237,6 +237,12 @@ def group_multiples(graph: ChannelGraph, layer_multiples: Tuple[np.ndarray, np.n
     return multiples, notes
 
 
+def per_group_multiples(graph: ChannelGraph, multiple: Union[int, np.ndarray]) -> np.ndarray:
+    """One channel multiple per group from ``round_to`` as :func:`resolve_round_to` gives it
+    (one int for all groups, or an array with one per group)."""
+    return np.broadcast_to(np.asarray(multiple, dtype=np.int64), (len(graph.groups),))
+
+
 def resolve_round_to(graph: ChannelGraph, model: nn.Module, round_to: Union[int, str, None],
                      profile: Any = None) -> Tuple[Union[int, np.ndarray], List[str]]:
     """``round_to`` as the width rules take it: an int as given (``None`` → 1), or for

@@ -8,23 +8,16 @@ from typing import Any, Dict, List, Optional, Union
 from torch import nn
 
 from .errors import PluginError
-from .plugins import get_plugin_manager, lookup
+from .plugins import lookup, plugin_names
 
 
 def export_formats() -> List[str]:
     """Every format name the loaded exporter plugins write."""
-    names: List[str] = []
-    for formats in get_plugin_manager().hook.dnnshrink_export_formats():
-        names.extend(f for f in formats if f not in names)
-    return names
+    return plugin_names("exporter")
 
 
 def get_exporter(fmt: str) -> Any:
     """The exporter plugin for ``fmt``; a :class:`PluginError` lists the loaded formats."""
-    return _exporter(fmt)
-
-
-def _exporter(fmt: str) -> Any:
     return lookup("exporter", fmt)
 
 
@@ -40,7 +33,7 @@ def export(model: nn.Module, example_inputs: Any, fmt: str, path: Union[str, os.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-    return _exporter(fmt).export(model, example_inputs, Path(path), **options)
+    return get_exporter(fmt).export(model, example_inputs, Path(path), **options)
 
 
 def load(path: Union[str, os.PathLike], *, verify_key: Optional[Union[bytes, str]] = None) -> nn.Module:
@@ -53,7 +46,7 @@ def load(path: Union[str, os.PathLike], *, verify_key: Optional[Union[bytes, str
     With ``verify_key``, the file must carry an HMAC signature made with that key
     (``export(..., sign_key=...)``). See "Security model" in the README.
     """
-    exporter = _exporter("pytorch")
+    exporter = get_exporter("pytorch")
     if not hasattr(exporter, "load"):
         raise PluginError("the `pytorch` exporter that is loaded cannot read artifacts")
     if verify_key is None:

@@ -440,7 +440,7 @@ def _report(run: _Run, learned: LearnResult, shrunk: nn.Module, score: float, di
         report.extra["score_check"] = {"max_score_drop": opts.max_score_drop, "drop": drop,
                                        "passed": drop <= opts.max_score_drop}
     if opts.onnx_latency and "onnx" in opts.exporters:
-        report.extra["onnx_latency"] = _onnx_latency(baseline, shrunk, inputs, opts)
+        report.extra["onnx_latency"] = _onnx_latency(run, shrunk)
     return report
 
 
@@ -473,14 +473,15 @@ def _jsonable(value: Any) -> Any:
     return value.tolist() if isinstance(value, np.ndarray) else value
 
 
-def _onnx_latency(baseline: nn.Module, shrunk: nn.Module, inputs: tuple, opts: ShrinkOptions) -> Dict[str, Any]:
+def _onnx_latency(run: _Run, shrunk: nn.Module) -> Dict[str, Any]:
     """The exported ONNX's onnxruntime latency, baseline and shrunk interleaved, at the
     latency profile's threads: the measured speed-up next to the predicted one."""
     from .timing import onnx_latency
 
+    baseline, inputs, opts = run.baseline, run.inputs, run.opts
     threads = 2
-    try:
-        threads = int(CostModel(trace(baseline, inputs), baseline, "latency", profile=opts.profile)
+    try:  # the run's own graph (the baseline's structure): no second trace
+        threads = int(CostModel(run.graph, run.work, "latency", profile=opts.profile)
                       .resource.runtime.get("threads", 2))
     except Exception:  # no latency plugin: its default settings
         pass

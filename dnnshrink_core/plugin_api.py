@@ -23,7 +23,7 @@ What is here, by the kind of plugin that needs it:
 """
 from . import __version__
 from .algorithm import LearnContext, LearnResult, log_epoch
-from .cost import CostModel, LayerTable, cost_model_names, largest_fitting
+from .cost import CostModel, LayerTable, cost_model_names, largest_fitting, per_group_multiples
 from .errors import (ArtifactError, ConfigError, DnnshrinkError, DnnshrinkWarning, ExportError, MaskError,
                      PluginError, TraceError)
 from .export import export
@@ -45,6 +45,6 @@ __all__ = [
     "LearnResult", "MaskError", "Masks", "OpHandler", "PluginError", "PropagateContext", "RebuildContext",
     "TensorSpec", "TraceError", "__version__", "atomic_path", "atomic_write", "cost_model_names", "count_macs",
     "divergence", "eval_graph_module", "export", "fastest_and_median", "get_plugin_manager", "hookimpl",
-    "index_of", "interleaved_times", "largest_fitting", "layer_width", "log_epoch", "lookup", "model_mode",
+    "index_of", "interleaved_times", "largest_fitting", "layer_width", "per_group_multiples", "log_epoch", "lookup", "model_mode",
     "flatten_outputs", "normalize_inputs", "onnx_latency", "plugin_names", "resized", "session", "sha256_bytes",
 ]

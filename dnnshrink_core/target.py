@@ -34,6 +34,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from .cost import per_group_multiples
 from .errors import TargetError
 
 # resource name → the unit word an absolute amount may carry
@@ -218,14 +219,12 @@ def smallest_cost(graph: Any, costs: Any, min_width: int = 1, round_to: Any = 1)
     multiple per group (``round_to: auto``)."""
     keep = ~graph.unit_removable.copy()
     weights = costs.unit_weights(np.ones(graph.num_units, dtype=bool))
-    multiples = np.broadcast_to(np.asarray(round_to, dtype=np.int64), (len(graph.groups),))
-    for group, multiple in zip(graph.groups, multiples):
+    for group, multiple in zip(graph.groups, per_group_multiples(graph, round_to)):
         units = group.units
         fixed = int(keep[units].sum())
         need = max(min_width, 1)
-        round_to = int(multiple)
-        if round_to > 1:
-            need = int(math.ceil(need / round_to) * round_to)
+        if multiple > 1:
+            need = int(math.ceil(need / multiple) * multiple)
         need = min(need, group.size)
         if fixed >= need:
             continue
@@ -254,7 +253,8 @@ def check_reachable(target: Target, baseline: float, minimum: float, *, key: str
         else:
             smallest = min(math.ceil(minimum / baseline * 1000) / 1000, 1.0)
             suggestion = _writable(minimum, unit, "up")
-            if Target.parse(suggestion.strip("'"), resource=target.resource).amount > baseline:  # rounding up went past the baseline
+            # rounding the suggestion up may go past the baseline
+            if Target.parse(suggestion.strip("'"), resource=target.resource).amount > baseline:
                 suggestion = f"'{math.ceil(minimum)} {unit}'"
             advice = f"Give a target of at least {suggestion} (or the fraction {smallest:g})."
         raise TargetError(

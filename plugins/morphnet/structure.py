@@ -9,7 +9,7 @@ import numpy as np
 # a channel multiple for every group (``round_to: auto`` gives one per group) or one for all
 Multiple = Union[int, np.ndarray]
 
-from dnnshrink_core.plugin_api import ChannelGraph, largest_fitting
+from dnnshrink_core.plugin_api import ChannelGraph, largest_fitting, per_group_multiples
 
 
 def _group_orders(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray) -> List[np.ndarray]:
@@ -21,11 +21,6 @@ def _group_orders(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray) -> 
         rank = np.lexsort((-gammas[units], ~keep[units], graph.unit_removable[units], ~graph.unit_frozen[units]))
         orders.append(units[rank])
     return orders
-
-
-def _multiples(graph: ChannelGraph, multiple: Multiple) -> np.ndarray:
-    """One channel multiple per group from an int or a per-group array."""
-    return np.broadcast_to(np.asarray(multiple, dtype=np.int64), (len(graph.groups),))
 
 
 def _target(n: float, size: int, min_width: int, multiple: int) -> int:
@@ -40,7 +35,8 @@ def enforce_widths(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, mi
     """Grow every group to at least ``min_width`` units and to a multiple of ``multiple``
     (re-adding the units with the largest ``|gamma|``), so no layer collapses."""
     keep = keep.copy()
-    for group, order, m in zip(graph.groups, _group_orders(graph, keep, gammas), _multiples(graph, multiple)):
+    multiples = per_group_multiples(graph, multiple)
+    for group, order, m in zip(graph.groups, _group_orders(graph, keep, gammas), multiples):
         n = int(keep[group.units].sum())
         t = _target(n, group.size, min_width, int(m))
         if t > n:
@@ -63,7 +59,7 @@ def expand_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, 
     counts = np.array([keep[g.units].sum() for g in graph.groups], dtype=np.float64)
     sizes = np.array([g.size for g in graph.groups])
 
-    multiples = _multiples(graph, multiple)
+    multiples = per_group_multiples(graph, multiple)
 
     def build(mult: float) -> np.ndarray:
         out = np.zeros_like(keep)
@@ -115,7 +111,7 @@ def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, c
     counts = np.array([keep[g.units].sum() for g in graph.groups], dtype=np.float64)
     sizes = np.array([g.size for g in graph.groups])
 
-    multiples = _multiples(graph, multiple)
+    multiples = per_group_multiples(graph, multiple)
 
     def build(mult: float) -> np.ndarray:
         out = np.zeros_like(keep)
@@ -168,7 +164,7 @@ def uniform_fraction(graph: ChannelGraph, scores: np.ndarray, cost: Callable[[np
         free = units[removable[units]]
         orders.append((fixed, free[np.argsort(-scores[free], kind="stable")]))
 
-    multiples = _multiples(graph, multiple)
+    multiples = per_group_multiples(graph, multiple)
 
     def build(fraction: float) -> np.ndarray:
         keep = np.zeros(graph.num_units, dtype=bool)
