@@ -12,7 +12,8 @@ What is here, by the kind of plugin that needs it:
   :class:`TensorSpec`, :class:`Chan`, :func:`index_of`, :func:`resized`;
 * algorithms, regularizers and mask extractors: :class:`ChannelGraph`, :class:`Masks`,
   :class:`LearnContext`, :class:`LearnResult`, :func:`log_epoch`, :class:`CostModel`,
-  :func:`cost_model_names`, :func:`divergence` and :data:`LEARNING_ADVICE`;
+  :func:`cost_model_names`, :func:`divergence` and :data:`LEARNING_ADVICE`; their width rules:
+  :func:`largest_fitting`, :func:`per_group_multiples`, :data:`DEFAULT_THRESHOLD`;
 * cost models: :class:`LayerTable`;
 * exporters: :func:`eval_graph_module` (the eval-mode graph, recorded on the example input
   where torch.fx cannot trace), :func:`normalize_inputs`, :func:`flatten_outputs`, :func:`model_mode`,
@@ -40,11 +41,12 @@ from .timing import fastest_and_median, interleaved_times, onnx_latency, session
 from .tracing import eval_graph_module, flatten_outputs, model_mode, normalize_inputs
 
 __all__ = [
-    "ArtifactError", "Chan", "DEFAULT_THRESHOLD", "ChannelGraph", "ConfigError", "CostModel", "DnnshrinkError", "DnnshrinkWarning",
-    "ExportError", "Group", "InputShapeCheck", "LAYER_TYPES", "LEARNING_ADVICE", "LayerTable", "LearnContext",
-    "LearnResult", "MaskError", "Masks", "OpHandler", "PluginError", "PropagateContext", "RebuildContext",
-    "TensorSpec", "TraceError", "__version__", "atomic_path", "atomic_write", "cost_model_names", "count_macs",
-    "divergence", "eval_graph_module", "export", "fastest_and_median", "get_plugin_manager", "hookimpl",
-    "index_of", "interleaved_times", "largest_fitting", "layer_width", "per_group_multiples", "log_epoch", "lookup", "model_mode",
-    "flatten_outputs", "normalize_inputs", "onnx_latency", "plugin_names", "resized", "session", "sha256_bytes",
+    "ArtifactError", "atomic_path", "atomic_write", "Chan", "ChannelGraph", "ConfigError", "cost_model_names",
+    "CostModel", "count_macs", "DEFAULT_THRESHOLD", "divergence", "DnnshrinkError", "DnnshrinkWarning",
+    "eval_graph_module", "export", "ExportError", "fastest_and_median", "flatten_outputs", "get_plugin_manager",
+    "Group", "hookimpl", "index_of", "InputShapeCheck", "interleaved_times", "largest_fitting", "LAYER_TYPES",
+    "layer_width", "LayerTable", "LearnContext", "LEARNING_ADVICE", "LearnResult", "log_epoch", "lookup",
+    "MaskError", "Masks", "model_mode", "normalize_inputs", "onnx_latency", "OpHandler", "per_group_multiples",
+    "plugin_names", "PluginError", "PropagateContext", "RebuildContext", "resized", "session", "sha256_bytes",
+    "TensorSpec", "TraceError", "__version__"
 ]

@@ -107,18 +107,18 @@ class TracedGraph:
     example_inputs: Tuple[Any, ...] = ()
     notes: List[str] = field(default_factory=list)
     fx_error: str = ""
+    # target -> module, filled by get_submodule (the graph is cached only while the model's
+    # structure is unchanged, so one table per graph serves every rebuild)
+    _modules: Dict[str, nn.Module] = field(default_factory=dict, repr=False)
 
     def get_submodule(self, target: str) -> nn.Module:
         """The module at ``target`` in the traced model."""
         root = self.root()
         if root is None:
             raise TraceError("the model this graph was traced from no longer exists")
-        # the graph is cached only while the model's structure is unchanged, so one lookup
-        # table per graph serves every rebuild (get_submodule walks the path each time)
-        table = self.__dict__.setdefault("_modules_by_name", {})
-        module = table.get(target)
+        module = self._modules.get(target)
         if module is None:
-            module = table[target] = root.get_submodule(target)
+            module = self._modules[target] = root.get_submodule(target)
         return module
 
     def modules_called(self) -> set:
