@@ -170,7 +170,7 @@ def test_toward_uniform_blends_each_group_geometrically():
     budget = 0.05 * costs.initial
     uniform = uniform_fraction(graph, np.zeros(graph.num_units), costs.cost, budget, ~graph.unit_frozen)
     for trust in (0.0, 0.5, 1.0):
-        blended = toward_uniform(graph, learned, gammas, costs.cost, budget, trust)
+        blended = toward_uniform(graph, learned, gammas, uniform, trust)
         for g in graph.groups:
             if not graph.unit_removable[g.units].any():
                 continue

@@ -120,16 +120,20 @@ class MorphNet:
                                                     strength_scale=opts.strength_scale, threshold=opts.threshold,
                                                     **extra)
         fraction = ctx.target / ctx.costs.initial
+        # the uniform width multiplier's structure at the target: the prices, the floors and
+        # the blend below are all taken from it
+        uniform = uniform_fraction(ctx.graph, np.zeros(ctx.graph.num_units), ctx.costs.cost, ctx.target,
+                                   ~ctx.graph.unit_frozen, opts.min_width)
         if self.price_at_target and fraction < 1 and hasattr(reg, "price_at"):
-            reg.price_at(uniform_fraction(ctx.graph, np.zeros(ctx.graph.num_units), ctx.costs.cost, ctx.target,
-                                          ~ctx.graph.unit_frozen, opts.min_width))
+            reg.price_at(uniform)
         learn_at = ctx.costs.initial * fraction ** self.learn_exponent if fraction < 1 else ctx.target
         history: List[List[int]] = []
         epochs = train_regularized(ctx, reg, stop_at_target=True, stop_at=learn_at, history=history)
         gammas = ctx.graph.unit_gammas(ctx.model)
         learned = reg.alive(gammas)
+        learned_cost = ctx.costs.cost(learned)
         info: Dict[str, Any] = {}
-        if ctx.costs.cost(learned) > learn_at:
+        if learned_cost > learn_at:
             # said aloud: the width multiplier below then shrinks the partly learned structure evenly
             info["target_reached_by_training"] = False
             warnings.warn(f"dnnshrink: MorphNet did not reach the target by training: in {epochs} epoch(s) the "
@@ -140,23 +144,23 @@ class MorphNet:
         floors = None
         if self.min_share > 0:
             floors = width_floors(ctx.graph, ctx.costs.cost, ctx.target, ~ctx.graph.unit_frozen, self.min_share,
-                                  opts.min_width)
-        learned_cost = ctx.costs.cost(learned)
+                                  opts.min_width, uniform=uniform)
         trust = self.trust
         if trust == "auto":  # the share of the way to the target (in log MACs) that learning went
             trust = 1.0 if learned_cost <= ctx.target else \
                 math.log(learned_cost / ctx.costs.initial) / math.log(ctx.target / ctx.costs.initial)
         trust = min(max(float(trust), 0.0), 1.0)
+        start = learned  # what the width multiplier scales: the learned widths, blended when trusted less
         if trust < 1 and learned_cost > ctx.target:
-            learned = toward_uniform(ctx.graph, learned, gammas, ctx.costs.cost, ctx.target, trust)
+            start = toward_uniform(ctx.graph, learned, gammas, uniform, trust)
             info["trust"] = round(trust, 3)
-        if opts.expand or ctx.costs.cost(learned) > ctx.target:
-            keep = scale_to_budget(ctx.graph, learned, gammas, ctx.costs.cost, ctx.target, opts.min_width,
+        if opts.expand or ctx.costs.cost(start) > ctx.target:
+            keep = scale_to_budget(ctx.graph, start, gammas, ctx.costs.cost, ctx.target, opts.min_width,
                                    opts.round_to, floors)
         else:
-            keep = enforce_widths(ctx.graph, learned, gammas, opts.min_width, opts.round_to)
+            keep = enforce_widths(ctx.graph, start, gammas, opts.min_width, opts.round_to)
         return LearnResult(keep, epochs, {"regularizer": opts.regularizer, "strength": reg.strength,
-                                          "threshold": opts.threshold, "learned_macs": ctx.costs.cost(learned),
+                                          "threshold": opts.threshold, "learned_macs": learned_cost,
                                           "learned_at_macs": learn_at,
                                           "learned_widths": {g.name: int(learned[g.units].sum())
                                                              for g in ctx.graph.groups},

@@ -71,9 +71,11 @@ def expand_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, 
 
 
 def width_floors(graph: ChannelGraph, cost: Callable[[np.ndarray], float], budget: float, removable: np.ndarray,
-                 share: float, min_width: int = 1) -> np.ndarray:
+                 share: float, min_width: int = 1, uniform: Optional[np.ndarray] = None) -> np.ndarray:
     """Per group, the fewest units a structure at ``budget`` may keep: ``share`` times what a
-    uniform width multiplier keeps at that budget (at least ``min_width``).
+    uniform width multiplier keeps at that budget (at least ``min_width``). ``uniform`` is
+    that multiplier's structure when the caller has it already (:func:`uniform_fraction`
+    with the same ``removable`` and ``min_width``).
 
     Why relative to the uniform multiplier: the floor then follows the budget and each
     group's own width instead of a constant that fits one network. With ``share = 0.5`` no
@@ -81,8 +83,8 @@ def width_floors(graph: ChannelGraph, cost: Callable[[np.ndarray], float], budge
     2-channel bottlenecks the bilinear FLOP cost drifts into at small budgets, while leaving
     the learned structure free to move every other channel.
     """
-    scores = np.zeros(graph.num_units)
-    keep = uniform_fraction(graph, scores, cost, budget, removable, min_width)
+    keep = uniform_fraction(graph, np.zeros(graph.num_units), cost, budget, removable, min_width) \
+        if uniform is None else uniform
     floors = np.zeros(len(graph.groups), dtype=np.int64)
     for i, group in enumerate(graph.groups):
         units = group.units
@@ -181,14 +183,12 @@ def uniform_fraction(graph: ChannelGraph, scores: np.ndarray, cost: Callable[[np
     return largest_fitting(build, cost, budget, 0.0, 1.0, build(0.0), steps)
 
 
-
-
-def toward_uniform(graph: ChannelGraph, learned: np.ndarray, gammas: np.ndarray, cost: Callable[[np.ndarray], float],
-                   budget: float, trust: float) -> np.ndarray:
-    """Learned widths pulled toward the uniform multiplier's at ``budget``: each group keeps
-    ``learned ** trust · uniform ** (1 - trust)`` units (a geometric blend; the largest
-    ``|gamma|`` first), for the width multiplier to scale to the budget after."""
-    uniform = uniform_fraction(graph, np.zeros(graph.num_units), cost, budget, ~graph.unit_frozen)
+def toward_uniform(graph: ChannelGraph, learned: np.ndarray, gammas: np.ndarray, uniform: np.ndarray,
+                   trust: float) -> np.ndarray:
+    """Learned widths pulled toward the uniform multiplier's structure ``uniform`` (from
+    :func:`uniform_fraction` at the budget): each group keeps ``learned ** trust · uniform **
+    (1 - trust)`` units (a geometric blend; the largest ``|gamma|`` first), for the width
+    multiplier to scale to the budget after."""
     out = learned.copy()
     for group, order in zip(graph.groups, _group_orders(graph, learned, gammas)):
         n, u = int(learned[group.units].sum()), int(uniform[group.units].sum())
