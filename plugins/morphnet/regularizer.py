@@ -57,7 +57,7 @@ class GammaRegularizer:
         self.strength = strength
         self._index: Dict[int, int] = {}
         self.priced_at: Optional[np.ndarray] = None  # see price_at()
-        self._price_scale = 1.0
+        self._fixed_weights: Optional[np.ndarray] = None  # the prices at priced_at, computed once
         self.steps = 0  # optimizer steps that took the penalty since attach()
         self.last_penalty = 0.0
         # squared norms of the scales' gradients from the data and from the penalty, summed over
@@ -83,8 +83,8 @@ class GammaRegularizer:
         """``dP / d gamma_unit`` for every unit (zero for units that cannot be removed)."""
         if self.cost_kind == "uniform":
             w = np.ones(self.graph.num_units, dtype=np.float64)
-        elif self.priced_at is not None:
-            w = self.costs.unit_weights(self.priced_at) * self._price_scale
+        elif self._fixed_weights is not None:
+            w = self._fixed_weights.copy()
         else:
             w = self.costs.unit_weights(alive)
         w[~self._removable] = 0.0
@@ -102,10 +102,12 @@ class GammaRegularizer:
         scaled to the mean price at full width, so ``strength`` means the same either way.
         """
         self.priced_at = None if structure is None else np.asarray(structure, dtype=bool)
-        if self.priced_at is not None:
+        self._fixed_weights = None
+        if self.priced_at is not None:  # fixed, so computed here once rather than at every optimizer step
+            fixed = self.costs.unit_weights(self.priced_at)
             full = self.costs.unit_weights(np.ones(self.graph.num_units, dtype=bool))[self._removable]
-            fixed = self.costs.unit_weights(self.priced_at)[self._removable]
-            self._price_scale = float(full.mean() / fixed.mean()) if len(fixed) and fixed.mean() > 0 else 1.0
+            mean = fixed[self._removable].mean() if self._removable.any() else 0.0
+            self._fixed_weights = fixed * (float(full.mean() / mean) if mean > 0 else 1.0)
 
     def penalty(self) -> float:
         """The penalty ``P`` at the current scales (unscaled by ``strength``)."""
