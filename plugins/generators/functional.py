@@ -188,15 +188,24 @@ class LinearFunctionHandler(OpHandler):
             if bias is None:
                 ctx.unknown(f"{ctx.describe()} adds a bias that is not one value per feature", warn=False)
                 return
-        label = _layer_label(path)
-        out_l = ctx.param_labels(w, 0, owner=label, role="out")
-        ctx.tie(ctx.param_labels(w, 1, owner=label, role="in"), chan.labels)
+        out_l = _dense_on_last_dim(ctx, chan, spec, w, path, out_dim=0, layer_name=_owner(path))
         if bias is not None:
             ctx.tie(bias.labels, out_l)
-        ctx.mixes(chan)
-        ctx.declare_layer("dense", chan.labels, out_l, float(math.prod(spec.shape[1:-1])), params_coef=1.0,
-                          layer_name=_owner(path), weight=path)
         ctx.output(Chan(out_l, np.zeros(len(out_l), dtype=bool), chan.dim))
+
+
+def _dense_on_last_dim(ctx: PropagateContext, chan: Chan, spec: TensorSpec, w: Any, path: str, out_dim: int,
+                       layer_name: str) -> np.ndarray:
+    """A dense layer over the last dimension with the model's 2-D weight ``w`` (its features
+    at ``out_dim``, the inputs at the other dim): ties the inputs to ``chan``, declares the
+    layer and returns the output channels' labels."""
+    label = _layer_label(path)
+    out_l = ctx.param_labels(w, out_dim, owner=label, role="out")
+    ctx.tie(ctx.param_labels(w, 1 - out_dim, owner=label, role="in"), chan.labels)
+    ctx.mixes(chan)
+    ctx.declare_layer("dense", chan.labels, out_l, float(math.prod(spec.shape[1:-1])), params_coef=1.0,
+                      layer_name=layer_name, weight=path)
+    return out_l
 
 
 class LayerNormHandler(OpHandler):
@@ -384,12 +393,7 @@ class MatmulHandler(OpHandler):
                 or wspec.shape[0] != len(chan):
             ctx.unknown(f"{ctx.describe()} multiplies tensors whose channels it cannot follow", warn=False)
             return
-        label = _layer_label(path)
-        ctx.tie(ctx.param_labels(w, 0, owner=label, role="in"), chan.labels)
-        out_l = ctx.param_labels(w, 1, owner=label, role="out")
-        ctx.mixes(chan)
-        ctx.declare_layer("dense", chan.labels, out_l, float(math.prod(spec.shape[1:-1])), params_coef=1.0,
-                          layer_name=label, weight=path)
+        out_l = _dense_on_last_dim(ctx, chan, spec, w, path, out_dim=1, layer_name=_layer_label(path))
         ctx.output(Chan(out_l, np.zeros(len(out_l), dtype=bool), chan.dim))
 
 
