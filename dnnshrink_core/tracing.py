@@ -26,6 +26,7 @@ from .errors import InputRunError, TraceError, UntracedModuleWarning
 from .handler import OpHandler, spec_of
 from .plugins import get_plugin_manager
 from .recording import SpecializedTraceWarning, record
+from .shapes import has_hooks, infer_specs
 
 GENERATE_GRAPH = "generate_graph"
 BACK_BONE_ONLY = "back_bone_only"
@@ -138,14 +139,16 @@ def model_mode(model: nn.Module, training: Optional[bool] = None, attrs: Optiona
     saved = {name: getattr(model, name, missing) for name in (attrs or {})}
     try:
         if training is not None:
-            for m, _ in flags:
-                m.training = training
+            for m, flag in flags:
+                if flag != training:  # Module.__setattr__ is slow; most flags already match
+                    m.training = training
         for name, value in (attrs or {}).items():
             setattr(model, name, value)
         yield
     finally:
         for m, flag in flags:
-            m.training = flag
+            if m.training != flag:
+                m.training = flag
         for name, value in saved.items():
             if value is missing:
                 delattr(model, name)
@@ -167,16 +170,19 @@ def _trace_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any], 
                 f"the forward of {type(model).__name__}"
             failure = f"torch.fx could not trace {culprit}: {type(exc).__name__}: {exc}"
         if not failure:
-            specs: Dict[fx.Node, Any] = {}
             with model_mode(model, False), torch.no_grad():
-                _Recorder(model, graph, specs).run(*inputs)
+                modules = dict(model.named_modules(remove_duplicate=False))
+                specs = infer_specs(graph, modules, inputs) if not has_hooks(model) else None
+                if specs is None:  # an op without a shape rule: run the graph for real
+                    specs = {}
+                    _Recorder(model, graph, specs).run(*inputs)
     if failure:  # outside the fx context: attributes forward sets while running are its own
         return _record_one(model, inputs, mode, pm, leaf_modules, failure)
     canonical = {id(m): name for name, m in model.named_modules()}
-    module_names = {n: canonical.get(id(model.get_submodule(n.target)), n.target)
-                    for n in graph.nodes if n.op == "call_module"}
+    module_names = {n: canonical.get(id(modules[n.target]), n.target) for n in graph.nodes if n.op == "call_module"}
     return TracedGraph(mode=dict(mode), graph=graph, root=weakref.ref(model), constants=constants, specs=specs,
-                       module_names=module_names, param_paths=_param_paths(model, graph, constants))
+                       module_names=module_names, param_paths=_param_paths(model, graph, constants),
+                       _modules={path: m for path, m in modules.items() if path})  # not the root: held weakly
 
 
 def _record_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any], pm: Any,

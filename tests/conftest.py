@@ -20,3 +20,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_manager():
+    """For tests that register plugins: the process-wide plugin manager is rebuilt afterwards."""
+    yield
+    from dnnshrink_core.plugins import get_plugin_manager
+
+    get_plugin_manager(blocked=[])

@@ -17,13 +17,6 @@ from helpers import kill_half, max_relative_error
 from models import conv_bn
 
 
-@pytest.fixture
-def fresh_manager():
-    """A plugin manager of our own, and the process-wide one restored afterwards."""
-    yield
-    get_plugin_manager(blocked=[])
-
-
 def test_defaults_come_from_entry_points():
     infos = {i.name: i for i in list_plugins()}
     assert infos["generators"].hooks == ("dnnshrink_op_handler",)
