@@ -50,6 +50,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = {"digits": "dnnshrink_core.demo.digits", "mnist1d": "dnnshrink_core.demo.mnist1d"}
 METHODS = ["morphnet", "morphnet-reinit", "slimming", "magnitude", "uniform", "torch-pruning"]
 TARGETS = [0.5, 0.25, 0.1, 0.05, 0.03, 0.015]
+# dnnshrink's width rounding in the sweep (--round-to): 1 by default, so every method meets
+# the MACs target as closely as the uniform multiplier does (blocks of 16 on these small nets
+# move the kept MACs in coarse steps, below the target at 50% and 25%)
+ROUND_TO: List[Any] = [1]
 # MorphNet with other settings, for the measurements behind the defaults (learn_exponent,
 # min_share, price_at_target, trust: see dnnshrink_plugins.morphnet.algorithm.MorphNet)
 VARIANTS = {"morphnet-direct": (1.0, 0.0, False, 1.0), "morphnet-scale": (0.5, 0.0, False, 1.0),
@@ -129,7 +133,7 @@ def run_dnnshrink(task: Any, model: nn.Module, algorithm: str, target: float, **
     return shrink(model, task.example_input(), train_one_epoch=task.train_one_epoch, train=lambda m: None,
                   test=task.test, algorithm=algorithm, target_macs=target,
                   max_epochs=20 if algorithm.startswith("morphnet") else 15, finetune=False, device="cpu", progress=False,
-                  latency_runs=1, exporters=(), **options)
+                  latency_runs=1, exporters=(), round_to=ROUND_TO[0], **options)
 
 
 def _rows(path: Path) -> List[Dict[str, Any]]:
@@ -351,6 +355,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20, help="baseline training epochs")
     parser.add_argument("--finetune", type=int, default=15, help="fine-tuning epochs, the same for every method")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--round-to", default="1", help="dnnshrink's round_to for its methods: an integer "
+                        "or 'auto' (default 1: structures compared at the MACs target itself)")
     parser.add_argument("--headline", action="store_true", help="MorphNet's paper experiment (see above)")
     parser.add_argument("--seed-width", type=int, default=48, help="--headline: the seed network's width")
     parser.add_argument("--json", help="write the results here")
@@ -360,6 +366,7 @@ def main() -> None:
     parser.add_argument("--from", dest="sources", nargs="+", help="plot/tabulate saved --json results only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    ROUND_TO[0] = args.round_to if args.round_to == "auto" else int(args.round_to)
     warnings.simplefilter("ignore")
     register_variants()
     if args.sources:
