@@ -78,8 +78,8 @@ def infer_specs(graph: fx.Graph, modules: Mapping[str, nn.Module], inputs: Seque
                 if node.op == "call_module":
                     module = modules[node.target]
                     rule = _MODULES.get(type(module))
-                    if rule is None or module.training or kwargs:
-                        return None
+                    if rule is None or module.training or kwargs or "forward" in vars(module):
+                        return None  # no rule, or a layer whose forward was replaced on the instance
                     result = rule(module, *args)
                 else:
                     result = _call(node.op, node.target, args, kwargs)
@@ -333,6 +333,8 @@ def _reduce(x: _Shape, dim: Any = None, keepdim: bool = False, *, dtype: Any = N
     if dim is None:
         return _Shape((1,) * len(x.shape) if keepdim else (), x.dtype)
     dims = {_dim(d, len(x.shape)) for d in (dim if isinstance(dim, (tuple, list)) else (dim,))}
+    if not dims:
+        raise _Unknown  # dim=() means every dim for some reductions and none for others
     return _Shape(tuple(1 if i in dims else s for i, s in enumerate(x.shape) if keepdim or i not in dims),
                   x.dtype, x.plain)
 
@@ -367,7 +369,7 @@ def _permute(x: _Shape, *dims: Any) -> _Shape:
 
 def _chunk(x: _Shape, chunks: int, dim: int = 0) -> Tuple[_Shape, ...]:
     d = _dim(dim, len(x.shape))
-    if not isinstance(chunks, int) or chunks < 1 or not x.shape:
+    if not isinstance(chunks, int) or chunks < 1 or not x.shape or not x.shape[d]:
         raise _Unknown
     step = -(-x.shape[d] // chunks)
     sizes = [min(step, x.shape[d] - i) for i in range(0, x.shape[d], step)] if step else [0]

@@ -151,6 +151,14 @@ def test_hooks_make_the_trace_run_the_model_for_real(monkeypatch):
     assert not calls and max_relative_error(small(x), plain(x)) < 1e-5
 
 
+def test_a_layer_whose_forward_was_replaced_is_run_for_real():
+    layer = nn.Conv2d(3, 4, 1)
+    layer.forward = lambda x: torch.cat([nn.Conv2d.forward(layer, x)] * 2, 1)  # 8 channels, not 4
+    model = nn.Sequential(layer, nn.Flatten())
+    graph = fx.symbolic_trace(model).graph
+    assert infer_specs(graph, dict(model.named_modules(remove_duplicate=False)), (torch.randn(1, 3, 2, 2),)) is None
+
+
 class SumOfTwo(nn.Module):
     def __init__(self):
         super().__init__()
