@@ -260,3 +260,24 @@ def test_report_md_shows_chosen_and_uniform_widths(tmp_path):
 def json_widths(path):
     import json
     return json.loads(path.read_text())["widths"]
+
+
+def test_a_width_held_at_its_floor_is_rounded_to_the_groups_multiple():
+    """A group the floor holds up (half the uniform width) kept an unrounded width, which put
+    it back on the runtime's slow kernels; the floor is rounded like any width."""
+    model, graph, costs, gammas = degenerate_chain()
+    learned = gammas > 0.28  # the middle layers thin, the last whole: the middle floors bind
+    budget = 0.1 * costs.initial
+    floors = width_floors(graph, costs.cost, budget, ~graph.unit_frozen, 0.5)
+    unrounded = scale_to_budget(graph, learned, gammas, costs.cost, budget, 1, 1, floors)
+    keep = scale_to_budget(graph, learned, gammas, costs.cost, budget, 1, 4, floors)
+    assert costs.cost(keep) <= budget
+    held = 0
+    for g, floor in zip(graph.groups, floors):
+        if not graph.unit_removable[g.units].any():
+            continue
+        width = int(keep[g.units].sum())
+        assert width % 4 == 0 or width == g.size, (g.name, width)
+        assert width >= min(floor, g.size)
+        held += int(unrounded[g.units].sum()) == floor and floor % 4 != 0
+    assert held, "no group sat at an unrounded floor: the test does not exercise the floor"

@@ -118,7 +118,9 @@ def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, c
     def build(mult: float) -> np.ndarray:
         out = np.zeros_like(keep)
         for order, n, size, floor, m in zip(orders, counts, sizes, floors, multiples):
-            width = max(_target(n * mult, size, min_width, int(m)), min(int(floor), size))
+            # the floor is rounded like any width: a floor off the multiple would put the
+            # group back on the runtime's slow kernels (the groups at their floor are many)
+            width = _target(max(n * mult, min(int(floor), size)), size, min_width, int(m))
             out[order[:width]] = True
         return out
 
