@@ -9,7 +9,8 @@ units dropped in that order down to the geometric midpoint of the budget, then M
 width multiplier scales the structure to the budget (rounded to the profile's channel
 blocks with ``auto``), with the floor at half the uniform width as in ``morphnet``.
 
-* equal MACs: every variant at ``--macs`` of the baseline's MACs;
+* equal MACs: every variant at ``--macs`` of the baseline's MACs, and the uniform width
+  multiplier (the same share of every group, rounded with ``auto``) as the reference;
 * equal latency: the FLOP and latency costs at ``--latency`` of the baseline's predicted
   latency (``round_to: auto``), MACs kept reported.
 
@@ -34,7 +35,7 @@ import torchvision
 import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel, resolve_round_to
 from dnnshrink_core.timing import fastest_and_median, interleaved_times, session
-from dnnshrink_plugins.morphnet.structure import scale_to_budget, width_floors
+from dnnshrink_plugins.morphnet.structure import scale_to_budget, uniform_fraction, width_floors
 
 from common import imagenet_setup
 
@@ -96,6 +97,10 @@ def main() -> None:
         scores = magnitude(model, flops, graph)
         auto, _ = resolve_round_to(graph, model, "auto")
         variants = {"baseline": np.ones(graph.num_units, dtype=bool)}
+        # the reference without a structure: the uniform width multiplier, rounded the same way
+        uniform = uniform_fraction(graph, scores, flops.cost, args.macs * flops.initial, ~graph.unit_frozen)
+        variants["uniform multiplier, round_to auto @MACs"] = scale_to_budget(
+            graph, uniform, scores, flops.cost, args.macs * flops.initial, 1, auto)
         for chooser_name, chooser in (("flops", flops), ("latency", latency)):
             for rounding, multiple in (("1", 1), ("auto", auto)):
                 variants[f"{chooser_name} cost, round_to {rounding} @MACs"] = structure(
