@@ -35,8 +35,13 @@ _graphs: "weakref.WeakKeyDictionary[nn.Module, ChannelGraph]" = weakref.WeakKeyD
 
 def _fingerprint(model: nn.Module, inputs: tuple, leaf_modules: Sequence[Any]) -> tuple:
     """What the channel graph depends on: structure, parameter shapes, input shapes, modes."""
-    structure = tuple((name, id(m)) for name, m in model.named_modules())
-    shapes = tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
+    modules = list(model.named_modules())
+    structure = tuple((name, id(m)) for name, m in modules)
+    # one walk of the tree: every module's own parameters (shared ones once, as named_parameters)
+    seen: set = set()
+    shapes = tuple((f"{name}.{key}" if name else key, tuple(p.shape)) for name, m in modules
+                   for key, p in m._parameters.items()
+                   if p is not None and id(p) not in seen and not seen.add(id(p)))
     inputs_key = tuple((tuple(x.shape), x.dtype) if hasattr(x, "shape") else repr(x) for x in inputs)
     modes = (model.training, getattr(model, GENERATE_GRAPH, None), getattr(model, BACK_BONE_ONLY, None))
     pm = get_plugin_manager()

@@ -314,7 +314,7 @@ class _Recorder(fx.Interpreter):
 def weighted_modules(model: nn.Module) -> Dict[str, nn.Module]:
     """Modules that own parameters or buffers themselves, by canonical name."""
     return {name: m for name, m in model.named_modules()
-            if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))}
+            if any(t is not None for t in m._parameters.values()) or any(t is not None for t in m._buffers.values())}
 
 
 def _covered(graphs: Iterable[TracedGraph], weighted: Dict[str, nn.Module]) -> set:
