@@ -12,7 +12,9 @@ blocks with ``auto``), with the floor at half the uniform width as in ``morphnet
 * equal MACs: every variant at ``--macs`` of the baseline's MACs, and the uniform width
   multiplier (the same share of every group, rounded with ``auto``) as the reference;
 * equal latency: the FLOP and latency costs at ``--latency`` of the baseline's predicted
-  latency (``round_to: auto``), MACs kept reported.
+  latency (``round_to: auto``), MACs kept reported, and the capacity bound: the most MACs
+  the same procedure keeps at that latency when units are ranked by MACs per predicted
+  millisecond alone (:func:`capacity_bound`).
 
 Timing: onnxruntime CPU, the profile's threads (2), batch 1, variants interleaved in
 blocks, fastest and median of all timed runs.
@@ -69,6 +71,19 @@ def structure(graph, scores, chooser: CostModel, budget_costs: CostModel, budget
     return scale_to_budget(graph, learned, scores, budget_costs.cost, budget, 1, multiple, floors)
 
 
+def capacity_bound(graph, flops: CostModel, latency: CostModel, budget: float, multiple) -> np.ndarray:
+    """The structure with the most MACs this procedure can keep at a predicted latency: units
+    ranked by MACs per unit of predicted latency alone (no magnitude), cut to the budget's
+    midpoint, then the width multiplier with the floor. What a latency cost could buy in
+    capacity if nothing but capacity mattered."""
+    ones = np.ones(graph.num_units, dtype=bool)
+    ratio = flops.unit_weights(ones) / np.maximum(latency.unit_weights(ones), 1e-18)
+    midpoint = latency.initial * (budget / latency.initial) ** 0.5
+    learned = latency.cheapest_first(ones, ratio, midpoint, graph.unit_removable)
+    floors = width_floors(graph, latency.cost, budget, ~graph.unit_frozen, 0.5)
+    return scale_to_budget(graph, learned, ratio, latency.cost, budget, 1, multiple, floors)
+
+
 def export(model, x, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -107,6 +122,8 @@ def main() -> None:
                     graph, scores, chooser, flops, args.macs * flops.initial, multiple)
             variants[f"{chooser_name} cost, round_to auto @latency"] = structure(
                 graph, scores, chooser, latency, args.latency * latency.initial, auto)
+        variants["capacity bound, round_to auto @latency"] = capacity_bound(
+            graph, flops, latency, args.latency * latency.initial, auto)
         with tempfile.TemporaryDirectory() as tmp:
             sessions, feeds = {}, {}
             for label, keep in variants.items():
