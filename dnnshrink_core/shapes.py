@@ -63,6 +63,8 @@ def infer_specs(graph: fx.Graph, modules: Mapping[str, nn.Module], inputs: Seque
                 if not positional or str(node.target).startswith("*"):
                     return None
                 value = positional.pop(0)
+                if not isinstance(value, (torch.Tensor, int, float, bool, type(None))):
+                    return None  # containers of tensors: their items would reach the rules unconverted
                 result = _shape_of(value) if isinstance(value, torch.Tensor) else value
             elif node.op == "get_attr":
                 owner, _, name = node.target.rpartition(".")
