@@ -61,7 +61,8 @@ VARIANTS = {"morphnet-direct": (1.0, 0.0, False, 1.0), "morphnet-scale": (0.5, 0
             "morphnet-exp75": (0.75, 0.5, False, 1.0), "morphnet-unpriced": (0.5, 0.5, False, 1.0),
             "morphnet-priced-direct": (1.0, 0.5, True, 1.0), "morphnet-priced-nofloor": (1.0, 0.0, True, 1.0),
             "morphnet-trust50": (0.5, 0.5, True, 0.5), "morphnet-trust25": (0.5, 0.5, True, 0.25),
-            "morphnet-trust1": (0.5, 0.5, True, 1.0)}
+            "morphnet-trust1": (0.5, 0.5, True, 1.0), "morphnet-trust0": (0.5, 0.5, True, 0.0),
+            "morphnet-learn75": (0.75, 0.5, True, "auto"), "morphnet-learn75-trust25": (0.75, 0.5, True, 0.25)}
 
 
 def register_variants() -> None:
