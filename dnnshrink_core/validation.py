@@ -29,6 +29,9 @@ RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "round_to": (lambda v: v == "auto" if isinstance(v, str) else v >= 1,
                  "an integer >= 1 (1 = no rounding of layer widths) or 'auto' (the channel block the latency "
                  "profile measured)"),
+    "trust": (lambda v: v == "auto" if isinstance(v, str) else 0 <= v <= 1,
+              "a number from 0 to 1 (how far MorphNet follows its learned widths below where learning "
+              "stopped; 0 = the uniform multiplier's widths) or 'auto'"),
     "latency_runs": (lambda v: v >= 1, "an integer >= 1"),
     "max_score_drop": (lambda v: v >= 0, "a number >= 0 (how far below the baseline's score the shrunk "
                                          "model may score), or null for no limit"),

@@ -281,3 +281,25 @@ def test_a_width_held_at_its_floor_is_rounded_to_the_groups_multiple():
         assert width >= min(floor, g.size)
         held += int(unrounded[g.units].sum()) == floor and floor % 4 != 0
     assert held, "no group sat at an unrounded floor: the test does not exercise the floor"
+
+
+def test_the_trust_option_moves_morphnet_between_its_learned_widths_and_the_uniform_ones():
+    options = dict(train_one_epoch=one_tiny_step, test=lambda m: 0.0, finetune=False, target_macs=0.05,
+                   max_epochs=1, device="cpu", progress=False, latency_runs=1, exporters=())
+    chosen = {}
+    for trust in (0.0, 1.0):
+        model = Chain()
+        degenerate_scales(model)
+        with torch.no_grad():  # learning "stopped" with the last layer whole and the others thin
+            for bn in [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)][:-1]:
+                bn.weight[bn.num_features // 4:] = 0.0
+        result = shrink(model, X[:1], trust=trust, **options)
+        chosen[trust] = result.report.extra["widths"]
+        assert result.report.extra["structure_learning"].get("trust", 1.0) == trust
+    last = "features.9"
+    uniform = chosen[0.0][last]["uniform"]
+    # trust 0: the uniform multiplier's widths (what the budget's rounding leaves aside)
+    for name, w in chosen[0.0].items():
+        assert abs(w["chosen"] - w["uniform"]) <= max(2, 0.25 * w["uniform"]), (name, w)
+    # trust 1: the learned proportions, the last layer far wider than the uniform net's
+    assert chosen[1.0][last]["chosen"] >= 1.5 * uniform, chosen[1.0]

@@ -145,7 +145,7 @@ class MorphNet:
         if self.min_share > 0:
             floors = width_floors(ctx.graph, ctx.costs.cost, ctx.target, ~ctx.graph.unit_frozen, self.min_share,
                                   opts.min_width, uniform=uniform)
-        trust = self.trust
+        trust = getattr(opts, "trust", "auto") if self.trust == "auto" else self.trust  # the user's, unless fixed
         if trust == "auto":  # the share of the way to the target (in log MACs) that learning went
             trust = 1.0 if learned_cost <= ctx.target else \
                 math.log(learned_cost / ctx.costs.initial) / math.log(ctx.target / ctx.costs.initial)
