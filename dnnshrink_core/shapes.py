@@ -437,6 +437,94 @@ def _group_norm(module: nn.GroupNorm, x: Any) -> _Shape:
     return x
 
 
+def _assert(condition: Any, message: Any = None) -> None:
+    if condition is not True:
+        raise _Unknown  # a failing (or tensor-valued) check: the real run raises the model's own message
+
+
+def _split(x: _Shape, sizes: Any, dim: int = 0) -> Tuple[_Shape, ...]:
+    d = _dim(dim, len(x.shape))
+    total = x.shape[d]
+    if isinstance(sizes, int) and not isinstance(sizes, bool):
+        if sizes < 1 or not total:
+            raise _Unknown
+        sizes = [min(sizes, total - i) for i in range(0, total, sizes)]
+    elif not isinstance(sizes, (list, tuple)) or not all(isinstance(s, int) and s >= 0 for s in sizes) \
+            or sum(sizes) != total:
+        raise _Unknown
+    plain = x.plain and all(s == 1 for s in x.shape[:d])
+    return tuple(_Shape(x.shape[:d] + (s,) + x.shape[d + 1:], x.dtype, plain) for s in sizes)
+
+
+def _unsqueeze(x: _Shape, dim: int) -> _Shape:
+    d = _dim(dim, len(x.shape) + 1)
+    return _Shape(x.shape[:d] + (1,) + x.shape[d:], x.dtype, x.plain)
+
+
+def _expand_as(x: _Shape, other: Any) -> _Shape:
+    other = _tensor(other)
+    if len(x.shape) > len(other.shape):
+        raise _Unknown
+    padded = (1,) * (len(other.shape) - len(x.shape)) + x.shape
+    if any(a != b and a != 1 for a, b in zip(padded, other.shape)):
+        raise _Unknown
+    return _Shape(other.shape, x.dtype, False)  # a broadcast view: strides of 0
+
+
+def _softmax(x: Any, dim: Any = None, *args: Any, dtype: Any = None, **kwargs: Any) -> _Shape:
+    x = _floating(_tensor(x))
+    if dim is None or dtype is not None or args or kwargs.keys() - {"_stacklevel"}:
+        raise _Unknown
+    _dim(dim, len(x.shape))
+    return x
+
+
+def _normalize(x: Any, p: Any = 2.0, dim: int = 1, eps: Any = 1e-12, out: Any = None) -> _Shape:
+    x = _floating(_tensor(x))
+    if out is not None:
+        raise _Unknown
+    _dim(dim, len(x.shape))
+    return x
+
+
+def _pad(x: Any, pad: Any, mode: str = "constant", value: Any = None) -> _Shape:
+    x = _tensor(x)
+    if mode != "constant" or not isinstance(pad, (list, tuple)) or len(pad) % 2 or len(pad) // 2 > len(x.shape) \
+            or not all(isinstance(p, int) and not isinstance(p, bool) for p in pad):
+        raise _Unknown
+    shape = list(x.shape)
+    for i in range(len(pad) // 2):
+        d = len(shape) - 1 - i
+        shape[d] += pad[2 * i] + pad[2 * i + 1]
+        if shape[d] < 0:
+            raise _Unknown
+    return _Shape(shape, x.dtype)
+
+
+def _matmul(a: Any, b: Any) -> _Shape:
+    a, b = _floating(_tensor(a)), _tensor(b)
+    if len(a.shape) < 2 or len(b.shape) < 2 or a.dtype != b.dtype or a.shape[-1] != b.shape[-2]:
+        raise _Unknown  # vectors have rules of their own
+    batch = _broadcast(_Shape(a.shape[:-2], a.dtype), _Shape(b.shape[:-2], b.dtype)).shape
+    return _Shape(batch + (a.shape[-2], b.shape[-1]), a.dtype)
+
+
+def _stack(tensors: Any, dim: int = 0) -> _Shape:
+    if not isinstance(tensors, (tuple, list)) or not tensors or not all(isinstance(t, _Shape) for t in tensors):
+        raise _Unknown
+    first = tensors[0]
+    if any(t.shape != first.shape or t.dtype != first.dtype for t in tensors):
+        raise _Unknown
+    d = _dim(dim, len(first.shape) + 1)
+    return _Shape(first.shape[:d] + (len(tensors),) + first.shape[d:], first.dtype)
+
+
+def _unbind(x: _Shape, dim: int = 0) -> Tuple[_Shape, ...]:
+    d = _dim(dim, len(x.shape))
+    plain = x.plain and all(s == 1 for s in x.shape[:d])
+    return tuple(_Shape(x.shape[:d] + x.shape[d + 1:], x.dtype, plain) for _ in range(x.shape[d]))
+
+
 def _stochastic_depth(x: Any, p: Any, mode: Any, training: Any = True) -> _Shape:
     if training is not False:
         raise _Unknown
@@ -501,7 +589,8 @@ _MODULES: Dict[type, Callable[..., _Shape]] = {
 }
 
 _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
-               operator.neg, operator.pow}
+               operator.neg, operator.pow, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+               operator.ge, operator.not_, math.ceil, math.floor, math.sqrt}
 _UNARY_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.silu, F.hardswish, F.hardsigmoid, F.gelu, torch.sigmoid,
                     F.sigmoid, torch.tanh, F.tanh, F.leaky_relu, F.mish, F.elu}
 _FUNCTIONS: Dict[Any, Callable[..., Any]] = {
@@ -514,7 +603,9 @@ _FUNCTIONS: Dict[Any, Callable[..., Any]] = {
     F.adaptive_avg_pool1d: _adaptive_avg_pool(1), F.adaptive_avg_pool2d: _adaptive_avg_pool(2),
     F.adaptive_avg_pool3d: _adaptive_avg_pool(3), F.linear: _functional_linear, F.conv1d: _functional_conv(1),
     F.conv2d: _functional_conv(2), F.conv3d: _functional_conv(3), F.batch_norm: _functional_batch_norm,
-    F.layer_norm: _functional_layer_norm,
+    F.layer_norm: _functional_layer_norm, torch._assert: _assert, torch.split: _split, F.softmax: _softmax,
+    torch.softmax: _softmax, F.normalize: _normalize, F.pad: _pad, torch.unsqueeze: _unsqueeze,
+    torch.matmul: _matmul, operator.matmul: _matmul, torch.stack: _stack, torch.unbind: _unbind,
     **{f: _functional_pool(n, True) for n, f in ((1, F.avg_pool1d), (2, F.avg_pool2d), (3, F.avg_pool3d))},
     **{f: _functional_pool(n, False) for n, f in ((1, F.max_pool1d), (2, F.max_pool2d), (3, F.max_pool3d))},
 }
@@ -523,6 +614,8 @@ _METHODS: Dict[str, Callable[..., Any]] = {
     "transpose": _transpose, "permute": _permute, "chunk": _chunk, "contiguous": _contiguous,
     "add": _binary, "sub": _binary, "mul": _binary, "div": _binary, "add_": _inplace, "mul_": _inplace,
     "relu": _unary, "relu_": _unary, "sigmoid": _unary, "sigmoid_": _unary, "tanh": _unary,
+    "split": _split, "unsqueeze": _unsqueeze, "expand_as": _expand_as, "softmax": _softmax,
+    "matmul": _matmul, "unbind": _unbind, "dim": lambda x: len(x.shape),
 }
 _SHAPE_ATTRIBUTES = {"shape": lambda x: torch.Size(x.shape), "ndim": lambda x: len(x.shape),
                      "dtype": lambda x: x.dtype}

@@ -119,6 +119,31 @@ def test_shape_arithmetic_views_and_broadcasting_match_a_real_run():
     assert not assert_agrees(model, torch.randn(2, 3, 5, 5), 0.5)
 
 
+class AttentionAndFriends(nn.Module):
+    """The ops timm's blocks add: shape checks, splits, softmax over a matmul, padding,
+    normalisation, broadcasts, stack and unbind."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.conv, self.channels = nn.Conv2d(3, 6, 1), channels
+
+    def forward(self, x):
+        torch._assert(x.dim() == self.channels, "expected a batch of images")
+        y = self.conv(x)
+        a, b = y.split([2, 4], 1)
+        tokens = y.flatten(2)
+        attention = torch.softmax(tokens @ tokens.transpose(1, 2), -1)
+        padded = nn.functional.pad(b, (1, 1, 0, 2))
+        pooled = y.mean((2, 3)).unsqueeze(-1).unsqueeze(-1).expand_as(y)
+        return attention, padded, nn.functional.normalize(y, dim=1) + pooled, torch.stack([a, a], 2), y.unbind(1)[0]
+
+
+def test_attention_style_ops_match_a_real_run():
+    x = torch.randn(2, 3, 5, 4)
+    assert assert_agrees(AttentionAndFriends(), x)
+    assert not assert_agrees(AttentionAndFriends(channels=3), x)  # the model's own check fails: a real run says so
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "googlenet",
                                   "efficientnet_b0", "convnext_tiny", "densenet121", "regnet_x_400mf"])
 def test_torchvision_shapes_match_a_real_run(name):
