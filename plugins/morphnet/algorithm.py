@@ -95,7 +95,10 @@ class MorphNet:
     less when training falls short, 1 when it reached the target): the proportions were
     learned at that budget, and the rest of the way is extrapolation. On MNIST-1D at 1.5% and
     3% of the MACs this took MorphNet from 0.923 / 0.967 to 0.938 / 0.971 (3 seeds; magnitude
-    pruning 0.938 / 0.959, the uniform multiplier 0.931 / 0.960; docs/benchmarks.md).
+    pruning 0.938 / 0.959, the uniform multiplier 0.931 / 0.960; docs/benchmarks.md). An
+    instance built with ``trust="auto"`` (the registered ``morphnet``) takes the run's
+    ``trust`` option instead, so a user can set it; the sweeps behind it are in
+    docs/benchmarks.md ("What moves the smallest targets").
 
     ``price_at_target``: every channel's penalty weight is its cost in the network the
     budget allows (the uniform multiplier's structure at the target), fixed for the whole
