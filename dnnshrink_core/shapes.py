@@ -43,6 +43,11 @@ class _Shape:
     def spec(self) -> TensorSpec:
         return TensorSpec(self.shape, self.dtype)
 
+    def dim(self) -> int:
+        """As ``Tensor.dim``, so rules written for a layer's weight take a weight read through
+        ``get_attr`` (``F.conv2d(x, self.weight)``) as it is."""
+        return len(self.shape)
+
 
 def infer_specs(graph: fx.Graph, modules: Mapping[str, nn.Module], inputs: Sequence[Any],
                 constants: Optional[Dict[str, Any]] = None) -> Optional[Dict[fx.Node, Any]]:
@@ -108,6 +113,23 @@ def _tensor(value: Any) -> _Shape:
     if not isinstance(value, _Shape):
         raise _Unknown
     return value
+
+
+def _optional(value: Any) -> Optional[_Shape]:
+    return None if value is None else _tensor(value)
+
+
+def _shapes(values: Any) -> Sequence[_Shape]:
+    """A non-empty list or tuple of tensors (``cat``'s and ``stack``'s first argument)."""
+    if not isinstance(values, (tuple, list)) or not values or not all(isinstance(v, _Shape) for v in values):
+        raise _Unknown
+    return values
+
+
+def _pieces(x: _Shape, d: int, sizes: Sequence[int]) -> Tuple[_Shape, ...]:
+    """``x`` cut along dim ``d`` into ``sizes``; pieces of an outer dim stay contiguous."""
+    plain = x.plain and all(s == 1 for s in x.shape[:d])
+    return tuple(_Shape(x.shape[:d] + (s,) + x.shape[d + 1:], x.dtype, plain) for s in sizes)
 
 
 def _floating(x: _Shape) -> _Shape:
@@ -312,8 +334,7 @@ def _inplace(a: Any, b: Any, *, alpha: Any = 1) -> Any:
 
 
 def _cat(tensors: Any, dim: int = 0) -> _Shape:
-    if not isinstance(tensors, (tuple, list)) or not tensors or not all(isinstance(t, _Shape) for t in tensors):
-        raise _Unknown
+    tensors = _shapes(tensors)
     first = tensors[0]
     ndim = len(first.shape)
     d = _dim(dim, ndim)
@@ -371,12 +392,9 @@ def _permute(x: _Shape, *dims: Any) -> _Shape:
 
 def _chunk(x: _Shape, chunks: int, dim: int = 0) -> Tuple[_Shape, ...]:
     d = _dim(dim, len(x.shape))
-    if not isinstance(chunks, int) or chunks < 1 or not x.shape or not x.shape[d]:
+    if not isinstance(chunks, int) or chunks < 1 or not x.shape:
         raise _Unknown
-    step = -(-x.shape[d] // chunks)
-    sizes = [min(step, x.shape[d] - i) for i in range(0, x.shape[d], step)] if step else [0]
-    plain = x.plain and all(s == 1 for s in x.shape[:d])  # slices along an outer dim stay contiguous
-    return tuple(_Shape(x.shape[:d] + (s,) + x.shape[d + 1:], x.dtype, plain) for s in sizes)
+    return _split(x, -(-x.shape[d] // chunks), d)  # torch.chunk is a split into pieces of ceil(n / chunks)
 
 
 def _getitem(value: Any, index: Any) -> Any:
@@ -423,8 +441,7 @@ def _layer_norm(module: nn.LayerNorm, x: Any) -> _Shape:
 
 def _functional_layer_norm(x: Any, normalized_shape: Any, weight: Any = None, bias: Any = None,
                            eps: Any = 1e-5) -> _Shape:
-    return _norm_shape(_tensor(x), normalized_shape, None if weight is None else _weight(weight),
-                       None if bias is None else _weight(bias))
+    return _norm_shape(_tensor(x), normalized_shape, _optional(weight), _optional(bias))
 
 
 def _group_norm(module: nn.GroupNorm, x: Any) -> _Shape:
@@ -452,8 +469,7 @@ def _split(x: _Shape, sizes: Any, dim: int = 0) -> Tuple[_Shape, ...]:
     elif not isinstance(sizes, (list, tuple)) or not all(isinstance(s, int) and s >= 0 for s in sizes) \
             or sum(sizes) != total:
         raise _Unknown
-    plain = x.plain and all(s == 1 for s in x.shape[:d])
-    return tuple(_Shape(x.shape[:d] + (s,) + x.shape[d + 1:], x.dtype, plain) for s in sizes)
+    return _pieces(x, d, sizes)
 
 
 def _unsqueeze(x: _Shape, dim: int) -> _Shape:
@@ -510,8 +526,7 @@ def _matmul(a: Any, b: Any) -> _Shape:
 
 
 def _stack(tensors: Any, dim: int = 0) -> _Shape:
-    if not isinstance(tensors, (tuple, list)) or not tensors or not all(isinstance(t, _Shape) for t in tensors):
-        raise _Unknown
+    tensors = _shapes(tensors)
     first = tensors[0]
     if any(t.shape != first.shape or t.dtype != first.dtype for t in tensors):
         raise _Unknown
@@ -521,8 +536,8 @@ def _stack(tensors: Any, dim: int = 0) -> _Shape:
 
 def _unbind(x: _Shape, dim: int = 0) -> Tuple[_Shape, ...]:
     d = _dim(dim, len(x.shape))
-    plain = x.plain and all(s == 1 for s in x.shape[:d])
-    return tuple(_Shape(x.shape[:d] + x.shape[d + 1:], x.dtype, plain) for _ in range(x.shape[d]))
+    return tuple(_Shape(piece.shape[:d] + piece.shape[d + 1:], x.dtype, piece.plain)
+                 for piece in _pieces(x, d, [1] * x.shape[d]))
 
 
 def _stochastic_depth(x: Any, p: Any, mode: Any, training: Any = True) -> _Shape:
@@ -536,28 +551,13 @@ def _adaptive_avg_pool(n: int) -> Callable[..., _Shape]:
 
 
 def _functional_linear(x: Any, weight: Any, bias: Any = None) -> _Shape:
-    return _linear_shape(_tensor(x), _weight(weight), None if bias is None else _weight(bias))
-
-
-class _WeightShape:
-    """A weight known by shape, for rules written against tensors."""
-
-    def __init__(self, shape: _Shape):
-        self.shape = shape.shape
-        self.dtype = shape.dtype
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-
-def _weight(value: Any) -> Any:
-    return _WeightShape(_tensor(value))
+    return _linear_shape(_tensor(x), _tensor(weight), _optional(bias))
 
 
 def _functional_conv(n: int) -> Callable[..., _Shape]:
     def rule(x: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
              groups: int = 1) -> _Shape:
-        return _conv_shape(_tensor(x), _weight(weight), None if bias is None else _weight(bias), stride, padding,
+        return _conv_shape(_tensor(x), _tensor(weight), _optional(bias), stride, padding,
                            dilation, groups, n)
     return rule
 

@@ -178,8 +178,10 @@ def _trace_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any], 
                     _Recorder(model, graph, specs).run(*inputs)
     if failure:  # outside the fx context: attributes forward sets while running are its own
         return _record_one(model, inputs, mode, pm, leaf_modules, failure)
-    canonical = {id(m): name for name, m in model.named_modules()}
-    module_names = {n: canonical.get(id(modules[n.target]), n.target) for n in graph.nodes if n.op == "call_module"}
+    canonical: Dict[int, str] = {}
+    for path, module in modules.items():  # the first path met is named_modules()'s canonical one
+        canonical.setdefault(id(module), path)
+    module_names = {n: canonical[id(modules[n.target])] for n in graph.nodes if n.op == "call_module"}
     return TracedGraph(mode=dict(mode), graph=graph, root=weakref.ref(model), constants=constants, specs=specs,
                        module_names=module_names, param_paths=_param_paths(model, graph, constants),
                        _modules={path: m for path, m in modules.items() if path})  # not the root: held weakly
