@@ -21,20 +21,10 @@ import torchvision
 
 import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel, resolve_round_to
-from dnnshrink_plugins.morphnet.structure import enforce_widths, scale_to_budget, width_floors
+from dnnshrink_plugins.morphnet.structure import enforce_widths
 
+from bench_latency_cost import macs_per_ms, midpoint_then_multiplier
 from common import imagenet_setup
-
-
-def fastest_structure(graph, flops: CostModel, latency: CostModel, budget: float, exponent: float,
-                      floor_share: float, multiple) -> np.ndarray:
-    """The units with the most MACs per predicted millisecond, at ``budget`` MACs."""
-    ones = np.ones(graph.num_units, dtype=bool)
-    ratio = flops.unit_weights(ones) / np.maximum(latency.unit_weights(ones), 1e-18)
-    midpoint = flops.initial * (budget / flops.initial) ** exponent
-    learned = flops.cheapest_first(ones, ratio, midpoint, graph.unit_removable)
-    floors = width_floors(graph, flops.cost, budget, ~graph.unit_frozen, floor_share) if floor_share else None
-    return scale_to_budget(graph, learned, ratio, flops.cost, budget, 1, multiple, floors)
 
 
 def main() -> None:
@@ -56,8 +46,10 @@ def main() -> None:
         fixed = latency.cost(narrowest)
         for exponent in (0.5, 1.0):
             for floor_share in (0.5, 0.0):
-                keep = fastest_structure(graph, flops, latency, args.macs * flops.initial, exponent, floor_share,
-                                         auto)
+                # the units with the most MACs per predicted millisecond, at the MACs budget
+                ratio = macs_per_ms(graph, flops, latency)
+                keep = midpoint_then_multiplier(graph, ratio, ratio, flops, args.macs * flops.initial, auto,
+                                                exponent, floor_share)
                 cut = flops.initial / flops.cost(keep)
                 predicted = latency.cost(keep)
                 print(f"{name:<14}{exponent:>9}{floor_share:>7}{1 / cut:>11.3f}{predicted:>9.2f}"

@@ -56,19 +56,35 @@ def magnitude(model, costs: CostModel, graph) -> np.ndarray:
     return scores
 
 
+def midpoint_then_multiplier(graph, ranking, order, budget_costs: CostModel, budget: float, multiple,
+                             exponent: float = 0.5, floor_share: float = 0.5) -> np.ndarray:
+    """The procedure every structure here shares (MorphNet's, without training): drop units
+    by ``ranking`` (lowest first, in ``budget_costs``) down to the budget's geometric midpoint
+    (``exponent`` 1: to the budget itself), then one width multiplier to the budget, keeping
+    each group's best units by ``order``, with the floor at ``floor_share`` of the uniform
+    width (0: none)."""
+    ones = np.ones(graph.num_units, dtype=bool)
+    midpoint = budget_costs.initial * (budget / budget_costs.initial) ** exponent
+    learned = budget_costs.cheapest_first(ones, ranking, midpoint, graph.unit_removable)
+    floors = width_floors(graph, budget_costs.cost, budget, ~graph.unit_frozen, floor_share) if floor_share else None
+    return scale_to_budget(graph, learned, order, budget_costs.cost, budget, 1, multiple, floors)
+
+
 def structure(graph, scores, chooser: CostModel, budget_costs: CostModel, budget: float, multiple) -> np.ndarray:
     """Drop units by magnitude per unit of ``chooser``'s cost down to the budget's geometric
     midpoint (in ``budget_costs``), then one width multiplier to the budget."""
     removable = graph.unit_removable
-    ones = np.ones(graph.num_units, dtype=bool)
-    weights = chooser.unit_weights(ones)
-    ranking = scores / np.maximum(weights / weights[removable].mean(), 1e-12)
-    midpoint = budget_costs.initial * (budget / budget_costs.initial) ** 0.5
+    weights = chooser.unit_weights(np.ones(graph.num_units, dtype=bool))
     # within a group every unit has the same weight, so each group's best unit by ``ranking``
     # (which cheapest_first keeps) is its best by magnitude
-    learned = budget_costs.cheapest_first(ones, ranking, midpoint, removable)
-    floors = width_floors(graph, budget_costs.cost, budget, ~graph.unit_frozen, 0.5)
-    return scale_to_budget(graph, learned, scores, budget_costs.cost, budget, 1, multiple, floors)
+    ranking = scores / np.maximum(weights / weights[removable].mean(), 1e-12)
+    return midpoint_then_multiplier(graph, ranking, scores, budget_costs, budget, multiple)
+
+
+def macs_per_ms(graph, flops: CostModel, latency: CostModel) -> np.ndarray:
+    """Per unit, its MACs per unit of predicted latency (the profile's roofline)."""
+    ones = np.ones(graph.num_units, dtype=bool)
+    return flops.unit_weights(ones) / np.maximum(latency.unit_weights(ones), 1e-18)
 
 
 def capacity_bound(graph, flops: CostModel, latency: CostModel, budget: float, multiple) -> np.ndarray:
@@ -76,12 +92,8 @@ def capacity_bound(graph, flops: CostModel, latency: CostModel, budget: float, m
     ranked by MACs per unit of predicted latency alone (no magnitude), cut to the budget's
     midpoint, then the width multiplier with the floor. What a latency cost could buy in
     capacity if nothing but capacity mattered."""
-    ones = np.ones(graph.num_units, dtype=bool)
-    ratio = flops.unit_weights(ones) / np.maximum(latency.unit_weights(ones), 1e-18)
-    midpoint = latency.initial * (budget / latency.initial) ** 0.5
-    learned = latency.cheapest_first(ones, ratio, midpoint, graph.unit_removable)
-    floors = width_floors(graph, latency.cost, budget, ~graph.unit_frozen, 0.5)
-    return scale_to_budget(graph, learned, ratio, latency.cost, budget, 1, multiple, floors)
+    ratio = macs_per_ms(graph, flops, latency)
+    return midpoint_then_multiplier(graph, ratio, ratio, latency, budget, multiple)
 
 
 def export(model, x, path: Path) -> None:

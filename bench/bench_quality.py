@@ -50,10 +50,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = {"digits": "dnnshrink_core.demo.digits", "mnist1d": "dnnshrink_core.demo.mnist1d"}
 METHODS = ["morphnet", "morphnet-reinit", "slimming", "magnitude", "uniform", "torch-pruning"]
 TARGETS = [0.5, 0.25, 0.1, 0.05, 0.03, 0.015]
-# dnnshrink's width rounding in the sweep (--round-to): 1 by default, so every method meets
-# the MACs target as closely as the uniform multiplier does (blocks of 16 on these small nets
-# move the kept MACs in coarse steps, below the target at 50% and 25%)
-ROUND_TO: List[Any] = [1]
 # MorphNet with other settings, for the measurements behind the defaults (learn_exponent,
 # min_share, price_at_target, trust: see dnnshrink_plugins.morphnet.algorithm.MorphNet)
 VARIANTS = {"morphnet-direct": (1.0, 0.0, False, 1.0), "morphnet-scale": (0.5, 0.0, False, 1.0),
@@ -134,7 +130,7 @@ def run_dnnshrink(task: Any, model: nn.Module, algorithm: str, target: float, **
     return shrink(model, task.example_input(), train_one_epoch=task.train_one_epoch, train=lambda m: None,
                   test=task.test, algorithm=algorithm, target_macs=target,
                   max_epochs=20 if algorithm.startswith("morphnet") else 15, finetune=False, device="cpu", progress=False,
-                  latency_runs=1, exporters=(), round_to=ROUND_TO[0], **options)
+                  latency_runs=1, exporters=(), **options)
 
 
 def _rows(path: Path) -> List[Dict[str, Any]]:
@@ -194,7 +190,7 @@ def quality(args: argparse.Namespace) -> Dict[str, Any]:
                     small = copy.deepcopy(small)
                 else:
                     algorithm = method if method in VARIANTS else method.split("-")[0]
-                    result = run_dnnshrink(task, model, algorithm, target)
+                    result = run_dnnshrink(task, model, algorithm, target, round_to=args.round_to)
                     small = result.model
                     learn = result.report.extra["structure_learning"]
                     info = {k: learn[k] for k in ("epochs", "learned_widths", "widths_per_epoch") if k in learn}
@@ -242,7 +238,8 @@ def headline(args: argparse.Namespace) -> Dict[str, Any]:
             task._seed[0] = 1000 * seed
             seed_net = new_model(task, args.seed_width)
             task.train(seed_net, args.epochs)  # MorphNet starts from a trained seed network
-            result = run_dnnshrink(task, copy.deepcopy(seed_net), "morphnet", target, expand=False)
+            result = run_dnnshrink(task, copy.deepcopy(seed_net), "morphnet", target, expand=False,
+                                   round_to=args.round_to)
             budget = macs(new_model(task), x)  # the baseline architecture's MACs
             learned = result.masks
             graph = ds.trace(seed_net, x)
@@ -367,7 +364,10 @@ def main() -> None:
     parser.add_argument("--from", dest="sources", nargs="+", help="plot/tabulate saved --json results only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    ROUND_TO[0] = args.round_to if args.round_to == "auto" else int(args.round_to)
+    # dnnshrink's width rounding (1 by default, so every method meets the MACs target as closely
+    # as the uniform multiplier does: blocks of 16 on these small nets move the kept MACs in
+    # coarse steps, below the target at 50% and 25%)
+    args.round_to = args.round_to if args.round_to == "auto" else int(args.round_to)
     warnings.simplefilter("ignore")
     register_variants()
     if args.sources:
