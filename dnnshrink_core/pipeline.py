@@ -65,6 +65,11 @@ class ShrinkOptions:
     structure learning stopped, from 0 (the uniform multiplier's widths, MorphNet's chosen
     channels) to 1; ``"auto"`` trusts them for the share of the way learning went (about
     0.5). Lower trust measured better at 1.5–5% of the MACs on MNIST-1D (docs/benchmarks.md).
+    ``anneal`` (MorphNet): the budget falls from the baseline's MACs to the target over the
+    ``max_epochs`` structure-learning epochs and the width multiplier cuts the channels the
+    penalty has not yet removed at every epoch's end, so the network trains on without them
+    (gradual, as against one cut after learning); off: learn to the geometric midpoint, then
+    one cut to the target.
     ``max_score_drop``: when the shrunk model scores more than this below the
     baseline, :func:`shrink` raises :class:`~dnnshrink_core.errors.ScoreDropError` after
     writing its report (the CLI exits with 1).
@@ -83,6 +88,7 @@ class ShrinkOptions:
     min_width: int = 1
     round_to: Union[int, str] = "auto"
     trust: Union[float, str] = "auto"
+    anneal: bool = True
     profile: Optional[str] = None
     onnx_latency: bool = True
     compensate: bool = True

@@ -82,7 +82,7 @@ def test_hook_adds_the_gradient_at_each_optimizer_step_and_is_removed():
     plain = step()
     expected = reg.source_gradients()
     with reg.attach() as handle:
-        assert handle.active == 1
+        assert handle.active == 2  # the penalty before each step, the held scales after it
         hooked = step()
     assert handle.active == 0 and reg.steps == 1
     for i, (a, b) in enumerate(zip(plain, hooked)):
@@ -90,6 +90,38 @@ def test_hook_adds_the_gradient_at_each_optimizer_step_and_is_removed():
     after = step()
     for a, b in zip(plain, after):
         torch.testing.assert_close(a, b)
+
+
+def test_held_scales_stay_at_zero_through_momentum_and_weight_decay():
+    factory, shape = HANDWRITTEN["depthwise"]
+    model, x = factory(), torch.randn(shape)
+    graph = ds.trace(model, x)
+    reg = morphnet_flops(graph, model, strength=1e-3)
+    held = np.zeros(graph.num_units, dtype=bool)
+    for group in graph.groups:  # half of every removable group
+        units = group.units[graph.unit_removable[group.units]]
+        held[units[: len(units) // 2]] = True
+    assert held.any()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-2)
+    for _ in range(3):  # momentum built up before the hold, so a one-off zeroing would not last
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    with reg.attach():
+        reg.hold(held)
+        assert (graph.unit_gammas(model)[held] == 0).all()
+        before = graph.unit_gammas(model)
+        for _ in range(4):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+            gammas = graph.unit_gammas(model)
+            assert (gammas[held] == 0).all()
+        assert not np.allclose(gammas[~held & graph.unit_removable], before[~held & graph.unit_removable])
+    optimizer.zero_grad()
+    model(x).square().mean().backward()
+    optimizer.step()  # detached: the momentum moves them again
+    assert (graph.unit_gammas(model)[held] != 0).any()
 
 
 def test_mixed_precision_loss_scaling_does_not_dilute_the_penalty():

@@ -74,7 +74,7 @@ def test_a_global_smallest_scale_cut_collapses_but_morphnet_keeps_every_layer():
     cut = group_widths(graph, costs.cheapest_first(np.ones(graph.num_units, dtype=bool), gammas, budget))
     assert min(cut[name] / uniform[name] for name in cut) < 0.5  # a layer far below the uniform net's
 
-    result = shrink(model, X[:1], train_one_epoch=one_tiny_step, test=lambda m: 0.0, finetune=False,
+    result = shrink(model, X[:1], train_one_epoch=one_tiny_step, test=lambda m: 0.0, finetune=False, anneal=False,
                     target_macs=0.03, max_epochs=1, device="cpu", progress=False, latency_runs=1, exporters=())
     widths = result.report.extra["widths"]
     for name, w in widths.items():
@@ -285,7 +285,7 @@ def test_a_width_held_at_its_floor_is_rounded_to_the_groups_multiple():
 
 def test_the_trust_option_moves_morphnet_between_its_learned_widths_and_the_uniform_ones():
     options = dict(train_one_epoch=one_tiny_step, test=lambda m: 0.0, finetune=False, target_macs=0.05,
-                   max_epochs=1, device="cpu", progress=False, latency_runs=1, exporters=())
+                   max_epochs=1, device="cpu", progress=False, latency_runs=1, exporters=(), anneal=False)
     chosen = {}
     for trust in (0.0, 1.0):
         model = Chain()
@@ -303,3 +303,91 @@ def test_the_trust_option_moves_morphnet_between_its_learned_widths_and_the_unif
         assert abs(w["chosen"] - w["uniform"]) <= max(2, 0.25 * w["uniform"]), (name, w)
     # trust 1: the learned proportions, the last layer far wider than the uniform net's
     assert chosen[1.0][last]["chosen"] >= 1.5 * uniform, chosen[1.0]
+
+
+SIGNALS = torch.randn(64, 1, 20, generator=torch.Generator().manual_seed(0))
+LABELS = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(1))
+
+
+def sgd_epoch(model: nn.Module, lr: float) -> None:
+    """A real, deterministic epoch: cross-entropy on fixed signals, SGD with momentum."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for i in range(0, 64, 16):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(SIGNALS[i:i + 16]), LABELS[i:i + 16]).backward()
+        optimizer.step()
+
+
+ANNEAL = dict(train_one_epoch=sgd_epoch, test=lambda m: 0.0, finetune=False, device="cpu", progress=False,
+              latency_runs=1, exporters=(), tensorboard=False, lr=0.01)
+
+
+def test_annealed_learning_cuts_down_to_the_target_over_the_later_epochs():
+    torch.manual_seed(0)
+    model = Chain()
+    # a weak penalty: half of the epochs learn alone, then every epoch's end cuts
+    result = shrink(model, X[:1], target_macs=0.03, max_epochs=6, strength_scale=1e-3, **ANNEAL)
+    learn = result.report.extra["structure_learning"]
+    assert learn["annealed"] is True and result.epochs == 6
+    assert [cut["epoch"] for cut in learn["cuts"]] == [4, 5, 6]
+    budgets = np.array([cut["budget"] for cut in learn["cuts"]])
+    assert budgets[-1] == pytest.approx(0.03)
+    # an even share of the way left at each cut: the budgets fall geometrically from the full network
+    np.testing.assert_allclose(np.log(budgets), np.log(0.03) * np.array([1, 2, 3]) / 3, rtol=0.05)
+    widths = np.array([cut["widths"] for cut in learn["cuts"]])
+    assert (np.diff(widths, axis=0) <= 0).all()  # a cut channel never comes back
+    assert (widths[-1] < widths[0]).sum() >= 4  # every conv layer thinned along the way, not one of them
+    chosen = result.report.extra["widths"]
+    assert [w["chosen"] for w in chosen.values()] == [w for w, g in zip(widths[-1], result.masks.graph.groups)
+                                                     if g.name in chosen]
+    assert result.report.extra["shrunk"]["macs"] <= 0.03 * result.report.extra["baseline"]["macs"]
+    for name, w in chosen.items():
+        assert w["chosen"] >= np.ceil(0.5 * w["uniform"]), (name, w)
+    # off: no cut during learning, one to the target after it
+    off = shrink(Chain(), X[:1], target_macs=0.03, max_epochs=6, strength_scale=1e-3, anneal=False, **ANNEAL)
+    assert "cuts" not in off.report.extra["structure_learning"]
+    assert off.report.extra["structure_learning"]["target_reached_by_training"] is False
+
+
+def penalty_only_epoch(model: nn.Module, lr: float) -> None:
+    """An epoch whose data loss has no gradient: only the penalty moves the scales."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(5):
+        optimizer.zero_grad()
+        (0.0 * model(SIGNALS[:16]).sum()).backward()
+        optimizer.step()
+
+
+def test_annealing_stops_at_the_midpoint_when_the_penalty_gets_there_first():
+    # a fast penalty reaches the midpoint (sqrt(0.5) of the MACs) within the first half of the epochs
+    result = shrink(Chain(), X[:1], target_macs=0.5, max_epochs=40, strength_scale=20.0,
+                    **{**ANNEAL, "lr": 0.05, "train_one_epoch": penalty_only_epoch})
+    learn = result.report.extra["structure_learning"]
+    assert result.epochs <= 20 and "cuts" not in learn
+    assert learn["learned_macs"] <= 0.5 ** 0.5 * learn["target_macs"] / 0.5
+    assert "target_reached_by_training" not in learn
+    assert result.report.extra["shrunk"]["macs"] <= learn["target_macs"]
+
+
+def test_a_resumed_annealed_run_keeps_the_cut_channels_cut(tmp_path):
+    # a learning rate that would revive a cut channel's scale past the threshold within an epoch
+    options = dict(target_macs=0.05, max_epochs=5, strength_scale=1e-3, out_dir=str(tmp_path / "run"),
+                   **{**ANNEAL, "lr": 0.3})
+    torch.manual_seed(0)
+    whole = shrink(Chain(), X[:1], **{**options, "out_dir": str(tmp_path / "whole")})
+    calls = []
+
+    def stopped_in_epoch_5(model, lr):
+        calls.append(lr)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        sgd_epoch(model, lr)
+
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        shrink(Chain(), X[:1], **{**options, "train_one_epoch": stopped_in_epoch_5})
+    torch.manual_seed(0)
+    resumed = shrink(Chain(), X[:1], resume=True, **options)
+    # epoch 5 trains on without what epochs 3 and 4 cut: the same network as the whole run
+    for group in whole.masks.graph:
+        assert np.array_equal(resumed.masks[group.name], whole.masks[group.name]), group.name

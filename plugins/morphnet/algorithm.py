@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 from torch import nn
@@ -28,13 +28,17 @@ REGULARIZERS = {"morphnet_flops": morphnet_flops, "morphnet_size": morphnet_size
 
 
 def train_regularized(ctx: LearnContext, reg: GammaRegularizer, stop_at_target: bool,
-                      stop_at: Optional[float] = None, history: Optional[List[List[int]]] = None) -> int:
+                      stop_at: Optional[float] = None, history: Optional[List[List[int]]] = None,
+                      after_epoch: Optional[Callable[[int, np.ndarray, np.ndarray], Tuple[np.ndarray, bool]]] = None
+                      ) -> int:
     """Run ``train_one_epoch`` under the regularizer's hooks; returns the epochs run.
 
     Stops early when ``stop_at_target`` and the alive channels cost at most ``stop_at``
     MACs (default: the target). ``history``, when given, gets each epoch's alive width of
-    every group (also logged to TensorBoard as ``alive/<group>``). Scales that turn NaN or
-    infinite stop the run with an error naming the epoch.
+    every group (also logged to TensorBoard as ``alive/<group>``). ``after_epoch(epoch,
+    alive, gammas)``, when given, runs after each epoch is logged and before its checkpoint;
+    it returns the alive units from then on (it may cut some) and whether to stop. Scales
+    that turn NaN or infinite stop the run with an error naming the epoch.
     """
     stop_at = ctx.target if stop_at is None else stop_at
     from tqdm import tqdm
@@ -61,9 +65,13 @@ def train_regularized(ctx: LearnContext, reg: GammaRegularizer, stop_at_target: 
             cost = log_epoch(ctx, epoch, alive, gammas, reg.last_penalty * reg.strength, share)
             if history is not None:
                 history.append([int(alive[g.units].sum()) for g in ctx.graph.groups])
+            done = False
+            if after_epoch is not None:
+                alive, done = after_epoch(epoch, alive, gammas)
+                cost = ctx.costs.cost(alive)
             ctx.epoch_done(epoch)
             bar.set_postfix(macs=f"{cost / ctx.costs.initial:.1%}", target=f"{stop_at / ctx.costs.initial:.0%}")
-            if stop_at_target and ctx.agree(cost <= stop_at):
+            if ctx.agree(done or (stop_at_target and cost <= stop_at)):
                 break
     return epochs
 
@@ -82,6 +90,16 @@ class MorphNet:
     bottleneck of a few channels next to an untouched layer (docs/benchmarks.md has the
     per-epoch widths). Stopping where the structure is still healthy and scaling it evenly
     keeps MorphNet's learned proportions without that feedback loop.
+
+    ``anneal`` (None: the run's ``anneal`` option, on by default): what happens when the
+    penalty is slow. For the first ``anneal_start`` share of ``max_epochs`` learning is as
+    above (stop at the midpoint). A penalty that has not got there by then (small targets:
+    on MNIST-1D at 1.5% of the MACs it was at 20–25% after 10 epochs) no longer leaves one
+    cut of 10x the MACs to the end: every later epoch's end cuts the alive channels by an
+    even share of what is left of the way to the target, with the width multiplier, and holds
+    the cut scales at zero, so the network trains on without them between the cuts (gradual
+    pruning, where MorphNet's penalty still decides which channels go first and the widths
+    lean). The last epoch's cut is at the target.
 
     ``min_share``: no group keeps fewer than this share of what the uniform width
     multiplier keeps at the same budget (0 turns the floor off); a learned structure may
@@ -110,10 +128,11 @@ class MorphNet:
     name = "morphnet"
 
     def __init__(self, regularizers: Callable[[str], Any], learn_exponent: float = 0.5, min_share: float = 0.5,
-                 price_at_target: bool = True, trust: Union[float, str] = "auto"):
+                 price_at_target: bool = True, trust: Union[float, str] = "auto", anneal: Optional[bool] = None,
+                 anneal_start: float = 0.5):
         self._regularizers = regularizers
         self.learn_exponent, self.min_share = learn_exponent, min_share
-        self.price_at_target, self.trust = price_at_target, trust
+        self.price_at_target, self.trust, self.anneal, self.anneal_start = price_at_target, trust, anneal, anneal_start
 
     def learn(self, ctx: LearnContext) -> LearnResult:
         opts = ctx.options
@@ -125,49 +144,111 @@ class MorphNet:
         fraction = ctx.target / ctx.costs.initial
         # the uniform width multiplier's structure at the target: the prices, the floors and
         # the blend below are all taken from it
-        uniform = uniform_fraction(ctx.graph, np.zeros(ctx.graph.num_units), ctx.costs.cost, ctx.target,
-                                   ~ctx.graph.unit_frozen, opts.min_width)
+        uniform = self._uniform(ctx, ctx.target)
         if self.price_at_target and fraction < 1 and hasattr(reg, "price_at"):
             reg.price_at(uniform)
+        trust = getattr(opts, "trust", "auto") if self.trust == "auto" else self.trust  # the user's, unless fixed
+        anneal = getattr(opts, "anneal", True) if self.anneal is None else self.anneal
         learn_at = ctx.costs.initial * fraction ** self.learn_exponent if fraction < 1 else ctx.target
+        after_epoch, cuts, final = None, [], {}
+        if anneal and fraction < 1:
+            after_epoch = self._annealer(ctx, reg, trust, learn_at, cuts, final)
+            if ctx.start_epoch > 1:  # resumed: the scales earlier epochs cut are at zero in the checkpoint
+                reg.hold(ctx.graph.unit_gammas(ctx.model) == 0)
         history: List[List[int]] = []
-        epochs = train_regularized(ctx, reg, stop_at_target=True, stop_at=learn_at, history=history)
+        epochs = train_regularized(ctx, reg, stop_at_target=after_epoch is None, stop_at=learn_at, history=history,
+                                   after_epoch=after_epoch)
         gammas = ctx.graph.unit_gammas(ctx.model)
         learned = reg.alive(gammas)
         learned_cost = ctx.costs.cost(learned)
-        info: Dict[str, Any] = {}
-        if learned_cost > learn_at:
-            # said aloud: the width multiplier below then shrinks the partly learned structure evenly
-            info["target_reached_by_training"] = False
-            warnings.warn(f"dnnshrink: MorphNet did not reach the target by training: in {epochs} epoch(s) the "
-                          f"learned structure did not get down to {learn_at / ctx.costs.initial:.1%} of the MACs "
-                          "(where learning stops before the width multiplier scales it to the target); the "
-                          "learned widths are scaled down evenly to meet the target. Raise max_epochs or "
-                          "strength_scale for a fully learned structure.", DnnshrinkWarning, stacklevel=2)
-        floors = None
-        if self.min_share > 0:
-            floors = width_floors(ctx.graph, ctx.costs.cost, ctx.target, ~ctx.graph.unit_frozen, self.min_share,
-                                  opts.min_width, uniform=uniform)
-        trust = getattr(opts, "trust", "auto") if self.trust == "auto" else self.trust  # the user's, unless fixed
-        if trust == "auto":  # the share of the way to the target (in log MACs) that learning went
-            trust = 1.0 if learned_cost <= ctx.target else \
-                math.log(learned_cost / ctx.costs.initial) / math.log(ctx.target / ctx.costs.initial)
-        trust = min(max(float(trust), 0.0), 1.0)
-        start = learned  # what the width multiplier scales: the learned widths, blended when trusted less
-        if trust < 1 and learned_cost > ctx.target:
-            start = toward_uniform(ctx.graph, learned, gammas, uniform, trust)
-            info["trust"] = round(trust, 3)
-        if opts.expand or ctx.costs.cost(start) > ctx.target:
-            keep = scale_to_budget(ctx.graph, start, gammas, ctx.costs.cost, ctx.target, opts.min_width,
-                                   opts.round_to, floors)
+        info: Dict[str, Any] = {"annealed": bool(after_epoch)} if after_epoch else {}
+        if cuts:
+            info["cuts"] = cuts
+        if "keep" in final:  # annealed down to the target: the last cut is the structure
+            keep = final["keep"]
         else:
-            keep = enforce_widths(ctx.graph, start, gammas, opts.min_width, opts.round_to)
+            if learned_cost > learn_at:
+                # said aloud: the width multiplier below then shrinks the partly learned structure evenly
+                info["target_reached_by_training"] = False
+                warnings.warn(f"dnnshrink: MorphNet did not reach the target by training: in {epochs} epoch(s) the "
+                              f"learned structure did not get down to {learn_at / ctx.costs.initial:.1%} of the MACs "
+                              "(where learning stops before the width multiplier scales it to the target); the "
+                              "learned widths are scaled down evenly to meet the target. Raise max_epochs or "
+                              "strength_scale for a fully learned structure.", DnnshrinkWarning, stacklevel=2)
+            keep, used = self._to_budget(ctx, learned, gammas, ctx.target, opts.round_to, trust, uniform, opts.expand)
+            if used is not None:
+                info["trust"] = round(used, 3)
         return LearnResult(keep, epochs, {"regularizer": opts.regularizer, "strength": reg.strength,
                                           "threshold": opts.threshold, "learned_macs": learned_cost,
                                           "learned_at_macs": learn_at,
                                           "learned_widths": {g.name: int(learned[g.units].sum())
                                                              for g in ctx.graph.groups},
                                           "widths_per_epoch": history, **info})
+
+    @staticmethod
+    def _uniform(ctx: LearnContext, budget: float) -> np.ndarray:
+        """The uniform width multiplier's structure at ``budget``."""
+        return uniform_fraction(ctx.graph, np.zeros(ctx.graph.num_units), ctx.costs.cost, budget,
+                                ~ctx.graph.unit_frozen, ctx.options.min_width)
+
+    def _to_budget(self, ctx: LearnContext, learned: np.ndarray, gammas: np.ndarray, budget: float, round_to: Any,
+                   trust: Union[float, str], uniform: Optional[np.ndarray] = None,
+                   expand: bool = False) -> "tuple[np.ndarray, Optional[float]]":
+        """The learned structure at ``budget``: blended toward the uniform multiplier's widths
+        as far as it is not trusted, then one width multiplier to the budget (with the
+        floors). ``"auto"`` trust is the share of the way to the *target* (not to ``budget``,
+        which an annealing cut sets a step ahead) that learning covered. Returns the
+        structure and the trust used (None when no blend was needed)."""
+        opts = ctx.options
+        uniform = self._uniform(ctx, budget) if uniform is None else uniform
+        floors = None
+        if self.min_share > 0:
+            floors = width_floors(ctx.graph, ctx.costs.cost, budget, ~ctx.graph.unit_frozen, self.min_share,
+                                  opts.min_width, uniform=uniform)
+        learned_cost = ctx.costs.cost(learned)
+        if trust == "auto":  # the share of the way to the target (in log MACs) that learning went
+            trust = 1.0 if learned_cost <= ctx.target else \
+                math.log(learned_cost / ctx.costs.initial) / math.log(ctx.target / ctx.costs.initial)
+        trust = min(max(float(trust), 0.0), 1.0)
+        start, used = learned, None  # what the width multiplier scales: the learned widths, blended when trusted less
+        if trust < 1 and learned_cost > budget:
+            start, used = toward_uniform(ctx.graph, learned, gammas, uniform, trust), trust
+        keep = enforce_widths(ctx.graph, start, gammas, opts.min_width, round_to)
+        if expand or ctx.costs.cost(keep) > budget:  # (rounding up alone may go past the budget)
+            keep = scale_to_budget(ctx.graph, start, gammas, ctx.costs.cost, budget, opts.min_width, round_to, floors)
+        return keep, used
+
+    def _annealer(self, ctx: LearnContext, reg: GammaRegularizer, trust: Union[float, str], learn_at: float,
+                  cuts: List[Dict[str, Any]], final: Dict[str, np.ndarray]
+                  ) -> Callable[[int, np.ndarray, np.ndarray], Tuple[np.ndarray, bool]]:
+        """The end-of-epoch step of annealed learning. For the first ``anneal_start`` share of
+        ``max_epochs`` the penalty learns alone and learning stops when it gets to ``learn_at``
+        (the midpoint), as without annealing: at large budgets the penalty is the faster
+        teacher. After that, every epoch's end cuts the alive channels by an even share of
+        what is left of the way to the target (``cost · (target / cost) ** (1 / epochs
+        left)``) with the width multiplier (:meth:`_to_budget`), and holds the cut channels'
+        scales at zero, so the network trains on without them; the last epoch's cut is at the
+        target and is the structure (``final["keep"]``). The step depends only on the current
+        structure and the epochs left, so a resumed run continues the same way."""
+        opts, target = ctx.options, ctx.target
+        start = int(math.floor(self.anneal_start * opts.max_epochs))
+
+        def step(epoch: int, alive: np.ndarray, gammas: np.ndarray) -> Tuple[np.ndarray, bool]:
+            last, cost = epoch >= opts.max_epochs, ctx.costs.cost(alive)
+            if epoch <= start and not last:  # the penalty alone, as without annealing
+                return alive, cost <= learn_at
+            if cost <= target:
+                return alive, True
+            budget = target if last else cost * (target / cost) ** (1.0 / (opts.max_epochs - epoch + 1))
+            keep, _ = self._to_budget(ctx, alive, gammas, budget, opts.round_to if last else 1, trust)
+            reg.hold(~keep)
+            cuts.append({"epoch": epoch, "budget": budget / ctx.costs.initial,
+                         "widths": [int(keep[g.units].sum()) for g in ctx.graph.groups]})
+            if last:
+                final["keep"] = keep
+            return keep, last
+
+        return step
 
 
 class Slimming:
