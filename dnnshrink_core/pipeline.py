@@ -64,12 +64,12 @@ class ShrinkOptions:
     ``trust`` (MorphNet): how far the learned widths are followed below the budget where
     structure learning stopped, from 0 (the uniform multiplier's widths, MorphNet's chosen
     channels) to 1; ``"auto"`` trusts them for the share of the way learning went (about
-    0.5). Lower trust measured better at 1.5–5% of the MACs on MNIST-1D (docs/benchmarks.md).
-    ``anneal`` (MorphNet): the budget falls from the baseline's MACs to the target over the
-    ``max_epochs`` structure-learning epochs and the width multiplier cuts the channels the
-    penalty has not yet removed at every epoch's end, so the network trains on without them
-    (gradual, as against one cut after learning); off: learn to the geometric midpoint, then
-    one cut to the target.
+    0.5). Lower trust measured better at 1.5–5% of the MACs on MNIST-1D and worse on digits
+    (docs/benchmarks.md).
+    ``anneal`` (MorphNet): when the penalty has not brought the network to the midpoint in
+    half of ``max_epochs`` (small targets), every later epoch's end cuts an even share of the
+    way left to the target and the network trains on without the cut channels; off: one cut
+    to the target after learning.
     ``max_score_drop``: when the shrunk model scores more than this below the
     baseline, :func:`shrink` raises :class:`~dnnshrink_core.errors.ScoreDropError` after
     writing its report (the CLI exits with 1).

@@ -13,10 +13,10 @@ from dnnshrink_core.plugin_api import hookimpl
 
 from .masks import ThresholdExtractor, gap_threshold, threshold_masks
 from .algorithm import ALGORITHMS, REGULARIZERS, Magnitude, MorphNet, Slimming
-from .regularizer import GammaRegularizer, morphnet_flops, morphnet_size, slimming_l1
+from .regularizer import GammaRegularizer, HeldScales, morphnet_flops, morphnet_size, slimming_l1
 from .structure import enforce_widths, expand_to_budget
 
-__all__ = ["GammaRegularizer", "Magnitude", "MorphNet", "Slimming", "ThresholdExtractor", "slimming_l1", "enforce_widths", "expand_to_budget", "gap_threshold", "morphnet_flops",
+__all__ = ["GammaRegularizer", "HeldScales", "Magnitude", "MorphNet", "Slimming", "ThresholdExtractor", "slimming_l1", "enforce_widths", "expand_to_budget", "gap_threshold", "morphnet_flops",
            "morphnet_size", "threshold_masks"]
 
 THRESHOLD = ThresholdExtractor()

@@ -21,7 +21,7 @@ from torch import nn
 from dnnshrink_core.plugin_api import (divergence, DnnshrinkError, DnnshrinkWarning, LearnContext, LEARNING_ADVICE,
     LearnResult, log_epoch)
 
-from .regularizer import GammaRegularizer, morphnet_flops, morphnet_size, slimming_l1
+from .regularizer import GammaRegularizer, HeldScales, morphnet_flops, morphnet_size, slimming_l1
 from .structure import enforce_widths, scale_to_budget, toward_uniform, uniform_fraction, width_floors
 
 REGULARIZERS = {"morphnet_flops": morphnet_flops, "morphnet_size": morphnet_size, "slimming_l1": slimming_l1}
@@ -116,7 +116,7 @@ class MorphNet:
     pruning 0.938 / 0.959, the uniform multiplier 0.931 / 0.960; docs/benchmarks.md). An
     instance built with ``trust="auto"`` (the registered ``morphnet``) takes the run's
     ``trust`` option instead, so a user can set it; the sweeps behind it are in
-    docs/benchmarks.md ("What moves the smallest targets").
+    docs/benchmarks.md ("How far the learned widths are trusted").
 
     ``price_at_target``: every channel's penalty weight is its cost in the network the
     budget allows (the uniform multiplier's structure at the target), fixed for the whole
@@ -150,14 +150,15 @@ class MorphNet:
         trust = getattr(opts, "trust", "auto") if self.trust == "auto" else self.trust  # the user's, unless fixed
         anneal = getattr(opts, "anneal", True) if self.anneal is None else self.anneal
         learn_at = ctx.costs.initial * fraction ** self.learn_exponent if fraction < 1 else ctx.target
-        after_epoch, cuts, final = None, [], {}
+        after_epoch, cuts, final, held = None, [], {}, HeldScales(ctx.graph, ctx.model)
         if anneal and fraction < 1:
-            after_epoch = self._annealer(ctx, reg, trust, learn_at, cuts, final)
+            after_epoch = self._annealer(ctx, held, trust, learn_at, cuts, final)
             if ctx.start_epoch > 1:  # resumed: the scales earlier epochs cut are at zero in the checkpoint
-                reg.hold(ctx.graph.unit_gammas(ctx.model) == 0)
+                held.hold(ctx.graph.unit_gammas(ctx.model) == 0)
         history: List[List[int]] = []
-        epochs = train_regularized(ctx, reg, stop_at_target=after_epoch is None, stop_at=learn_at, history=history,
-                                   after_epoch=after_epoch)
+        with held.attach():
+            epochs = train_regularized(ctx, reg, stop_at_target=after_epoch is None, stop_at=learn_at,
+                                       history=history, after_epoch=after_epoch)
         gammas = ctx.graph.unit_gammas(ctx.model)
         learned = reg.alive(gammas)
         learned_cost = ctx.costs.cost(learned)
@@ -218,7 +219,7 @@ class MorphNet:
             keep = scale_to_budget(ctx.graph, start, gammas, ctx.costs.cost, budget, opts.min_width, round_to, floors)
         return keep, used
 
-    def _annealer(self, ctx: LearnContext, reg: GammaRegularizer, trust: Union[float, str], learn_at: float,
+    def _annealer(self, ctx: LearnContext, held: HeldScales, trust: Union[float, str], learn_at: float,
                   cuts: List[Dict[str, Any]], final: Dict[str, np.ndarray]
                   ) -> Callable[[int, np.ndarray, np.ndarray], Tuple[np.ndarray, bool]]:
         """The end-of-epoch step of annealed learning. For the first ``anneal_start`` share of
@@ -241,9 +242,11 @@ class MorphNet:
                 return alive, True
             budget = target if last else cost * (target / cost) ** (1.0 / (opts.max_epochs - epoch + 1))
             keep, _ = self._to_budget(ctx, alive, gammas, budget, opts.round_to if last else 1, trust)
-            reg.hold(~keep)
+            held.hold(~keep)
             cuts.append({"epoch": epoch, "budget": budget / ctx.costs.initial,
                          "widths": [int(keep[g.units].sum()) for g in ctx.graph.groups]})
+            if ctx.writer is not None:  # the alive/<group> curves show the widths before the cut
+                ctx.writer.add_scalar("anneal/budget_fraction", budget / ctx.costs.initial, epoch)
             if last:
                 final["keep"] = keep
             return keep, last

@@ -64,7 +64,6 @@ class GammaRegularizer:
         # steps on the device (no sync per step), read and reset by gradient_share()
         self._data_sq: Any = 0.0
         self._penalty_sq: Any = 0.0
-        self._held: Dict[int, torch.Tensor] = {}  # per source weight, the channels held at zero (see hold())
 
     # --- the cost model -------------------------------------------------------------
     def unit_gammas(self) -> np.ndarray:
@@ -179,34 +178,50 @@ class GammaRegularizer:
         self._data_sq, self._penalty_sq = 0.0, 0.0
         return None if data + penalty == 0 else penalty / (data + penalty)
 
-    def hold(self, units: np.ndarray) -> None:
-        """Set the scales of ``units`` (a per-unit bool array) to zero now and keep them there
-        after every optimizer step while attached: those channels are cut during training,
-        and what the rest of the network learns from then on is learned without them.
-        Why after the step: the user's optimizer (momentum, weight decay) would move a scale
-        that was only zeroed once. Units that cannot be removed are never held."""
-        units = np.asarray(units, dtype=bool) & self._removable
-        sources = np.flatnonzero(units[self._src_unit])
-        self._held = {}
-        for idx in np.unique(self._src_param[sources]):
-            channels = self._src_channel[sources[self._src_param[sources] == idx]]
-            self._held[int(idx)] = torch.as_tensor(channels, dtype=torch.long, device=self._params[idx].device)
-        self._zero_held()
+    def attach(self) -> "HookHandle":
+        """Add the penalty's gradient to every source BatchNorm weight from now on."""
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    def _zero_held(self, *_: Any) -> None:
+        self._index = {id(p): idx for idx, p in enumerate(self._params) if p.requires_grad}
+        self.steps = 0
+        return HookHandle([register_optimizer_step_pre_hook(self._before_step)])
+
+
+class HeldScales:
+    """Channel units cut during training: their BatchNorm scales are set to zero by
+    :meth:`hold` and kept there after every ``torch.optim`` optimizer step while attached,
+    so what the rest of the network learns from then on is learned without them. Why after
+    the step: the user's optimizer (momentum, weight decay) would move a scale that was only
+    zeroed once. It works beside any regularizer (a plugin's too). Units that cannot be
+    removed are never held."""
+
+    def __init__(self, graph: ChannelGraph, model: nn.Module):
+        self.graph = graph
+        self._params = graph.source_weights(model)
+        self._held: Dict[int, torch.Tensor] = {}  # per source weight, the channels held at zero
+
+    def hold(self, units: np.ndarray) -> None:
+        """Hold the scales of ``units`` (a per-unit bool array) at zero from now on, instead
+        of the units held before."""
+        graph = self.graph
+        units = np.asarray(units, dtype=bool) & graph.unit_removable
+        sources = np.flatnonzero(units[graph.src_unit])
+        owners = graph.src_module[sources]
+        self._held = {int(idx): torch.as_tensor(graph.src_channel[sources[owners == idx]], dtype=torch.long,
+                                                device=self._params[idx].device)
+                      for idx in np.unique(owners)}
+        self._zero()
+
+    def _zero(self, *_: Any) -> None:
         with torch.no_grad():
             for idx, channels in self._held.items():
                 self._params[idx].index_fill_(0, channels, 0.0)
 
     def attach(self) -> "HookHandle":
-        """Add the penalty's gradient to every source BatchNorm weight from now on (and hold
-        the scales of :meth:`hold`'s units at zero)."""
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+        """Keep the held scales at zero after every optimizer step from now on."""
+        from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        self._index = {id(p): idx for idx, p in enumerate(self._params) if p.requires_grad}
-        self.steps = 0
-        return HookHandle([register_optimizer_step_pre_hook(self._before_step),
-                           register_optimizer_step_post_hook(self._zero_held)])
+        return HookHandle([register_optimizer_step_post_hook(self._zero)])
 
 
 class HookHandle:
