@@ -153,7 +153,8 @@ class MorphNet:
         after_epoch, cuts, final, held = None, [], {}, HeldScales(ctx.graph, ctx.model)
         if anneal and fraction < 1:
             after_epoch = self._annealer(ctx, held, trust, learn_at, cuts, final)
-            if ctx.start_epoch > 1:  # resumed: the scales earlier epochs cut are at zero in the checkpoint
+            if ctx.start_epoch - 1 > self._grace(opts.max_epochs):
+                # resumed after cuts: the scales they cut are at zero in the checkpoint
                 held.hold(ctx.graph.unit_gammas(ctx.model) == 0)
         history: List[List[int]] = []
         with held.attach():
@@ -162,7 +163,7 @@ class MorphNet:
         gammas = ctx.graph.unit_gammas(ctx.model)
         learned = reg.alive(gammas)
         learned_cost = ctx.costs.cost(learned)
-        info: Dict[str, Any] = {"annealed": bool(after_epoch)} if after_epoch else {}
+        info: Dict[str, Any] = {"annealed": True} if after_epoch is not None else {}
         if cuts:
             info["cuts"] = cuts
         if "keep" in final:  # annealed down to the target: the last cut is the structure
@@ -186,6 +187,10 @@ class MorphNet:
                                                              for g in ctx.graph.groups},
                                           "widths_per_epoch": history, **info})
 
+    def _grace(self, max_epochs: int) -> int:
+        """The epochs the penalty learns alone before annealing may cut."""
+        return int(math.floor(self.anneal_start * max_epochs))
+
     @staticmethod
     def _uniform(ctx: LearnContext, budget: float) -> np.ndarray:
         """The uniform width multiplier's structure at ``budget``."""
@@ -194,7 +199,7 @@ class MorphNet:
 
     def _to_budget(self, ctx: LearnContext, learned: np.ndarray, gammas: np.ndarray, budget: float, round_to: Any,
                    trust: Union[float, str], uniform: Optional[np.ndarray] = None,
-                   expand: bool = False) -> "tuple[np.ndarray, Optional[float]]":
+                   expand: bool = False) -> Tuple[np.ndarray, Optional[float]]:
         """The learned structure at ``budget``: blended toward the uniform multiplier's widths
         as far as it is not trusted, then one width multiplier to the budget (with the
         floors). ``"auto"`` trust is the share of the way to the *target* (not to ``budget``,
@@ -232,7 +237,7 @@ class MorphNet:
         target and is the structure (``final["keep"]``). The step depends only on the current
         structure and the epochs left, so a resumed run continues the same way."""
         opts, target = ctx.options, ctx.target
-        start = int(math.floor(self.anneal_start * opts.max_epochs))
+        start = self._grace(opts.max_epochs)
 
         def step(epoch: int, alive: np.ndarray, gammas: np.ndarray) -> Tuple[np.ndarray, bool]:
             last, cost = epoch >= opts.max_epochs, ctx.costs.cost(alive)
