@@ -179,7 +179,8 @@ def test_other_algorithms_meet_the_target(algorithm, epochs):
 
 def test_morphnet_meets_the_target_even_when_training_falls_short():
     options = dict(train_one_epoch=regularizer_only_epoch, train=lambda m: None, test=lambda m: 1.0, target_macs=0.3,
-                   max_epochs=1, strength_scale=1e-6, device="cpu", progress=False, latency_runs=1)
+                   max_epochs=1, strength_scale=1e-6, device="cpu", progress=False, latency_runs=1, exporters=[],
+                   onnx_latency=False)
     with pytest.warns(ds.DnnshrinkWarning, match="did not reach the target"):
         result = shrink(Tiny(), X[:1], anneal=False, **options)
     assert result.report.extra["shrunk"]["macs"] <= 0.3 * result.report.extra["baseline"]["macs"]
