@@ -46,28 +46,17 @@ def enforce_widths(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, mi
 
 def expand_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, cost: Callable[[np.ndarray], float],
                      budget: float, min_width: int = 1, multiple: Multiple = 1, steps: int = 40) -> np.ndarray:
-    """MorphNet's expand step: one width multiplier for every group, as large as the budget allows.
+    """MorphNet's expand step: one width multiplier (>= 1) for every group, as large as the budget allows.
 
-    Each group keeps ``ceil(m · alive units)`` (rounded like :func:`enforce_widths`), the
-    units with the largest ``|gamma|`` first; ``m`` is found by bisection on the cost.
-    Returns ``keep`` unchanged when it already costs ``budget`` or more.
+    Each group keeps at least its alive units (rounded like :func:`enforce_widths`), grown
+    by :func:`scale_to_budget`'s multiplier, the units with the largest ``|gamma|`` first.
+    Returns ``keep`` (widened and rounded) unchanged when it already costs ``budget`` or more.
     """
     keep = enforce_widths(graph, keep, gammas, min_width, multiple)
     if cost(keep) >= budget:
         return keep
-    orders = _group_orders(graph, keep, gammas)
-    counts = np.array([keep[g.units].sum() for g in graph.groups], dtype=np.float64)
-    sizes = np.array([g.size for g in graph.groups])
-
-    multiples = per_group_multiples(graph, multiple)
-
-    def build(mult: float) -> np.ndarray:
-        out = np.zeros_like(keep)
-        for order, n, size, m in zip(orders, counts, sizes, multiples):
-            out[order[:_target(n * mult, size, min_width, int(m))]] = True
-        return out
-
-    return largest_fitting(build, cost, budget, 1.0, float(np.max(sizes / np.maximum(counts, 1))), keep, steps)
+    alive = np.array([keep[g.units].sum() for g in graph.groups], dtype=np.int64)  # floors: it only grows
+    return scale_to_budget(graph, keep, gammas, cost, budget, min_width, multiple, alive, steps)
 
 
 def width_floors(graph: ChannelGraph, cost: Callable[[np.ndarray], float], budget: float, removable: np.ndarray,
