@@ -44,10 +44,9 @@ def main() -> None:
         # channel cut lowers, a floor under any structure's latency
         narrowest = enforce_widths(graph, graph.unit_frozen.copy(), np.zeros(graph.num_units), 1, 1)
         fixed = latency.cost(narrowest)
+        ratio = macs_per_ms(graph, flops, latency)  # the units with the most MACs per predicted ms go last
         for exponent in (0.5, 1.0):
             for floor_share in (0.5, 0.0):
-                # the units with the most MACs per predicted millisecond, at the MACs budget
-                ratio = macs_per_ms(graph, flops, latency)
                 keep = midpoint_then_multiplier(graph, ratio, ratio, flops, args.macs * flops.initial, auto,
                                                 exponent, floor_share)
                 cut = flops.initial / flops.cost(keep)

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -150,14 +151,16 @@ class MorphNet:
         trust = getattr(opts, "trust", "auto") if self.trust == "auto" else self.trust  # the user's, unless fixed
         anneal = getattr(opts, "anneal", True) if self.anneal is None else self.anneal
         learn_at = ctx.costs.initial * fraction ** self.learn_exponent if fraction < 1 else ctx.target
-        after_epoch, cuts, final, held = None, [], {}, HeldScales(ctx.graph, ctx.model)
-        if anneal and fraction < 1:
+        after_epoch, cuts, final, hooks = None, [], {}, contextlib.nullcontext()
+        if anneal and fraction < 1:  # the held scales' hook only where annealing may cut
+            held = HeldScales(ctx.graph, ctx.model)
             after_epoch = self._annealer(ctx, held, trust, learn_at, cuts, final)
             if ctx.start_epoch - 1 > self._grace(opts.max_epochs):
                 # resumed after cuts: the scales they cut are at zero in the checkpoint
                 held.hold(ctx.graph.unit_gammas(ctx.model) == 0)
+            hooks = held.attach()
         history: List[List[int]] = []
-        with held.attach():
+        with hooks:
             epochs = train_regularized(ctx, reg, stop_at_target=after_epoch is None, stop_at=learn_at,
                                        history=history, after_epoch=after_epoch)
         gammas = ctx.graph.unit_gammas(ctx.model)
@@ -219,10 +222,13 @@ class MorphNet:
         start, used = learned, None  # what the width multiplier scales: the learned widths, blended when trusted less
         if trust < 1 and learned_cost > budget:
             start, used = toward_uniform(ctx.graph, learned, gammas, uniform, trust), trust
-        keep = enforce_widths(ctx.graph, start, gammas, opts.min_width, round_to)
-        if expand or ctx.costs.cost(keep) > budget:  # (rounding up alone may go past the budget)
-            keep = scale_to_budget(ctx.graph, start, gammas, ctx.costs.cost, budget, opts.min_width, round_to, floors)
-        return keep, used
+        if not expand:
+            keep = enforce_widths(ctx.graph, start, gammas, opts.min_width, round_to)
+            if ctx.costs.cost(keep) <= budget:
+                return keep, used
+            # rounding up alone went past the budget: the multiplier scales it down, still rounded
+        return scale_to_budget(ctx.graph, start, gammas, ctx.costs.cost, budget, opts.min_width, round_to,
+                               floors), used
 
     def _annealer(self, ctx: LearnContext, held: HeldScales, trust: Union[float, str], learn_at: float,
                   cuts: List[Dict[str, Any]], final: Dict[str, np.ndarray]
