@@ -60,7 +60,10 @@ VARIANTS = {"morphnet-direct": (1.0, 0.0, False, 1.0), "morphnet-scale": (0.5, 0
             "morphnet-trust1": (0.5, 0.5, True, 1.0), "morphnet-trust0": (0.5, 0.5, True, 0.0),
             "morphnet-learn75": (0.75, 0.5, True, "auto"), "morphnet-learn75-trust25": (0.75, 0.5, True, 0.25),
             # (…, anneal): the default anneals from half of max_epochs on; midpoint is the previous default
-            "morphnet-midpoint": (0.5, 0.5, True, "auto", False), "morphnet-anneal-trust0": (0.5, 0.5, True, 0.0, True)}
+            "morphnet-midpoint": (0.5, 0.5, True, "auto", False), "morphnet-anneal-trust0": (0.5, 0.5, True, 0.0, True),
+            "morphnet-cubic": (0.5, 0.5, True, "auto", True, 3.0), "morphnet-square": (0.5, 0.5, True, "auto", True, 2.0),
+            "morphnet-release": (0.5, 0.5, True, "auto", True, 1.0, 0.0),
+            "morphnet-quarter": (0.5, 0.5, True, "auto", True, 1.0, 0.25)}
 
 
 def register_variants() -> None:
@@ -70,7 +73,9 @@ def register_variants() -> None:
     for name, (exponent, share, priced, trust, *anneal) in VARIANTS.items():
         # the variants measured before annealing existed keep it off
         variant = morphnet.MorphNet(morphnet._regularizer, learn_exponent=exponent, min_share=share,
-                                    price_at_target=priced, trust=trust, anneal=bool(anneal and anneal[0]))
+                                    price_at_target=priced, trust=trust, anneal=bool(anneal and anneal[0]),
+                                    anneal_power=anneal[1] if len(anneal) > 1 else 1.0,
+                                    anneal_strength=anneal[2] if len(anneal) > 2 else 1.0)
         variant.name = name
         morphnet.ALGORITHMS[name] = variant
 
@@ -198,7 +203,7 @@ def quality(args: argparse.Namespace) -> Dict[str, Any]:
                     result = run_dnnshrink(task, model, algorithm, target, round_to=args.round_to)
                     small = result.model
                     learn = result.report.extra["structure_learning"]
-                    info = {k: learn[k] for k in ("epochs", "learned_widths", "widths_per_epoch") if k in learn}
+                    info = {k: learn[k] for k in ("epochs", "learned_widths", "widths_per_epoch", "cuts") if k in learn}
                     if method == "morphnet":
                         learned[(seed, target)] = (copy.deepcopy(small), info)
                 if method.endswith("-reinit"):  # the same structure, trained from scratch

@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import copy
 import difflib
+import functools
 import warnings
 from typing import Any, Dict, Mapping, Tuple
 
@@ -98,7 +99,14 @@ def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.M
     specialized = [tg for tg in graph.traces if tg.specialized]
     if not rewrites and not specialized:
         return new_model
-    rebuilt = _rewritten(graph.traces[0], new_model, rewrites, type(model).__name__)
+    pair = _mode_pair(graph.traces)
+    if pair is None:
+        rebuilt = _rewritten(graph.traces[0], new_model, rewrites, type(model).__name__)
+    else:  # the code holds the mode it was traced in: each mode runs its own graph
+        evaluation, training = pair
+        rebuilt = TrainEvalGraphModule(new_model, _rewritten_graph(evaluation, new_model, rewrites),
+                                       type(model).__name__, _rewritten_graph(training, new_model, rewrites))
+        rebuilt.train(new_model.training)
     if not specialized:
         return rebuilt
     # A graph recorded by running the model holds the example's sizes as literals. The
@@ -250,6 +258,26 @@ def _clone_memo(model: nn.Module, replacements: Dict[str, nn.Module],
 def _rewritten(trace: Any, root: nn.Module, rewrites: Dict[fx.Node, Tuple[Any, Any]],
                class_name: str) -> fx.GraphModule:
     """A GraphModule over ``root``'s (rebuilt) modules whose code has the rewritten constants."""
+    result = fx.GraphModule(root, _rewritten_graph(trace, root, rewrites), class_name=class_name)
+    result.train(root.training)
+    return result
+
+
+def _mode_pair(traces: list) -> Any:
+    """``(eval trace, training trace)`` when the model was traced once per training mode
+    because its code reads the flag (see ``tracing.trace_modes``); None otherwise."""
+    if len(traces) != 2 or not all(t.allow_rewrite for t in traces):
+        return None
+    a, b = traces
+    rest = [{k: v for k, v in t.mode.items() if k != "training"} for t in traces]
+    if rest[0] != rest[1] or a.mode["training"] == b.mode["training"]:
+        return None
+    return (b, a) if a.mode["training"] else (a, b)
+
+
+def _rewritten_graph(trace: Any, root: nn.Module, rewrites: Dict[fx.Node, Tuple[Any, Any]]) -> fx.Graph:
+    """A copy of ``trace``'s graph with the rewritten constants; the constants fx lifted out
+    of forward are put on ``root``."""
     new_graph = fx.Graph()
     env: Dict[fx.Node, fx.Node] = {}
     for node in trace.graph.nodes:
@@ -265,6 +293,80 @@ def _rewritten(trace: Any, root: nn.Module, rewrites: Dict[fx.Node, Tuple[Any, A
     for name, value in trace.constants.items():
         if not hasattr(root, name):
             setattr(root, name, value)
-    result = fx.GraphModule(root, new_graph, class_name=class_name)
-    result.train(root.training)
+    return new_graph
+
+
+def _install(to: nn.Module, source: nn.Module, target: str) -> None:
+    """Make ``to.<target>`` the object ``source.<target>`` is, as ``fx.GraphModule`` does for
+    its own graph's targets (containers on the way are new; the layer or tensor is shared)."""
+    *path, last = target.split(".")
+    for item in path:
+        source = getattr(source, item)
+        inner = getattr(to, item, None)
+        if inner is None:
+            inner = nn.Module()
+            setattr(to, item, inner)
+        to = inner
+    if hasattr(to, last):
+        return
+    value = getattr(source, last)
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        to.register_buffer(last, value)
+    else:
+        setattr(to, last, value)
+
+
+class TrainEvalGraphModule(fx.GraphModule):
+    """A generated network whose code depends on the training mode (timm's ``BatchNormAct2d``
+    passes ``self.training`` to ``F.batch_norm``; a drop-path draws its mask only while
+    training). ``graph`` is the eval-mode graph, the one exporters, the artifact and shape
+    checks read; ``train_graph`` runs while ``training`` is set. Both run over the same
+    layers and tensors, so ``.to()``, ``state_dict`` and the optimizer see each once.
+    """
+
+    def __init__(self, root: Any, graph: fx.Graph, class_name: str = "GraphModule",
+                 train_graph: Any = None, train_root: Any = None):
+        if train_graph is None:  # deepcopy re-initialises from a copy of the instance's __dict__
+            train_graph = root.__dict__["train_graph"]
+        self.__dict__["train_graph"] = train_graph  # recompile(), run by __init__, compiles it
+        super().__init__(root, graph, class_name)
+        for node in train_graph.nodes:  # what only the training graph reads
+            if node.op in ("call_module", "get_attr"):
+                _install(self, train_root if train_root is not None else root, node.target)
+
+    def recompile(self) -> Any:
+        """Compile both graphs; ``forward`` runs the one for the current mode."""
+        code = super().recompile()
+        cls = type(self)
+        evaluation = cls.forward
+        python = self.__dict__["train_graph"].python_code(root_module="self")
+        namespace = dict(python.globals)
+        exec(compile(python.src, "<dnnshrink: the training-mode graph>", "exec"), namespace)  # noqa: S102 (fx's own code)
+        training = namespace["forward"]
+
+        @functools.wraps(evaluation)
+        def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return (training if self.training else evaluation)(self, *args, **kwargs)
+
+        cls.forward = forward
+        return code
+
+    def _deepcopy_init(self) -> Any:
+        # torch's deepcopy re-initialises the copy with this (GraphModule.__init__ by default)
+        return TrainEvalGraphModule.__init__
+
+    def __copy__(self) -> "TrainEvalGraphModule":
+        return TrainEvalGraphModule(self, self.graph, type(self).__name__, self.train_graph)
+
+    def __reduce__(self) -> Any:
+        # each graph pickled as torch pickles a GraphModule (its code); the layers they share
+        # are one object in the pickle, and one again after loading
+        return (_train_eval_from, (fx.GraphModule(self, self.graph, type(self).__name__),
+                                   fx.GraphModule(self, self.train_graph)))
+
+
+def _train_eval_from(evaluation: fx.GraphModule, training: fx.GraphModule) -> TrainEvalGraphModule:
+    """Unpickle a :class:`TrainEvalGraphModule` from its two graphs' modules."""
+    result = TrainEvalGraphModule(evaluation, evaluation.graph, type(evaluation).__name__, training.graph, training)
+    result.train(evaluation.training)
     return result

@@ -14,6 +14,7 @@ rebuilt once and works in every mode:
 from __future__ import annotations
 
 import contextlib
+import types
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -65,8 +66,15 @@ class _Tracer(fx.Tracer):
         self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.module_stack_names: List[str] = []
+        self.inlined: set = set()  # the classes whose forward was traced through
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        leaf = self._is_leaf(m, module_qualified_name)
+        if not leaf:
+            self.inlined.add(type(m))
+        return leaf
+
+    def _is_leaf(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
             return True
         answer = self._pm.hook.dnnshrink_leaf_module(module=m, qualname=module_qualified_name)
@@ -74,11 +82,67 @@ class _Tracer(fx.Tracer):
             return bool(answer)
         return super().is_leaf_module(m, module_qualified_name)
 
+    def reads_training(self, model: nn.Module) -> bool:
+        """Whether code this tracer traced through may read a ``training`` flag, so the graph
+        holds the mode it was traced in (timm's ``BatchNormAct2d`` passes ``self.training``
+        to ``F.batch_norm``; a drop-path draws its mask only in training)."""
+        return any(reads_training(cls) for cls in self.inlined | {type(model)})
+
     def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         self.module_stack_names.append(self.path_of_module(m))
         result = super().call_module(m, forward, args, kwargs)
         self.module_stack_names.pop()
         return result
+
+
+_READS_TRAINING: Dict[type, bool] = {}
+
+
+def _code_reads_training(code: types.CodeType) -> bool:
+    return "training" in code.co_names or any(
+        _code_reads_training(c) for c in code.co_consts if isinstance(c, types.CodeType))
+
+
+def reads_training(cls: type) -> bool:
+    """Whether a method of ``cls`` (nn.Module's own excepted) reads an attribute named
+    ``training``: traced through, its code is then specialised to the mode it was traced in.
+    A read the bytecode names but that does not change the graph costs only a second trace."""
+    known = _READS_TRAINING.get(cls)
+    if known is None:
+        known = False
+        for klass in cls.__mro__:
+            if klass in (nn.Module, fx.GraphModule, object):
+                continue
+            for value in vars(klass).values():
+                fn = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+                code = getattr(fn, "__code__", None)
+                if isinstance(code, types.CodeType) and _code_reads_training(code):
+                    known = True
+                    break
+            if known:
+                break
+        _READS_TRAINING[cls] = known
+    return known
+
+
+def same_graph(a: fx.Graph, b: fx.Graph) -> bool:
+    """Whether two graphs run the same ops on the same arguments, node for node."""
+    nodes_a, nodes_b = list(a.nodes), list(b.nodes)
+    if len(nodes_a) != len(nodes_b):
+        return False
+    index_a = {n: i for i, n in enumerate(nodes_a)}
+    index_b = {n: i for i, n in enumerate(nodes_b)}
+    for x, y in zip(nodes_a, nodes_b):
+        if x.op != y.op or x.target != y.target:
+            return False
+        args_x = fx.map_arg((x.args, x.kwargs), lambda n: ("node", index_a[n]))
+        args_y = fx.map_arg((y.args, y.kwargs), lambda n: ("node", index_b[n]))
+        try:
+            if args_x != args_y:
+                return False
+        except Exception:  # an argument whose == is not a bool (a tensor): not provably the same
+            return False
+    return True
 
 
 @dataclass
@@ -108,6 +172,8 @@ class TracedGraph:
     example_inputs: Tuple[Any, ...] = ()
     notes: List[str] = field(default_factory=list)
     fx_error: str = ""
+    # the traced code read a training flag, so the graph holds mode["training"]
+    reads_training: bool = False
     # target -> module, filled by get_submodule (the graph is cached only while the model's
     # structure is unchanged, so one table per graph serves every rebuild)
     _modules: Dict[str, nn.Module] = field(default_factory=dict, repr=False)
@@ -129,6 +195,21 @@ class TracedGraph:
             if node.op == "get_attr":
                 names.add(node.target.rsplit(".", 1)[0] if "." in node.target else "")
         return names
+
+
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Put every buffer's values back after a real run: a graph traced in training mode
+    updates BatchNorm's running statistics in place, and the user's model is not ours to
+    change."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                if buffer.shape == value.shape:
+                    buffer.copy_(value)
 
 
 @contextlib.contextmanager
@@ -161,7 +242,11 @@ def _trace_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any], 
     attrs = {k: v for k, v in mode.items() if k != "training"}
     tracer = _Tracer(pm, leaf_modules)
     failure = ""
-    with model_mode(model, mode["training"], attrs), _restoring_attributes(model) as constants:
+    # buffers_kept: code traced in training mode runs on the real buffers (timm's BatchNorm
+    # counts num_batches_tracked with add_ even under fx), and the real run below may update
+    # running statistics
+    with model_mode(model, mode["training"], attrs), _restoring_attributes(model) as constants, \
+            buffers_kept(model):
         try:
             graph = tracer.trace(model)
         except Exception as exc:  # fx raises many types; all mean "cannot trace"
@@ -184,6 +269,7 @@ def _trace_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any], 
     module_names = {n: canonical[id(modules[n.target])] for n in graph.nodes if n.op == "call_module"}
     return TracedGraph(mode=dict(mode), graph=graph, root=weakref.ref(model), constants=constants, specs=specs,
                        module_names=module_names, param_paths=_param_paths(model, graph, constants),
+                       reads_training=tracer.reads_training(model),
                        _modules={path: m for path, m in modules.items() if path})  # not the root: held weakly
 
 
@@ -193,9 +279,10 @@ def _record_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any],
     torch calls (:mod:`dnnshrink_core.recording`). The graph is specialised to the example's
     shapes; the same handlers propagate through it."""
     attrs = {k: v for k, v in mode.items() if k != "training"}
+    tracer = _Tracer(pm, leaf_modules)
     try:
-        with model_mode(model, mode["training"], attrs):
-            graph, specs, constants, notes = record(model, inputs, _Tracer(pm, leaf_modules))
+        with model_mode(model, mode["training"], attrs), buffers_kept(model):
+            graph, specs, constants, notes = record(model, inputs, tracer)
     except InputRunError as exc:
         # the model does not run on this input at all: an input problem, said as such
         raise InputRunError(f"{exc.failure} (recording it by running, after {failure.splitlines()[0][:300]})") \
@@ -208,7 +295,8 @@ def _record_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any],
     module_names = {n: n.target for n in graph.nodes if n.op == "call_module"}
     return TracedGraph(mode=dict(mode), graph=graph, root=weakref.ref(model), constants=constants, specs=specs,
                        module_names=module_names, param_paths=_param_paths(model, graph, constants),
-                       specialized=True, example_inputs=tuple(inputs), notes=notes, fx_error=failure)
+                       specialized=True, example_inputs=tuple(inputs), notes=notes, fx_error=failure,
+                       reads_training=tracer.reads_training(model))
 
 
 def _param_paths(model: nn.Module, graph: fx.Graph, constants: Dict[str, Any]) -> Dict[fx.Node, str]:
@@ -351,18 +439,26 @@ def trace_modes(model: nn.Module, inputs: Tuple[Any, ...], pm: Any,
     candidates = []
     if full != primary:
         candidates.append(full)
-    candidates.append({**full, "training": not model.training})
+    other = {**full, "training": not model.training}
+    candidates.append(other)
+    # code traced through that reads a training flag holds the mode it was traced in: the
+    # other mode is traced too, and a generated GraphModule runs each mode's own graph
+    pair = full == primary and graphs[0].reads_training
     frozen: set = set()
     primary_cover = _covered(graphs, weighted)
     for mode in candidates:
         if full != primary and mode is full:
             needed = True  # the full mode must always match, even if it calls no new module
         else:
-            needed = bool(set(weighted) - _covered(graphs, weighted))
+            needed = pair or bool(set(weighted) - _covered(graphs, weighted))
         if not needed:
             continue
         try:
             extra = _trace_one(model, inputs, mode, pm, leaf_modules)
+            if pair and mode is other and same_graph(extra.graph, graphs[0].graph):
+                pair = False  # the flag was read but did not change the graph: one graph serves both
+                if not set(weighted) - _covered(graphs, weighted):
+                    continue
             if extra.specialized and not (mode is full and full != primary) \
                     and not _covered([extra], weighted) - _covered(graphs, weighted):
                 # a recorded graph follows the example's shapes, so a module it leaves uncalled
@@ -382,7 +478,10 @@ def trace_modes(model: nn.Module, inputs: Tuple[Any, ...], pm: Any,
         warnings.warn(f"dnnshrink: {len(missing)} module(s) with weights are never called in any traced mode "
                       f"({shown}); they are left as they are. If forward does call them in some mode, "
                       "pass leaf_modules or make that mode traceable.", UntracedModuleWarning, stacklevel=3)
-    rewrite = len(graphs) == 1 and not has_gen and not hasattr(model, BACK_BONE_ONLY)
+    # the code's constants may be rewritten where one graph is emitted, or one per training
+    # mode (generate.TrainEvalGraphModule); not where several modes share one network's code
+    pair = len(graphs) == 2 and pair and graphs[1].mode == other
+    rewrite = (len(graphs) == 1 or pair) and not has_gen and not hasattr(model, BACK_BONE_ONLY)
     for g in graphs:
         g.allow_rewrite = rewrite
     return graphs, frozenset(frozen)

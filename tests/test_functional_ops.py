@@ -491,3 +491,90 @@ def test_a_channel_count_read_from_a_shape_follows_the_channels_or_keeps_them():
     assert small.fc1.out_features < 32 and small.stem[0].out_channels == 16
     with torch.no_grad():
         assert max_relative_error(model(x), small(x)) < TOLERANCE
+
+
+class PartialResidual(nn.Module):
+    """ReXNet's block: the input is added to the first ``in_channels`` outputs and the rest
+    are concatenated; the slice bound is an attribute, so the generated code is rewritten."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, 2 * cout, 1, bias=False)
+        self.bn1 = BatchNormAct2d(2 * cout)
+        self.conv2 = nn.Conv2d(2 * cout, cout, 3, padding=1, bias=False)
+        self.bn2 = BatchNormAct2d(cout, nn.Identity)
+        self.in_channels = cin
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+        return torch.cat([y[:, :self.in_channels] + x, y[:, self.in_channels:]], 1)
+
+
+class PartialResidualNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = BatchNormAct2d(8)
+        self.block = PartialResidual(8, 12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.head(self.block(self.bn(self.stem(x))).mean((2, 3)))
+
+
+def _both_modes_agree(reference: nn.Module, small: nn.Module, x: torch.Tensor) -> None:
+    for training in (False, True, False):  # the training pass updates both networks' statistics
+        reference.train(training)
+        small.train(training)
+        with torch.no_grad():
+            assert max_relative_error(reference(x), small(x)) < TOLERANCE, f"training={training}"
+    with torch.no_grad():  # in eval mode one image's output does not depend on the rest of the batch
+        assert max_relative_error(small(x)[:1], small(x[:1])) < TOLERANCE
+
+
+def test_a_model_handed_in_training_mode_is_exact_in_both_modes(tmp_path):
+    """Code traced through that reads ``self.training`` (timm's BatchNormAct2d) holds the mode
+    it was traced in. A network generated as a GraphModule (its code had a constant to
+    rewrite) from a model in training mode used batch statistics in eval mode too; it now runs
+    each mode's own graph, and survives deepcopy, pickle and the ONNX export's check."""
+    import copy
+    import pickle
+
+    from dnnshrink_core.export import export
+
+    model = kill_half(PartialResidualNet())  # left in training mode, as models come
+    with torch.no_grad():  # three channels dead on both sides of the residual add
+        for bn in (model.bn, model.block.bn2):
+            bn.weight[:3] = 0.0
+            bn.bias[:3] = 0.0
+    x = torch.randn(4, 3, 8, 8)
+    reference, before = copy.deepcopy(model), state_copy(model)
+    small = ds.generate(model, x, ds.alive_masks(model, x))
+    # tracing the training-mode graph ran F.batch_norm(training=True): the statistics are put back
+    assert states_equal(before, state_copy(model)), "the user's model was modified"
+    assert model.training and small.training
+    assert n_params(small) < n_params(model)
+    _both_modes_agree(reference, small, x)
+    for copied in (copy.deepcopy(small), pickle.loads(pickle.dumps(small))):
+        _both_modes_agree(copy.deepcopy(reference), copied, x)
+    small.eval()
+    export(small, x, "onnx", tmp_path / "small.onnx")  # raises ExportError if onnxruntime disagrees
+
+
+def test_a_flag_read_that_changes_nothing_leaves_one_graph():
+    """A model whose code reads ``training`` without changing its graph is traced once more
+    to find that out and then keeps one graph (rewrites still allowed)."""
+    graph = ds.trace(kill_half(BNActNet()).eval(), torch.randn(2, 3, 8, 8))
+    assert len(graph.traces) == 2  # BatchNormAct2d's flag changes F.batch_norm's argument
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            scale = 1.0 if self.training else 1.0
+            return self.bn(self.conv(x)) * scale
+
+    graph = ds.trace(Plain(), torch.randn(2, 3, 8, 8))
+    assert len(graph.traces) == 1 and graph.traces[0].allow_rewrite

@@ -23,7 +23,7 @@ from dnnshrink_core.plugin_api import (divergence, DnnshrinkError, DnnshrinkWarn
     LearnResult, log_epoch)
 
 from .regularizer import GammaRegularizer, HeldScales, morphnet_flops, morphnet_size, slimming_l1
-from .structure import enforce_widths, scale_to_budget, toward_uniform, uniform_fraction, width_floors
+from .structure import round_within_budget, scale_to_budget, toward_uniform, uniform_fraction, width_floors
 
 REGULARIZERS = {"morphnet_flops": morphnet_flops, "morphnet_size": morphnet_size, "slimming_l1": slimming_l1}
 
@@ -130,8 +130,9 @@ class MorphNet:
 
     def __init__(self, regularizers: Callable[[str], Any], learn_exponent: float = 0.5, min_share: float = 0.5,
                  price_at_target: bool = True, trust: Union[float, str] = "auto", anneal: Optional[bool] = None,
-                 anneal_start: float = 0.5):
+                 anneal_start: float = 0.5, anneal_power: float = 1.0, anneal_strength: float = 1.0):
         self._regularizers = regularizers
+        self.anneal_power, self.anneal_strength = anneal_power, anneal_strength
         self.learn_exponent, self.min_share = learn_exponent, min_share
         self.price_at_target, self.trust, self.anneal, self.anneal_start = price_at_target, trust, anneal, anneal_start
 
@@ -154,10 +155,11 @@ class MorphNet:
         after_epoch, cuts, final, hooks = None, [], {}, contextlib.nullcontext()
         if anneal and fraction < 1:  # the held scales' hook only where annealing may cut
             held = HeldScales(ctx.graph, ctx.model)
-            after_epoch = self._annealer(ctx, held, trust, learn_at, cuts, final)
+            after_epoch = self._annealer(ctx, held, trust, learn_at, cuts, final, reg)
             if ctx.start_epoch - 1 > self._grace(opts.max_epochs):
                 # resumed after cuts: the scales they cut are at zero in the checkpoint
                 held.hold(ctx.graph.unit_gammas(ctx.model) == 0)
+                reg.strength *= self.anneal_strength
             hooks = held.attach()
         history: List[List[int]] = []
         with hooks:
@@ -222,16 +224,14 @@ class MorphNet:
         start, used = learned, None  # what the width multiplier scales: the learned widths, blended when trusted less
         if trust < 1 and learned_cost > budget:
             start, used = toward_uniform(ctx.graph, learned, gammas, uniform, trust), trust
-        if not expand:
-            keep = enforce_widths(ctx.graph, start, gammas, opts.min_width, round_to)
-            if ctx.costs.cost(keep) <= budget:
-                return keep, used
-            # rounding up alone went past the budget: the multiplier scales it down, still rounded
+        if not expand:  # rounded up; scaled down by the multiplier only if that went past the budget
+            return round_within_budget(ctx.graph, start, gammas, ctx.costs.cost, budget, opts.min_width, round_to,
+                                       floors), used
         return scale_to_budget(ctx.graph, start, gammas, ctx.costs.cost, budget, opts.min_width, round_to,
                                floors), used
 
     def _annealer(self, ctx: LearnContext, held: HeldScales, trust: Union[float, str], learn_at: float,
-                  cuts: List[Dict[str, Any]], final: Dict[str, np.ndarray]
+                  cuts: List[Dict[str, Any]], final: Dict[str, np.ndarray], reg: Any = None
                   ) -> Callable[[int, np.ndarray, np.ndarray], Tuple[np.ndarray, bool]]:
         """The end-of-epoch step of annealed learning. For the first ``anneal_start`` share of
         ``max_epochs`` the penalty learns alone and learning stops when it gets to ``learn_at``
@@ -251,9 +251,12 @@ class MorphNet:
                 return alive, cost <= learn_at
             if cost <= target:
                 return alive, True
-            budget = target if last else cost * (target / cost) ** (1.0 / (opts.max_epochs - epoch + 1))
+            left = opts.max_epochs - epoch + 1  # epochs left, this one included
+            budget = target if last else cost * (target / cost) ** (1.0 - ((left - 1) / left) ** self.anneal_power)
             keep, _ = self._to_budget(ctx, alive, gammas, budget, opts.round_to if last else 1, trust)
             held.hold(~keep)
+            if not cuts and reg is not None:
+                reg.strength *= self.anneal_strength
             cuts.append({"epoch": epoch, "budget": budget / ctx.costs.initial,
                          "widths": [int(keep[g.units].sum()) for g in ctx.graph.groups]})
             if ctx.writer is not None:  # the alive/<group> curves show the widths before the cut
@@ -277,11 +280,9 @@ class Slimming:
         epochs = train_regularized(ctx, reg, stop_at_target=False)
         gammas = ctx.graph.unit_gammas(ctx.model)
         keep = ctx.costs.cheapest_first(np.ones(ctx.graph.num_units, dtype=bool), gammas, ctx.target)
-        keep = enforce_widths(ctx.graph, keep, gammas, opts.min_width, opts.round_to)
-        if ctx.costs.cost(keep) > ctx.target:  # rounding up went past the target: scale down, still rounded
-            floors = width_floors(ctx.graph, ctx.costs.cost, ctx.target, ctx.graph.unit_removable, 0.0, opts.min_width)
-            keep = scale_to_budget(ctx.graph, keep, gammas, ctx.costs.cost, ctx.target, opts.min_width, opts.round_to,
-                                   floors)
+        floors = width_floors(ctx.graph, ctx.costs.cost, ctx.target, ctx.graph.unit_removable, 0.0, opts.min_width)
+        keep = round_within_budget(ctx.graph, keep, gammas, ctx.costs.cost, ctx.target, opts.min_width,
+                                   opts.round_to, floors)
         return LearnResult(keep, epochs, {"regularizer": "slimming_l1", "strength": reg.strength})
 
 

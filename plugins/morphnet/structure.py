@@ -72,8 +72,11 @@ def width_floors(graph: ChannelGraph, cost: Callable[[np.ndarray], float], budge
     2-channel bottlenecks the bilinear FLOP cost drifts into at small budgets, while leaving
     the learned structure free to move every other channel.
     """
-    keep = uniform_fraction(graph, np.zeros(graph.num_units), cost, budget, removable, min_width) \
-        if uniform is None else uniform
+    if share <= 0:  # no share of the uniform structure: it need not be built
+        keep = np.zeros(graph.num_units, dtype=bool)
+    else:
+        keep = uniform_fraction(graph, np.zeros(graph.num_units), cost, budget, removable, min_width) \
+            if uniform is None else uniform
     floors = np.zeros(len(graph.groups), dtype=np.int64)
     for i, group in enumerate(graph.groups):
         units = group.units
@@ -81,6 +84,18 @@ def width_floors(graph: ChannelGraph, cost: Callable[[np.ndarray], float], budge
         free_kept = int(keep[units].sum()) - fixed
         floors[i] = min(group.size, max(fixed + int(math.ceil(share * free_kept - 1e-9)), min_width, 1))
     return floors
+
+
+def round_within_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray,
+                        cost: Callable[[np.ndarray], float], budget: float, min_width: int = 1,
+                        multiple: Multiple = 1, floors: Optional[np.ndarray] = None) -> np.ndarray:
+    """``keep`` with every group rounded up by :func:`enforce_widths`; where that rounding
+    went past ``budget``, :func:`scale_to_budget` scales the structure down instead, still
+    rounded and no group below its floor."""
+    rounded = enforce_widths(graph, keep, gammas, min_width, multiple)
+    if cost(rounded) <= budget:
+        return rounded
+    return scale_to_budget(graph, keep, gammas, cost, budget, min_width, multiple, floors)
 
 
 def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, cost: Callable[[np.ndarray], float],
