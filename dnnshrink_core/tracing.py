@@ -273,6 +273,17 @@ def _trace_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any], 
                        _modules={path: m for path, m in modules.items() if path})  # not the root: held weakly
 
 
+def _fx_graph(model: nn.Module, mode: Dict[str, Any], pm: Any, leaf_modules: Sequence[Any]) -> Optional[fx.Graph]:
+    """fx's graph of ``model`` in ``mode`` and nothing more (no shapes, no module table), or
+    None where fx cannot trace it."""
+    attrs = {k: v for k, v in mode.items() if k != "training"}
+    with model_mode(model, mode["training"], attrs), _restoring_attributes(model), buffers_kept(model):
+        try:
+            return _Tracer(pm, leaf_modules).trace(model)
+        except Exception:  # fx raises many types; the full trace says why
+            return None
+
+
 def _record_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any], pm: Any,
                 leaf_modules: Sequence[Any], failure: str) -> TracedGraph:
     """The second path: fx failed, so run the model on the example input and record its
@@ -444,6 +455,9 @@ def trace_modes(model: nn.Module, inputs: Tuple[Any, ...], pm: Any,
     # code traced through that reads a training flag holds the mode it was traced in: the
     # other mode is traced too, and a generated GraphModule runs each mode's own graph
     pair = full == primary and graphs[0].reads_training
+    if pair and not graphs[0].specialized:  # fx alone tells whether the flag changes the graph
+        probe = _fx_graph(model, other, pm, leaf_modules)
+        pair = probe is None or not same_graph(probe, graphs[0].graph)
     frozen: set = set()
     primary_cover = _covered(graphs, weighted)
     for mode in candidates:
