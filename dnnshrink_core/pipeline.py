@@ -364,6 +364,13 @@ def _learn(run: _Run, train_one_epoch: Callable) -> LearnResult:
             print(f"\ndnnshrink: interrupted. The last checkpoint is {checkpoints.latest()}; continue with "
                   "`dnnshrink run CONFIG --resume` (or shrink(..., resume=True)).")
         raise
+    cost = run.costs.cost(learned.keep)
+    if cost > run.target * (1 + 1e-6):  # any algorithm's, ours or a plugin's: said, and kept in the report
+        learned.info["target_met"] = False
+        warnings.warn(f"dnnshrink: the {opts.algorithm} algorithm's structure costs {cost / run.costs.initial:.2%} of "
+                      f"the baseline's {run.costs.unit}, above the target of {run.target / run.costs.initial:.2%}; "
+                      "the network is generated as chosen. Lower min_width or set round_to: 1 if they are what "
+                      "keeps it above.", DnnshrinkWarning, stacklevel=2)
     if checkpoints is not None:
         checkpoints.save_learned(learned.keep, learned.epochs, opts.max_epochs, learned.info, run.work.state_dict())
     return learned

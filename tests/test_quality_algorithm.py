@@ -12,7 +12,7 @@ from dnnshrink_core.cost import CostModel
 from dnnshrink_core.generate import build
 from dnnshrink_core.pipeline import reinitialize, shrink
 from dnnshrink_core.report import uniform_widths
-from dnnshrink_plugins.morphnet.structure import scale_to_budget, width_floors
+from dnnshrink_plugins.morphnet.structure import enforce_widths, scale_to_budget, width_floors
 
 
 class Chain(nn.Module):
@@ -391,3 +391,71 @@ def test_a_resumed_annealed_run_keeps_the_cut_channels_cut(tmp_path):
     # epoch 5 trains on without what epochs 3 and 4 cut: the same network as the whole run
     for group in whole.masks.graph:
         assert np.array_equal(resumed.masks[group.name], whole.masks[group.name]), group.name
+
+
+class Narrow(nn.Module):
+    """Wide and narrow layers in turn, like DenseNet's 128-wide bottlenecks and 32-wide growth."""
+
+    def __init__(self, widths=(128, 32) * 4):
+        super().__init__()
+        layers, cin = [], 3
+        for cout in widths:
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_floors_that_do_not_fit_once_rounded_give_way_to_the_budget():
+    """Half the uniform width, rounded up to a block of 16, costs more than 10% of the MACs
+    here (it did on DenseNet-121: 11.3% at a 10% target, silently), though a rounded network
+    of 10% exists: the floors shrink until the structure fits, still rounded."""
+    model = Narrow()
+    graph = ds.trace(model, torch.randn(1, 3, 8, 8))
+    costs = CostModel(graph, model)
+    gammas = np.random.default_rng(0).random(graph.num_units)
+    budget = 0.1 * costs.initial
+    floors = width_floors(graph, costs.cost, budget, ~graph.unit_frozen, 0.5)
+    at_floors = np.zeros(graph.num_units, dtype=bool)
+    for g, floor in zip(graph.groups, floors):
+        width = min(g.size, -(-int(floor) // 16) * 16)
+        at_floors[g.units[np.argsort(-gammas[g.units])][:width]] = True
+    smallest = enforce_widths(graph, np.zeros(graph.num_units, dtype=bool), gammas, 1, 16)
+    assert costs.cost(smallest) <= budget < costs.cost(at_floors)  # the premise
+    keep = scale_to_budget(graph, gammas > 0.5, gammas, costs.cost, budget, 1, 16, floors)
+    assert costs.cost(keep) <= budget
+    for g in graph.groups:
+        width = int(keep[g.units].sum())
+        assert width == g.size or width % 16 == 0 or graph.unit_frozen[g.units].all(), (g.name, width)
+
+
+def test_a_structure_above_the_target_is_said_and_reported(tmp_path, fresh_manager):
+    """Whatever algorithm chose it (a plugin's here), a structure that costs more than the
+    target gives a DnnshrinkWarning and ``target_met: false`` in the report."""
+    from dnnshrink_core.plugin_api import DnnshrinkWarning, LearnResult, get_plugin_manager, hookimpl
+
+    class KeepsEverything:
+        name, learns_over_epochs, needs_batchnorm = "keeps-everything", False, False
+
+        def learn(self, ctx):
+            return LearnResult(np.ones(ctx.graph.num_units, dtype=bool), 0, {})
+
+    class Plugin:
+        @hookimpl
+        def dnnshrink_algorithm(self, name):
+            return KeepsEverything() if name == "keeps-everything" else None
+
+        @hookimpl
+        def dnnshrink_algorithm_names(self):
+            return ["keeps-everything"]
+
+    get_plugin_manager().register(Plugin(), name="keeps-everything")
+    with pytest.warns(DnnshrinkWarning, match="above the target of 50.00%"):
+        result = shrink(Chain(), X[:2], train_one_epoch=one_tiny_step, test=lambda m: 1.0,
+                        algorithm="keeps-everything", max_epochs=0, finetune=False, target=0.5,
+                        out_dir=str(tmp_path / "out"), progress=False, tensorboard=False, onnx_latency=False,
+                        latency_runs=1, exporters=("pytorch",))
+    assert result.report.extra["structure_learning"]["target_met"] is False

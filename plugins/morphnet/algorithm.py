@@ -102,6 +102,12 @@ class MorphNet:
     pruning, where MorphNet's penalty still decides which channels go first and the widths
     lean). The last epoch's cut is at the target.
 
+    ``anneal_power`` and ``anneal_strength`` (constructor only; 1 and 1, the measured
+    defaults): each annealing cut goes ``1 - ((n - 1) / n) ** anneal_power`` of the log-way
+    left with ``n`` epochs left (1: even shares; 3: front-loaded), and the penalty's strength
+    is multiplied by ``anneal_strength`` once the first cut is made. The alternatives are in
+    docs/benchmarks.md ("the schedule's shape"); none was better on both tasks.
+
     ``min_share``: no group keeps fewer than this share of what the uniform width
     multiplier keeps at the same budget (0 turns the floor off); a learned structure may
     still move channels between layers, but not starve one.
