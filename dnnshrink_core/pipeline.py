@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import json
 import numbers
+import os
 import statistics
 import time
 import warnings
@@ -503,10 +504,12 @@ def _onnx_latency(run: _Run, shrunk: nn.Module) -> Dict[str, Any]:
                       .resource.runtime.get("threads", 2))
     except Exception:  # no latency plugin: its default settings
         pass
+    # the shrunk model's verified export is the run's model.onnx too: _write_outputs moves it
+    keep = {"shrunk": run.out_dir / TIMED_ONNX} if run.out_dir is not None and "onnx" in opts.exporters else None
     try:
         timed = onnx_latency({"baseline": copy.deepcopy(baseline).cpu().eval(),
                               "shrunk": copy.deepcopy(shrunk).cpu().eval()}, inputs, threads,
-                             rounds=max(2, opts.latency_runs // 4), runs=4)
+                             rounds=max(2, opts.latency_runs // 4), runs=4, keep=keep)
     except Exception as exc:  # said in the report, not fatal: the files are still written
         return {"error": f"{type(exc).__name__}: {exc}"}
     (b_fast, b_med), (s_fast, s_med) = timed["baseline"], timed["shrunk"]
@@ -578,6 +581,10 @@ def _tensorboard(out_dir: Optional[Path], opts: ShrinkOptions) -> Any:
     return SummaryWriter(str(out_dir / "tensorboard"))
 
 
+# the shrunk model's ONNX as the measured latency exported it, until _write_outputs names it
+TIMED_ONNX = ".model.timed.onnx"
+
+
 def _write_outputs(result: ShrinkResult, baseline: nn.Module, inputs: tuple, out_dir: Path,
                    opts: ShrinkOptions) -> Dict[str, str]:
     files: Dict[str, str] = {}
@@ -589,6 +596,11 @@ def _write_outputs(result: ShrinkResult, baseline: nn.Module, inputs: tuple, out
         # change (``wants_baseline``) gets the model before shrinking too
         name = getattr(exporter, "filename", None) or f"model{getattr(exporter, 'suffix', '.' + fmt)}"
         options = {"baseline": copy.deepcopy(baseline).cpu()} if getattr(exporter, "wants_baseline", False) else {}
+        timed = out_dir / TIMED_ONNX
+        if fmt == "onnx" and timed.exists():  # exported (and verified) the same way for the latency
+            os.replace(timed, out_dir / name)
+            files[fmt] = str(out_dir / name)
+            continue
         done = export(model, cpu_inputs, fmt, out_dir / name, **options)
         files[fmt] = done["path"]
     # the layer table is in report.json and report.md already; the chart is the only new thing

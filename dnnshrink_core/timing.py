@@ -8,7 +8,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -53,16 +53,17 @@ def fastest_and_median(times: Mapping[str, List[float]]) -> Dict[str, Tuple[floa
 
 
 def onnx_latency(models: Mapping[str, Any], inputs: tuple, threads: int, rounds: int = 10,
-                 runs: int = 5) -> Dict[str, Tuple[float, float]]:
+                 runs: int = 5, keep: Optional[Mapping[str, Path]] = None) -> Dict[str, Tuple[float, float]]:
     """Export each PyTorch model to ONNX (dnnshrink's verified exporter) and time it with
-    onnxruntime: ``{label: (fastest, median)}`` seconds, the models interleaved."""
+    onnxruntime: ``{label: (fastest, median)}`` seconds, the models interleaved. ``keep``:
+    where to leave the exported files of some labels (the others are deleted)."""
     from .export import export
 
     cpu_inputs = tuple(x.detach().cpu() if hasattr(x, "detach") else x for x in inputs)
     with tempfile.TemporaryDirectory() as tmp:
         sessions, feeds = {}, {}
         for label, model in models.items():
-            path = Path(tmp) / f"{label}.onnx"
+            path = Path((keep or {}).get(label) or Path(tmp) / f"{label}.onnx")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 export(model, cpu_inputs, "onnx", path)

@@ -157,6 +157,8 @@ def test_demo_meets_its_goals(tmp_path):
     assert small["score"] >= base["score"] - 0.01  # accuracy drops at most 0.01
     for name in ("model.dnnshrink", "model.onnx", "report.md", "layers.png"):
         assert (out / name).is_file()
+    # the ONNX timed for the report is the one written: moved into place, not exported twice
+    assert report["onnx_latency"]["shrunk_ms"] > 0 and not (out / ".model.timed.onnx").exists()
     assert (out / "graph.svg").is_file() or (out / "graph.dot").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     loaded = ds.load(out / "model.dnnshrink")
