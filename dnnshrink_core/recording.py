@@ -252,8 +252,10 @@ def _input_names(model: nn.Module, count: int) -> List[str]:
 
 
 @contextlib.contextmanager
-def _kept_state(model: nn.Module) -> Iterator[None]:
-    """Put every buffer back afterwards (a training-mode BatchNorm updates its statistics)."""
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Put every buffer's values back afterwards: code run or traced in training mode updates
+    BatchNorm's running statistics in place (timm's counts ``num_batches_tracked`` with
+    ``add_`` even under fx), and the user's model is not ours to change."""
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     try:
         yield
@@ -274,7 +276,7 @@ def record(model: nn.Module, inputs: Sequence[Any], leaf_rule: fx.Tracer
     buffers are restored afterwards.
     """
     recorder = _Recorder(model, leaf_rule)
-    with _kept_state(model), torch.no_grad():
+    with buffers_kept(model), torch.no_grad():
         try:
             recorder.run(tuple(inputs))
         except Exception as exc:

@@ -26,7 +26,7 @@ from torch import fx, nn
 from .errors import InputRunError, TraceError, UntracedModuleWarning
 from .handler import OpHandler, spec_of
 from .plugins import get_plugin_manager
-from .recording import SpecializedTraceWarning, record
+from .recording import SpecializedTraceWarning, buffers_kept, record
 from .shapes import has_hooks, infer_specs
 
 GENERATE_GRAPH = "generate_graph"
@@ -198,21 +198,6 @@ class TracedGraph:
 
 
 @contextlib.contextmanager
-def buffers_kept(model: nn.Module) -> Iterator[None]:
-    """Put every buffer's values back after a real run: a graph traced in training mode
-    updates BatchNorm's running statistics in place, and the user's model is not ours to
-    change."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                if buffer.shape == value.shape:
-                    buffer.copy_(value)
-
-
-@contextlib.contextmanager
 def model_mode(model: nn.Module, training: Optional[bool] = None, attrs: Optional[Dict[str, Any]] = None) -> Iterator[None]:
     """Temporarily set training flags and mode attributes; restore them exactly afterwards."""
     flags = [(m, m.training) for m in model.modules()]
@@ -292,7 +277,7 @@ def _record_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any],
     attrs = {k: v for k, v in mode.items() if k != "training"}
     tracer = _Tracer(pm, leaf_modules)
     try:
-        with model_mode(model, mode["training"], attrs), buffers_kept(model):
+        with model_mode(model, mode["training"], attrs):  # record() puts the buffers back
             graph, specs, constants, notes = record(model, inputs, tracer)
     except InputRunError as exc:
         # the model does not run on this input at all: an input problem, said as such

@@ -23,7 +23,7 @@ from dnnshrink_core.plugin_api import (divergence, DnnshrinkError, DnnshrinkWarn
     LearnResult, log_epoch)
 
 from .regularizer import GammaRegularizer, HeldScales, morphnet_flops, morphnet_size, slimming_l1
-from .structure import round_within_budget, scale_to_budget, toward_uniform, uniform_fraction, width_floors
+from .structure import fill_to_budget, round_within_budget, scale_to_budget, toward_uniform, uniform_fraction, width_floors
 
 REGULARIZERS = {"morphnet_flops": morphnet_flops, "morphnet_size": morphnet_size, "slimming_l1": slimming_l1}
 
@@ -321,6 +321,7 @@ class Magnitude:
         scores = filter_l1(ctx.model, ctx)
         keep = uniform_fraction(ctx.graph, scores, ctx.costs.cost, ctx.target, ~ctx.graph.unit_frozen,
                                 opts.min_width, opts.round_to)
+        keep = fill_to_budget(ctx.graph, keep, scores, ctx.costs.cost, ctx.target, opts.round_to)
         log_epoch(ctx, 0, keep)
         return LearnResult(keep, 0, {"ranking": "filter L1 norm, the same share cut in every group"})
 

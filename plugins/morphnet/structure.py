@@ -176,6 +176,18 @@ def _fill(graph: ChannelGraph, keep: np.ndarray, orders: List[np.ndarray], count
     return keep
 
 
+def fill_to_budget(graph: ChannelGraph, keep: np.ndarray, scores: np.ndarray, cost: Callable[[np.ndarray], float],
+                   budget: float, multiple: Multiple = 1) -> np.ndarray:
+    """``keep`` grown toward ``budget`` a multiple's worth of units at a time (the best by
+    ``scores`` first), the group with the smallest kept share of its width first, while the
+    cost fits: what a uniform fraction rounded to the runtime's blocks left of the budget
+    (DenseNet-121's 58 groups of 32 at a block of 16 kept 6.4% of the MACs for a 10%
+    target) is spent instead of lost."""
+    orders = _group_orders(graph, keep, scores)
+    sizes = np.array([g.size for g in graph.groups], dtype=np.float64)
+    return _fill(graph, keep, orders, sizes, per_group_multiples(graph, multiple), cost, budget)
+
+
 def uniform_fraction(graph: ChannelGraph, scores: np.ndarray, cost: Callable[[np.ndarray], float], budget: float,
                      removable: np.ndarray, min_width: int = 1, multiple: Multiple = 1, steps: int = 40) -> np.ndarray:
     """Keep the same fraction of every group's removable units (the best by ``scores``), the
