@@ -246,6 +246,7 @@ class _Run:
     finished: Optional[Dict[str, Any]] = None  # a resumed run whose structure learning had finished
     trainee: Any = None
     writer: Any = None
+    timed_onnx: Optional[Path] = None  # the shrunk model's ONNX this run exported for onnx_latency
 
 
 def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, test: Callable,
@@ -414,7 +415,7 @@ def _finish(run: _Run, learned: LearnResult, shrunk: nn.Module, masks: Masks, di
             print(report.table())
         print(summary_table(report))
         if run.out_dir is not None:
-            result.files = _write_outputs(result, run.baseline, run.inputs, run.out_dir, opts)
+            result.files = _write_outputs(result, run.baseline, run.inputs, run.out_dir, opts, run.timed_onnx)
         if run.writer is not None:
             run.writer.add_scalar("score/after_fine_tuning" if opts.finetune else "score/shrunk", score, epochs)
             run.writer.add_text("widths", widths_text(run.graph, keep))
@@ -511,7 +512,11 @@ def _onnx_latency(run: _Run, shrunk: nn.Module) -> Dict[str, Any]:
                               "shrunk": copy.deepcopy(shrunk).cpu().eval()}, inputs, threads,
                              rounds=max(2, opts.latency_runs // 4), runs=4, keep=keep)
     except Exception as exc:  # said in the report, not fatal: the files are still written
+        if keep is not None:
+            keep["shrunk"].unlink(missing_ok=True)
         return {"error": f"{type(exc).__name__}: {exc}"}
+    if keep is not None:
+        run.timed_onnx = keep["shrunk"]
     (b_fast, b_med), (s_fast, s_med) = timed["baseline"], timed["shrunk"]
     return {"threads": threads, "baseline_ms": 1e3 * b_fast, "shrunk_ms": 1e3 * s_fast,
             "baseline_median_ms": 1e3 * b_med, "shrunk_median_ms": 1e3 * s_med, "speedup": b_fast / s_fast}
@@ -586,7 +591,9 @@ TIMED_ONNX = ".model.timed.onnx"
 
 
 def _write_outputs(result: ShrinkResult, baseline: nn.Module, inputs: tuple, out_dir: Path,
-                   opts: ShrinkOptions) -> Dict[str, str]:
+                   opts: ShrinkOptions, timed: Optional[Path] = None) -> Dict[str, str]:
+    """Every exporter's file, the layer chart and the reports; ``timed``: the shrunk model's
+    ONNX this run already exported and verified for its measured latency, used as model.onnx."""
     files: Dict[str, str] = {}
     cpu_inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in inputs)
     model = copy.deepcopy(result.model).cpu().eval()
@@ -596,8 +603,7 @@ def _write_outputs(result: ShrinkResult, baseline: nn.Module, inputs: tuple, out
         # change (``wants_baseline``) gets the model before shrinking too
         name = getattr(exporter, "filename", None) or f"model{getattr(exporter, 'suffix', '.' + fmt)}"
         options = {"baseline": copy.deepcopy(baseline).cpu()} if getattr(exporter, "wants_baseline", False) else {}
-        timed = out_dir / TIMED_ONNX
-        if fmt == "onnx" and timed.exists():  # exported (and verified) the same way for the latency
+        if fmt == "onnx" and timed is not None and timed.exists():  # exported and verified the same way
             os.replace(timed, out_dir / name)
             files[fmt] = str(out_dir / name)
             continue
