@@ -112,7 +112,8 @@ def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, c
     """
     floors = np.ones(len(graph.groups), dtype=np.int64) if floors is None else floors
     # frozen units (a network output, an op that couples channels) are never cut
-    floors = np.maximum(floors, [int(graph.unit_frozen[g.units].sum()) for g in graph.groups])
+    frozen = np.array([int(graph.unit_frozen[g.units].sum()) for g in graph.groups], dtype=np.int64)
+    floors = np.maximum(floors, frozen)
     orders = _group_orders(graph, keep, gammas)
     counts = np.array([keep[g.units].sum() for g in graph.groups], dtype=np.float64)
     sizes = np.array([g.size for g in graph.groups])
@@ -132,16 +133,12 @@ def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, c
         # the floors, rounded up to the runtime's blocks, cost more than the budget (DenseNet's
         # 58 groups of 32 at a block of 16 cannot all keep half): they shrink, all by one
         # share, until they fit; the budget is the user's word, the floors a safeguard
-        frozen = np.array([int(graph.unit_frozen[g.units].sum()) for g in graph.groups], dtype=np.int64)
-        full, low, high = floors.copy(), 0.0, 1.0
+        full = floors.copy()
 
         def shrunk(share: float) -> np.ndarray:
             return np.maximum(np.floor(full * share).astype(np.int64), np.maximum(frozen, 1))
 
-        for _ in range(20):
-            mid = (low + high) / 2
-            low, high = (mid, high) if cost(build(0.0, shrunk(mid))) <= budget else (low, mid)
-        floors = shrunk(low)
+        floors = largest_fitting(shrunk, lambda given: cost(build(0.0, given)), budget, 0.0, 1.0, shrunk(0.0), 20)
 
     high = float(np.max(sizes / np.maximum(counts, 1)))
     if cost(build(high)) <= budget:
