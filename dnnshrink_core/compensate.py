@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import branches
 from .graph import ChannelGraph, LayerCost
 from .masks import DEFAULT_THRESHOLD
 from .tracing import model_mode
@@ -133,7 +134,10 @@ def bias_shifts(model: nn.Module, graph: ChannelGraph, keep: np.ndarray, inputs:
 def apply_shifts(shrunk: nn.Module, shifts: Dict[str, torch.Tensor]) -> None:
     """Add each shift to the shrunk layer's bias, creating the bias if needed."""
     for name, delta in shifts.items():
-        module = shrunk.get_submodule(name)
+        try:
+            module = shrunk.get_submodule(name)
+        except AttributeError:  # in a residual branch that was dropped whole
+            continue
         if delta.numel() != module.weight.shape[0]:
             continue
         with torch.no_grad():
@@ -150,4 +154,28 @@ def compensate(original: nn.Module, shrunk: nn.Module, graph: ChannelGraph, keep
     layers changed."""
     shifts = bias_shifts(original, graph, keep, tuple(inputs), max_gamma)
     apply_shifts(shrunk, shifts)
-    return sorted(shifts)
+    return sorted(shifts) + _dropped_constants(original, shrunk, graph, keep, max_gamma)
+
+
+def _dropped_constants(original: nn.Module, shrunk: nn.Module, graph: ChannelGraph, keep: np.ndarray,
+                       max_gamma: float) -> List[str]:
+    """A residual branch dropped whole (:mod:`.branches`) whose cut channels were near-constant
+    rather than zero leaves what they carried: its constant becomes the branch's output with
+    the model's own scales (the mean over positions). Returns the constants changed."""
+    if not graph.branches:
+        return []
+    settled = branches.settle(graph, keep)
+    gammas = graph.unit_gammas(original)
+    chosen = [b for b in branches.dropped(graph, settled) if hasattr(shrunk, branches.parameter_name(b))
+              and any((gammas[graph.groups[g].units] <= max_gamma).all() for g in b.own)]
+    if not chosen:
+        return []
+    values, _ = branches.constants(graph, original, settled, zero=False)
+    changed = []
+    for b in chosen:
+        if b in values:
+            target = getattr(shrunk, branches.parameter_name(b))
+            with torch.no_grad():
+                target.copy_(values[b].to(target))
+            changed.append(branches.parameter_name(b))
+    return changed

@@ -156,8 +156,14 @@ class CostModel:
                 np.bincount(self.out_layer, weights=alive[self.out_units], minlength=n))
 
     def layer_costs(self, alive: np.ndarray) -> np.ndarray:
-        """Each layer's cost with only the ``alive`` units kept."""
-        return np.asarray(self.resource.layer_costs(*self.counts(alive)), dtype=np.float64)
+        """Each layer's cost with only the ``alive`` units kept. A layer left with no output
+        channel, or with no input channel (not depthwise), is gone (its residual branch is
+        dropped, see :mod:`dnnshrink_core.branches`) and costs nothing, its fixed per-call
+        cost included."""
+        kept_in, kept_out = self.counts(alive)
+        costs = np.asarray(self.resource.layer_costs(kept_in, kept_out), dtype=np.float64)
+        gone = (kept_out == 0) | ((kept_in == 0) & ~self.depthwise)
+        return np.where(gone, 0.0, costs) if gone.any() else costs
 
     def cost(self, alive: np.ndarray) -> float:
         """The cost with only the ``alive`` units kept."""

@@ -5,6 +5,7 @@ import collections
 import copy
 import difflib
 import functools
+import operator
 import warnings
 from typing import Any, Dict, Mapping, Tuple
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from . import branches
 from .errors import DnnshrinkWarning, MaskError, PluginError
 from .graph import ChannelGraph
 from .handler import RebuildContext, index_of
@@ -25,12 +27,15 @@ def units_to_keep(graph: ChannelGraph, masks: Mapping[str, Any], model: nn.Modul
 
     Values are booleans or 0/1 numbers (see :mod:`dnnshrink_core.masks`; others are a
     :class:`MaskError`). A group that would lose every unit keeps its unit with the largest
-    ``|gamma|``, so no layer collapses to zero width, and a warning names the group.
+    ``|gamma|``, so no layer collapses to zero width, and a warning names the group; unless
+    it is the inner group of a residual branch, which the generator then drops whole
+    (:mod:`dnnshrink_core.branches`).
     """
     if not isinstance(masks, Mapping):
         raise MaskError(f"masks must be a mapping of group name to boolean mask, not {type(masks).__name__}")
     keep = np.ones(graph.num_units, dtype=bool)
     gammas = None
+    can_empty = None
     for name, mask in masks.items():
         if name not in graph:
             close = difflib.get_close_matches(str(name), graph.group_names, n=1)
@@ -47,6 +52,10 @@ def units_to_keep(graph: ChannelGraph, masks: Mapping[str, Any], model: nn.Modul
             raise MaskError(f"mask for group {name!r} removes {int(dropped_frozen.sum())} frozen unit(s) "
                             f"({reason}); frozen units must be kept")
         if not array.any():
+            can_empty = branches.emptiable(graph) if can_empty is None else can_empty
+            if can_empty[group.index]:  # its residual branch goes whole (see dnnshrink_core.branches)
+                keep[group.units] = False
+                continue
             gammas = graph.unit_gammas(model) if gammas is None else gammas
             array = array.copy()
             array[int(np.argmax(gammas[group.units]))] = True
@@ -64,12 +73,16 @@ def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.M
         group = next(g.name for g in graph.groups if unit in g.units)
         raise MaskError(f"the structure removes {int(cut.sum())} frozen unit(s), for example in group {group!r} "
                         f"({graph.reasons[graph.unit_reason[unit]]}); frozen units must be kept")
+    keep_units, dropped = _droppable(model, graph, keep_units)
+    skip = [set().union(*(b.nodes[i] for b in dropped)) for i in range(len(graph.traces))]
     keep_labels = graph.keep_labels(keep_units)
     replacements: Dict[str, nn.Module] = {}
     resizes: Dict[str, Tuple[Dict[str, torch.Tensor], Dict[str, Any]]] = {}
     rewrites: Dict[fx.Node, Tuple[Any, Any]] = {}
-    for tg in graph.traces:
+    for tg, gone in zip(graph.traces, skip):
         for node, handler in tg.handlers.items():
+            if node.name in gone:  # a dropped branch's ops are not rebuilt: they go
+                continue
             name = tg.module_names.get(node)
             if name is not None and (name in replacements or name in resizes):
                 continue
@@ -97,17 +110,22 @@ def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.M
         for attr, value in attrs.items():
             setattr(module, attr, value)
     specialized = [tg for tg in graph.traces if tg.specialized]
-    if not rewrites and not specialized:
+    if not rewrites and not specialized and not dropped:
         return new_model
+    for branch, value in dropped.items():  # a dropped branch leaves its output, a learnable constant
+        setattr(new_model, branches.parameter_name(branch), nn.Parameter(value.clone()))
+    plans = [(skip[i], {b.join: b for b in dropped}) for i in range(len(graph.traces))]
+    plan_of = {id(tg): plan for tg, plan in zip(graph.traces, plans)}
     pair = _mode_pair(graph.traces)
     if pair is None:
-        rebuilt = _rewritten(graph.traces[0], new_model, rewrites, type(model).__name__)
+        rebuilt = _rewritten(graph.traces[0], new_model, rewrites, type(model).__name__, plans[0])
     else:  # the code holds the mode it was traced in: each mode runs its own graph
         evaluation, training = pair
-        rebuilt = TrainEvalGraphModule(new_model, _rewritten_graph(evaluation, new_model, rewrites),
-                                       type(model).__name__, _rewritten_graph(training, new_model, rewrites))
+        rebuilt = TrainEvalGraphModule(new_model, _rewritten_graph(evaluation, new_model, rewrites, plan_of[id(evaluation)]),
+                                       type(model).__name__,
+                                       _rewritten_graph(training, new_model, rewrites, plan_of[id(training)]))
         rebuilt.train(new_model.training)
-    if not specialized:
+    if not specialized or dropped:  # the user's class would still run a dropped branch
         return rebuilt
     # A graph recorded by running the model holds the example's sizes as literals. The
     # user's own class, with the resized layers, is returned when its forward computes the
@@ -255,10 +273,33 @@ def _clone_memo(model: nn.Module, replacements: Dict[str, nn.Module],
     return memo
 
 
+def _droppable(model: nn.Module, graph: ChannelGraph, keep: np.ndarray) -> Tuple[np.ndarray, Dict[Any, torch.Tensor]]:
+    """``keep`` settled for the branches it drops, and each dropped branch's constant. A branch
+    whose output turns out not to be constant keeps the best unit of its emptied groups."""
+    if not graph.branches:
+        return keep, {}
+    keep = branches.settle(graph, keep)
+    values, failed = branches.constants(graph, model, keep)
+    if failed:
+        gammas = graph.unit_gammas(model)
+        keep = keep.copy()
+        for b in failed:
+            for g in b.groups:
+                units = graph.groups[g].units
+                if not keep[units].any():
+                    keep[units[int(np.argmax(gammas[units]))]] = True
+        warnings.warn("dnnshrink: the residual branch(es) ending at " + ", ".join(repr(b.join) for b in failed)
+                      + " do not reduce to a constant when emptied; one unit of each emptied group is kept.",
+                      DnnshrinkWarning, stacklevel=4)
+        keep = branches.settle(graph, keep)
+        values, _ = branches.constants(graph, model, keep)
+    return keep, values
+
+
 def _rewritten(trace: Any, root: nn.Module, rewrites: Dict[fx.Node, Tuple[Any, Any]],
-               class_name: str) -> fx.GraphModule:
+               class_name: str, drop: Tuple[set, Dict[str, Any]]) -> fx.GraphModule:
     """A GraphModule over ``root``'s (rebuilt) modules whose code has the rewritten constants."""
-    result = fx.GraphModule(root, _rewritten_graph(trace, root, rewrites), class_name=class_name)
+    result = fx.GraphModule(root, _rewritten_graph(trace, root, rewrites, drop), class_name=class_name)
     result.train(root.training)
     return result
 
@@ -275,12 +316,30 @@ def _mode_pair(traces: list) -> Any:
     return (b, a) if a.mode["training"] else (a, b)
 
 
-def _rewritten_graph(trace: Any, root: nn.Module, rewrites: Dict[fx.Node, Tuple[Any, Any]]) -> fx.Graph:
-    """A copy of ``trace``'s graph with the rewritten constants; the constants fx lifted out
-    of forward are put on ``root``."""
+def _rewritten_graph(trace: Any, root: nn.Module, rewrites: Dict[fx.Node, Tuple[Any, Any]],
+                     drop: Tuple[set, Dict[str, Any]] = (set(), {})) -> fx.Graph:
+    """A copy of ``trace``'s graph with the rewritten constants, and each dropped branch's
+    output read from its parameter on ``root`` (``drop``: the names of the dropped nodes, and
+    the dropped branches by their join's name); the constants fx lifted out of forward are
+    put on ``root``."""
     new_graph = fx.Graph()
     env: Dict[fx.Node, fx.Node] = {}
+    gone, joins = drop
     for node in trace.graph.nodes:
+        if node.name in gone:
+            continue
+        if node.name in joins:
+            branch = joins[node.name]
+            constant = new_graph.get_attr(branches.parameter_name(branch))
+            other = env[node.args[1 - branch.operand]]
+            if branches.is_in_place(node) and branch.operand == 0:  # never add into the parameter
+                env[node] = new_graph.call_function(operator.add, (other, constant))
+            else:
+                args = list(node.args)
+                args[branch.operand] = constant
+                args[1 - branch.operand] = other
+                env[node] = new_graph.create_node(node.op, node.target, tuple(args), dict(node.kwargs), node.name)
+            continue
         new_node = new_graph.node_copy(node, lambda n: env[n])
         if node in rewrites:
             args, kwargs = rewrites[node]

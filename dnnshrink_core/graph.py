@@ -193,6 +193,17 @@ class ChannelGraph:
                                         info.get("weight", ""), info.get("params_coef")))
         return result
 
+    @property
+    def branches(self) -> List[Any]:
+        """The residual branches a structure may drop whole (:mod:`dnnshrink_core.branches`),
+        found once per graph."""
+        found = self.__dict__.get("_branches")
+        if found is None:
+            from .branches import find_branches
+
+            found = self.__dict__["_branches"] = find_branches(self)
+        return found
+
     # --- queries --------------------------------------------------------------------
     def __getitem__(self, name: str) -> Group:
         return self._by_name[name]

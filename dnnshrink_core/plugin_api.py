@@ -24,6 +24,7 @@ What is here, by the kind of plugin that needs it:
 """
 from . import __version__
 from .algorithm import LearnContext, LearnResult, log_epoch
+from .branches import Branch, emptiable as emptiable_groups, settle as settle_branches
 from .cost import CostModel, LayerTable, cost_model_names, largest_fitting, per_group_multiples
 from .errors import (ArtifactError, ConfigError, DnnshrinkError, DnnshrinkWarning, ExportError, MaskError,
                      PluginError, TraceError)
@@ -41,12 +42,12 @@ from .timing import fastest_and_median, interleaved_times, onnx_latency, session
 from .tracing import eval_graph_module, flatten_outputs, model_mode, normalize_inputs
 
 __all__ = [
-    "ArtifactError", "atomic_path", "atomic_write", "Chan", "ChannelGraph", "ConfigError", "cost_model_names",
+    "ArtifactError", "atomic_path", "Branch", "atomic_write", "Chan", "ChannelGraph", "ConfigError", "cost_model_names",
     "CostModel", "count_macs", "DEFAULT_THRESHOLD", "divergence", "DnnshrinkError", "DnnshrinkWarning",
-    "eval_graph_module", "export", "ExportError", "fastest_and_median", "flatten_outputs", "get_plugin_manager",
+    "emptiable_groups", "eval_graph_module", "export", "ExportError", "fastest_and_median", "flatten_outputs", "get_plugin_manager",
     "Group", "hookimpl", "index_of", "InputShapeCheck", "interleaved_times", "largest_fitting", "LAYER_TYPES",
     "layer_width", "LayerTable", "LearnContext", "LEARNING_ADVICE", "LearnResult", "log_epoch", "lookup",
     "MaskError", "Masks", "model_mode", "normalize_inputs", "onnx_latency", "OpHandler", "per_group_multiples",
-    "plugin_names", "PluginError", "PropagateContext", "RebuildContext", "resized", "session", "sha256_bytes",
+    "plugin_names", "PluginError", "PropagateContext", "RebuildContext", "resized", "session", "settle_branches", "sha256_bytes",
     "TensorSpec", "TraceError", "__version__"
 ]

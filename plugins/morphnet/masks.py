@@ -7,7 +7,7 @@ from typing import Any, Optional
 import numpy as np
 from torch import nn
 
-from dnnshrink_core.plugin_api import DEFAULT_THRESHOLD, ChannelGraph, DnnshrinkWarning, Masks
+from dnnshrink_core.plugin_api import DEFAULT_THRESHOLD, ChannelGraph, DnnshrinkWarning, Masks, emptiable_groups
 
 
 def gap_threshold(gammas: np.ndarray, floor: float = 1e-12) -> float:
@@ -30,16 +30,19 @@ def threshold_masks(graph: ChannelGraph, model: nn.Module, threshold: Optional[f
     """Keep a unit unless it is removable and all its BatchNorm sources have ``|gamma| <= threshold``.
 
     ``threshold=None`` picks one with :func:`gap_threshold`. Every group keeps at least
-    its unit with the largest ``|gamma|``.
+    its unit with the largest ``|gamma|``, except the inner group of a residual branch
+    (:func:`~dnnshrink_core.plugin_api.emptiable_groups`): the generator drops that branch
+    whole, as MorphNet removes a block whose channels all died.
     """
     gammas = graph.unit_gammas(model)
     if threshold is None:
         threshold = gap_threshold(gammas[graph.unit_removable])
     alive = ~graph.unit_removable | (gammas > threshold)
     masks, emptied = {}, []
+    can_empty = emptiable_groups(graph) if not alive.all() else None
     for group in graph.groups:
         mask = alive[group.units]
-        if not mask.any():
+        if not mask.any() and not can_empty[group.index]:
             mask = mask.copy()
             mask[int(np.argmax(gammas[group.units]))] = True
             emptied.append(group.name)
