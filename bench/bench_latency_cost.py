@@ -14,7 +14,9 @@ blocks with ``auto``), with the floor at half the uniform width as in ``morphnet
 * equal latency: the FLOP and latency costs at ``--latency`` of the baseline's predicted
   latency (``round_to: auto``), MACs kept reported, and the capacity bound: the most MACs
   the same procedure keeps at that latency when units are ranked by MACs per predicted
-  millisecond alone (:func:`capacity_bound`).
+  millisecond alone (:func:`capacity_bound`);
+* depth: the latency cost's structure with whole residual branches dropped
+  (``drop_branches``) while that keeps more MACs at the budget, at both budgets.
 
 Timing: onnxruntime CPU, the profile's threads (2), batch 1, variants interleaved in
 blocks, fastest and median of all timed runs.
@@ -37,7 +39,7 @@ import torchvision
 import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel, resolve_round_to
 from dnnshrink_core.timing import fastest_and_median, interleaved_times, session
-from dnnshrink_plugins.morphnet.structure import scale_to_budget, uniform_fraction, width_floors
+from dnnshrink_plugins.morphnet.structure import drop_branches, scale_to_budget, uniform_fraction, width_floors
 
 from common import imagenet_setup
 
@@ -136,6 +138,14 @@ def main() -> None:
                 graph, scores, chooser, latency, args.latency * latency.initial, auto)
         variants["capacity bound, round_to auto @latency"] = capacity_bound(
             graph, flops, latency, args.latency * latency.initial, auto)
+        # depth: whole residual branches dropped where that keeps more MACs at the budget
+        macs_value = flops.unit_weights(np.ones(graph.num_units, dtype=bool))
+        for budget_name, budget_costs, budget in (("MACs", flops, args.macs * flops.initial),
+                                                  ("latency", latency, args.latency * latency.initial)):
+            floors = width_floors(graph, budget_costs.cost, budget, ~graph.unit_frozen, 0.5)
+            variants[f"latency cost + branches dropped @{budget_name}"] = drop_branches(
+                graph, structure(graph, scores, latency, budget_costs, budget, auto), macs_value,
+                lambda seed: scale_to_budget(graph, seed, scores, budget_costs.cost, budget, 1, auto, floors))
         with tempfile.TemporaryDirectory() as tmp:
             sessions, feeds = {}, {}
             for label, keep in variants.items():

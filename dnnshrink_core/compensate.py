@@ -162,7 +162,7 @@ def _dropped_constants(original: nn.Module, shrunk: nn.Module, graph: ChannelGra
     """A residual branch dropped whole (:mod:`.branches`) whose cut channels were near-constant
     rather than zero leaves what they carried: its constant becomes the branch's output with
     the model's own scales (the mean over positions). Returns the constants changed."""
-    if not graph.branches:
+    if all(keep[g.units].any() for g in graph.groups) or not graph.branches:
         return []
     settled = branches.settle(graph, keep)
     gammas = graph.unit_gammas(original)

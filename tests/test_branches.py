@@ -197,3 +197,31 @@ def test_compensation_gives_a_dropped_block_what_its_dead_channels_carried():
     with torch.no_grad():
         assert max_relative_error(model(x), ds.generate(model, x, masks)(x)) < 1e-5
         assert max_relative_error(model(x), ds.generate(model, x, masks, compensate=False)(x)) > 1e-2
+
+
+def test_drop_branches_keeps_more_of_what_is_valued_at_the_budget():
+    """The depth step: whole branches go while the score kept at the budget rises (here the
+    MACs themselves under a latency budget, whose per-call costs a dropped block frees), and
+    the width multiplier never brings a dropped branch back."""
+    from dnnshrink_plugins.morphnet.structure import drop_branches, scale_to_budget
+
+    model = Net().eval()
+    x = torch.randn(1, 3, 12, 12)
+    graph = ds.trace(model, x)
+    flops, latency = CostModel(graph, model, "flops"), CostModel(graph, model, "latency")
+    budget = 0.8 * latency.initial
+    value = flops.unit_weights(np.ones(graph.num_units, dtype=bool))
+    ones = np.ones(graph.num_units, dtype=bool)
+
+    def rescale(seed):
+        return scale_to_budget(graph, seed, value, latency.cost, budget)
+
+    start = rescale(ones)
+    deep = drop_branches(graph, start, value, rescale)
+    assert latency.cost(deep) <= budget
+    assert branches.dropped(graph, deep), "dropping a block buys more MACs at this latency"
+    assert flops.cost(deep) > flops.cost(start)
+    for b in branches.dropped(graph, deep):
+        assert not any(deep[graph.groups[g].units].any() for g in b.groups)
+    small = ds.generate(model, x, {g.name: deep[g.units] for g in graph}, compensate=False)
+    assert CostModel(ds.trace(small, x), small, "latency").initial == pytest.approx(latency.cost(deep), rel=1e-9)

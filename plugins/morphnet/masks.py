@@ -39,9 +39,11 @@ def threshold_masks(graph: ChannelGraph, model: nn.Module, threshold: Optional[f
         threshold = gap_threshold(gammas[graph.unit_removable])
     alive = ~graph.unit_removable | (gammas > threshold)
     masks, emptied = {}, []
-    can_empty = emptiable_groups(graph) if not alive.all() else None
+    can_empty = None  # found only when some group dies whole (finding branches costs a walk of the graph)
     for group in graph.groups:
         mask = alive[group.units]
+        if not mask.any() and can_empty is None:
+            can_empty = emptiable_groups(graph)
         if not mask.any() and not can_empty[group.index]:
             mask = mask.copy()
             mask[int(np.argmax(gammas[group.units]))] = True

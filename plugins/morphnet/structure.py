@@ -9,7 +9,8 @@ import numpy as np
 # a channel multiple for every group (``round_to: auto`` gives one per group) or one for all
 Multiple = Union[int, np.ndarray]
 
-from dnnshrink_core.plugin_api import ChannelGraph, largest_fitting, per_group_multiples
+from dnnshrink_core.plugin_api import (ChannelGraph, emptiable_groups, largest_fitting, per_group_multiples,
+                                       settle_branches)
 
 
 def _group_orders(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray) -> List[np.ndarray]:
@@ -117,12 +118,17 @@ def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, c
     orders = _group_orders(graph, keep, gammas)
     counts = np.array([keep[g.units].sum() for g in graph.groups], dtype=np.float64)
     sizes = np.array([g.size for g in graph.groups])
+    # a residual branch the structure drops stays dropped (its groups keep no unit)
+    gone = ((counts == 0) & emptiable_groups(graph)) if (counts == 0).any() else np.zeros(len(counts), dtype=bool)
 
     multiples = per_group_multiples(graph, multiple)
 
     def build(mult: float, given: Optional[np.ndarray] = None) -> np.ndarray:
         out = np.zeros_like(keep)
-        for order, n, size, floor, m in zip(orders, counts, sizes, floors if given is None else given, multiples):
+        for order, n, size, floor, m, empty in zip(orders, counts, sizes, floors if given is None else given,
+                                                   multiples, gone):
+            if empty:
+                continue
             # the floor is rounded like any width: a floor off the multiple would put the
             # group back on the runtime's slow kernels (the groups at their floor are many)
             width = _target(max(n * mult, min(int(floor), size)), size, min_width, int(m))
@@ -227,3 +233,32 @@ def toward_uniform(graph: ChannelGraph, learned: np.ndarray, gammas: np.ndarray,
             out[group.units] = False
             out[order[:width]] = True
     return out
+
+
+def drop_branches(graph: ChannelGraph, keep: np.ndarray, scores: np.ndarray,
+                  rescale: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Drop whole residual branches (:func:`~dnnshrink_core.plugin_api.emptiable_groups`)
+    while that raises the score kept at the budget: each round tries every branch still
+    there, emptied and the rest re-scaled to the budget by ``rescale`` (the width multiplier),
+    and keeps the best trial if it holds more ``scores`` than the structure before.
+
+    A cost that charges each layer a fixed per-call time (the ``latency`` cost) prices a
+    whole branch above the sum of its channels: dropping a thin, cheap block frees that time
+    for channels elsewhere, which no per-channel ranking sees."""
+    best, value = keep, float(scores[keep].sum())
+    while True:
+        trials = []
+        for branch in graph.branches:
+            if not all(best[graph.groups[g].units].any() for g in branch.own):
+                continue
+            seed = best.copy()
+            for g in branch.own:
+                seed[graph.groups[g].units] = False
+            trial = rescale(settle_branches(graph, seed))
+            trials.append((float(scores[trial].sum()), trial))
+        if not trials:
+            return best
+        top, trial = max(trials, key=lambda t: t[0])
+        if top <= value * (1 + 1e-9):
+            return best
+        best, value = trial, top
