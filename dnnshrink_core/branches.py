@@ -70,9 +70,22 @@ def is_in_place(node: fx.Node) -> bool:
     return node.target in _IN_PLACE
 
 
-def _exclusive(b: fx.Node, join: fx.Node, index: Dict[fx.Node, int]) -> set:
-    """The nodes that compute ``b`` and feed nothing but it (``b`` itself feeds ``join`` only).
-    Users come after the nodes they use, so visiting by falling position sees every user first."""
+def _live(graph: fx.Graph) -> set:
+    """The nodes the graph's outputs depend on."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    live, stack = set(), [output]
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    return live
+
+
+def _exclusive(b: fx.Node, join: fx.Node, index: Dict[fx.Node, int], live: set) -> set:
+    """The nodes that compute ``b`` and feed nothing but it (``b`` itself feeds ``join`` only),
+    with the dead ends hanging off them (a shape check, an assert). Users come after the nodes
+    they use, so visiting by falling position sees every user first."""
     if set(b.users) != {join}:
         return set()
     inside = {b}
@@ -82,10 +95,21 @@ def _exclusive(b: fx.Node, join: fx.Node, index: Dict[fx.Node, int]) -> set:
         _, _, node = heapq.heappop(heap)
         if node in inside or node.op in ("placeholder", "output"):
             continue
-        if node.users and all(u in inside for u in node.users):
+        if node.users and all(u in inside or u not in live for u in node.users):
             inside.add(node)
             for n in node.all_input_nodes:
                 heapq.heappush(heap, (-index[n], id(n), n))
+    # the dead ends go with the branch when all they read is in it; one that also reads
+    # something outside would be left reading a removed value, so the branch is not exclusive
+    first = min(index[n] for n in inside)
+    for node in list(join.graph.nodes)[first:index[join]]:
+        if node not in live and node not in inside and any(a in inside for a in node.all_input_nodes):
+            if not all(a in inside for a in node.all_input_nodes):
+                return set()
+            inside.add(node)
+    for node in inside:
+        if any(u not in inside for u in node.users) and node is not b:
+            return set()
     return inside
 
 
@@ -107,6 +131,7 @@ def _node_groups(graph: Any, tg: Any) -> Dict[fx.Node, np.ndarray]:
 def _trace_branches(graph: Any, tg: Any) -> Dict[Tuple[str, int], tuple]:
     nodes = list(tg.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
+    live = _live(tg.graph)
     groups_of = _node_groups(graph, tg)
     removable_group = np.array([bool(g.removable.all()) for g in graph.groups], dtype=bool)
     frozen_group = np.array([bool(graph.unit_frozen[g.units].any()) for g in graph.groups], dtype=bool)
@@ -131,7 +156,7 @@ def _trace_branches(graph: Any, tg: Any) -> Dict[Tuple[str, int], tuple]:
         out = getattr(tg.specs.get(join), "shape", None)
         if out is None or any(s != out for s in shapes):  # no broadcasting from either side
             continue
-        sides = [_side(graph, tg, touches, groups_of, removable_group, frozen_group, _exclusive(args[i], join, index),
+        sides = [_side(graph, tg, touches, groups_of, removable_group, frozen_group, _exclusive(args[i], join, index, live),
                        carries, index) for i in range(2)]
         usable = [i for i, side in enumerate(sides) if side is not None]
         if len(usable) == 1:  # both sides droppable: dropping both would leave nothing of the join's shape
@@ -174,7 +199,7 @@ def _side(graph: Any, tg: Any, touches: np.ndarray, groups_of: Dict[fx.Node, np.
         info = tg.infos.get(n) or {}
         if info.get("layer") and "macs_coef" in info:
             labels = np.concatenate([np.asarray(info["in_labels"], np.int64), np.asarray(info["out_labels"], np.int64)])
-            if not set(graph.unit_group[graph.unit_of[labels]].tolist()) & inner:
+            if not set(graph.unit_group[graph.unit_of[labels]].tolist()) & everything:
                 return None  # a layer emptying the inner groups would not remove
             layers.add(info.get("layer_name", tg.module_names.get(n, n.name)))
     if not layers or any(frozen_group[g] for g in everything):  # what must stay cannot go with it

@@ -125,7 +125,7 @@ def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.M
                                        type(model).__name__,
                                        _rewritten_graph(training, new_model, rewrites, plan_of[id(training)]))
         rebuilt.train(new_model.training)
-    if not specialized or dropped:  # the user's class would still run a dropped branch
+    if not specialized:
         return rebuilt
     # A graph recorded by running the model holds the example's sizes as literals. The
     # user's own class, with the resized layers, is returned when its forward computes the
@@ -135,7 +135,7 @@ def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.M
         if name in vars(new_model):
             delattr(new_model, name)
     inputs = specialized[0].example_inputs
-    if _same_outputs(new_model, rebuilt, inputs):
+    if not dropped and _same_outputs(new_model, rebuilt, inputs):  # the user's class would run a dropped branch
         return new_model
     rebuilt.register_forward_pre_hook(InputShapeCheck(
         [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs]))

@@ -225,3 +225,32 @@ def test_drop_branches_keeps_more_of_what_is_valued_at_the_budget():
         assert not any(deep[graph.groups[g].units].any() for g in b.groups)
     small = ds.generate(model, x, {g.name: deep[g.units] for g in graph}, compensate=False)
     assert CostModel(ds.trace(small, x), small, "latency").initial == pytest.approx(latency.cost(deep), rel=1e-9)
+
+
+class Untraceable(Net):
+    """Control flow on a value: fx cannot trace it, so the model is recorded on the example."""
+
+    def forward(self, x):
+        y = self.blocks(self.stem(x))
+        if float(y.abs().sum()) >= 0:
+            y = y * 1.0
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_recorded_model_drops_branches_and_exports_at_its_example_shape(tmp_path):
+    torch.manual_seed(0)
+    model = kill_half(Untraceable()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    with pytest.warns(Warning, match="torch.fx could not trace"):
+        graph = ds.trace(model, x)
+    assert graph.traces[0].specialized and graph.branches
+    masks = emptied(graph, graph.branches[:1])
+    small = ds.generate(model, x, masks)
+    keep = branches.settle(graph, graph.units_from_masks(masks))
+    with torch.no_grad():
+        assert max_relative_error(masked_reference(model, graph, keep)(x), small(x)) < 1e-5
+    assert small.dnnshrink_specialized_to == [(2, 3, 12, 12)]
+    with pytest.raises(ValueError, match="specialised to the example input"):
+        small(torch.randn(1, 3, 12, 12))
+    result = ds.export(small, x, "onnx", tmp_path / "m.onnx")  # the batch is fixed: it cannot vary
+    assert result["dynamic_batch"] is False and result["max_relative_error"] < 1e-4

@@ -71,6 +71,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Path, opset: int = 
     """Export ``model`` to ONNX at ``path`` and verify it; returns what was measured."""
     inputs = normalize_inputs(example_inputs)
     tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+    if getattr(model, "dnnshrink_specialized_to", None) is not None:
+        dynamic_batch = False  # a network recorded on the example takes that example's shapes only
     dynamic = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1)
