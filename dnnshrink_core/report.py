@@ -150,12 +150,13 @@ def layer_report(model: nn.Module, example_inputs: Any, baseline: Optional[nn.Mo
             continue
         try:
             new = model.get_submodule(name)
-        except AttributeError:
-            continue
-        (ib, ob), (ia, oa) = layer_width(old), layer_width(new)
+        except AttributeError:  # gone with a residual branch dropped whole: a row of zeros
+            new = None
+        (ib, ob) = layer_width(old)
+        (ia, oa) = layer_width(new) if new is not None else (0, 0)
         rows.append(LayerRow(name, type(old).__name__, ib, ia, ob, oa, before_macs.get(name, 0),
                              after_macs.get(name, 0), sum(p.numel() for p in old.parameters()),
-                             sum(p.numel() for p in new.parameters())))
+                             sum(p.numel() for p in new.parameters()) if new is not None else 0))
     totals = {"macs_before": before_macs[""], "macs_after": after_macs[""],
               "params_before": sum(p.numel() for p in baseline.parameters()),
               "params_after": sum(p.numel() for p in model.parameters())}

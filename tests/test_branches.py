@@ -104,6 +104,9 @@ def test_an_emptied_inner_group_drops_its_branch_exactly(factory, shape):
     for branch in picks:
         assert isinstance(getattr(small, branches.parameter_name(branch)), nn.Parameter)
         assert not called & branch.layers, "a dropped branch's layers still run"
+    rows = {row.name: row for row in ds.layer_report(small, x, baseline=model).rows}
+    for layer in picks[0].layers:  # the report shows the dropped layers, at zero
+        assert rows[layer].out_after == 0 and rows[layer].macs_after == 0 and rows[layer].params_after == 0
     # the constant trains like any bias, and the network runs backwards in training mode
     small.train()
     small(x).sum().backward()
