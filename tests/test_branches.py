@@ -257,3 +257,37 @@ def test_a_recorded_model_drops_branches_and_exports_at_its_example_shape(tmp_pa
         small(torch.randn(1, 3, 12, 12))
     result = ds.export(small, x, "onnx", tmp_path / "m.onnx")  # the batch is fixed: it cannot vary
     assert result["dynamic_batch"] is False and result["max_relative_error"] < 1e-4
+
+
+def test_morphnet_drops_a_dead_block():
+    """Through the pipeline: a block whose channels all died (gamma = beta = 0) goes whole
+    instead of keeping a unit (the width floors do not bring it back), and the target is met
+    without cutting a channel anywhere else."""
+    from dnnshrink_core.pipeline import shrink
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        for bn in (model.blocks[1].expand[1], model.blocks[1].dw[1]):
+            bn.weight.zero_()
+            bn.bias.zero_()
+    x = torch.randn(8, 3, 12, 12)
+
+    def one_tiny_step(net, lr):
+        optimizer = torch.optim.SGD(net.parameters(), lr=1e-6)
+        optimizer.zero_grad()
+        (0.0 * net(x).sum()).backward()
+        optimizer.step()
+
+    result = shrink(model, x[:1], train_one_epoch=one_tiny_step, test=lambda m: 0.0, finetune=False, anneal=False,
+                    target_macs=0.8, max_epochs=1, device="cpu", progress=False, latency_runs=1, exporters=())
+    small = result.model
+    assert "blocks.1.expand.0" not in {n.target for n in small.graph.nodes if n.op == "call_module"}
+    assert result.report.extra["widths"]["blocks.1.expand.0"]["chosen"] == 0
+    assert result.report.extra["shrunk"]["macs"] <= 0.8 * result.report.extra["baseline"]["macs"]
+    for name, w in result.report.extra["widths"].items():  # the block alone paid for the target
+        if not name.startswith("blocks.1."):
+            assert w["chosen"] == w["original"], (name, w)
+    with torch.no_grad():  # (training moved the BatchNorm statistics: exactness is generate's test above)
+        out = small(x)
+    assert out.shape == (8, 5) and torch.isfinite(out).all()

@@ -34,15 +34,21 @@ def _target(n: float, size: int, min_width: int, multiple: int) -> int:
 def enforce_widths(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, min_width: int = 1,
                    multiple: Multiple = 1) -> np.ndarray:
     """Grow every group to at least ``min_width`` units and to a multiple of ``multiple``
-    (re-adding the units with the largest ``|gamma|``), so no layer collapses."""
+    (re-adding the units with the largest ``|gamma|``), so no layer collapses. A residual
+    branch's inner group left with no unit stays empty: the branch goes whole (a block
+    whose channels all died), which is no collapse, the skip path carrying the signal."""
     keep = keep.copy()
     multiples = per_group_multiples(graph, multiple)
-    for group, order, m in zip(graph.groups, _group_orders(graph, keep, gammas), multiples):
-        n = int(keep[group.units].sum())
+    counts = np.array([keep[g.units].sum() for g in graph.groups])
+    gone = emptiable_groups(graph) & (counts == 0) if (counts == 0).any() else np.zeros(len(counts), dtype=bool)
+    for group, order, m, n, empty in zip(graph.groups, _group_orders(graph, keep, gammas), multiples, counts, gone):
+        if empty:
+            continue
+        n = int(n)
         t = _target(n, group.size, min_width, int(m))
         if t > n:
             keep[order[:t]] = True
-    return keep
+    return settle_branches(graph, keep) if gone.any() else keep
 
 
 def expand_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, cost: Callable[[np.ndarray], float],
@@ -148,9 +154,11 @@ def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, c
 
     high = float(np.max(sizes / np.maximum(counts, 1)))
     if cost(build(high)) <= budget:
-        return build(high)
-    keep = largest_fitting(build, cost, budget, 0.0, high, build(0.0), steps)
-    return _fill(graph, keep, orders, counts, multiples, cost, budget)
+        keep = build(high)
+    else:
+        keep = _fill(graph, largest_fitting(build, cost, budget, 0.0, high, build(0.0), steps), orders, counts,
+                     multiples, cost, budget)
+    return settle_branches(graph, keep) if gone.any() else keep
 
 
 def _fill(graph: ChannelGraph, keep: np.ndarray, orders: List[np.ndarray], counts: np.ndarray,
