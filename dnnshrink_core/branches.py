@@ -12,7 +12,9 @@ A branch qualifies when (in every traced mode):
 
 * its ops feed the join and nothing else (an exclusive subgraph ending at one operand of an
   ``add``; the other operand is not such a branch too);
-* at least one group lives only inside it (its *inner groups*), every unit of them removable;
+* at least one group lives only inside it (its *inner groups*, none with a frozen unit) and
+  cuts it: every path from the branch's inputs to its output passes that group's channels,
+  all of whose units are removable;
 * every conv/linear layer in it reads or writes an inner group, so emptying the inner
   groups zeroes every layer's cost (what cost models count is what is removed).
 
@@ -42,8 +44,10 @@ _IN_PLACE = (operator.iadd, "add_")
 class Branch:
     """One droppable residual branch: the ``join`` node's argument ``operand`` is computed by
     the fx nodes ``nodes`` (names, per traced mode) alone. ``groups``: the indices of the groups
-    that live only inside it (nested branches' groups included); ``own``: those not inside a
-    smaller branch, the ones whose emptying drops this branch."""
+    that live only inside it (nested branches' groups included), emptied with it; ``own``: its
+    *cut* groups (every path from the branch's inputs to its output passes them, so emptying
+    one leaves the output constant) that no smaller branch claims: emptying one drops this
+    branch. ``layers``: the conv/linear layers that go with it."""
 
     join: str
     operand: int
@@ -54,6 +58,7 @@ class Branch:
 
     @property
     def size(self) -> int:
+        """The number of ops in the branch (in the first traced mode)."""
         return len(self.nodes[0])
 
 
