@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -51,3 +52,42 @@ def test_torchvision_invariant(name, tmp_path):
                     m.eval()  # keep the comparison deterministic
         with torch.no_grad():
             assert max_relative_error(model(x), small(x)) < 1e-4
+
+
+@pytest.mark.slow  # the default suite drops blocks of smaller nets (tests/test_branches.py)
+@pytest.mark.parametrize("name", MODELS)
+def test_torchvision_dead_blocks_go_whole(name, tmp_path):
+    """Every other droppable residual block with its cut groups dead (gamma = beta = 0):
+    ``alive_masks`` empties them, ``generate`` drops those blocks whole, and the outputs stay
+    the model's own; the network exports to ONNX and verifies."""
+    from dnnshrink_core import branches
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torchvision.models.get_model(name, weights=None)
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        pytest.skip(f"{name} has no BatchNorm")
+    model = kill_half(model).eval()
+    size = INPUT_SIZE.get(name, 64)
+    x = torch.randn(2, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = ds.trace(model, x)
+    if not graph.branches:
+        pytest.skip(f"{name} has no residual branch with channel groups of its own")
+    picks = graph.branches[::2]
+    dead = np.concatenate([graph.groups[g].units for b in picks for g in b.own])
+    with torch.no_grad():
+        for path, value in branches.zeroed_sources(graph, model, dead).items():
+            owner, _, attr = path.rpartition(".")
+            getattr(model.get_submodule(owner), attr).copy_(value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ds.UnknownOpWarning)
+        masks = ds.alive_masks(model, x)
+        small = ds.generate(model, x, masks)
+    assert len(branches.dropped(graph, graph.units_from_masks(masks))) == len(picks)
+    called = {n.target for n in small.graph.nodes if n.op == "call_module"}
+    assert not any(called & b.layers for b in picks)
+    with torch.no_grad():
+        assert max_relative_error(model(x), small(x)) < 1e-4
+    assert ds.export(small, x, "onnx", tmp_path / "m.onnx")["max_relative_error"] < 1e-4
