@@ -22,16 +22,21 @@ INPUT_SIZE = {"inception_v3": 299, "maxvit_t": 224}
 MODELS = sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-@pytest.mark.parametrize("name", [n if n in SAMPLE else pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
-def test_torchvision_invariant(name, tmp_path):
+def half_dead(name: str) -> tuple:
+    """torchvision's ``name`` (weights=None) with half its channels dead, in eval mode, and an
+    input batch of 2 (skips a model without BatchNorm)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = torchvision.models.get_model(name, weights=None)
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         pytest.skip(f"{name} has no BatchNorm")
-    model = kill_half(model).eval()
     size = INPUT_SIZE.get(name, 64)
-    x = torch.randn(2, 3, size, size)
+    return kill_half(model).eval(), torch.randn(2, 3, size, size)
+
+
+@pytest.mark.parametrize("name", [n if n in SAMPLE else pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
+def test_torchvision_invariant(name, tmp_path):
+    model, x = half_dead(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ds.UnknownOpWarning)
         small = ds.generate(model, x, ds.alive_masks(model, x))
@@ -62,14 +67,7 @@ def test_torchvision_dead_blocks_go_whole(name, tmp_path):
     the model's own; the network exports to ONNX and verifies."""
     from dnnshrink_core import branches
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = torchvision.models.get_model(name, weights=None)
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        pytest.skip(f"{name} has no BatchNorm")
-    model = kill_half(model).eval()
-    size = INPUT_SIZE.get(name, 64)
-    x = torch.randn(2, 3, size, size)
+    model, x = half_dead(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = ds.trace(model, x)
