@@ -59,7 +59,10 @@ def test_sigint_then_resume(tmp_path):
     out, log = tmp_path / "out", tmp_path / "epochs.log"
     env = {**os.environ, "EPOCH_LOG": str(log)}
     command = ["dnnshrink", "run", str(tmp_path / "config.yaml"), "--out", str(out), "--quiet"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a shell starts a background job (`pytest &`) with SIGINT ignored, which its children
+    # inherit and Python keeps: the run is started as a terminal would start it, Ctrl-C live
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "checkpoints" / "epoch-0002.pt").exists():
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before epoch 2"
