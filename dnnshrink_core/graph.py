@@ -78,7 +78,8 @@ class ChannelGraph:
     """The traced model as groups of coupled channels (what :func:`dnnshrink_core.trace` returns).
 
     Printing it shows every group with its size, how many units can be removed, and its
-    members. ``traces`` keeps the fx graphs (one per traced mode) for the generator.
+    members, and how many residual branches can go whole (:attr:`branches`). ``traces``
+    keeps the fx graphs (one per traced mode) for the generator.
     """
 
     def __init__(self, store: LabelStore, traces: Sequence[Any], frozen_modules: frozenset,
@@ -295,7 +296,8 @@ class ChannelGraph:
         s = self.summary()
         head = (f"ChannelGraph of {self.model_name}: {s['groups']} groups, {s['units']} channel units, "
                 f"{s['removable']} removable, {s['frozen']} frozen"
-                + (f", {len(self.traces)} traced modes" if len(self.traces) > 1 else ""))
+                + (f", {len(self.traces)} traced modes" if len(self.traces) > 1 else "")
+                + (f", {len(self.branches)} residual branches a mask can drop whole" if self.branches else ""))
         return head + "\n" + self.table()
 
     def __repr__(self) -> str:

@@ -89,6 +89,7 @@ def test_an_emptied_inner_group_drops_its_branch_exactly(factory, shape):
     x = torch.randn(shape)
     graph = ds.trace(model, x)
     assert graph.branches, "every residual block here is a droppable branch"
+    assert f"{len(graph.branches)} residual branches a mask can drop whole" in str(graph)
     picks = graph.branches[::2]
     masks = emptied(graph, picks)
     before = state_copy(model)
