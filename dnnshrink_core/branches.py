@@ -118,36 +118,42 @@ def _exclusive(b: fx.Node, join: fx.Node, index: Dict[fx.Node, int], live: set) 
     return inside
 
 
-def _node_groups(graph: Any, tg: Any) -> Dict[fx.Node, np.ndarray]:
-    """Per node, the groups of the channels of its value."""
-    result = {}
+def _groups(graph: Any, labels: np.ndarray) -> np.ndarray:
+    """The distinct groups of ``labels`` (most tensors hold one group: no sort needed)."""
+    if not len(labels):
+        return np.zeros(0, np.int64)
+    groups = graph.unit_group[graph.unit_of[labels]]
+    return groups[:1] if groups.min() == groups.max() else np.unique(groups)
+
+
+def _node_groups(graph: Any, tg: Any) -> Tuple[Dict[fx.Node, np.ndarray], Dict[fx.Node, int]]:
+    """Per node, the groups of the channels it reads as a layer or makes; and, for a node
+    whose value's channels (at dimension 1) all belong to one group, that group."""
+    touched, carries = {}, {}
     for node in tg.graph.nodes:
-        labels = [c.labels for c in iter_chans(tg.values.get(node))]
+        chans = list(iter_chans(tg.values.get(node)))
+        labels = [c.labels for c in chans]
+        if chans and all(c.dim == 1 for c in chans):
+            own = _groups(graph, np.concatenate(labels))
+            if len(own) == 1:
+                carries[node] = int(own[0])
         info = tg.infos.get(node) or {}
         for key in ("in_labels", "out_labels"):
             if key in info:
                 labels.append(np.asarray(info[key], dtype=np.int64))
         if labels:
-            cat = np.concatenate(labels)
-            result[node] = np.unique(graph.unit_group[graph.unit_of[cat]]) if len(cat) else np.zeros(0, np.int64)
-    return result
+            touched[node] = _groups(graph, np.concatenate(labels))
+    return touched, carries
 
 
 def _trace_branches(graph: Any, tg: Any) -> Dict[Tuple[str, int], tuple]:
     nodes = list(tg.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     live = _live(tg.graph)
-    groups_of = _node_groups(graph, tg)
+    groups_of, carries = _node_groups(graph, tg)
     removable_group = np.array([bool(g.removable.all()) for g in graph.groups], dtype=bool)
     frozen_group = np.array([bool(graph.unit_frozen[g.units].any()) for g in graph.groups], dtype=bool)
     # per group, how many nodes touch it: a group all of whose nodes are inside a branch is inner
-    carries = {}
-    for node in nodes:
-        chans = list(iter_chans(tg.values.get(node)))
-        if chans and all(c.dim == 1 for c in chans):
-            owners = np.unique(graph.unit_group[graph.unit_of[np.concatenate([c.labels for c in chans])]])
-            if len(owners) == 1:
-                carries[node] = int(owners[0])
     touches = np.bincount(np.concatenate(list(groups_of.values()) or [np.zeros(0, np.int64)]),
                           minlength=len(graph.groups))
     found = {}
