@@ -63,11 +63,9 @@ class Branch:
 
 
 def _is_join(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in _JOIN_FUNCTIONS:
-        return len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1
-    if node.op == "call_method" and node.target in _JOIN_METHODS:
-        return len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1
-    return False
+    adds = ((node.op == "call_function" and node.target in _JOIN_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _JOIN_METHODS))
+    return adds and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1
 
 
 def is_in_place(node: fx.Node) -> bool:
@@ -87,7 +85,7 @@ def _live(graph: fx.Graph) -> set:
     return live
 
 
-def _exclusive(b: fx.Node, join: fx.Node, index: Dict[fx.Node, int], live: set) -> set:
+def _exclusive(b: fx.Node, join: fx.Node, nodes: List[fx.Node], index: Dict[fx.Node, int], live: set) -> set:
     """The nodes that compute ``b`` and feed nothing but it (``b`` itself feeds ``join`` only),
     with the dead ends hanging off them (a shape check, an assert). Users come after the nodes
     they use, so visiting by falling position sees every user first."""
@@ -107,7 +105,7 @@ def _exclusive(b: fx.Node, join: fx.Node, index: Dict[fx.Node, int], live: set) 
     # the dead ends go with the branch when all they read is in it; one that also reads
     # something outside would be left reading a removed value, so the branch is not exclusive
     first = min(index[n] for n in inside)
-    for node in list(join.graph.nodes)[first:index[join]]:
+    for node in nodes[first:index[join]]:
         if node not in live and node not in inside and any(a in inside for a in node.all_input_nodes):
             if not all(a in inside for a in node.all_input_nodes):
                 return set()
@@ -167,7 +165,7 @@ def _trace_branches(graph: Any, tg: Any) -> Dict[Tuple[str, int], tuple]:
         out = getattr(tg.specs.get(join), "shape", None)
         if out is None or any(s != out for s in shapes):  # no broadcasting from either side
             continue
-        sides = [_side(graph, tg, touches, groups_of, removable_group, frozen_group, _exclusive(args[i], join, index, live),
+        sides = [_side(graph, tg, touches, groups_of, removable_group, frozen_group, _exclusive(args[i], join, nodes, index, live),
                        carries, index) for i in range(2)]
         usable = [i for i, side in enumerate(sides) if side is not None]
         if len(usable) == 1:  # both sides droppable: dropping both would leave nothing of the join's shape
@@ -238,8 +236,12 @@ def find_branches(graph: Any) -> List[Branch]:
 
 
 def dropped(graph: Any, keep: np.ndarray) -> List[Branch]:
-    """The branches ``keep`` drops (one of their own groups keeps no unit), outermost only."""
-    hit = [b for b in graph.branches if any(not keep[graph.groups[g].units].any() for g in b.own)]
+    """The branches ``keep`` drops (one of their own groups keeps no unit), outermost only.
+    Where no group is emptied the graph's branches are not even looked for."""
+    empty = {g.index for g in graph.groups if not keep[g.units].any()}
+    if not empty:
+        return []
+    hit = [b for b in graph.branches if b.own & empty]
     outer = []
     for b in sorted(hit, key=lambda b: -b.size):
         if not any(b.nodes[0] <= o.nodes[0] for o in outer):
@@ -268,18 +270,17 @@ def emptiable(graph: Any) -> np.ndarray:
     return result
 
 
-def branch_output(tg: Any, branch: Branch, trace_index: int, zeroed: Dict[str, torch.Tensor],
-                  generator: torch.Generator) -> Optional[torch.Tensor]:
-    """Run ``branch`` alone (eval mode) on random inputs of the traced shapes, with the
-    parameters in ``zeroed`` in place of the model's; None if its inputs are not all tensors."""
+def branch_outputs(tg: Any, branch: Branch, trace_index: int, zeroed: Dict[str, torch.Tensor],
+                   seeds: Sequence[int]) -> Optional[List[Any]]:
+    """Run ``branch`` alone (eval mode) on random inputs of the traced shapes, one draw per
+    seed, with the parameters in ``zeroed`` in place of the model's; None if its inputs are
+    not all tensors."""
     names = branch.nodes[trace_index]
+    by_name = {n.name: n for n in tg.graph.nodes}
     inside = [n for n in tg.graph.nodes if n.name in names]
     sub = fx.Graph()
     env: Dict[fx.Node, fx.Node] = {}
-    feeds = []
-    root = tg.root()
-    reference = next(iter(root.parameters()), None)
-    device = reference.device if reference is not None else torch.device("cpu")
+    specs = []
     for node in inside:
         for arg in node.all_input_nodes:
             if arg.name in names or arg in env:
@@ -287,39 +288,37 @@ def branch_output(tg: Any, branch: Branch, trace_index: int, zeroed: Dict[str, t
             spec = tg.specs.get(arg)
             if not hasattr(spec, "shape"):
                 return None
-            env[arg] = sub.placeholder(f"in_{len(feeds)}")
-            if spec.dtype.is_floating_point:
-                feeds.append(torch.randn(spec.shape, generator=generator).to(device=device, dtype=spec.dtype))
-            else:
-                feeds.append(torch.zeros(spec.shape, dtype=spec.dtype, device=device))
+            env[arg] = sub.placeholder(f"in_{len(specs)}")
+            specs.append(spec)
     for node in inside:
         env[node] = sub.node_copy(node, lambda n: env[n])
-    output_node = next(n for n in inside if n.name == _operand_name(tg, branch))
-    sub.output(env[output_node])
-    owners: Dict[str, Any] = {}
-    for node in sub.nodes:
-        if node.op in ("call_module", "get_attr"):
-            owners[node.target] = _resolve(root, tg, node.target)
+    sub.output(env[by_name[branch.join].args[branch.operand]])
+    owners = {node.target: _resolve(tg, node) for node in sub.nodes if node.op in ("call_module", "get_attr")}
     module = fx.GraphModule(owners, sub)
     module.eval()
     names_here = {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
-    with torch.no_grad():
-        return torch.func.functional_call(module, {k: v for k, v in zeroed.items() if k in names_here}, tuple(feeds))
+    overrides = {k: v for k, v in zeroed.items() if k in names_here}
+    reference = next(iter(tg.root().parameters()), None)
+    device = reference.device if reference is not None else torch.device("cpu")
+    outputs = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        feeds = tuple(torch.randn(spec.shape, generator=generator).to(device=device, dtype=spec.dtype)
+                      if spec.dtype.is_floating_point else torch.zeros(spec.shape, dtype=spec.dtype, device=device)
+                      for spec in specs)
+        with torch.no_grad():
+            outputs.append(torch.func.functional_call(module, overrides, feeds))
+    return outputs
 
 
-def _resolve(root: Any, tg: Any, target: str) -> Any:
-    if target in tg.constants:
-        return tg.constants[target]
-    owner, _, attr = target.rpartition(".")
-    try:
-        return root.get_submodule(target)
-    except AttributeError:
-        return getattr(root.get_submodule(owner), attr)
-
-
-def _operand_name(tg: Any, branch: Branch) -> str:
-    join = next(n for n in tg.graph.nodes if n.name == branch.join)
-    return join.args[branch.operand].name
+def _resolve(tg: Any, node: fx.Node) -> Any:
+    """What a ``call_module`` or ``get_attr`` node of the traced graph names."""
+    if node.op == "call_module":
+        return tg.get_submodule(node.target)
+    if node.target in tg.constants:
+        return tg.constants[node.target]
+    owner, _, attr = node.target.rpartition(".")
+    return getattr(tg.get_submodule(owner), attr)
 
 
 def constant_of(values: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -365,7 +364,7 @@ def parameter_name(branch: Branch) -> str:
     return f"dropped_{branch.join}"
 
 
-def trace_index(graph: Any) -> int:
+def _eval_index(graph: Any) -> int:
     """The trace whose mode is eval (the constants are eval-mode values)."""
     for i, tg in enumerate(graph.traces):
         if not tg.mode.get("training", False):
@@ -380,23 +379,22 @@ def constants(graph: Any, model: Any, keep: np.ndarray, zero: bool = True,
     ``zero``: the inner groups' BatchNorm scales and shifts are taken as zero (the generator's
     exactness: removed channels carry zeros); otherwise the model's own (near-constant
     channels, as compensation measures them)."""
-    index = trace_index(graph)
+    index = _eval_index(graph)
     tg = graph.traces[index]
+    by_name = {n.name: n for n in tg.graph.nodes}
     keep_labels = graph.keep_labels(keep)
     result, failed = {}, []
     for b in dropped(graph, keep):
         units = np.concatenate([graph.groups[g].units for g in b.groups])
         zeroed = zeroed_sources(graph, model, units) if zero else {}
-        values = None if zeroed is None else [
-            branch_output(tg, b, index, zeroed, torch.Generator().manual_seed(seed + k)) for k in range(2)]
+        values = None if zeroed is None else branch_outputs(tg, b, index, zeroed, (seed, seed + 1))
         c = None if values is None or any(v is None or not isinstance(v, torch.Tensor) for v in values) \
             else (constant_of(values) if zero else values[0].mean(dim=[d for d in range(values[0].dim()) if d != 1],
                                                                   keepdim=True))
         if c is None:
             failed.append(b)
             continue
-        join = next(n for n in tg.graph.nodes if n.name == b.join)
-        chan = next(iter_chans(tg.values.get(join.args[b.operand])), None)
+        chan = next(iter_chans(tg.values.get(by_name[b.join].args[b.operand])), None)
         if chan is None or chan.dim != 1 or len(chan.labels) != c.shape[1]:
             failed.append(b)
             continue

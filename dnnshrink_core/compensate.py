@@ -162,11 +162,12 @@ def _dropped_constants(original: nn.Module, shrunk: nn.Module, graph: ChannelGra
     """A residual branch dropped whole (:mod:`.branches`) whose cut channels were near-constant
     rather than zero leaves what they carried: its constant becomes the branch's output with
     the model's own scales (the mean over positions). Returns the constants changed."""
-    if all(keep[g.units].any() for g in graph.groups) or not graph.branches:
+    hit = branches.dropped(graph, keep)
+    if not hit:
         return []
     settled = branches.settle(graph, keep)
     gammas = graph.unit_gammas(original)
-    chosen = [b for b in branches.dropped(graph, settled) if hasattr(shrunk, branches.parameter_name(b))
+    chosen = [b for b in hit if hasattr(shrunk, branches.parameter_name(b))
               and any((gammas[graph.groups[g].units] <= max_gamma).all() for g in b.own)]
     if not chosen:
         return []

@@ -276,7 +276,7 @@ def _clone_memo(model: nn.Module, replacements: Dict[str, nn.Module],
 def _droppable(model: nn.Module, graph: ChannelGraph, keep: np.ndarray) -> Tuple[np.ndarray, Dict[Any, torch.Tensor]]:
     """``keep`` settled for the branches it drops, and each dropped branch's constant. A branch
     whose output turns out not to be constant keeps the best unit of its emptied groups."""
-    if all(keep[g.units].any() for g in graph.groups) or not graph.branches:  # no group emptied: nothing to drop
+    if not branches.dropped(graph, keep):
         return keep, {}
     keep = branches.settle(graph, keep)
     values, failed = branches.constants(graph, model, keep)

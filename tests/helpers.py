@@ -30,6 +30,18 @@ def kill_half(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def zero_units(model: nn.Module, graph: Any, units: Any) -> nn.Module:
+    """Zero the BatchNorm scales and shifts of ``units``' sources in ``model`` (so those
+    channel units carry exact zeros). Returns ``model``."""
+    from dnnshrink_core.branches import zeroed_sources
+
+    with torch.no_grad():
+        for path, value in zeroed_sources(graph, model, units).items():
+            owner, _, attr = path.rpartition(".")
+            getattr(model.get_submodule(owner), attr).copy_(value)
+    return model
+
+
 def max_relative_error(a: Any, b: Any) -> float:
     """Largest relative error between matching tensors of two nested outputs."""
     fa, fb = flatten_outputs(a), flatten_outputs(b)

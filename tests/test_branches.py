@@ -15,7 +15,7 @@ import dnnshrink_core as ds
 from dnnshrink_core import branches
 from dnnshrink_core.cost import CostModel
 from dnnshrink_core.errors import DnnshrinkWarning
-from helpers import kill_half, max_relative_error, state_copy, states_equal
+from helpers import kill_half, max_relative_error, state_copy, states_equal, zero_units
 
 
 def conv_bn(cin: int, cout: int, k: int = 1, groups: int = 1) -> nn.Sequential:
@@ -64,13 +64,7 @@ class Padded(nn.Module):
 def masked_reference(model: nn.Module, graph, keep: np.ndarray) -> nn.Module:
     """A copy of ``model`` whose removed units carry zeros (their BatchNorm scales and shifts
     zeroed): what the generated network must compute."""
-    ref = copy.deepcopy(model)
-    zeroed = branches.zeroed_sources(graph, ref, np.flatnonzero(~keep))
-    with torch.no_grad():
-        for path, value in zeroed.items():
-            owner, _, attr = path.rpartition(".")
-            getattr(ref.get_submodule(owner), attr).copy_(value)
-    return ref
+    return zero_units(copy.deepcopy(model), graph, np.flatnonzero(~keep))
 
 
 def emptied(graph, picks) -> dict:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import dnnshrink_core as ds
-from helpers import kill_half, max_relative_error, n_params
+from helpers import kill_half, max_relative_error, n_params, zero_units
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -74,11 +74,7 @@ def test_torchvision_dead_blocks_go_whole(name, tmp_path):
     if not graph.branches:
         pytest.skip(f"{name} has no residual branch with channel groups of its own")
     picks = graph.branches[::2]
-    dead = np.concatenate([graph.groups[g].units for b in picks for g in b.own])
-    with torch.no_grad():
-        for path, value in branches.zeroed_sources(graph, model, dead).items():
-            owner, _, attr = path.rpartition(".")
-            getattr(model.get_submodule(owner), attr).copy_(value)
+    zero_units(model, graph, np.concatenate([graph.groups[g].units for b in picks for g in b.own]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ds.UnknownOpWarning)
         masks = ds.alive_masks(model, x)

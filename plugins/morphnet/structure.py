@@ -24,6 +24,13 @@ def _group_orders(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray) -> 
     return orders
 
 
+def _dropped_groups(graph: ChannelGraph, counts: np.ndarray) -> np.ndarray:
+    """Per group, whether it keeps no unit and may stay so (a dropped residual branch's own
+    group); the graph's branches are looked for only when some group is empty."""
+    empty = counts == 0
+    return empty & emptiable_groups(graph) if empty.any() else empty
+
+
 def _target(n: float, size: int, min_width: int, multiple: int) -> int:
     t = max(int(math.ceil(n - 1e-9)), min_width, 1)
     if multiple > 1:
@@ -40,7 +47,7 @@ def enforce_widths(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, mi
     keep = keep.copy()
     multiples = per_group_multiples(graph, multiple)
     counts = np.array([keep[g.units].sum() for g in graph.groups])
-    gone = emptiable_groups(graph) & (counts == 0) if (counts == 0).any() else np.zeros(len(counts), dtype=bool)
+    gone = _dropped_groups(graph, counts)
     for group, order, m, n, empty in zip(graph.groups, _group_orders(graph, keep, gammas), multiples, counts, gone):
         if empty:
             continue
@@ -124,8 +131,7 @@ def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, c
     orders = _group_orders(graph, keep, gammas)
     counts = np.array([keep[g.units].sum() for g in graph.groups], dtype=np.float64)
     sizes = np.array([g.size for g in graph.groups])
-    # a residual branch the structure drops stays dropped (its groups keep no unit)
-    gone = ((counts == 0) & emptiable_groups(graph)) if (counts == 0).any() else np.zeros(len(counts), dtype=bool)
+    gone = _dropped_groups(graph, counts)  # a residual branch the structure drops stays dropped
 
     multiples = per_group_multiples(graph, multiple)
 
