@@ -147,13 +147,15 @@ class CostModel:
         self.in_layer = np.concatenate([np.full(len(l.in_units), i) for i, l in enumerate(layers)])
         self.out_units = np.concatenate([l.out_units for l in layers])
         self.out_layer = np.concatenate([np.full(len(l.out_units), i) for i, l in enumerate(layers)])
+        # each layer's units lie in one run of in_units/out_units: a segment sum counts them
+        self._in_runs = _runs([len(l.in_units) for l in layers])
+        self._out_runs = _runs([len(l.out_units) for l in layers])
         self.initial = self.cost(np.ones(graph.num_units, dtype=bool))
 
     def counts(self, alive: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Kept input and output channels of every layer."""
-        n = len(self.layers)
-        return (np.bincount(self.in_layer, weights=alive[self.in_units], minlength=n),
-                np.bincount(self.out_layer, weights=alive[self.out_units], minlength=n))
+        alive = np.asarray(alive, dtype=np.float64)  # (the structure rules call this thousands of times)
+        return _segment_sums(alive[self.in_units], *self._in_runs), _segment_sums(alive[self.out_units], *self._out_runs)
 
     def layer_costs(self, alive: np.ndarray) -> np.ndarray:
         """Each layer's cost with only the ``alive`` units kept. A layer left with no output
@@ -168,6 +170,14 @@ class CostModel:
     def cost(self, alive: np.ndarray) -> float:
         """The cost with only the ``alive`` units kept."""
         return float(self.layer_costs(alive).sum() + float(getattr(self.resource, "fixed", 0.0)))
+
+    @property
+    def charges_per_call(self) -> bool:
+        """Whether the resource charges a layer something with no channel at all (a fixed
+        cost per call, as the ``latency`` cost's per-op overhead): a whole residual block is
+        then worth more than the sum of its channels, which no per-channel ranking sees."""
+        zero = np.zeros(len(self.layers))
+        return bool(np.any(np.asarray(self.resource.layer_costs(zero, zero), dtype=np.float64) > 0))
 
     def unit_weights(self, alive: np.ndarray) -> np.ndarray:
         """``d cost / d (kept units)`` per unit, with the other side's counts held: MorphNet's
@@ -213,6 +223,23 @@ class CostModel:
             else:
                 low = mid + 1
         return dropped(low)
+
+
+def _runs(lengths: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """The start of every non-empty run of the given lengths, laid end to end, and which runs
+    are non-empty."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.cumsum(lengths) - lengths
+    nonempty = lengths > 0
+    return starts[nonempty], nonempty
+
+
+def _segment_sums(values: np.ndarray, starts: np.ndarray, nonempty: np.ndarray) -> np.ndarray:
+    """The sum of each run of ``values`` (:func:`_runs`); 0 for an empty run."""
+    out = np.zeros(len(nonempty), dtype=np.float64)
+    if len(starts):
+        out[nonempty] = np.add.reduceat(values, starts)
+    return out
 
 
 def group_multiples(graph: ChannelGraph, layer_multiples: Tuple[np.ndarray, np.ndarray],

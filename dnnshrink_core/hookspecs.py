@@ -88,8 +88,10 @@ def dnnshrink_algorithm(name: str) -> Optional[Any]:
     and returns which channel units to keep. The generator, exporters and report are shared.
     Optional attributes tell the core what the algorithm needs: ``learns_over_epochs``
     (default True; False lets ``max_epochs`` be 0), ``needs_batchnorm`` (default True: it
-    learns from BatchNorm scales) and ``grows_networks`` (default False: a target above the
-    baseline is then an error).
+    learns from BatchNorm scales), ``grows_networks`` (default False: a target above the
+    baseline is then an error) and ``chooses_depth`` (default False; True: its structure
+    may drop whole residual blocks, so the reachability check counts them, as the ``depth``
+    option allows).
     """
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from . import distributed
 from .api import trace
 from .algorithm import LearnContext, LearnResult
+from .branches import dropped as dropped_branches
 from .checkpoint import Checkpoints
 from .compensate import compensate as fold_removed_channels
 from .cost import CostModel, resolve_round_to, resource_table
@@ -71,6 +72,14 @@ class ShrinkOptions:
     half of ``max_epochs`` (small targets), every later epoch's end cuts an even share of the
     way left to the target and the network trains on without the cut channels; off: one cut
     to the target after learning.
+    ``depth``: whether the algorithm may drop whole residual blocks (a branch added to its
+    input whose inner channels all go; the generator removes its ops and adds its constant
+    output). ``"auto"`` (the default): where the target's cost charges every layer a fixed
+    per-call time (``latency``), where a block is worth less than its channels, and where
+    the target is below what channels alone can reach; ``true``: under any resource,
+    whenever it keeps more of what the algorithm values at the target; ``false``: channels
+    only (a block whose channels all died still goes). For algorithms that choose depth
+    (``chooses_depth``: ``morphnet``, ``slimming``, ``magnitude``).
     ``max_score_drop``: when the shrunk model scores more than this below the
     baseline, :func:`shrink` raises :class:`~dnnshrink_core.errors.ScoreDropError` after
     writing its report (the CLI exits with 1).
@@ -90,6 +99,7 @@ class ShrinkOptions:
     round_to: Union[int, str] = "auto"
     trust: Union[float, str] = "auto"
     anneal: bool = True
+    depth: Union[bool, str] = "auto"
     profile: Optional[str] = None
     onnx_latency: bool = True
     compensate: bool = True
@@ -286,19 +296,25 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
     round_to, round_notes = resolve_round_to(graph, work, opts.round_to, opts.profile)
     for note in round_notes:
         _step(f"round_to {opts.round_to}: {note}")
+    depth = opts.depth is not False and bool(getattr(algorithm, "chooses_depth", False))
     if opts.round_to == "auto" and not isinstance(round_to, int):
         # a target below the smallest rounded network, but not below the unrounded one: keep the
         # target (the user's word) and give up the rounding, saying so
-        rounded_min, plain_min = (smallest_cost(graph, costs, opts.min_width, r) for r in (round_to, 1))
+        rounded_min, plain_min = (smallest_cost(graph, costs, opts.min_width, r, depth) for r in (round_to, 1))
         if goal.absolute(costs.initial) < rounded_min * (1 - 1e-9) <= rounded_min and \
                 goal.absolute(costs.initial) >= plain_min * (1 - 1e-9):
             round_to, round_notes = 1, ["the target is below the smallest network with widths rounded to the "
                                         "runtime's blocks: widths are not rounded"]
             _step(f"round_to auto: {round_notes[0]}")
     opts = dataclasses.replace(opts, round_to=round_to)
-    target = check_reachable(goal, costs.initial, smallest_cost(graph, costs, opts.min_width, opts.round_to),
+    minimum, deeper = smallest_cost(graph, costs, opts.min_width, opts.round_to, depth), None
+    if opts.depth is False and getattr(algorithm, "chooses_depth", False) and \
+            goal.absolute(costs.initial) < minimum * (1 - 1e-9):  # would dropping blocks have reached it?
+        deeper = smallest_cost(graph, costs, opts.min_width, opts.round_to, True)
+    target = check_reachable(goal, costs.initial, minimum,
                              key="target" if opts.target is not None else "target_macs", algorithm=opts.algorithm,
-                             grows=bool(getattr(algorithm, "grows_networks", False)), min_width=opts.min_width)
+                             grows=bool(getattr(algorithm, "grows_networks", False)), min_width=opts.min_width,
+                             depth=depth and bool(graph.branches), deeper=deeper)
     out_dir = distributed.on_main(lambda: _prepare_out_dir(opts))
     checkpoints = Checkpoints(out_dir / "checkpoints") if out_dir is not None and main else None
     return _Run(opts, algorithm, main, device, inputs, work, graph, goal, costs, round_notes, target, out_dir,
@@ -452,6 +468,9 @@ def _report(run: _Run, learned: LearnResult, shrunk: nn.Module, score: float, di
                                          _one_multiple(opts.round_to)),
         "resources": resource_table(run.graph, run.work, keep, opts.profile),
         "round_to": {"multiples": _jsonable(opts.round_to), "notes": run.round_notes},
+        # whole residual blocks the structure dropped: the add that joined each, and its layers
+        "blocks_dropped": {"depth": opts.depth, "blocks": [{"join": b.join, "layers": sorted(b.layers)}
+                                                           for b in dropped_branches(run.graph, keep)]},
         "device": str(run.device),
         "distributed": {"world_size": distributed.world_size(), "mask_digests": digests},
     }

@@ -34,6 +34,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from .branches import settle
 from .cost import per_group_multiples
 from .errors import TargetError
 
@@ -210,10 +211,12 @@ def resolve(target: Any = None, target_macs: Any = None, where: str = "") -> Tar
     return Target("macs", fraction=0.5)
 
 
-def smallest_cost(graph: Any, costs: Any, min_width: int = 1, round_to: Any = 1) -> float:
+def smallest_cost(graph: Any, costs: Any, min_width: int = 1, round_to: Any = 1, depth: bool = False) -> float:
     """The cost of the smallest network the model can become: every group keeps its
     units that cannot be removed and, if that is fewer, grows to ``min_width`` (at least
-    one unit, rounded up to a multiple of ``round_to``) with its cheapest removable units.
+    one unit, rounded up to a multiple of ``round_to``) with its cheapest removable units;
+    with ``depth``, every residual block that can go whole is dropped as well
+    (:mod:`dnnshrink_core.branches`).
 
     ``costs`` is the cost model of the target's resource; ``round_to`` an int or one
     multiple per group (``round_to: auto``)."""
@@ -230,14 +233,20 @@ def smallest_cost(graph: Any, costs: Any, min_width: int = 1, round_to: Any = 1)
             continue
         free = units[~keep[units]]
         keep[free[np.argsort(weights[free], kind="stable")][: need - fixed]] = True
+    if depth and graph.branches:
+        keep = settle(graph, keep & ~np.isin(np.arange(graph.num_units), np.concatenate(
+            [graph.groups[g].units for b in graph.branches for g in b.own])))
     return costs.cost(keep)
 
 
 def check_reachable(target: Target, baseline: float, minimum: float, *, key: str = "target",
-                    algorithm: str = "morphnet", grows: bool = False, min_width: int = 1) -> float:
+                    algorithm: str = "morphnet", grows: bool = False, min_width: int = 1,
+                    depth: bool = False, deeper: Optional[float] = None) -> float:
     """The target's absolute amount, or :class:`TargetError` when the model cannot meet it:
-    below ``minimum`` (:func:`smallest_cost`), or above ``baseline`` unless the algorithm
-    ``grows`` networks."""
+    below ``minimum`` (:func:`smallest_cost`, whole residual blocks dropped too where
+    ``depth``), or above ``baseline`` unless the algorithm ``grows`` networks. ``deeper``:
+    the smallest cost with blocks dropped, where depth was turned off (the message says
+    that it would reach the target)."""
     amount = target.absolute(baseline)
     unit = target.unit
     if amount < minimum * (1 - 1e-9):
@@ -245,7 +254,8 @@ def check_reachable(target: Target, baseline: float, minimum: float, *, key: str
             why = "no removable channel: this model cannot get smaller than its baseline"
         else:
             why = (f"every removable channel group at its minimum width ({max(min_width, 1)} unit"
-                   f"{'s' if min_width > 1 else ''})")
+                   f"{'s' if min_width > 1 else ''})" + (" and every residual block that can go dropped whole"
+                                                         if depth else ""))
         asked = f"{target}" if target.amount is not None else f"{target} ({_fmt(amount)} {unit})"
         if minimum >= baseline * (1 - 1e-9):
             advice = ("Give the fraction 1, or make channels removable (a BatchNorm after each conv; "
@@ -257,6 +267,9 @@ def check_reachable(target: Target, baseline: float, minimum: float, *, key: str
             if Target.parse(suggestion.strip("'"), resource=target.resource).amount > baseline:
                 suggestion = f"'{math.ceil(minimum)} {unit}'"
             advice = f"Give a target of at least {suggestion} (or the fraction {smallest:g})."
+            if deeper is not None and amount >= deeper * (1 - 1e-9):
+                advice += (f" With depth: auto (or true), whole residual blocks may go and the model can get down "
+                           f"to {_fmt(deeper)} {unit}, which meets this target.")
         raise TargetError(
             f"{key} {asked} is below the smallest network this model can become: {_fmt(minimum)} {unit} "
             f"({minimum / baseline:.1%} of the baseline's {_fmt(baseline)}), with {why}. {advice}")

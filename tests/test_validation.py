@@ -74,6 +74,7 @@ BAD = [  # (option(s), error class from shrink(), words the message must hold (C
     ({"round_to": 0}, ds.ConfigError, ["'round_to'", ">= 1", "0"]),
     ({"trust": 1.5}, ds.ConfigError, ["'trust'", "from 0 to 1", "1.5"]),
     ({"anneal": "yes"}, ds.ConfigError, ["'anneal' must be", "'yes'"]),
+    ({"depth": "deep"}, ds.ConfigError, ["'depth'", "true, false or 'auto'", "'deep'"]),
     ({"min_width": 0}, ds.ConfigError, ["'min_width'", ">= 1", "0"]),
     ({"max_score_drop": -0.1}, ds.ConfigError, ["'max_score_drop'", ">= 0", "-0.1"]),
     ({"exporters": ["onnxx"]}, ds.ConfigError, ["'exporters'", "'onnxx'", "Did you mean 'onnx'?"]),

@@ -23,7 +23,8 @@ from dnnshrink_core.plugin_api import (divergence, DnnshrinkError, DnnshrinkWarn
     LearnResult, log_epoch)
 
 from .regularizer import GammaRegularizer, HeldScales, morphnet_flops, morphnet_size, slimming_l1
-from .structure import fill_to_budget, round_within_budget, scale_to_budget, toward_uniform, uniform_fraction, width_floors
+from .structure import (choose_depth, fill_to_budget, round_within_budget, scale_to_budget, toward_uniform,
+                        uniform_fraction, width_floors)
 
 REGULARIZERS = {"morphnet_flops": morphnet_flops, "morphnet_size": morphnet_size, "slimming_l1": slimming_l1}
 
@@ -133,6 +134,7 @@ class MorphNet:
     """
 
     name = "morphnet"
+    chooses_depth = True  # its structure step may drop whole residual blocks (the ``depth`` option)
 
     def __init__(self, regularizers: Callable[[str], Any], learn_exponent: float = 0.5, min_share: float = 0.5,
                  price_at_target: bool = True, trust: Union[float, str] = "auto", anneal: Optional[bool] = None,
@@ -230,11 +232,16 @@ class MorphNet:
         start, used = learned, None  # what the width multiplier scales: the learned widths, blended when trusted less
         if trust < 1 and learned_cost > budget:
             start, used = toward_uniform(ctx.graph, learned, gammas, uniform, trust), trust
-        if not expand:  # rounded up; scaled down by the multiplier only if that went past the budget
-            return round_within_budget(ctx.graph, start, gammas, ctx.costs.cost, budget, opts.min_width, round_to,
-                                       floors), used
-        return scale_to_budget(ctx.graph, start, gammas, ctx.costs.cost, budget, opts.min_width, round_to,
-                               floors), used
+        # rounded up and scaled down by the multiplier only if that went past the budget; or
+        # scaled to the budget by the multiplier in both directions (the expand step)
+        fit = round_within_budget if not expand else scale_to_budget
+
+        def structure(seed: np.ndarray) -> np.ndarray:
+            return fit(ctx.graph, seed, gammas, ctx.costs.cost, budget, opts.min_width, round_to, floors)
+
+        keep = choose_depth(ctx.graph, structure(start), gammas, ctx.costs.cost, budget, structure,
+                            getattr(opts, "depth", "auto"), ctx.costs.charges_per_call)
+        return keep, used
 
     def _annealer(self, ctx: LearnContext, held: HeldScales, trust: Union[float, str], learn_at: float,
                   cuts: List[Dict[str, Any]], final: Dict[str, np.ndarray], reg: Any = None
@@ -278,6 +285,7 @@ class Slimming:
     """Network Slimming: uniform L1 on the scales for ``max_epochs``, then a global cut."""
 
     name = "slimming"
+    chooses_depth = True
 
     def learn(self, ctx: LearnContext) -> LearnResult:
         opts = ctx.options
@@ -289,6 +297,7 @@ class Slimming:
         floors = width_floors(ctx.graph, ctx.costs.cost, ctx.target, ctx.graph.unit_removable, 0.0, opts.min_width)
         keep = round_within_budget(ctx.graph, keep, gammas, ctx.costs.cost, ctx.target, opts.min_width,
                                    opts.round_to, floors)
+        keep = _with_depth(ctx, keep, gammas)
         return LearnResult(keep, epochs, {"regularizer": "slimming_l1", "strength": reg.strength})
 
 
@@ -313,6 +322,7 @@ class Magnitude:
     """One-shot L1-norm filter ranking down to the MACs target (no structure-learning epochs)."""
 
     name = "magnitude"
+    chooses_depth = True
     learns_over_epochs = False  # one shot: max_epochs may be 0
     needs_batchnorm = False  # ranks conv filters, not BatchNorm scales
 
@@ -322,8 +332,22 @@ class Magnitude:
         keep = uniform_fraction(ctx.graph, scores, ctx.costs.cost, ctx.target, ~ctx.graph.unit_frozen,
                                 opts.min_width, opts.round_to)
         keep = fill_to_budget(ctx.graph, keep, scores, ctx.costs.cost, ctx.target, opts.round_to)
+        keep = _with_depth(ctx, keep, scores)
         log_epoch(ctx, 0, keep)
         return LearnResult(keep, 0, {"ranking": "filter L1 norm, the same share cut in every group"})
+
+
+def _with_depth(ctx: LearnContext, keep: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``keep`` at the target with whole residual blocks dropped where the ``depth`` option
+    lets them go and that helps (:func:`choose_depth`), the rest re-scaled by one width
+    multiplier over the algorithm's own widths."""
+    opts = ctx.options
+
+    def structure(seed: np.ndarray) -> np.ndarray:
+        return scale_to_budget(ctx.graph, seed, scores, ctx.costs.cost, ctx.target, opts.min_width, opts.round_to)
+
+    return choose_depth(ctx.graph, keep, scores, ctx.costs.cost, ctx.target, structure, getattr(opts, "depth", "auto"),
+                        ctx.costs.charges_per_call)
 
 
 ALGORITHMS = {a.name: a for a in (MorphNet(lambda name: _regularizer(name)), Slimming(), Magnitude())}

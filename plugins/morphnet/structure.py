@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -250,29 +250,78 @@ def toward_uniform(graph: ChannelGraph, learned: np.ndarray, gammas: np.ndarray,
 
 
 def drop_branches(graph: ChannelGraph, keep: np.ndarray, scores: np.ndarray,
-                  rescale: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+                  rescale: Callable[[np.ndarray], np.ndarray], cost: Optional[Callable[[np.ndarray], float]] = None,
+                  budget: Optional[float] = None) -> np.ndarray:
     """Drop whole residual branches (:func:`~dnnshrink_core.plugin_api.emptiable_groups`)
-    while that raises the score kept at the budget: each round tries every branch still
-    there, emptied and the rest re-scaled to the budget by ``rescale`` (the width multiplier),
-    and keeps the best trial if it holds more ``scores`` than the structure before.
+    while that helps: each round tries every branch still there, emptied and the rest
+    re-scaled by ``rescale`` (the width multiplier to the budget), and keeps the best trial.
+    With ``cost`` and ``budget``, a structure that costs less above the budget is better
+    whatever it keeps (a target below what channels alone can reach is met by dropping
+    blocks, the ones that cost least ``scores`` first); within the budget a trial must hold
+    more ``scores`` than the structure before.
 
     A cost that charges each layer a fixed per-call time (the ``latency`` cost) prices a
     whole branch above the sum of its channels: dropping a thin, cheap block frees that time
     for channels elsewhere, which no per-channel ranking sees."""
-    best, value = keep, float(scores[keep].sum())
-    while True:
-        trials = []
-        for branch in graph.branches:
-            if not all(best[graph.groups[g].units].any() for g in branch.own):
-                continue
-            seed = best.copy()
-            for g in branch.own:
-                seed[graph.groups[g].units] = False
-            trial = rescale(settle_branches(graph, seed))
-            trials.append((float(scores[trial].sum()), trial))
-        if not trials:
+    tolerance = 1e-9 * (budget or 0.0)
+
+    def rank(k: np.ndarray) -> Tuple[float, float]:
+        over = max(cost(k) - budget, 0.0) if cost is not None and budget is not None else 0.0
+        return over, float(scores[k].sum())
+
+    def better(a: Tuple[float, float], b: Tuple[float, float]) -> bool:
+        if a[0] < b[0] - tolerance:
+            return True
+        return a[0] <= b[0] + tolerance and a[1] > b[1] + 1e-9 * abs(b[1])
+
+    branches = graph.branches
+    best, value, version = keep, rank(keep), 0
+    trials: dict = {}  # branch index -> (its rank, its structure, the version of ``best`` it was tried on)
+
+    def there(i: int) -> bool:
+        return all(best[graph.groups[g].units].any() for g in branches[i].own)
+
+    def attempt(i: int) -> None:
+        seed = best.copy()
+        for g in branches[i].own:
+            seed[graph.groups[g].units] = False
+        trial = rescale(settle_branches(graph, seed))
+        trials[i] = (rank(trial), trial, version)
+
+    for i in range(len(branches)):
+        if there(i):
+            attempt(i)
+    # lazy greedy: a drop helps less, not more, once others went, so only the branch that looked
+    # best when last tried is tried again; it is taken when it still beats what the others looked
+    while trials:
+        i = max(trials, key=lambda j: (-trials[j][0][0], trials[j][0][1]))
+        if trials[i][2] != version:
+            attempt(i)
+            continue
+        if not better(trials[i][0], value):
             return best
-        top, trial = max(trials, key=lambda t: t[0])
-        if top <= value * (1 + 1e-9):
-            return best
-        best, value = trial, top
+        value, best, _ = trials.pop(i)
+        version += 1
+        for j in [j for j in trials if not there(j)]:
+            del trials[j]
+    return best
+
+
+def choose_depth(graph: ChannelGraph, keep: np.ndarray, scores: np.ndarray, cost: Callable[[np.ndarray], float],
+                 budget: float, rescale: Callable[[np.ndarray], np.ndarray], depth: Union[bool, str] = "auto",
+                 per_call: bool = False) -> np.ndarray:
+    """The structure ``keep`` (at ``budget``, by ``cost``) with whole residual blocks
+    dropped where that helps (:func:`drop_branches`): the pipeline's ``depth`` option.
+
+    ``"auto"`` looks for blocks to drop when the cost charges every layer a fixed per-call
+    cost (``per_call``: :attr:`CostModel.charges_per_call`, the latency cost), where a block
+    is worth less than its channels, or when ``keep`` costs more than the budget (a target
+    below what channels alone can reach); under MACs, parameters or activations a block
+    costs the sum of its channels, which the channel ranking already weighs. ``True`` looks
+    every time; ``False`` never (a block whose channels all died still goes: that is exact
+    and costs nothing)."""
+    if depth is False or not graph.branches:
+        return keep
+    if depth == "auto" and not per_call and cost(keep) <= budget * (1 + 1e-9):
+        return keep
+    return drop_branches(graph, keep, scores, rescale, cost, budget)

@@ -1,0 +1,114 @@
+"""The pipeline's ``depth`` option under a latency target: structures with whole residual
+blocks dropped (``depth: auto``, the default) against channels only (``depth: false``),
+timed with onnxruntime.
+
+Every variant is a real ``shrink()`` run of one algorithm (``magnitude`` by default: filter
+L1 ranking, no training, so the structure is the only difference) at a target of
+``--latency`` times the baseline's predicted latency (the shipped profile: onnxruntime CPU,
+2 threads, batch 1) with ``round_to: auto``. A target that channels alone cannot reach is
+refused with ``depth: false`` (the row says so). Timing: onnxruntime CPU, 2 threads, batch
+1, baseline and variants interleaved in blocks, fastest and median of all timed runs.
+
+    python bench/bench_depth.py [--models ...] [--latency 0.4 0.6] [--size 224] [--json rows.json]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torchvision
+
+import dnnshrink_core as ds
+from dnnshrink_core.cost import CostModel
+from dnnshrink_core.pipeline import shrink
+from dnnshrink_core.timing import fastest_and_median, interleaved_times, session
+
+from common import imagenet_setup
+
+
+def run(model, x, algorithm: str, fraction: float, depth):
+    """The shrunk model and its report, or the TargetError's message."""
+    def no_training(net, lr):
+        return None
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = shrink(model, x, train_one_epoch=no_training, test=lambda m: 0.0, finetune=False,
+                            algorithm=algorithm, max_epochs=0 if algorithm == "magnitude" else 2,
+                            target={"resource": "latency", "value": fraction}, depth=depth, device="cpu",
+                            progress=False, latency_runs=1, exporters=(), onnx_latency=False)
+    except ds.TargetError as exc:
+        return None, str(exc)
+    return result.model, result.report.extra
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
+                                                        "resnet50"])
+    parser.add_argument("--latency", nargs="+", type=float, default=[0.4, 0.6])
+    parser.add_argument("--algorithm", default="magnitude")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=6)
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    imagenet_setup()
+    x = torch.randn(1, 3, args.size, args.size)
+    rows = []
+    print(f"1-minute load average at the start: {os.getloadavg()[0]:.2f}")
+    for name in args.models:
+        model = torchvision.models.get_model(name, weights=None).eval()
+        graph = ds.trace(model, x)
+        flops, latency = CostModel(graph, model, "flops"), CostModel(graph, model, "latency")
+        nets, info = {"baseline": model}, {"baseline": None}
+        for fraction in args.latency:
+            for depth in ("auto", False):
+                label = f"latency {fraction:g}, depth {str(depth).lower()}"
+                net, extra = run(model, x, args.algorithm, fraction, depth)
+                if net is None:
+                    rows.append({"model": name, "variant": label, "refused": extra})
+                    continue
+                nets[label], info[label] = net, extra
+        with tempfile.TemporaryDirectory() as tmp:
+            sessions, feeds = {}, {}
+            for label, net in nets.items():
+                path = Path(tmp) / f"{len(sessions)}.onnx"
+                ds.export(net, x, "onnx", path)
+                sessions[label] = session(str(path), 2)
+                feeds[label] = {sessions[label].get_inputs()[0].name: x.numpy()}
+            timed = fastest_and_median(interleaved_times(sessions, feeds, args.rounds, args.runs))
+        base_fast, base_med = timed["baseline"]
+        for label, net in nets.items():
+            fast, med = timed[label]
+            extra = info[label]
+            macs = extra["resources"]["macs"]["after"] if extra else flops.initial
+            predicted = extra["resources"]["latency_ms"]["after"] if extra else latency.initial
+            blocks = len(extra["blocks_dropped"]["blocks"]) if extra else 0
+            cut = flops.initial / macs
+            rows.append({"model": name, "variant": label, "blocks_dropped": blocks, "of_blocks": len(graph.branches),
+                         "macs_kept": macs / flops.initial, "predicted_ms": predicted, "fastest_ms": 1e3 * fast,
+                         "median_ms": 1e3 * med, "speedup_fastest": base_fast / fast, "macs_cut": cut,
+                         "efficiency_fastest": base_fast / fast / cut, "efficiency_median": base_med / med / cut})
+    print(f"{'model':<19}{'variant':<28}{'blocks':>8}{'MACs kept':>10}{'pred ms':>9}{'fast ms':>9}{'med ms':>9}"
+          f"{'speed-up':>10}{'eff.':>7}{'eff.med':>8}")
+    for r in rows:
+        if "refused" in r:
+            print(f"{r['model']:<19}{r['variant']:<28}  refused: {r['refused'][:90]}")
+            continue
+        print(f"{r['model']:<19}{r['variant']:<28}{r['blocks_dropped']:>4}/{r['of_blocks']:<3}{r['macs_kept']:>10.3f}"
+              f"{r['predicted_ms']:>9.2f}{r['fastest_ms']:>9.2f}{r['median_ms']:>9.2f}{r['speedup_fastest']:>9.2f}x"
+              f"{r['efficiency_fastest']:>7.2f}{r['efficiency_median']:>8.2f}")
+    print(f"1-minute load average at the end: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The ``depth`` option: algorithms drop whole residual blocks where a per-call cost makes a
+block worth less than its channels, or where channels alone cannot reach the target; the
+reachable figure counts them, and turning depth off says what it would have reached."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dnnshrink_core as ds
+from dnnshrink_core import branches
+from dnnshrink_core.cost import CostModel
+from dnnshrink_core.pipeline import shrink
+from dnnshrink_core.target import smallest_cost
+from dnnshrink_plugins.morphnet.structure import choose_depth, drop_branches, scale_to_budget, uniform_fraction
+from models import conv_bn
+
+
+class Block(nn.Module):
+    """Expand, depthwise, project, added to the input (MobileNetV2's inverted residual)."""
+
+    def __init__(self, c: int, hidden: int):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(c, hidden, 1), conv_bn(hidden, hidden, 3, groups=hidden),
+                                  nn.Conv2d(hidden, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class Deep(nn.Module):
+    """Four residual blocks on a small input: every layer's fixed per-call time dominates."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16, 3)
+        self.blocks = nn.Sequential(*[Block(16, h) for h in (32, 48, 32, 64)])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+X = torch.randn(1, 3, 16, 16)
+
+
+def setup():
+    torch.manual_seed(0)
+    model = Deep().eval()
+    graph = ds.trace(model, X)
+    return model, graph, CostModel(graph, model, "latency"), CostModel(graph, model, "flops")
+
+
+def test_the_smallest_network_with_blocks_dropped_is_what_the_generator_builds():
+    model, graph, latency, _ = setup()
+    assert len(graph.branches) == 4 and latency.charges_per_call
+    shallow, deep = smallest_cost(graph, latency), smallest_cost(graph, latency, depth=True)
+    assert deep < 0.6 * shallow  # the per-call times of 12 layers are gone
+    # the same structure, generated and priced again from its own trace
+    keep = ~graph.unit_removable.copy()
+    for group in graph.groups:
+        if not keep[group.units].any():
+            keep[group.units[0]] = True
+    for b in graph.branches:
+        for g in b.own:
+            keep[graph.groups[g].units] = False
+    small = ds.generate(model, X, {g.name: keep[g.units] for g in graph}, compensate=False)
+    assert not any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in small.modules())  # every block went
+    assert CostModel(ds.trace(small, X), small, "latency").initial == pytest.approx(deep, rel=1e-9)
+
+
+def test_choose_depth_auto_looks_only_under_a_per_call_cost_or_past_the_budget():
+    _, graph, latency, flops = setup()
+    scores = np.random.default_rng(0).random(graph.num_units)
+    ones = np.ones(graph.num_units, dtype=bool)
+    calls = []
+
+    def rescale_for(cost, budget):
+        def rescale(seed):
+            calls.append(1)
+            return scale_to_budget(graph, seed, scores, cost.cost, budget)
+        return rescale
+
+    budget = 0.5 * flops.initial
+    keep = uniform_fraction(graph, scores, flops.cost, budget, ~graph.unit_frozen)
+    assert not flops.charges_per_call
+    assert choose_depth(graph, keep, scores, flops.cost, budget, rescale_for(flops, budget)) is keep
+    assert not calls  # MACs: a block costs its channels, which the ranking already weighed
+    assert choose_depth(graph, keep, scores, latency.cost, 0.3 * latency.initial,
+                        rescale_for(latency, 0.3 * latency.initial), depth=False) is keep
+    assert not calls
+
+    # past the budget (below what channels reach), "auto" drops blocks until it fits
+    budget = 0.5 * (smallest_cost(graph, latency) + smallest_cost(graph, latency, depth=True))
+    keep = uniform_fraction(graph, scores, latency.cost, budget, ~graph.unit_frozen)
+    assert latency.cost(keep) > budget
+    deep = choose_depth(graph, keep, scores, latency.cost, budget, rescale_for(latency, budget))
+    assert calls and latency.cost(deep) <= budget
+    gone = branches.dropped(graph, deep)
+    assert gone and len(gone) < 4, "only as many blocks go as the budget needs, then value decides"
+    for b in gone:  # a dropped block keeps nothing; the others keep something in every group
+        assert not any(deep[graph.groups[g].units].any() for g in b.groups)
+    alive = set(range(len(graph.groups))) - {g for b in gone for g in b.groups}
+    assert all(deep[graph.groups[g].units].any() for g in alive)
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.5])
+def test_drop_branches_lazy_choice_matches_trying_every_branch_each_round(fraction):
+    """The lazy greedy step (only the best-looking branch is tried again) against the plain
+    greedy one that tries every branch every round, at budgets where some blocks stay."""
+    _, graph, latency, flops = setup()
+    value = flops.unit_weights(np.ones(graph.num_units, dtype=bool))  # MACs kept: blocks buy capacity
+    budget = fraction * latency.initial
+
+    def rescale(seed):
+        return scale_to_budget(graph, seed, value, latency.cost, budget)
+
+    start = rescale(np.ones(graph.num_units, dtype=bool))
+    lazy = drop_branches(graph, start, value, rescale, latency.cost, budget)
+
+    best = start
+    while True:  # plain greedy, written out
+        trials = []
+        for b in graph.branches:
+            if all(best[graph.groups[g].units].any() for g in b.own):
+                seed = best.copy()
+                for g in b.own:
+                    seed[graph.groups[g].units] = False
+                t = rescale(branches.settle(graph, seed))
+                trials.append((max(latency.cost(t) - budget, 0.0), -value[t].sum(), t))
+        if not trials:
+            break
+        over, neg, t = min(trials, key=lambda r: (r[0], r[1]))
+        here = max(latency.cost(best) - budget, 0.0)
+        if over < here - 1e-12 or (over <= here + 1e-12 and -neg > value[best].sum() * (1 + 1e-9)):
+            best = t
+        else:
+            break
+    assert 0 < len(branches.dropped(graph, lazy)) < len(graph.branches)
+    assert value[lazy].sum() == pytest.approx(value[best].sum(), rel=1e-9)
+    assert latency.cost(lazy) <= budget
+
+
+def one_tiny_step(net, lr):
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-5)
+    optimizer.zero_grad()
+    net(torch.randn(4, 3, 16, 16)).square().mean().backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("algorithm", ["magnitude", "morphnet"])
+def test_a_latency_target_channels_cannot_reach_is_met_by_dropping_blocks(tmp_path, algorithm):
+    model, graph, latency, _ = setup()
+    shallow = smallest_cost(graph, latency, round_to=16)
+    fraction = round(0.9 * shallow / latency.initial, 3)  # below the smallest network of channels alone
+    options = dict(train_one_epoch=one_tiny_step, test=lambda m: 0.0, finetune=False, algorithm=algorithm,
+                   max_epochs=0 if algorithm == "magnitude" else 2, target={"resource": "latency", "value": fraction},
+                   device="cpu", progress=False, latency_runs=1, exporters=("onnx",), onnx_latency=False)
+    with pytest.raises(ds.TargetError, match="With depth: auto .* meets this target"):
+        shrink(model, X, depth=False, **options)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = shrink(model, X, out_dir=str(tmp_path / "run"), **options)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model untouched
+    extra = result.report.extra
+    assert extra["resources"]["latency_ms"]["after"] <= fraction * latency.initial * (1 + 1e-9)
+    dropped = extra["blocks_dropped"]["blocks"]
+    assert dropped and extra["blocks_dropped"]["depth"] == "auto"
+    gone = {layer for block in dropped for layer in block["layers"]}
+    convs = {n.target for n in result.model.graph.nodes if n.op == "call_module"}
+    assert gone and not gone & convs  # the dropped blocks' layers are not in the network
+    small = result.model
+    assert CostModel(ds.trace(small, X), small, "latency").initial == \
+        pytest.approx(extra["resources"]["latency_ms"]["after"], rel=1e-9)
+    report = (tmp_path / "run" / "report.json").read_text()
+    assert '"blocks_dropped"' in report
+    out = ds.export(small, X, "onnx", tmp_path / "small.onnx")  # the dropped network exports and verifies
+    assert out["max_relative_error"] < 1e-4
