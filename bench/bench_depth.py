@@ -1,15 +1,17 @@
 """The pipeline's ``depth`` option under a latency target: structures with whole residual
-blocks dropped (``depth: auto``, the default) against channels only (``depth: false``),
-timed with onnxruntime.
+blocks dropped against channels only, timed with onnxruntime.
 
 Every variant is a real ``shrink()`` run of one algorithm (``magnitude`` by default: filter
-L1 ranking, no training, so the structure is the only difference) at a target of
-``--latency`` times the baseline's predicted latency (the shipped profile: onnxruntime CPU,
-2 threads, batch 1) with ``round_to: auto``. A target that channels alone cannot reach is
-refused with ``depth: false`` (the row says so). Timing: onnxruntime CPU, 2 threads, batch
+L1 ranking, no training, so the structure is the only difference) at a latency target (a
+fraction of the baseline's predicted latency; the shipped profile: onnxruntime CPU, 2
+threads, batch 1) with ``round_to: auto``. Per model: a target ``--below`` times the
+smallest latency channels alone can reach (met with ``depth: auto``; refused with
+``depth: false``, the row says so), channels alone at that floor, and each ``--latency``
+target above it with ``depth: auto`` (channels alone there) and ``depth: true`` (blocks
+dropped wherever that keeps more of the ranking's value). Timing: onnxruntime CPU, 2 threads, batch
 1, baseline and variants interleaved in blocks, fastest and median of all timed runs.
 
-    python bench/bench_depth.py [--models ...] [--latency 0.4 0.6] [--size 224] [--json rows.json]
+    python bench/bench_depth.py [--models ...] [--latency 0.4 0.6] [--below 0.75] [--size 224] [--json rows.json]
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -25,7 +28,8 @@ import torch
 import torchvision
 
 import dnnshrink_core as ds
-from dnnshrink_core.cost import CostModel
+from dnnshrink_core.cost import CostModel, resolve_round_to
+from dnnshrink_core.target import smallest_cost
 from dnnshrink_core.pipeline import shrink
 from dnnshrink_core.timing import fastest_and_median, interleaved_times, session
 
@@ -53,6 +57,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
                                                         "resnet50"])
     parser.add_argument("--latency", nargs="+", type=float, default=[0.4, 0.6])
+    parser.add_argument("--below", type=float, default=0.75,
+                        help="also a target this share of the smallest latency channels alone can reach")
     parser.add_argument("--algorithm", default="magnitude")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=15)
@@ -68,8 +74,13 @@ def main() -> None:
         graph = ds.trace(model, x)
         flops, latency = CostModel(graph, model, "flops"), CostModel(graph, model, "latency")
         nets, info = {"baseline": model}, {"baseline": None}
-        for fraction in args.latency:
-            for depth in ("auto", False):
+        auto, _ = resolve_round_to(graph, model, "auto")
+        floor = smallest_cost(graph, latency, 1, auto) / latency.initial  # channels alone, every width at its block
+        below = round(args.below * floor, 3)
+        plan = [(below, ("auto", False)), (math.ceil(floor * 1000) / 1000, (False,))]  # the floor of channels alone
+        plan += [(fraction, ("auto", True)) for fraction in args.latency if fraction > floor]
+        for fraction, depths in plan:
+            for depth in depths:
                 label = f"latency {fraction:g}, depth {str(depth).lower()}"
                 net, extra = run(model, x, args.algorithm, fraction, depth)
                 if net is None:

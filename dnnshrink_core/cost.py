@@ -171,14 +171,6 @@ class CostModel:
         """The cost with only the ``alive`` units kept."""
         return float(self.layer_costs(alive).sum() + float(getattr(self.resource, "fixed", 0.0)))
 
-    @property
-    def charges_per_call(self) -> bool:
-        """Whether the resource charges a layer something with no channel at all (a fixed
-        cost per call, as the ``latency`` cost's per-op overhead): a whole residual block is
-        then worth more than the sum of its channels, which no per-channel ranking sees."""
-        zero = np.zeros(len(self.layers))
-        return bool(np.any(np.asarray(self.resource.layer_costs(zero, zero), dtype=np.float64) > 0))
-
     def unit_weights(self, alive: np.ndarray) -> np.ndarray:
         """``d cost / d (kept units)`` per unit, with the other side's counts held: MorphNet's
         weight of each unit's ``|gamma|``.

@@ -74,12 +74,11 @@ class ShrinkOptions:
     to the target after learning.
     ``depth``: whether the algorithm may drop whole residual blocks (a branch added to its
     input whose inner channels all go; the generator removes its ops and adds its constant
-    output). ``"auto"`` (the default): where the target's cost charges every layer a fixed
-    per-call time (``latency``), where a block is worth less than its channels, and where
-    the target is below what channels alone can reach; ``true``: under any resource,
-    whenever it keeps more of what the algorithm values at the target; ``false``: channels
-    only (a block whose channels all died still goes). For algorithms that choose depth
-    (``chooses_depth``: ``morphnet``, ``slimming``, ``magnitude``).
+    output). ``"auto"`` (the default): where the target is below what channels alone can
+    reach, as many blocks as meeting it takes; ``true``: also wherever a drop keeps more of
+    what the algorithm values at the target; ``false``: channels only (a block whose
+    channels all died still goes). For algorithms that choose depth (``chooses_depth``:
+    ``morphnet``, ``slimming``, ``magnitude``).
     ``max_score_drop``: when the shrunk model scores more than this below the
     baseline, :func:`shrink` raises :class:`~dnnshrink_core.errors.ScoreDropError` after
     writing its report (the CLI exits with 1).

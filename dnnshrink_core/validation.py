@@ -33,8 +33,8 @@ RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
               "a number from 0 to 1 (how far MorphNet follows its learned widths below where learning "
               "stopped; 0 = the uniform multiplier's widths) or 'auto'"),
     "depth": (lambda v: v == "auto" if isinstance(v, str) else True,
-              "true, false or 'auto' (whether whole residual blocks may go; auto: under a latency target, or "
-              "where channels alone cannot reach the target)"),
+              "true, false or 'auto' (whether whole residual blocks may go; auto: where channels alone cannot "
+              "reach the target)"),
     "latency_runs": (lambda v: v >= 1, "an integer >= 1"),
     "max_score_drop": (lambda v: v >= 0, "a number >= 0 (how far below the baseline's score the shrunk "
                                          "model may score), or null for no limit"),

@@ -225,3 +225,21 @@ def test_latency_target_on_the_digits_demo_is_met(tmp_path):
     assert onnx["baseline_ms"] > 0 and onnx["shrunk_ms"] > 0  # measured next to the predicted
     assert extra["structure_learning"]["target"] == {"resource": "latency", "fraction": 0.95}
     assert "ONNX ms" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_the_calibration_checks_thin_networks_at_a_quarter_of_their_widths():
+    """The check's shrunk networks: every removable group cut to a quarter, rounded up to 16."""
+    import torchvision
+
+    from dnnshrink_plugins.costs.calibrate import thin_network
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    graph = ds.trace(model, x)
+    thin = thin_network(model, x)
+    widths = {name: m.out_channels for name, m in thin.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert widths["conv1"] == 16 and widths["layer2.0.conv1"] == 32 and widths["layer4.1.conv1"] == 128
+    assert thin(x).shape == model(x).shape
+    flops = CostModel(graph, model, "flops")
+    assert 0.05 < CostModel(ds.trace(thin, x), thin, "flops").initial / flops.initial < 0.1

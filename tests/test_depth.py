@@ -1,5 +1,5 @@
-"""The ``depth`` option: algorithms drop whole residual blocks where a per-call cost makes a
-block worth less than its channels, or where channels alone cannot reach the target; the
+"""The ``depth`` option: algorithms drop whole residual blocks where channels alone cannot
+reach the target (``auto``) or wherever that keeps more of their value (``true``); the
 reachable figure counts them, and turning depth off says what it would have reached."""
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def setup():
 
 def test_the_smallest_network_with_blocks_dropped_is_what_the_generator_builds():
     model, graph, latency, _ = setup()
-    assert len(graph.branches) == 4 and latency.charges_per_call
+    assert len(graph.branches) == 4
     shallow, deep = smallest_cost(graph, latency), smallest_cost(graph, latency, depth=True)
     assert deep < 0.6 * shallow  # the per-call times of 12 layers are gone
     # the same structure, generated and priced again from its own trace
@@ -70,10 +70,9 @@ def test_the_smallest_network_with_blocks_dropped_is_what_the_generator_builds()
     assert CostModel(ds.trace(small, X), small, "latency").initial == pytest.approx(deep, rel=1e-9)
 
 
-def test_choose_depth_auto_looks_only_under_a_per_call_cost_or_past_the_budget():
+def test_choose_depth_auto_drops_only_what_meeting_the_budget_takes():
     _, graph, latency, flops = setup()
     scores = np.random.default_rng(0).random(graph.num_units)
-    ones = np.ones(graph.num_units, dtype=bool)
     calls = []
 
     def rescale_for(cost, budget):
@@ -82,27 +81,40 @@ def test_choose_depth_auto_looks_only_under_a_per_call_cost_or_past_the_budget()
             return scale_to_budget(graph, seed, scores, cost.cost, budget)
         return rescale
 
-    budget = 0.5 * flops.initial
-    keep = uniform_fraction(graph, scores, flops.cost, budget, ~graph.unit_frozen)
-    assert not flops.charges_per_call
-    assert choose_depth(graph, keep, scores, flops.cost, budget, rescale_for(flops, budget)) is keep
-    assert not calls  # MACs: a block costs its channels, which the ranking already weighed
-    assert choose_depth(graph, keep, scores, latency.cost, 0.3 * latency.initial,
-                        rescale_for(latency, 0.3 * latency.initial), depth=False) is keep
-    assert not calls
+    for cost, fraction in ((flops, 0.5), (latency, 0.95)):  # reachable by channels: "auto" leaves it be
+        budget = fraction * cost.initial
+        keep = uniform_fraction(graph, scores, cost.cost, budget, ~graph.unit_frozen)
+        assert choose_depth(graph, keep, scores, cost.cost, budget, rescale_for(cost, budget)) is keep
+        assert not calls
+        more = choose_depth(graph, keep, scores, cost.cost, budget, rescale_for(cost, budget), depth=True)
+        assert calls and scores[more].sum() >= scores[keep].sum()  # true: looks, and keeps only what helps
+        calls.clear()
 
-    # past the budget (below what channels reach), "auto" drops blocks until it fits
+    # past the budget (below what channels reach): dropped until it fits, then no more
     budget = 0.5 * (smallest_cost(graph, latency) + smallest_cost(graph, latency, depth=True))
     keep = uniform_fraction(graph, scores, latency.cost, budget, ~graph.unit_frozen)
     assert latency.cost(keep) > budget
+    assert choose_depth(graph, keep, scores, latency.cost, budget, rescale_for(latency, budget), depth=False) is keep
     deep = choose_depth(graph, keep, scores, latency.cost, budget, rescale_for(latency, budget))
-    assert calls and latency.cost(deep) <= budget
+    assert latency.cost(deep) <= budget
     gone = branches.dropped(graph, deep)
-    assert gone and len(gone) < 4, "only as many blocks go as the budget needs, then value decides"
+    assert 0 < len(gone) < 4
     for b in gone:  # a dropped block keeps nothing; the others keep something in every group
         assert not any(deep[graph.groups[g].units].any() for g in b.groups)
     alive = set(range(len(graph.groups))) - {g for b in gone for g in b.groups}
     assert all(deep[graph.groups[g].units].any() for g in alive)
+    for b in gone:  # one block fewer gone, rescaled: over the budget, so none went without need
+        back = scale_to_budget(graph, branches.settle(graph, deep | _units_of(graph, b)), scores, latency.cost,
+                               budget)
+        assert len(branches.dropped(graph, back)) == len(gone) - 1 and latency.cost(back) > budget
+
+
+def _units_of(graph, branch) -> np.ndarray:
+    """The units of ``branch``'s groups, as a keep-set."""
+    keep = np.zeros(graph.num_units, dtype=bool)
+    for g in branch.groups:
+        keep[graph.groups[g].units] = True
+    return keep
 
 
 @pytest.mark.parametrize("fraction", [0.6, 0.5])

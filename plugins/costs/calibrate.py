@@ -11,8 +11,9 @@
    bandwidth, overhead per op; per run: a fixed overhead) is fitted to the chains' times by
    least squares on the log of predicted/measured time.
 4. **Check.** Whole networks the fit never saw (torchvision ResNet-18/50, MobileNetV2/V3,
-   EfficientNet-B0, ``weights=None``) are exported and timed, and their predicted latency
-   (the traced channel graph priced by the profile) is compared with the measured one.
+   EfficientNet-B0, ``weights=None``), and each cut to a quarter of its widths (the thin
+   layers shrunk networks run), are exported and timed, and their predicted latency (the
+   traced channel graph priced by the profile) is compared with the measured one.
 """
 from __future__ import annotations
 
@@ -280,29 +281,52 @@ def predict_network(model: Any, x: Any, profile: Profile) -> float:
     return CostModel(ds.trace(model, x), model, "latency", profile=profile).initial
 
 
+THIN_SHARE = 0.25  # the validation's shrunk networks keep this share of every removable group
+
+
+def thin_network(model: Any, x: Any, share: float = THIN_SHARE, block: int = 16) -> Any:
+    """``model`` with every channel group cut to ``share`` of its removable units (rounded up
+    to ``block``): the widths a shrunk network runs at, where per-op costs weigh most."""
+    import dnnshrink_core as ds
+
+    graph = ds.trace(model, x)
+    masks = {}
+    for group in graph.groups:
+        removable = graph.unit_removable[group.units]
+        keep = ~removable
+        free = np.flatnonzero(removable)
+        keep[free[:min(len(free), max(block, int(math.ceil(share * len(free) / block)) * block))]] = True
+        masks[group.name] = keep
+    return ds.generate(model, x, masks, compensate=False)
+
+
 def validate(backend: Any, profile: Profile, models: Sequence[str] = VALIDATION_MODELS, rounds: int = 6,
-             runs: int = 3, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+             runs: int = 3, log: Callable[[str], None] = print, thin: bool = True) -> List[Dict[str, Any]]:
     """Predicted against measured latency (fastest and median of interleaved runs) of whole
-    torchvision networks (``weights=None``) the fit did not see."""
+    torchvision networks (``weights=None``) the fit did not see, and (``thin``) of each cut
+    to a quarter of its widths (:func:`thin_network`), named ``<model> x0.25``."""
     import torch
     import torchvision
 
     torch.manual_seed(0)
     x = torch.randn(backend.batch, 3, 224, 224)
-    prepared, predicted = {}, {}
+    prepared, predicted, names = {}, {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             model = torchvision.models.get_model(name, weights=None).eval()
-            predicted[name] = predict_network(model, x, profile)
-            prepared[name] = backend.prepare_network(model, x, Path(tmp), name)
+            variants = [(name, model)] + ([(f"{name} x{THIN_SHARE:g}", thin_network(model, x))] if thin else [])
+            for label, net in variants:
+                names.append(label)
+                predicted[label] = predict_network(net, x, profile)
+                prepared[label] = backend.prepare_network(net, x, Path(tmp), label.replace(" ", "_"))
         timed = backend.time(prepared, rounds, runs)
     rows = []
-    for name in models:
+    for name in names:
         fastest, median = timed[name]
         rows.append({"model": name, "predicted_ms": round(predicted[name], 3), "measured_ms": round(1e3 * fastest, 3),
                      "measured_median_ms": round(1e3 * median, 3),
                      "error_pct": round(100 * (predicted[name] / (1e3 * fastest) - 1), 1)})
-        log(f"  {name:<20} predicted {predicted[name]:8.2f} ms, measured {1e3 * fastest:8.2f} ms (median "
+        log(f"  {name:<25} predicted {predicted[name]:8.2f} ms, measured {1e3 * fastest:8.2f} ms (median "
             f"{1e3 * median:.2f}): {rows[-1]['error_pct']:+.1f}%")
     return rows
 
@@ -345,10 +369,13 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     if check:
         log("  unseen networks (predicted against measured, fastest of runs):")
         rows = validate(backend, profile, log=log)
-        errors = [abs(r["error_pct"]) for r in rows]
+        whole = [abs(r["error_pct"]) for r in rows if " x" not in r["model"]]
+        thin = [abs(r["error_pct"]) for r in rows if " x" in r["model"]]
         calibration["validation"] = rows
-        calibration["validation_mean_abs_error_pct"] = round(float(np.mean(errors)), 1)
-        log(f"  mean absolute error {np.mean(errors):.1f}%")
+        calibration["validation_mean_abs_error_pct"] = round(float(np.mean(whole)), 1)
+        calibration["validation_thin_mean_abs_error_pct"] = round(float(np.mean(thin)), 1)
+        log(f"  mean absolute error {np.mean(whole):.1f}% (whole networks), {np.mean(thin):.1f}% (at "
+            f"{THIN_SHARE:g} of their widths)")
     calibration["seconds"] = round(time.perf_counter() - start, 1)
     calibration["load_average_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     if out is not None:

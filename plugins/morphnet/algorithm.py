@@ -240,7 +240,7 @@ class MorphNet:
             return fit(ctx.graph, seed, gammas, ctx.costs.cost, budget, opts.min_width, round_to, floors)
 
         keep = choose_depth(ctx.graph, structure(start), gammas, ctx.costs.cost, budget, structure,
-                            getattr(opts, "depth", "auto"), ctx.costs.charges_per_call)
+                            getattr(opts, "depth", "auto"))
         return keep, used
 
     def _annealer(self, ctx: LearnContext, held: HeldScales, trust: Union[float, str], learn_at: float,
@@ -346,8 +346,7 @@ def _with_depth(ctx: LearnContext, keep: np.ndarray, scores: np.ndarray) -> np.n
     def structure(seed: np.ndarray) -> np.ndarray:
         return scale_to_budget(ctx.graph, seed, scores, ctx.costs.cost, ctx.target, opts.min_width, opts.round_to)
 
-    return choose_depth(ctx.graph, keep, scores, ctx.costs.cost, ctx.target, structure, getattr(opts, "depth", "auto"),
-                        ctx.costs.charges_per_call)
+    return choose_depth(ctx.graph, keep, scores, ctx.costs.cost, ctx.target, structure, getattr(opts, "depth", "auto"))
 
 
 ALGORITHMS = {a.name: a for a in (MorphNet(lambda name: _regularizer(name)), Slimming(), Magnitude())}

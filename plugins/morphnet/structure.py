@@ -251,14 +251,15 @@ def toward_uniform(graph: ChannelGraph, learned: np.ndarray, gammas: np.ndarray,
 
 def drop_branches(graph: ChannelGraph, keep: np.ndarray, scores: np.ndarray,
                   rescale: Callable[[np.ndarray], np.ndarray], cost: Optional[Callable[[np.ndarray], float]] = None,
-                  budget: Optional[float] = None) -> np.ndarray:
+                  budget: Optional[float] = None, until_within: bool = False) -> np.ndarray:
     """Drop whole residual branches (:func:`~dnnshrink_core.plugin_api.emptiable_groups`)
     while that helps: each round tries every branch still there, emptied and the rest
     re-scaled by ``rescale`` (the width multiplier to the budget), and keeps the best trial.
     With ``cost`` and ``budget``, a structure that costs less above the budget is better
     whatever it keeps (a target below what channels alone can reach is met by dropping
-    blocks, the ones that cost least ``scores`` first); within the budget a trial must hold
-    more ``scores`` than the structure before.
+    blocks; among drops that meet it, the one that keeps most ``scores``); within the budget
+    a trial must hold more ``scores`` than the structure before, unless ``until_within``,
+    which stops as soon as the budget is met.
 
     A cost that charges each layer a fixed per-call time (the ``latency`` cost) prices a
     whole branch above the sum of its channels: dropping a thin, cheap block frees that time
@@ -293,7 +294,7 @@ def drop_branches(graph: ChannelGraph, keep: np.ndarray, scores: np.ndarray,
             attempt(i)
     # lazy greedy: a drop helps less, not more, once others went, so only the branch that looked
     # best when last tried is tried again; it is taken when it still beats what the others looked
-    while trials:
+    while trials and not (until_within and value[0] <= tolerance):
         i = max(trials, key=lambda j: (-trials[j][0][0], trials[j][0][1]))
         if trials[i][2] != version:
             attempt(i)
@@ -308,20 +309,24 @@ def drop_branches(graph: ChannelGraph, keep: np.ndarray, scores: np.ndarray,
 
 
 def choose_depth(graph: ChannelGraph, keep: np.ndarray, scores: np.ndarray, cost: Callable[[np.ndarray], float],
-                 budget: float, rescale: Callable[[np.ndarray], np.ndarray], depth: Union[bool, str] = "auto",
-                 per_call: bool = False) -> np.ndarray:
+                 budget: float, rescale: Callable[[np.ndarray], np.ndarray],
+                 depth: Union[bool, str] = "auto") -> np.ndarray:
     """The structure ``keep`` (at ``budget``, by ``cost``) with whole residual blocks
-    dropped where that helps (:func:`drop_branches`): the pipeline's ``depth`` option.
+    dropped by :func:`drop_branches`, as the pipeline's ``depth`` option says.
 
-    ``"auto"`` looks for blocks to drop when the cost charges every layer a fixed per-call
-    cost (``per_call``: :attr:`CostModel.charges_per_call`, the latency cost), where a block
-    is worth less than its channels, or when ``keep`` costs more than the budget (a target
-    below what channels alone can reach); under MACs, parameters or activations a block
-    costs the sum of its channels, which the channel ranking already weighs. ``True`` looks
-    every time; ``False`` never (a block whose channels all died still goes: that is exact
-    and costs nothing)."""
+    ``"auto"``: only where ``keep`` costs more than the budget (a target below what channels
+    alone can reach), and only as many blocks as meeting it takes. ``True``: also wherever
+    a drop keeps more ``scores`` at the budget. ``False``: never (a block whose channels all
+    died still goes: that is exact and costs nothing).
+
+    Why ``"auto"`` stops there: measured with onnxruntime (docs/benchmarks.md, "depth"),
+    dropping blocks for more of a ranking's value at a reachable latency target kept fewer
+    MACs and ran slower on ResNet-50 than channels alone; which blocks a trained network can
+    spare at a target it can reach is not known until a training run says so."""
     if depth is False or not graph.branches:
         return keep
-    if depth == "auto" and not per_call and cost(keep) <= budget * (1 + 1e-9):
-        return keep
+    if depth == "auto":
+        if cost(keep) <= budget * (1 + 1e-9):
+            return keep
+        return drop_branches(graph, keep, scores, rescale, cost, budget, until_within=True)
     return drop_branches(graph, keep, scores, rescale, cost, budget)
