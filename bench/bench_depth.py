@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import tempfile
@@ -33,7 +32,7 @@ from dnnshrink_core.target import smallest_cost
 from dnnshrink_core.pipeline import shrink
 from dnnshrink_core.timing import fastest_and_median, interleaved_times, session
 
-from common import imagenet_setup
+from common import finish, imagenet_setup, latency_row
 
 
 def run(model, x, algorithm: str, fraction: float, depth):
@@ -95,18 +94,13 @@ def main() -> None:
                 sessions[label] = session(str(path), 2)
                 feeds[label] = {sessions[label].get_inputs()[0].name: x.numpy()}
             timed = fastest_and_median(interleaved_times(sessions, feeds, args.rounds, args.runs))
-        base_fast, base_med = timed["baseline"]
         for label, net in nets.items():
-            fast, med = timed[label]
             extra = info[label]
-            macs = extra["resources"]["macs"]["after"] if extra else flops.initial
+            macs = extra["resources"]["macs"]["after"] / flops.initial if extra else 1.0
             predicted = extra["resources"]["latency_ms"]["after"] if extra else latency.initial
-            blocks = len(extra["blocks_dropped"]["blocks"]) if extra else 0
-            cut = flops.initial / macs
-            rows.append({"model": name, "variant": label, "blocks_dropped": blocks, "of_blocks": len(graph.branches),
-                         "macs_kept": macs / flops.initial, "predicted_ms": predicted, "fastest_ms": 1e3 * fast,
-                         "median_ms": 1e3 * med, "speedup_fastest": base_fast / fast, "macs_cut": cut,
-                         "efficiency_fastest": base_fast / fast / cut, "efficiency_median": base_med / med / cut})
+            rows.append(latency_row(name, label, macs, predicted, timed[label], timed["baseline"],
+                                    blocks_dropped=len(extra["blocks_dropped"]["blocks"]) if extra else 0,
+                                    of_blocks=len(graph.branches)))
     print(f"{'model':<19}{'variant':<28}{'blocks':>8}{'MACs kept':>10}{'pred ms':>9}{'fast ms':>9}{'med ms':>9}"
           f"{'speed-up':>10}{'eff.':>7}{'eff.med':>8}")
     for r in rows:
@@ -116,9 +110,7 @@ def main() -> None:
         print(f"{r['model']:<19}{r['variant']:<28}{r['blocks_dropped']:>4}/{r['of_blocks']:<3}{r['macs_kept']:>10.3f}"
               f"{r['predicted_ms']:>9.2f}{r['fastest_ms']:>9.2f}{r['median_ms']:>9.2f}{r['speedup_fastest']:>9.2f}x"
               f"{r['efficiency_fastest']:>7.2f}{r['efficiency_median']:>8.2f}")
-    print(f"1-minute load average at the end: {os.getloadavg()[0]:.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    finish(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ blocks, fastest and median of all timed runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import warnings
@@ -41,7 +40,7 @@ from dnnshrink_core.cost import CostModel, resolve_round_to
 from dnnshrink_core.timing import fastest_and_median, interleaved_times, session
 from dnnshrink_plugins.morphnet.structure import drop_branches, scale_to_budget, uniform_fraction, width_floors
 
-from common import imagenet_setup
+from common import finish, imagenet_setup, latency_row
 
 
 def magnitude(model, costs: CostModel, graph) -> np.ndarray:
@@ -155,24 +154,16 @@ def main() -> None:
                 sessions[label] = session(str(path), 2)
                 feeds[label] = {sessions[label].get_inputs()[0].name: x.numpy()}
             timed = fastest_and_median(interleaved_times(sessions, feeds, args.rounds, args.runs))
-        base_fast, base_med = timed["baseline"]
         for label, keep in variants.items():
-            fast, med = timed[label]
-            macs = flops.cost(keep)
-            cut = flops.initial / macs
-            rows.append({"model": name, "variant": label, "macs_kept": macs / flops.initial,
-                         "predicted_ms": latency.cost(keep), "fastest_ms": 1e3 * fast, "median_ms": 1e3 * med,
-                         "speedup_fastest": base_fast / fast, "speedup_median": base_med / med, "macs_cut": cut,
-                         "efficiency_fastest": base_fast / fast / cut, "efficiency_median": base_med / med / cut})
+            rows.append(latency_row(name, label, flops.cost(keep) / flops.initial, latency.cost(keep), timed[label],
+                                    timed["baseline"]))
     print(f"{'model':<13}{'variant':<38}{'MACs kept':>10}{'pred ms':>9}{'fast ms':>9}{'med ms':>9}"
           f"{'speed-up':>10}{'MACs cut':>10}{'eff.':>7}{'eff.med':>8}")
     for r in rows:
         print(f"{r['model']:<13}{r['variant']:<38}{r['macs_kept']:>10.3f}{r['predicted_ms']:>9.2f}"
               f"{r['fastest_ms']:>9.2f}{r['median_ms']:>9.2f}{r['speedup_fastest']:>9.2f}x{r['macs_cut']:>9.2f}x"
               f"{r['efficiency_fastest']:>7.2f}{r['efficiency_median']:>8.2f}")
-    print(f"1-minute load average at the end: {os.getloadavg()[0]:.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    finish(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dnnshrink_core import branches
 from dnnshrink_core.cost import CostModel
 from dnnshrink_core.pipeline import shrink
 from dnnshrink_core.target import smallest_cost
-from dnnshrink_plugins.morphnet.structure import choose_depth, drop_branches, scale_to_budget, uniform_fraction
+from dnnshrink_plugins.morphnet.structure import choose_depth, scale_to_budget, uniform_fraction
 from models import conv_bn
 
 
@@ -115,43 +115,6 @@ def _units_of(graph, branch) -> np.ndarray:
     for g in branch.groups:
         keep[graph.groups[g].units] = True
     return keep
-
-
-@pytest.mark.parametrize("fraction", [0.6, 0.5])
-def test_drop_branches_lazy_choice_matches_trying_every_branch_each_round(fraction):
-    """The lazy greedy step (only the best-looking branch is tried again) against the plain
-    greedy one that tries every branch every round, at budgets where some blocks stay."""
-    _, graph, latency, flops = setup()
-    value = flops.unit_weights(np.ones(graph.num_units, dtype=bool))  # MACs kept: blocks buy capacity
-    budget = fraction * latency.initial
-
-    def rescale(seed):
-        return scale_to_budget(graph, seed, value, latency.cost, budget)
-
-    start = rescale(np.ones(graph.num_units, dtype=bool))
-    lazy = drop_branches(graph, start, value, rescale, latency.cost, budget)
-
-    best = start
-    while True:  # plain greedy, written out
-        trials = []
-        for b in graph.branches:
-            if all(best[graph.groups[g].units].any() for g in b.own):
-                seed = best.copy()
-                for g in b.own:
-                    seed[graph.groups[g].units] = False
-                t = rescale(branches.settle(graph, seed))
-                trials.append((max(latency.cost(t) - budget, 0.0), -value[t].sum(), t))
-        if not trials:
-            break
-        over, neg, t = min(trials, key=lambda r: (r[0], r[1]))
-        here = max(latency.cost(best) - budget, 0.0)
-        if over < here - 1e-12 or (over <= here + 1e-12 and -neg > value[best].sum() * (1 + 1e-9)):
-            best = t
-        else:
-            break
-    assert 0 < len(branches.dropped(graph, lazy)) < len(graph.branches)
-    assert value[lazy].sum() == pytest.approx(value[best].sum(), rel=1e-9)
-    assert latency.cost(lazy) <= budget
 
 
 def one_tiny_step(net, lr):

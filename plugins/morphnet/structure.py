@@ -275,36 +275,24 @@ def drop_branches(graph: ChannelGraph, keep: np.ndarray, scores: np.ndarray,
             return True
         return a[0] <= b[0] + tolerance and a[1] > b[1] + 1e-9 * abs(b[1])
 
-    branches = graph.branches
-    best, value, version = keep, rank(keep), 0
-    trials: dict = {}  # branch index -> (its rank, its structure, the version of ``best`` it was tried on)
-
-    def there(i: int) -> bool:
-        return all(best[graph.groups[g].units].any() for g in branches[i].own)
-
-    def attempt(i: int) -> None:
-        seed = best.copy()
-        for g in branches[i].own:
-            seed[graph.groups[g].units] = False
-        trial = rescale(settle_branches(graph, seed))
-        trials[i] = (rank(trial), trial, version)
-
-    for i in range(len(branches)):
-        if there(i):
-            attempt(i)
-    # lazy greedy: a drop helps less, not more, once others went, so only the branch that looked
-    # best when last tried is tried again; it is taken when it still beats what the others looked
-    while trials and not (until_within and value[0] <= tolerance):
-        i = max(trials, key=lambda j: (-trials[j][0][0], trials[j][0][1]))
-        if trials[i][2] != version:
-            attempt(i)
-            continue
-        if not better(trials[i][0], value):
+    best, value = keep, rank(keep)
+    while not (until_within and value[0] <= tolerance):
+        top = None  # every branch still there is tried each round: a lazier greedy that re-tried
+        # only the best-looking one kept 8% fewer MACs on MobileNetV2 (a drop can help more once
+        # another went)
+        for branch in graph.branches:
+            if not all(best[graph.groups[g].units].any() for g in branch.own):
+                continue
+            seed = best.copy()
+            for g in branch.own:
+                seed[graph.groups[g].units] = False
+            trial = rescale(settle_branches(graph, seed))
+            score = rank(trial)
+            if top is None or better(score, top[0]):
+                top = (score, trial)
+        if top is None or not better(top[0], value):
             return best
-        value, best, _ = trials.pop(i)
-        version += 1
-        for j in [j for j in trials if not there(j)]:
-            del trials[j]
+        value, best = top
     return best
 
 
