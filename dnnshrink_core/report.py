@@ -254,10 +254,14 @@ def report_markdown(result: Any) -> str:
     widths = result.report.extra.get("widths")
     width_table = ("## Widths per group, against a uniform width multiplier at the same budget\n\n"
                    f"{widths_markdown(widths)}\n\n") if widths else ""
+    dropped = result.report.extra.get("blocks_dropped", {})
+    blocks = "".join(f"- the branch joined at `{b['join']}`: {', '.join(f'`{n}`' for n in b['layers'])}\n"
+                     for b in dropped.get("blocks", []))
+    depth = (f"## Whole residual blocks dropped (depth: {dropped.get('depth')})\n\n{blocks}\n") if blocks else ""
     return (f"# dnnshrink report\n\n{_markdown_table(result.report)}\n\n"
             f"Structure learning: `{learn['algorithm']}`, {learn['epochs']} epoch(s), target "
             f"{learn['target_macs']:,.4g} {_target_unit(learn)}" + (f" ({details})" if details else "") + ".\n\n"
-            f"{width_table}## Layers\n\n```\n{result.report.table()}\n```\n")
+            f"{width_table}{depth}## Layers\n\n```\n{result.report.table()}\n```\n")
 
 
 def _target_unit(learn: Dict[str, Any]) -> str:

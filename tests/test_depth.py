@@ -149,5 +149,9 @@ def test_a_latency_target_channels_cannot_reach_is_met_by_dropping_blocks(tmp_pa
         pytest.approx(extra["resources"]["latency_ms"]["after"], rel=1e-9)
     report = (tmp_path / "run" / "report.json").read_text()
     assert '"blocks_dropped"' in report
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    assert "## Whole residual blocks dropped (depth: auto)" in markdown
+    for block in dropped:
+        assert f"joined at `{block['join']}`" in markdown and all(f"`{n}`" in markdown for n in block["layers"])
     out = ds.export(small, X, "onnx", tmp_path / "small.onnx")  # the dropped network exports and verifies
     assert out["max_relative_error"] < 1e-4
