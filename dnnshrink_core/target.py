@@ -233,9 +233,10 @@ def smallest_cost(graph: Any, costs: Any, min_width: int = 1, round_to: Any = 1,
             continue
         free = units[~keep[units]]
         keep[free[np.argsort(weights[free], kind="stable")][: need - fixed]] = True
-    if depth and graph.branches:
-        keep = settle(graph, keep & ~np.isin(np.arange(graph.num_units), np.concatenate(
-            [graph.groups[g].units for b in graph.branches for g in b.own])))
+    if depth and graph.branches:  # every block that can go, gone
+        for g in {g for b in graph.branches for g in b.own}:
+            keep[graph.groups[g].units] = False
+        keep = settle(graph, keep)
     return costs.cost(keep)
 
 
