@@ -243,3 +243,45 @@ def test_the_calibration_checks_thin_networks_at_a_quarter_of_their_widths():
     assert thin(x).shape == model(x).shape
     flops = CostModel(graph, model, "flops")
     assert 0.05 < CostModel(ds.trace(thin, x), thin, "flops").initial / flops.initial < 0.1
+
+
+class ProbeTimer:
+    """A stand-in backend for the block probes: a chain's time is its channel units times a
+    unit cost, ``slowdown`` times more when the width misses the kind's block; ``blocks``
+    gives the blocks pass by pass (a busy machine makes them move)."""
+
+    def __init__(self, blocks, slowdown: float = 2.0):
+        self.blocks, self.slowdown, self.calls = blocks, slowdown, 0
+
+    def prepare(self, ops):
+        return tuple(ops), {}
+
+    def time(self, prepared, rounds, runs):
+        block = self.blocks[min(self.calls, len(self.blocks) - 1)]
+        self.calls += 1
+        out = {}
+        for key, (ops, _) in prepared.items():
+            kind, width = ops[0][0], ops[0][1]
+            units = width if kind == "depthwise" else width * width
+            t = 1e-6 * units * len(ops) * (1.0 if width % block[kind] == 0 else self.slowdown)
+            out[key] = (t, 1.1 * t)
+        return out
+
+
+def test_block_probes_find_the_block_and_say_when_passes_disagree():
+    from dnnshrink_plugins.costs.calibrate import measure_blocks, unstable_blocks
+
+    steady = {"pointwise": 16, "depthwise": 4, "conv": 32}
+    blocks = measure_blocks(ProbeTimer([steady]))
+    assert {k: v["channel_multiple"] for k, v in blocks.items()} == steady
+    assert all(v["per_pass"] == [steady[k]] * 2 for k, v in blocks.items())
+    assert unstable_blocks(blocks) is None
+
+    moving = ProbeTimer([steady, {**steady, "pointwise": 64}])
+    blocks = measure_blocks(moving)
+    assert moving.calls == 2 and blocks["pointwise"]["per_pass"] == [16, 64]
+    message = unstable_blocks(blocks)
+    assert "pointwise: 16 then 64" in message and "depthwise" not in message and "idle machine" in message
+    # no block at all: every width runs alike
+    flat = measure_blocks(ProbeTimer([steady], slowdown=1.0))
+    assert {v["channel_multiple"] for v in flat.values()} == {1}

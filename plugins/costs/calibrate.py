@@ -28,6 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dnnshrink_core.plugin_api import DnnshrinkWarning
+
 from .latency import BYTES_PER_ELEMENT, KINDS, OpConstants, Profile, roofline_seconds
 from .runtime import Op, chain_model, fastest_and_median, interleaved_times, session
 
@@ -182,36 +184,62 @@ class TorchBackend:
 
 
 # --- the steps ----------------------------------------------------------------------------
-def measure_blocks(backend: Any, rounds: int = 12, runs: int = 3, ratio: float = 1.2) -> Dict[str, Dict[str, Any]]:
-    """Per op kind, the measured channel block (see the module's step 1) and the ratios it
-    was decided from.
+def _block(ratios: Dict[int, float], ratio: float) -> int:
+    """The smallest candidate that fits while the median over it and every larger one fits
+    too; 1 when none does."""
+    for m in sorted(ratios):
+        larger = [ratios[c] for c in ratios if c >= m]
+        if ratios[m] >= ratio and float(np.median(larger)) >= ratio:
+            return m
+    return 1
+
+
+def measure_blocks(backend: Any, rounds: int = 12, runs: int = 3, ratio: float = 1.2,
+                   passes: int = 2) -> Dict[str, Dict[str, Any]]:
+    """Per op kind, the measured channel block (see the module's step 1), the ratios it was
+    decided from, and the block each of ``passes`` separate timings would have given.
 
     For each candidate ``m`` a width that is an odd multiple of ``m`` (68, 72, 80, 96, 128 for
     4…64) is timed next to the width one above it (never aligned); ``m`` *fits* when the
     aligned width is at least ``ratio`` times faster per unit. The block is the smallest
     ``m`` that fits while the median over it and every larger candidate fits too (one
-    noisy probe does not decide); 1 when none does (the runtime has no block).
+    noisy probe does not decide); 1 when none does (the runtime has no block). The
+    ``rounds`` are split into ``passes``: the block is decided on the fastest run of all of
+    them, and each pass's own decision is kept (``per_pass``), so a machine too busy to
+    measure on shows up as passes that disagree.
     """
     probes = {4: 68, 8: 72, 16: 80, 32: 96, 64: 128}
     kinds = {"pointwise": (1, 4), "depthwise": (3, 4), "conv": (3, 2)}
     prepared = {f"{kind}:{w + d}": backend.prepare([(kind, w + d, w + d, 56, k, 1)] * n)
                 for kind, (k, n) in kinds.items() for w in probes.values() for d in (0, 1)}
-    timed = backend.time(prepared, rounds, runs)
+    passes = max(1, min(passes, rounds))
+    timings = [backend.time(prepared, max(1, rounds // passes), runs) for _ in range(passes)]
+    fastest = {key: min(t[key][0] for t in timings) for key in prepared}
+
+    def ratios(timed: Dict[str, float], kind: str) -> Dict[int, float]:
+        def per_unit(w: int) -> float:
+            return timed[f"{kind}:{w}"] / (w if kind == "depthwise" else w * w)
+
+        return {m: per_unit(w + 1) / per_unit(w) for m, w in probes.items()}
+
     result = {}
     for kind in kinds:
-        def per_unit(w: int) -> float:
-            return timed[f"{kind}:{w}"][0] / (w if kind == "depthwise" else w * w)
-
-        ratios = {m: per_unit(w + 1) / per_unit(w) for m, w in probes.items()}
-        multiple = 1
-        for m in sorted(probes):
-            larger = [ratios[c] for c in probes if c >= m]
-            if ratios[m] >= ratio and float(np.median(larger)) >= ratio:
-                multiple = m
-                break
-        result[kind] = {"channel_multiple": multiple,
-                        "slowdown_one_above": {str(probes[m]): round(r, 2) for m, r in ratios.items()}}
+        combined = ratios(fastest, kind)
+        result[kind] = {"channel_multiple": _block(combined, ratio),
+                        "slowdown_one_above": {str(probes[m]): round(r, 2) for m, r in combined.items()},
+                        "per_pass": [_block(ratios({k: v[0] for k, v in t.items()}, kind), ratio) for t in timings]}
     return result
+
+
+def unstable_blocks(blocks: Dict[str, Dict[str, Any]]) -> Optional[str]:
+    """What :func:`measure_blocks`' passes disagreed on, in words, or None when they agree."""
+    moved = {kind: info["per_pass"] for kind, info in blocks.items() if len(set(info.get("per_pass", ()))) > 1}
+    if not moved:
+        return None
+    return ("the channel blocks changed between timings of the same probes (" +
+            ", ".join(f"{kind}: {' then '.join(map(str, passes))}" for kind, passes in moved.items()) +
+            "); the machine is too noisy for round_to: auto to rely on them. Calibrate again on an idle machine, "
+            "or set round_to to an integer.")
 
 
 def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Dict[str, int]
@@ -347,10 +375,18 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     log(f"dnnshrink calibrate: {runtime} {device}, {threads} threads, batch {batch} (1-minute load average "
         f"{load:.2f})")
+    cores = os.cpu_count() or 1
+    if load > 0.5 * cores:
+        log(f"  warning: the machine is busy (load {load:.2f} on {cores} cores): other processes' work will show "
+            "in the timings; calibrate on an idle machine for a profile to trust")
     blocks = measure_blocks(backend)
     multiples = {kind: info["channel_multiple"] for kind, info in blocks.items()}
     multiples["linear"] = 1
     log("  channel blocks: " + ", ".join(f"{k} {v}" for k, v in multiples.items()))
+    unstable = unstable_blocks(blocks)
+    if unstable:
+        log(f"  warning: {unstable}")
+        warnings.warn(f"dnnshrink calibrate: {unstable}", DnnshrinkWarning, stacklevel=2)
     chains = sweep_chains()
     prepared = {str(i): backend.prepare(ops) for i, ops in enumerate(chains)}
     timed = backend.time(prepared, rounds, 3)
@@ -364,7 +400,8 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     calibration: Dict[str, Any] = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(),
                                    "processor": platform.processor() or platform.machine(),
                                    "cpu_count": os.cpu_count(), "load_average_1min": round(load, 2),
-                                   "sweep_chains": len(samples), "blocks": blocks, **stats}
+                                   "sweep_chains": len(samples), "blocks": blocks, "blocks_stable": unstable is None,
+                                   **stats}
     profile = Profile(backend.runtime, per_run_ms, ops, calibration)
     if check:
         log("  unseen networks (predicted against measured, fastest of runs):")
