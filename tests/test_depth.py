@@ -155,3 +155,46 @@ def test_a_latency_target_channels_cannot_reach_is_met_by_dropping_blocks(tmp_pa
         assert f"joined at `{block['join']}`" in markdown and all(f"`{n}`" in markdown for n in block["layers"])
     out = ds.export(small, X, "onnx", tmp_path / "small.onnx")  # the dropped network exports and verifies
     assert out["max_relative_error"] < 1e-4
+
+
+def test_a_unit_a_cut_held_and_a_later_cut_keeps_is_revived():
+    """Annealing holds cut units' scales at zero; when a later cut keeps one again (a dropped
+    block's time bought it back) it gets a live scale and a zero shift, or a ReLU after a
+    negative shift would keep it dead through fine-tuning."""
+    from dnnshrink_plugins.morphnet.regularizer import HeldScales
+
+    model, graph, _, _ = setup()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.fill_(-1.0)
+    held = HeldScales(graph, model)
+    stem = graph.groups[1].units  # the residual stream
+    cut = np.zeros(graph.num_units, dtype=bool)
+    cut[stem[8:]] = True
+    held.hold(cut)
+    bn = model.stem[1]
+    assert (bn.weight[8:] == 0).all() and held.units[stem[8:]].all()
+    again = np.zeros(graph.num_units, dtype=bool)
+    again[stem[8:12]] = True
+    held.hold(cut & ~again)
+    held.revive(again, 0.02)
+    assert torch.equal(bn.weight[8:12], torch.full((4,), 0.02)) and torch.equal(bn.bias[8:12], torch.zeros(4))
+    assert (bn.weight[12:] == 0).all() and (bn.bias[12:] == -1).all()  # still held, untouched
+    assert (bn.weight[:8] != 0).all() and (bn.bias[:8] == -1).all()  # never cut
+
+
+def test_morphnet_below_the_channel_floor_keeps_no_dead_unit():
+    """MorphNet annealing to a latency target channels cannot reach: the blocks it drops
+    free time that widens the rest again, and no kept unit is left with a zero scale."""
+    model, graph, latency, _ = setup()
+    fraction = round(0.9 * smallest_cost(graph, latency, round_to=16) / latency.initial, 3)
+    result = shrink(model, X, train_one_epoch=one_tiny_step, test=lambda m: 0.0, finetune=False, max_epochs=6,
+                    target={"resource": "latency", "value": fraction}, device="cpu", progress=False, latency_runs=1,
+                    exporters=(), onnx_latency=False)
+    extra = result.report.extra
+    assert extra["blocks_dropped"]["blocks"] and extra["structure_learning"].get("annealed")
+    assert extra["resources"]["latency_ms"]["after"] <= fraction * latency.initial * (1 + 1e-9)
+    for name, m in result.model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert (m.weight != 0).all(), name

@@ -160,7 +160,7 @@ class MorphNet:
         trust = getattr(opts, "trust", "auto") if self.trust == "auto" else self.trust  # the user's, unless fixed
         anneal = getattr(opts, "anneal", True) if self.anneal is None else self.anneal
         learn_at = ctx.costs.initial * fraction ** self.learn_exponent if fraction < 1 else ctx.target
-        after_epoch, cuts, final, hooks = None, [], {}, contextlib.nullcontext()
+        after_epoch, cuts, final, hooks, held = None, [], {}, contextlib.nullcontext(), None
         if anneal and fraction < 1:  # the held scales' hook only where annealing may cut
             held = HeldScales(ctx.graph, ctx.model)
             after_epoch = self._annealer(ctx, held, trust, learn_at, cuts, final, reg)
@@ -193,6 +193,9 @@ class MorphNet:
             keep, used = self._to_budget(ctx, learned, gammas, ctx.target, opts.round_to, trust, uniform, opts.expand)
             if used is not None:
                 info["trust"] = round(used, 3)
+            if held is not None and (keep & held.units).any():  # annealing cut them; the structure keeps them
+                info["revived"] = int((keep & held.units).sum())
+                held.revive(keep & held.units, self._revival(opts))
         return LearnResult(keep, epochs, {"regularizer": opts.regularizer, "strength": reg.strength,
                                           "threshold": opts.threshold, "learned_macs": learned_cost,
                                           "learned_at_macs": learn_at,
@@ -200,15 +203,32 @@ class MorphNet:
                                                              for g in ctx.graph.groups},
                                           "widths_per_epoch": history, **info})
 
+    @staticmethod
+    def _revival(opts: Any) -> float:
+        """The scale a revived unit starts from: alive by the threshold, small enough that the
+        network's function barely moves."""
+        return max(2.0 * opts.threshold, 1e-2)
+
     def _grace(self, max_epochs: int) -> int:
         """The epochs the penalty learns alone before annealing may cut."""
         return int(math.floor(self.anneal_start * max_epochs))
 
     @staticmethod
     def _uniform(ctx: LearnContext, budget: float) -> np.ndarray:
-        """The uniform width multiplier's structure at ``budget``."""
-        return uniform_fraction(ctx.graph, np.zeros(ctx.graph.num_units), ctx.costs.cost, budget,
-                                ~ctx.graph.unit_frozen, ctx.options.min_width)
+        """The uniform width multiplier's structure at ``budget``; where channels alone cannot
+        get there, with the residual blocks dropped that it takes (the most units kept), so
+        that the widths learned structures are blended toward and floored by are not the
+        smallest the channels go to."""
+        graph, cost, opts = ctx.graph, ctx.costs.cost, ctx.options
+        keep = uniform_fraction(graph, np.zeros(graph.num_units), cost, budget, ~graph.unit_frozen, opts.min_width)
+        if cost(keep) <= budget * (1 + 1e-9) or getattr(opts, "depth", "auto") is False:
+            return keep
+
+        def multiplier(seed: np.ndarray) -> np.ndarray:
+            return scale_to_budget(graph, seed, np.zeros(graph.num_units), cost, budget, opts.min_width)
+
+        return choose_depth(graph, keep, np.ones(graph.num_units), cost, budget, multiplier, "auto",
+                            start=np.ones(graph.num_units, dtype=bool))
 
     def _to_budget(self, ctx: LearnContext, learned: np.ndarray, gammas: np.ndarray, budget: float, round_to: Any,
                    trust: Union[float, str], uniform: Optional[np.ndarray] = None,
@@ -240,7 +260,7 @@ class MorphNet:
             return fit(ctx.graph, seed, gammas, ctx.costs.cost, budget, opts.min_width, round_to, floors)
 
         keep = choose_depth(ctx.graph, structure(start), gammas, ctx.costs.cost, budget, structure,
-                            getattr(opts, "depth", "auto"))
+                            getattr(opts, "depth", "auto"), start=start)
         return keep, used
 
     def _annealer(self, ctx: LearnContext, held: HeldScales, trust: Union[float, str], learn_at: float,
@@ -267,11 +287,15 @@ class MorphNet:
             left = opts.max_epochs - epoch + 1  # epochs left, this one included
             budget = target if last else cost * (target / cost) ** (1.0 - ((left - 1) / left) ** self.anneal_power)
             keep, _ = self._to_budget(ctx, alive, gammas, budget, opts.round_to if last else 1, trust)
+            again = keep & held.units  # cut before, kept again: revived so that training can use them
             held.hold(~keep)
+            if again.any():
+                held.revive(again, self._revival(opts))
             if not cuts and reg is not None:
                 reg.strength *= self.anneal_strength
             cuts.append({"epoch": epoch, "budget": budget / ctx.costs.initial,
-                         "widths": [int(keep[g.units].sum()) for g in ctx.graph.groups]})
+                         "widths": [int(keep[g.units].sum()) for g in ctx.graph.groups],
+                         "revived": int(again.sum())})
             if ctx.writer is not None:  # the alive/<group> curves show the widths before the cut
                 ctx.writer.add_scalar("anneal/budget_fraction", budget / ctx.costs.initial, epoch)
             if last:

@@ -198,19 +198,37 @@ class HeldScales:
     def __init__(self, graph: ChannelGraph, model: nn.Module):
         self.graph = graph
         self._params = graph.source_weights(model)
+        self._shifts = [_shift(model, name) for name in graph.source_modules]
         self._held: Dict[int, torch.Tensor] = {}  # per source weight, the channels held at zero
+        self.units = np.zeros(graph.num_units, dtype=bool)  # per unit, whether it is held
+
+    def _channels(self, units: np.ndarray) -> Dict[int, torch.Tensor]:
+        """Per source weight, the channels of ``units``."""
+        graph = self.graph
+        sources = np.flatnonzero(units[graph.src_unit])
+        owners = graph.src_module[sources]
+        return {int(idx): torch.as_tensor(graph.src_channel[sources[owners == idx]], dtype=torch.long,
+                                          device=self._params[idx].device)
+                for idx in np.unique(owners) if self._params[idx] is not None}
 
     def hold(self, units: np.ndarray) -> None:
         """Hold the scales of ``units`` (a per-unit bool array) at zero from now on, instead
         of the units held before."""
-        graph = self.graph
-        units = np.asarray(units, dtype=bool) & graph.unit_removable
-        sources = np.flatnonzero(units[graph.src_unit])
-        owners = graph.src_module[sources]
-        self._held = {int(idx): torch.as_tensor(graph.src_channel[sources[owners == idx]], dtype=torch.long,
-                                                device=self._params[idx].device)
-                      for idx in np.unique(owners)}
+        self.units = np.asarray(units, dtype=bool) & self.graph.unit_removable
+        self._held = self._channels(self.units)
         self._zero()
+
+    def revive(self, units: np.ndarray, scale: float) -> None:
+        """Give ``units`` a scale of ``scale`` and a zero shift: units a cut held and a later
+        cut keeps again (a dropped block's time bought them back). Left as they were, their
+        scale is zero and, under a ReLU with a negative shift, no gradient reaches it, so they
+        would stay dead through fine-tuning (measured: 0.10 accuracy on digits, where the
+        same structure from a magnitude ranking fine-tuned to 0.99)."""
+        with torch.no_grad():
+            for idx, channels in self._channels(np.asarray(units, dtype=bool)).items():
+                self._params[idx].index_fill_(0, channels, float(scale))
+                if self._shifts[idx] is not None:
+                    self._shifts[idx].index_fill_(0, channels, 0.0)
 
     def _zero(self, *_: Any) -> None:
         with torch.no_grad():
@@ -222,6 +240,16 @@ class HeldScales:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         return HookHandle([register_optimizer_step_post_hook(self._zero)])
+
+
+def _shift(model: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """The shift (beta) of the BatchNorm module ``name``; None for a scale reached
+    functionally, whose shift is not known."""
+    try:
+        value = getattr(model.get_submodule(name), "bias", None)
+    except AttributeError:
+        return None
+    return value if isinstance(value, torch.Tensor) else None
 
 
 class HookHandle:
