@@ -20,8 +20,6 @@ import contextlib
 import io
 import math
 import os
-import tempfile
-from pathlib import Path
 
 import torch
 import torchvision
@@ -30,9 +28,8 @@ import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel, resolve_round_to
 from dnnshrink_core.target import smallest_cost
 from dnnshrink_core.pipeline import shrink
-from dnnshrink_core.timing import fastest_and_median, interleaved_times, session
 
-from common import finish, imagenet_setup, latency_row
+from common import finish, imagenet_setup, latency_row, print_rows, time_networks
 
 
 def run(model, x, algorithm: str, fraction: float, depth):
@@ -86,14 +83,7 @@ def main() -> None:
                     rows.append({"model": name, "variant": label, "refused": extra})
                     continue
                 nets[label], info[label] = net, extra
-        with tempfile.TemporaryDirectory() as tmp:
-            sessions, feeds = {}, {}
-            for label, net in nets.items():
-                path = Path(tmp) / f"{len(sessions)}.onnx"
-                ds.export(net, x, "onnx", path)
-                sessions[label] = session(str(path), 2)
-                feeds[label] = {sessions[label].get_inputs()[0].name: x.numpy()}
-            timed = fastest_and_median(interleaved_times(sessions, feeds, args.rounds, args.runs))
+        timed = time_networks(nets, x, args.rounds, args.runs)
         for label, net in nets.items():
             extra = info[label]
             macs = extra["resources"]["macs"]["after"] / flops.initial if extra else 1.0
@@ -101,15 +91,7 @@ def main() -> None:
             rows.append(latency_row(name, label, macs, predicted, timed[label], timed["baseline"],
                                     blocks_dropped=len(extra["blocks_dropped"]["blocks"]) if extra else 0,
                                     of_blocks=len(graph.branches)))
-    print(f"{'model':<19}{'variant':<28}{'blocks':>8}{'MACs kept':>10}{'pred ms':>9}{'fast ms':>9}{'med ms':>9}"
-          f"{'speed-up':>10}{'eff.':>7}{'eff.med':>8}")
-    for r in rows:
-        if "refused" in r:
-            print(f"{r['model']:<19}{r['variant']:<28}  refused: {r['refused'][:90]}")
-            continue
-        print(f"{r['model']:<19}{r['variant']:<28}{r['blocks_dropped']:>4}/{r['of_blocks']:<3}{r['macs_kept']:>10.3f}"
-              f"{r['predicted_ms']:>9.2f}{r['fastest_ms']:>9.2f}{r['median_ms']:>9.2f}{r['speedup_fastest']:>9.2f}x"
-              f"{r['efficiency_fastest']:>7.2f}{r['efficiency_median']:>8.2f}")
+    print_rows(rows, width=28, blocks=True)
     finish(rows, args.json)
 
 

@@ -27,20 +27,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
-import warnings
-from pathlib import Path
 
 import numpy as np
-import torch
 import torchvision
 
 import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel, resolve_round_to
-from dnnshrink_core.timing import fastest_and_median, interleaved_times, session
 from dnnshrink_plugins.morphnet.structure import drop_branches, scale_to_budget, uniform_fraction, width_floors
 
-from common import finish, imagenet_setup, latency_row
+from common import finish, imagenet_setup, latency_row, print_rows, time_networks
 
 
 def magnitude(model, costs: CostModel, graph) -> np.ndarray:
@@ -97,15 +92,6 @@ def capacity_bound(graph, flops: CostModel, latency: CostModel, budget: float, m
     return midpoint_then_multiplier(graph, ratio, ratio, latency, budget, multiple)
 
 
-def export(model, x, path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17)
-        except Exception:
-            ds.export(model, x, "onnx", path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2"])
@@ -145,24 +131,13 @@ def main() -> None:
             variants[f"latency cost + branches dropped @{budget_name}"] = drop_branches(
                 graph, structure(graph, scores, latency, budget_costs, budget, auto), macs_value,
                 lambda seed: scale_to_budget(graph, seed, scores, budget_costs.cost, budget, 1, auto, floors))
-        with tempfile.TemporaryDirectory() as tmp:
-            sessions, feeds = {}, {}
-            for label, keep in variants.items():
-                net = model if label == "baseline" else ds.generate(model, x, {g.name: keep[g.units] for g in graph})
-                path = Path(tmp) / f"{len(sessions)}.onnx"
-                export(net, x, path)
-                sessions[label] = session(str(path), 2)
-                feeds[label] = {sessions[label].get_inputs()[0].name: x.numpy()}
-            timed = fastest_and_median(interleaved_times(sessions, feeds, args.rounds, args.runs))
+        nets = {label: model if label == "baseline" else ds.generate(model, x, {g.name: keep[g.units] for g in graph})
+                for label, keep in variants.items()}
+        timed = time_networks(nets, x, args.rounds, args.runs)
         for label, keep in variants.items():
             rows.append(latency_row(name, label, flops.cost(keep) / flops.initial, latency.cost(keep), timed[label],
                                     timed["baseline"]))
-    print(f"{'model':<13}{'variant':<38}{'MACs kept':>10}{'pred ms':>9}{'fast ms':>9}{'med ms':>9}"
-          f"{'speed-up':>10}{'MACs cut':>10}{'eff.':>7}{'eff.med':>8}")
-    for r in rows:
-        print(f"{r['model']:<13}{r['variant']:<38}{r['macs_kept']:>10.3f}{r['predicted_ms']:>9.2f}"
-              f"{r['fastest_ms']:>9.2f}{r['median_ms']:>9.2f}{r['speedup_fastest']:>9.2f}x{r['macs_cut']:>9.2f}x"
-              f"{r['efficiency_fastest']:>7.2f}{r['efficiency_median']:>8.2f}")
+    print_rows(rows)
     finish(rows, args.json)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -37,3 +38,47 @@ def finish(rows: List[Dict[str, Any]], path: Optional[str]) -> None:
     print(f"1-minute load average at the end: {os.getloadavg()[0]:.2f}")
     if path:
         Path(path).write_text(json.dumps(rows, indent=2))
+
+
+def export(model: Any, x: torch.Tensor, path: Path) -> None:
+    """ONNX of ``model`` on ``x``: torch's TorchScript exporter (a few times faster than the
+    dynamo one, the same graph once onnxruntime optimises it), else dnnshrink's exporter."""
+    import dnnshrink_core as ds
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17)
+        except Exception:
+            ds.export(model, x, "onnx", path)
+
+
+def time_networks(nets: Dict[str, Any], x: torch.Tensor, rounds: int, runs: int,
+                  threads: int = 2) -> Dict[str, Tuple[float, float]]:
+    """Per label, the (fastest, median) seconds of its network exported to ONNX and run with
+    onnxruntime (``threads`` intra-op threads), the networks interleaved in blocks."""
+    from dnnshrink_core.timing import fastest_and_median, interleaved_times, session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions, feeds = {}, {}
+        for label, net in nets.items():
+            path = Path(tmp) / f"{len(sessions)}.onnx"
+            export(net, x, path)
+            sessions[label] = session(str(path), threads)
+            feeds[label] = {sessions[label].get_inputs()[0].name: x.numpy()}
+        return fastest_and_median(interleaved_times(sessions, feeds, rounds, runs))
+
+
+def print_rows(rows: List[Dict[str, Any]], label: str = "variant", width: int = 38,
+               blocks: bool = False) -> None:
+    """The timed rows as a table (``blocks``: with the residual blocks dropped)."""
+    print(f"{'model':<19}{label:<{width}}{'blocks' if blocks else '':>8}{'MACs kept':>10}{'pred ms':>9}"
+          f"{'fast ms':>9}{'med ms':>9}{'speed-up':>10}{'MACs cut':>10}{'eff.':>7}{'eff.med':>8}")
+    for r in rows:
+        if "refused" in r:
+            print(f"{r['model']:<19}{r[label]:<{width}}  refused: {r['refused'][:90]}")
+            continue
+        dropped = f"{r['blocks_dropped']:>4}/{r['of_blocks']:<3}" if blocks else " " * 8
+        print(f"{r['model']:<19}{r[label]:<{width}}{dropped}{r['macs_kept']:>10.3f}{r['predicted_ms']:>9.2f}"
+              f"{r['fastest_ms']:>9.2f}{r['median_ms']:>9.2f}{r['speedup_fastest']:>9.2f}x{r['macs_cut']:>9.2f}x"
+              f"{r['efficiency_fastest']:>7.2f}{r['efficiency_median']:>8.2f}")
