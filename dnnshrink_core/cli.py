@@ -49,10 +49,35 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     report = layer_report(model, x)
     t = report.totals
     print(f"\n{len(report.rows)} conv/linear layers, {t['macs_before']:,} MACs, {t['params_before']:,} parameters")
+    print(_reach(model, graph, args.profile))
     out = args.out or f"{args.model.rpartition(':')[2] or 'model'}.svg"
     result = export(model, x, "graph", out, channel_graph=graph)
     print(f"picture: {result['path']} (blue: channels that can be pruned; grey, dashed: frozen)")
     return 0
+
+
+def _reach(model: Any, graph: Any, profile: Optional[str]) -> str:
+    """The smallest each target resource can go (every removable group at one block of
+    channels, ``round_to: auto``), by channels alone and with the droppable residual blocks
+    gone: what a target below is refused for."""
+    from .cost import CostModel, resolve_round_to
+    from .target import smallest_cost
+
+    if not graph.unit_removable.any():
+        return "no removable channel: no target below the baseline can be met"
+    multiples, _ = resolve_round_to(graph, model, "auto", profile)
+    lines = ["smallest network (every removable group at one channel block, round_to: auto):"]
+    for name, label in (("flops", "MACs"), ("params", "parameters"), ("latency", "latency")):
+        costs = CostModel(graph, model, name, profile=profile)
+        alone = smallest_cost(graph, costs, 1, multiples) / costs.initial
+        line = f"  {label:<11}{alone:6.1%} of the baseline"
+        if graph.branches:
+            deep = smallest_cost(graph, costs, 1, multiples, depth=True) / costs.initial
+            line += f" ({deep:.1%} with the {len(graph.branches)} droppable residual blocks gone, depth: auto)"
+        if name == "latency":
+            line += f"; predicted {costs.initial:.3g} ms, {costs.resource.profile.describe()}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _graph_head(graph, top: int) -> str:
@@ -154,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--out", help="picture path (.svg, .png or .pdf; default MODEL.svg)")
     inspect.add_argument("--top", type=int, default=40, help="groups to print (default 40)")
     inspect.add_argument("--all", action="store_true", help="print every group")
+    inspect.add_argument("--profile", help="latency profile for the latency figures (default: the shipped one)")
     inspect.set_defaults(func=_cmd_inspect)
     run = sub.add_parser("run", parents=[common], help="shrink the model a YAML config names")
     run.add_argument("config", help="the YAML config (see dnnshrink_core/demo/digits.yaml)")

@@ -206,6 +206,12 @@ def test_cli_inspect(tmp_path):
                           "--top", "3"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "layer1.0.conv1" in run.stdout and "more groups" in run.stdout
+    # what each target resource can get down to, by channels and with the 8 basic blocks gone
+    reach = {line.split()[0]: line for line in run.stdout.splitlines() if "of the baseline" in line}
+    assert set(reach) == {"MACs", "parameters", "latency"}
+    for line in reach.values():
+        alone, deep = (float(w.rstrip("%")) for w in re.findall(r"[\d.]+%", line)[:2])
+        assert 0 < deep < alone < 100 and "8 droppable residual blocks gone" in line
     assert out.is_file() if shutil.which("dot") else out.with_suffix(".dot").is_file()
     bad = subprocess.run(["dnnshrink", "inspect", "resnet81", "--input-shape", "1,3,32,32"], capture_output=True,
                          text=True)
