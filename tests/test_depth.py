@@ -124,7 +124,7 @@ def one_tiny_step(net, lr):
     optimizer.step()
 
 
-@pytest.mark.parametrize("algorithm", ["magnitude", "morphnet"])
+@pytest.mark.parametrize("algorithm", ["magnitude", "morphnet", "slimming"])
 def test_a_latency_target_channels_cannot_reach_is_met_by_dropping_blocks(tmp_path, algorithm):
     model, graph, latency, _ = setup()
     shallow = smallest_cost(graph, latency, round_to=16)
@@ -198,3 +198,19 @@ def test_morphnet_below_the_channel_floor_keeps_no_dead_unit():
     for name, m in result.model.named_modules():
         if isinstance(m, nn.BatchNorm2d):
             assert (m.weight != 0).all(), name
+
+
+def test_depth_true_drops_blocks_at_a_target_channels_can_reach():
+    """``depth: true``: blocks go wherever that keeps more of the ranking's value, at a
+    target the channels alone meet too (``auto`` keeps every block there)."""
+    model, graph, latency, _ = setup()
+    options = dict(train_one_epoch=one_tiny_step, test=lambda m: 0.0, finetune=False, algorithm="magnitude",
+                   max_epochs=0, target={"resource": "latency", "value": 0.97}, device="cpu", progress=False,
+                   latency_runs=1, exporters=(), onnx_latency=False)
+    assert smallest_cost(graph, latency, round_to=16) < 0.97 * latency.initial
+    auto = shrink(model, X, **options).report.extra
+    true = shrink(model, X, depth=True, **options).report.extra
+    assert not auto["blocks_dropped"]["blocks"]
+    assert true["blocks_dropped"]["depth"] is True and true["blocks_dropped"]["blocks"]
+    for extra in (auto, true):
+        assert extra["resources"]["latency_ms"]["after"] <= 0.97 * latency.initial * (1 + 1e-9)
