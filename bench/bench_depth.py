@@ -19,17 +19,16 @@ import argparse
 import contextlib
 import io
 import math
-import os
 
 import torch
-import torchvision
 
 import dnnshrink_core as ds
-from dnnshrink_core.cost import CostModel, resolve_round_to
+from dnnshrink_core.cost import resolve_round_to
 from dnnshrink_core.target import smallest_cost
 from dnnshrink_core.pipeline import shrink
 
-from common import finish, imagenet_setup, latency_row, print_rows, time_networks
+from common import (finish, imagenet_setup, latency_row, print_rows, time_networks, timing_options,
+                    torchvision_models)
 
 
 def run(model, x, algorithm: str, fraction: float, depth):
@@ -57,18 +56,12 @@ def main() -> None:
                         help="also a target this share of the smallest latency channels alone can reach")
     parser.add_argument("--algorithm", default="magnitude")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--runs", type=int, default=6)
-    parser.add_argument("--json", help="write the rows here")
+    timing_options(parser)
     args = parser.parse_args()
     imagenet_setup()
     x = torch.randn(1, 3, args.size, args.size)
     rows = []
-    print(f"1-minute load average at the start: {os.getloadavg()[0]:.2f}")
-    for name in args.models:
-        model = torchvision.models.get_model(name, weights=None).eval()
-        graph = ds.trace(model, x)
-        flops, latency = CostModel(graph, model, "flops"), CostModel(graph, model, "latency")
+    for name, model, graph, flops, latency in torchvision_models(args.models, x):
         nets, info = {"baseline": model}, {"baseline": None}
         auto, _ = resolve_round_to(graph, model, "auto")
         floor = smallest_cost(graph, latency, 1, auto) / latency.initial  # channels alone, every width at its block

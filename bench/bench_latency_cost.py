@@ -26,16 +26,15 @@ blocks, fastest and median of all timed runs.
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
-import torchvision
 
 import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel, resolve_round_to
 from dnnshrink_plugins.morphnet.structure import drop_branches, scale_to_budget, uniform_fraction, width_floors
 
-from common import finish, imagenet_setup, latency_row, print_rows, time_networks
+from common import (finish, imagenet_setup, latency_row, print_rows, time_networks, timing_options,
+                    torchvision_models)
 
 
 def magnitude(model, costs: CostModel, graph) -> np.ndarray:
@@ -97,17 +96,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2"])
     parser.add_argument("--macs", type=float, default=0.3)
     parser.add_argument("--latency", type=float, default=0.4)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--runs", type=int, default=6)
-    parser.add_argument("--json", help="write the rows here")
+    timing_options(parser)
     args = parser.parse_args()
     x = imagenet_setup()
     rows = []
-    print(f"1-minute load average at the start: {os.getloadavg()[0]:.2f}")
-    for name in args.models:
-        model = torchvision.models.get_model(name, weights=None).eval()
-        graph = ds.trace(model, x)
-        flops, latency = CostModel(graph, model, "flops"), CostModel(graph, model, "latency")
+    for name, model, graph, flops, latency in torchvision_models(args.models, x):
         scores = magnitude(model, flops, graph)
         auto, _ = resolve_round_to(graph, model, "auto")
         variants = {"baseline": np.ones(graph.num_units, dtype=bool)}

@@ -82,3 +82,25 @@ def print_rows(rows: List[Dict[str, Any]], label: str = "variant", width: int = 
         print(f"{r['model']:<19}{r[label]:<{width}}{dropped}{r['macs_kept']:>10.3f}{r['predicted_ms']:>9.2f}"
               f"{r['fastest_ms']:>9.2f}{r['median_ms']:>9.2f}{r['speedup_fastest']:>9.2f}x{r['macs_cut']:>9.2f}x"
               f"{r['efficiency_fastest']:>7.2f}{r['efficiency_median']:>8.2f}")
+
+
+def timing_options(parser: Any) -> None:
+    """The options every timed bench takes: interleaved rounds, runs per round, the JSON out."""
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=6)
+    parser.add_argument("--json", help="write the rows here")
+
+
+def torchvision_models(names: List[str], x: torch.Tensor):
+    """Per name, torchvision's model (``weights=None``, eval mode), its channel graph on ``x``
+    and its flops and latency cost models; says the load average first (the timings' context)."""
+    import torchvision
+
+    import dnnshrink_core as ds
+    from dnnshrink_core.cost import CostModel
+
+    print(f"1-minute load average at the start: {os.getloadavg()[0]:.2f}")
+    for name in names:
+        model = torchvision.models.get_model(name, weights=None).eval()
+        graph = ds.trace(model, x)
+        yield name, model, graph, CostModel(graph, model, "flops"), CostModel(graph, model, "latency")
