@@ -155,8 +155,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     calibrate = getattr(latency, "calibrate", None)
     if calibrate is None:
         raise PluginError("the loaded `latency` cost model has no calibrate(); it comes with dnnshrink's `costs` plugin")
+    options = {"per_position": True} if args.per_position else {}  # (a plugin's calibrate need not take it)
     calibrate(runtime=args.runtime, threads=args.threads, batch=args.batch, device=args.device, out=args.out,
-              check=not args.no_check)
+              check=not args.no_check, **options)
     return 0
 
 
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", default="latency-profile.json", help="where to write the profile (JSON)")
     cal.add_argument("--no-check", action="store_true",
                      help="skip timing the five torchvision networks the fit did not see")
+    cal.add_argument("--per-position", action="store_true",
+                     help="also sweep thin layers and fit a cost per output position for each op kind "
+                          "(experimental: docs/benchmarks.md)")
     cal.set_defaults(func=_cmd_calibrate)
     demo.set_defaults(func=_cmd_demo)
     return parser

@@ -35,10 +35,13 @@ class Mixed(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-def synthetic_profile(multiple: int = 1) -> Profile:
-    # the convolutions share one bandwidth (as the calibration fits it)
-    ops = {"conv": OpConstants(80.0, 20.0, 15.0, 3.0, multiple), "pointwise": OpConstants(60.0, 15.0, 15.0, 2.0, multiple),
-           "depthwise": OpConstants(10.0, 2.0, 15.0, 4.0, multiple), "linear": OpConstants(20.0, 20.0, 10.0, 1.0, 1)}
+def synthetic_profile(multiple: int = 1, positions: bool = True) -> Profile:
+    # the convolutions share one bandwidth (as the calibration fits it); ``positions``: a cost
+    # per output position (ns) for the convolutions
+    p = (8.0, 2.0, 1.0) if positions else (0.0, 0.0, 0.0)
+    ops = {"conv": OpConstants(80.0, 20.0, 15.0, 3.0, multiple, p[0]),
+           "pointwise": OpConstants(60.0, 15.0, 15.0, 2.0, multiple, p[1]),
+           "depthwise": OpConstants(10.0, 2.0, 15.0, 4.0, multiple, p[2]), "linear": OpConstants(20.0, 20.0, 10.0, 1.0, 1)}
     return Profile({"name": "onnxruntime", "device": "cpu", "threads": 2, "batch": 1}, 0.05, ops)
 
 
@@ -61,7 +64,8 @@ def torch_cost(costs: CostModel, alive: torch.Tensor, name: str, profile: Profil
     c = {k: profile.ops[str(k)] for k in set(t.op)}
     peak = f64([c[k].peak_gmacs * 1e9 for k in t.op])
     bw = f64([c[k].bandwidth_gbs * 1e9 for k in t.op])
-    over = f64([c[k].overhead_us * 1e-6 for k in t.op])
+    over = f64([c[k].overhead_us * 1e-6 for k in t.op]) + f64([c[k].position_ns * 1e-9 for k in t.op]) * f64(
+        t.out_positions)  # (batch 1) what a layer pays per output position: constant in its widths
     kin = torch.where(dw, kout, kin)
     macs = torch.where(dw, f64(t.coef) * kout, f64(t.coef) * kin * kout)
     weights = torch.where(dw, f64(t.weights_per_pair) * kout, f64(t.weights_per_pair) * kin * kout)
@@ -103,20 +107,29 @@ def test_old_spellings_and_flops_default_still_work():
         CostModel(graph, model, "energy")
 
 
-def test_calibration_fit_recovers_known_constants():
-    truth = synthetic_profile(16)
+def synthetic_samples(truth: Profile, thin: bool) -> list:
+    """The sweep's chains timed by ``truth`` itself (roofline, overheads, per-position costs)."""
+    from dnnshrink_plugins.costs.calibrate import is_aligned, op_positions
+
     multiples = {k: truth.ops[k].channel_multiple for k in KINDS}
-    # unaligned chains run at the unaligned peak: give the linear kind the aligned one
     samples = []
-    for ops in sweep_chains():
+    for ops in sweep_chains(thin=thin):
         t = truth.overhead_ms * 1e-3
         for op in ops:
             c = truth.ops[op[0]]
             macs, traffic = op_terms(op, 1)
-            from dnnshrink_plugins.costs.calibrate import is_aligned
             peak = c.peak_gmacs if is_aligned(op, multiples[op[0]]) else c.peak_unaligned_gmacs
             t += float(roofline_seconds(macs, traffic, peak * 1e9, c.bandwidth_gbs * 1e9, c.overhead_us * 1e-6))
+            t += op_positions(op, 1) * c.position_ns * 1e-9
         samples.append((ops, t))
+    return samples
+
+
+def test_calibration_fit_recovers_known_constants():
+    truth = synthetic_profile(16, positions=False)
+    multiples = {k: truth.ops[k].channel_multiple for k in KINDS}
+    # unaligned chains run at the unaligned peak: give the linear kind the aligned one
+    samples = synthetic_samples(truth, thin=False)
     ops, per_run_ms, stats = fit(samples, 1, multiples)
     assert stats["sweep_mean_abs_error_pct"] < 0.5
     assert per_run_ms == pytest.approx(truth.overhead_ms, rel=0.1)
@@ -130,6 +143,23 @@ def test_calibration_fit_recovers_known_constants():
         assert ops[kind].channel_multiple == multiples[kind]
 
 
+def test_calibration_fit_recovers_a_per_position_cost_and_small_overheads():
+    """``--per-position``: with thin chains in the sweep, the fit separates what a layer pays
+    per output position from its per-call overhead (which, fitted without the term, absorbs it)."""
+    truth = synthetic_profile(16, positions=True)
+    multiples = {k: truth.ops[k].channel_multiple for k in KINDS}
+    samples = synthetic_samples(truth, thin=True)
+    ops, per_run_ms, stats = fit(samples, 1, multiples, per_position=True)
+    assert stats["sweep_mean_abs_error_pct"] < 0.5
+    for kind in ("conv", "pointwise", "depthwise"):
+        assert ops[kind].position_ns == pytest.approx(truth.ops[kind].position_ns, rel=0.05, abs=0.05), kind
+        assert ops[kind].overhead_us == pytest.approx(truth.ops[kind].overhead_us, rel=0.1, abs=0.2), kind
+        assert ops[kind].peak_gmacs == pytest.approx(truth.ops[kind].peak_gmacs, rel=0.05), kind
+    plain, _, plain_stats = fit(samples, 1, multiples)  # the same timings, no per-position term
+    assert plain_stats["sweep_mean_abs_error_pct"] > 5 * stats["sweep_mean_abs_error_pct"]
+    assert all(o.position_ns == 0 for o in plain.values())
+
+
 def test_profile_round_trip_and_closed_schema(tmp_path):
     profile = synthetic_profile(16)
     path = profile.save(tmp_path / "p.json")
@@ -137,12 +167,16 @@ def test_profile_round_trip_and_closed_schema(tmp_path):
     assert again == profile
     assert load_profile(None).runtime["name"] == "onnxruntime"  # the shipped default loads
     data = json.loads(path.read_text())
+    assert data["ops"]["conv"]["position_ns"] == 8.0
+    older = {**data, "ops": {k: {f: v for f, v in op.items() if f != "position_ns"} for k, op in data["ops"].items()}}
+    assert all(op.position_ns == 0 for op in profile_from_dict(older).ops.values())  # made before the term
     bad = [({**data, "extra": 1}, "unknown key"), ({**data, "version": 99}, "version 99"),
            ({**data, "format": "x"}, "format"),
            ({**data, "ops": {**data["ops"], "conv": {**data["ops"]["conv"], "peak_gmacs": "fast"}}}, "peak_gmacs"),
            ({**data, "ops": {**data["ops"], "conv": {**data["ops"]["conv"], "peak_gmacs": -1.0}}}, "> 0"),
            ({**data, "ops": {k: v for k, v in data["ops"].items() if k != "linear"}}, "missing linear"),
-           ({**data, "runtime": {**data["runtime"], "threads": 1.5}}, "threads")]
+           ({**data, "runtime": {**data["runtime"], "threads": 1.5}}, "threads"),
+           ({**data, "ops": {**data["ops"], "conv": {**data["ops"]["conv"], "position_ns": -1.0}}}, "position_ns")]
     for broken, words in bad:
         with pytest.raises(ProfileError, match=words):
             profile_from_dict(broken)

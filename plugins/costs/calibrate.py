@@ -54,9 +54,11 @@ def _pairs(kind: str, shapes: Sequence[tuple], reps: int = 2) -> List[List[Op]]:
     return chains
 
 
-def sweep_chains() -> List[List[Op]]:
+def sweep_chains(thin: bool = False) -> List[List[Op]]:
     """The calibration sweep: ResNet and MobileNet shapes, aligned and unaligned widths,
-    chains of 4 ops and single ops (which separate the per-run from the per-op overhead)."""
+    chains of 4 ops and single ops (which separate the per-run from the per-op overhead);
+    with ``thin``, also chains of 16–48 channels (what shrunk networks run), which pin the
+    per-op overhead and the per-position cost."""
     chains = []
     chains += _pairs("pointwise", [(16, 96, 112), (32, 192, 56), (64, 256, 56), (128, 512, 28), (96, 576, 14),
                                    (256, 1024, 14), (160, 960, 7), (512, 2048, 7)])
@@ -68,6 +70,11 @@ def sweep_chains() -> List[List[Op]]:
                                    (960, 7, 3), (240, 14, 5), (672, 7, 5)])
     chains += _pairs("depthwise", [(98, 56, 3), (150, 28, 3), (382, 14, 3), (950, 7, 3), (250, 14, 5)])
     chains += _pairs("linear", [(512, 1000), (1280, 1000), (2048, 1000), (576, 1024)])
+    if thin:
+        chains += _pairs("pointwise", [(16, 16, 56), (16, 32, 28), (32, 16, 14), (16, 48, 7)], reps=4)
+        chains += _pairs("conv", [(16, 16, 56), (16, 32, 28), (32, 32, 14)], reps=2)
+        chains += _pairs("depthwise", [(16, 56, 3), (32, 28, 3), (16, 7, 3), (48, 7, 5)], reps=4)
+        chains += [[("conv", 3, 16, 224, 3, 2)]]
     chains += [[("conv", 3, 32, 224, 3, 2)], [("conv", 3, 64, 224, 7, 2)], [("pointwise", 64, 64, 14, 1, 1)],
                [("depthwise", 64, 64, 7, 3, 1)], [("linear", 256, 256, 1, 1, 1)]]
     return chains
@@ -87,6 +94,14 @@ def op_terms(op: Op, batch: int) -> Tuple[float, float]:
         macs = batch * per_pair * out_hw ** 2 * cin * cout
         weights = per_pair * cin * cout
     return macs, BYTES_PER_ELEMENT * (batch * (cin * hw * hw + cout * out_hw * out_hw) + weights)
+
+
+def op_positions(op: Op, batch: int) -> float:
+    """Output positions of one op at ``batch`` (a linear layer: one per image)."""
+    kind, _, _, hw, k, stride = op
+    if kind == "linear":
+        return float(batch)
+    return float(batch * ((hw + 2 * (k // 2) - k) // stride + 1) ** 2)
 
 
 def is_aligned(op: Op, multiple: int) -> bool:
@@ -242,16 +257,18 @@ def unstable_blocks(blocks: Dict[str, Dict[str, Any]]) -> Optional[str]:
             "or set round_to to an integer.")
 
 
-def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Dict[str, int]
-        ) -> Tuple[Dict[str, OpConstants], float, Dict[str, float]]:
+def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Dict[str, int],
+        per_position: bool = False) -> Tuple[Dict[str, OpConstants], float, Dict[str, float]]:
     """Fit the roofline constants to ``(chain, seconds)`` samples; returns the constants per
-    kind, the per-run overhead (ms) and fit statistics (relative errors in %)."""
+    kind, the per-run overhead (ms) and fit statistics (relative errors in %). With
+    ``per_position``, a cost per output position per op kind is fitted too."""
     from scipy.optimize import least_squares
 
     rows = []  # per sample: list of (kind index, macs, bytes, aligned)
     for ops, _ in samples:
         rows.append([(KINDS.index(op[0]), *op_terms(op, batch), is_aligned(op, multiples.get(op[0], 1)))
                      for op in ops])
+    flat_positions = np.array([op_positions(op, batch) for ops, _ in samples for op in ops])
     measured = np.array([t for _, t in samples])
     has_unaligned = {KINDS[i] for r in rows for i, _, _, a in r if not a}
     n = len(KINDS)
@@ -269,12 +286,14 @@ def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Di
     def unpack(theta: np.ndarray) -> Tuple[np.ndarray, ...]:
         peak, peak_un, bw = np.exp(theta[0:n]), np.exp(theta[n:2 * n]), np.exp(theta[2 * n:2 * n + 2])[bw_of]
         overhead, per_run = theta[2 * n + 2:3 * n + 2], theta[3 * n + 2]
-        return peak, peak_un, bw, overhead, per_run
+        position = theta[3 * n + 3:4 * n + 3] if per_position else np.zeros(n)
+        return peak, peak_un, bw, overhead, per_run, position
 
     def predict(theta: np.ndarray) -> np.ndarray:
-        peak, peak_un, bw, overhead, per_run = unpack(theta)
+        peak, peak_un, bw, overhead, per_run, position = unpack(theta)
         p = np.where(flat_aligned, peak[flat_kind], peak_un[flat_kind])
-        per_op = roofline_seconds(flat_macs, flat_bytes, p, bw[flat_kind], overhead[flat_kind])
+        per_op = roofline_seconds(flat_macs, flat_bytes, p, bw[flat_kind], overhead[flat_kind]) \
+            + flat_positions * position[flat_kind]
         return per_run + np.bincount(sample_of, weights=per_op, minlength=len(samples))
 
     def residual(theta: np.ndarray) -> np.ndarray:
@@ -282,20 +301,21 @@ def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Di
 
     best = None
     for peak0, bw0 in ((50e9, 20e9), (20e9, 5e9), (100e9, 50e9)):  # a few starts: the max() has kinks
+        extra = n if per_position else 0  # per-position seconds, at most a microsecond
         theta0 = np.r_[np.full(n, math.log(peak0)), np.full(n, math.log(peak0 / 4)), np.full(2, math.log(bw0)),
-                       np.full(n, 5e-6), 20e-6]
-        lower = np.r_[np.full(2 * n + 2, math.log(1e6)), np.zeros(n + 1)]
-        upper = np.r_[np.full(2 * n + 2, math.log(1e14)), np.full(n + 1, 1e-2)]
+                       np.full(n, 5e-6), 20e-6, np.full(extra, 1e-9)]
+        lower = np.r_[np.full(2 * n + 2, math.log(1e6)), np.zeros(n + 1 + extra)]
+        upper = np.r_[np.full(2 * n + 2, math.log(1e14)), np.full(n + 1, 1e-2), np.full(extra, 1e-6)]
         result = least_squares(residual, theta0, bounds=(lower, upper), x_scale="jac")
         if best is None or result.cost < best.cost:
             best = result
-    peak, peak_un, bw, overhead, per_run = unpack(best.x)
+    peak, peak_un, bw, overhead, per_run, position = unpack(best.x)
     ops = {}
     for i, kind in enumerate(KINDS):
         unaligned = peak_un[i] if kind in has_unaligned else peak[i]
         ops[kind] = OpConstants(peak_gmacs=float(peak[i] / 1e9), peak_unaligned_gmacs=float(unaligned / 1e9),
                                 bandwidth_gbs=float(bw[i] / 1e9), overhead_us=float(overhead[i] * 1e6),
-                                channel_multiple=int(multiples.get(kind, 1)))
+                                channel_multiple=int(multiples.get(kind, 1)), position_ns=float(position[i] * 1e9))
     errors = 100 * np.abs(predict(best.x) / measured - 1)
     return ops, float(per_run * 1e3), {"sweep_mean_abs_error_pct": float(errors.mean()),
                                        "sweep_max_abs_error_pct": float(errors.max())}
@@ -361,8 +381,11 @@ def validate(backend: Any, profile: Profile, models: Sequence[str] = VALIDATION_
 
 def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, device: str = "cpu",
               out: Optional[Any] = None, check: bool = True, rounds: int = 6,
-              log: Callable[[str], None] = print) -> Profile:
-    """Measure a latency profile (the module's four steps) and write it to ``out``."""
+              log: Callable[[str], None] = print, per_position: bool = False) -> Profile:
+    """Measure a latency profile (the module's four steps) and write it to ``out``. With
+    ``per_position``, the sweep adds thin chains and the fit a per-output-position cost per
+    op kind (see :mod:`.latency`; not the default until measured better on a quiet machine,
+    docs/benchmarks.md)."""
     start = time.perf_counter()
     if runtime == "onnxruntime":
         if device != "cpu":
@@ -387,16 +410,17 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     if unstable:
         log(f"  warning: {unstable}")
         warnings.warn(f"dnnshrink calibrate: {unstable}", DnnshrinkWarning, stacklevel=2)
-    chains = sweep_chains()
+    chains = sweep_chains(thin=per_position)
     prepared = {str(i): backend.prepare(ops) for i, ops in enumerate(chains)}
     timed = backend.time(prepared, rounds, 3)
     samples = [(ops, timed[str(i)][0]) for i, ops in enumerate(chains)]
-    ops, per_run_ms, stats = fit(samples, batch, multiples)
+    ops, per_run_ms, stats = fit(samples, batch, multiples, per_position)
     sweep_s = time.perf_counter() - start
     log(f"  fitted {len(samples)} chains in {sweep_s:.0f} s: mean error {stats['sweep_mean_abs_error_pct']:.1f}%")
     for kind, c in ops.items():
         log(f"  {kind:<10} peak {c.peak_gmacs:7.1f} GMAC/s (unaligned {c.peak_unaligned_gmacs:6.1f}), bandwidth "
-            f"{c.bandwidth_gbs:6.1f} GB/s, overhead {c.overhead_us:5.1f} us, block {c.channel_multiple}")
+            f"{c.bandwidth_gbs:6.1f} GB/s, overhead {c.overhead_us:5.1f} us"
+            + (f", per position {c.position_ns:5.2f} ns" if per_position else "") + f", block {c.channel_multiple}")
     calibration: Dict[str, Any] = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(),
                                    "processor": platform.processor() or platform.machine(),
                                    "cpu_count": os.cpu_count(), "load_average_1min": round(load, 2),

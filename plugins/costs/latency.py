@@ -4,10 +4,16 @@ target runtime (``dnnshrink calibrate``) and stored in a versioned JSON profile.
 A layer at batch ``b`` moves ``bytes = 4 · (b · in_positions · kept_in + b · out_positions ·
 kept_out + weights)`` (float32) and computes ``macs = b · coef · kept_in · kept_out``; it takes
 
-    max(macs / peak, bytes / bandwidth) + overhead          (seconds)
+    max(macs / peak, bytes / bandwidth) + overhead + b · out_positions · per_position   (seconds)
 
-with ``peak``, ``bandwidth`` and ``overhead`` fitted per op kind (``conv``, ``pointwise``,
-``depthwise``, ``linear``). Runtimes such as onnxruntime's CPU provider run a convolution
+with ``peak``, ``bandwidth``, ``overhead`` and ``per_position`` fitted per op kind (``conv``,
+``pointwise``, ``depthwise``, ``linear``). The per-position term (``position_ns``, fitted by
+``dnnshrink calibrate --per-position``; 0 otherwise and in older profiles) is what a layer
+pays per output pixel whatever its widths (the runtime's loops and layout changes around the
+kernel): a thin layer at a high resolution (a shrunk network's first layers, a 3-channel
+stem) is slower than its MACs and bytes say, while onnxruntime's real per-call cost is about
+a microsecond (``bench/bench_per_call.py``); without the term, the fitted ``overhead``
+absorbs it. Runtimes such as onnxruntime's CPU provider run a convolution
 with their fast blocked-channel kernels only when its channel counts fit the block, so each
 kind has a second peak, ``peak_unaligned``, for widths that do not, and its measured block
 (``channel_multiple``), which ``round_to: auto`` rounds widths to. The network's cost adds
@@ -41,13 +47,15 @@ class ProfileError(ConfigError):
 class OpConstants:
     """The fitted roofline of one op kind: ``peak_gmacs`` (GMAC/s with aligned widths),
     ``peak_unaligned_gmacs`` (GMAC/s when the widths miss the block), ``bandwidth_gbs``
-    (GB/s), ``overhead_us`` (per call) and ``channel_multiple`` (the measured block)."""
+    (GB/s), ``overhead_us`` (per call), ``channel_multiple`` (the measured block) and
+    ``position_ns`` (per output position and image; 0 in profiles made before it was fitted)."""
 
     peak_gmacs: float
     peak_unaligned_gmacs: float
     bandwidth_gbs: float
     overhead_us: float
     channel_multiple: int = 1
+    position_ns: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,7 @@ class Profile:
 
 _RUNTIME_KEYS = {"name": str, "device": str, "threads": int, "batch": int, "version": str}
 _OP_KEYS = {"peak_gmacs": float, "peak_unaligned_gmacs": float, "bandwidth_gbs": float, "overhead_us": float,
-            "channel_multiple": int}
+            "channel_multiple": int, "position_ns": float}
 
 
 def _check_number(value: Any, kind: type, where: str, minimum: float = 0.0, strict: bool = True) -> Any:
@@ -138,10 +146,10 @@ def profile_from_dict(data: Any, source: str = "profile") -> Profile:
     ops = {}
     for kind in KINDS:
         entry = ops_data[kind]
-        _closed(entry, _OP_KEYS, f"{source}: ops.{kind}")
+        _closed(entry, _OP_KEYS, f"{source}: ops.{kind}", optional=("position_ns",))
         values = {key: _check_number(entry[key], typ, f"{source}: ops.{kind}.{key}",
-                                     strict=key not in ("overhead_us",))
-                  for key, typ in _OP_KEYS.items()}
+                                     strict=key not in ("overhead_us", "position_ns"))
+                  for key, typ in _OP_KEYS.items() if key in entry}
         if values["channel_multiple"] < 1:
             raise ProfileError(f"{source}: ops.{kind}.channel_multiple must be >= 1")
         ops[kind] = OpConstants(**values)
@@ -197,6 +205,7 @@ class LatencyCost:
         self.in_bytes = BYTES_PER_ELEMENT * b * table.in_positions
         self.out_bytes = BYTES_PER_ELEMENT * b * table.out_positions
         self.weight_bytes = BYTES_PER_ELEMENT * table.weights_per_pair
+        self.per_position = pick("position_ns", 1e-9) * b * table.out_positions  # seconds per layer
         self.fixed = self.profile.overhead_ms
         self.runtime = dict(self.profile.runtime)
 
@@ -231,7 +240,7 @@ class LatencyCost:
     def layer_costs(self, kept_in: np.ndarray, kept_out: np.ndarray) -> np.ndarray:
         """Each layer's predicted milliseconds."""
         _, macs, traffic, peak = self._terms(kept_in, kept_out)
-        return 1e3 * roofline_seconds(macs, traffic, peak, self.bandwidth, self.overhead)
+        return 1e3 * (roofline_seconds(macs, traffic, peak, self.bandwidth, self.overhead) + self.per_position)
 
     def partials(self, kept_in: np.ndarray, kept_out: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """``(d ms / d kept_in, d ms / d kept_out)``: the bound side of the roofline (compute

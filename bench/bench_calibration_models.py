@@ -1,0 +1,84 @@
+"""Latency models compared on the same timings: the calibration's default fit, the fit with
+thin chains and a per-position cost (``dnnshrink calibrate --per-position``), and the shipped
+profile, each judged on the same timed networks, whole and at a quarter of their widths.
+
+One sweep is timed once (the default chains and the thin ones, the block sizes taken from
+the shipped profile so that noisy block probes do not differ between the fits); each model is
+fitted to it; the five unseen torchvision networks and their thin versions are timed once
+and predicted by every model. Fitting every model to one set of timings, instead of
+comparing separate calibration runs, keeps a busy machine's drift out of the comparison
+(though not out of the timings themselves: read the load averages).
+
+    python bench/bench_calibration_models.py [--rounds 8] [--json rows.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+import dnnshrink_core as ds
+from dnnshrink_core.cost import CostModel
+from dnnshrink_plugins.costs.calibrate import VALIDATION_MODELS, OnnxBackend, fit, sweep_chains, thin_network
+from dnnshrink_plugins.costs.latency import Profile, load_profile
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    print(f"1-minute load average at the start: {os.getloadavg()[0]:.2f}", flush=True)
+    shipped = load_profile(None)
+    multiples = {kind: c.channel_multiple for kind, c in shipped.ops.items()}
+    backend = OnnxBackend(shipped.threads, shipped.batch)
+    chains = sweep_chains(thin=True)
+    plain = len(sweep_chains())  # the default sweep is the first part of the thin one
+    prepared = {str(i): backend.prepare(ops) for i, ops in enumerate(chains)}
+    timed = backend.time(prepared, args.rounds, 3)
+    samples = [(ops, timed[str(i)][0]) for i, ops in enumerate(chains)]
+    models = {"shipped profile": shipped}
+    for label, part, per_position in (("default fit", samples[:plain], False),
+                                      ("thin chains + per position", samples, True)):
+        ops, per_run, stats = fit(part, shipped.batch, multiples, per_position)
+        models[label] = Profile(shipped.runtime, per_run, ops, {"sweep_mean_abs_error_pct": stats["sweep_mean_abs_error_pct"]})
+    print(f"1-minute load average after the sweep: {os.getloadavg()[0]:.2f}", flush=True)
+
+    torch.manual_seed(0)
+    x = torch.randn(shipped.batch, 3, 224, 224)
+    nets = {}
+    for name in VALIDATION_MODELS:
+        model = torchvision.models.get_model(name, weights=None).eval()
+        nets[name], nets[f"{name} x0.25"] = model, thin_network(model, x)
+    with tempfile.TemporaryDirectory() as tmp:
+        measured = backend.time({k: backend.prepare_network(v, x, Path(tmp), k.replace(" ", "_")) for k, v in
+                                 nets.items()}, 6, 3)
+    print(f"1-minute load average at the end: {os.getloadavg()[0]:.2f}")
+    results = {}
+    for label, profile in models.items():
+        errors = {}
+        for name, net in nets.items():
+            predicted = CostModel(ds.trace(net, x), net, "latency", profile=profile).initial
+            errors[name] = predicted / (1e3 * measured[name][0]) - 1
+        whole = float(np.mean([abs(e) for n, e in errors.items() if " x" not in n]))
+        thin = float(np.mean([abs(e) for n, e in errors.items() if " x" in n]))
+        results[label] = {"whole_mean_abs_error_pct": 100 * whole, "thin_mean_abs_error_pct": 100 * thin,
+                          "errors_pct": {n: round(100 * e, 1) for n, e in errors.items()},
+                          "overheads_us": {k: round(c.overhead_us, 2) for k, c in profile.ops.items()},
+                          "position_ns": {k: round(c.position_ns, 2) for k, c in profile.ops.items()}}
+        print(f"{label:<28} whole {100 * whole:5.1f}%  thin {100 * thin:5.1f}%  overheads (us) "
+              f"{results[label]['overheads_us']}  per position (ns) {results[label]['position_ns']}")
+    results["measured_ms"] = {n: round(1e3 * v[0], 3) for n, v in measured.items()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
