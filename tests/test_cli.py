@@ -85,3 +85,19 @@ def test_the_readme_generator_example_runs_and_shrinks(capsys):
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     assert "layer2.0.conv1" in out and "128→64" in out
     assert float(out.strip().splitlines()[-1]) < 1e-4
+
+
+def test_calibrate_passes_its_options_to_the_latency_cost_model(monkeypatch):
+    """`dnnshrink calibrate` hands the runtime, threads, batch, device, output, check and
+    `--per-position` to the loaded latency cost model's calibrate()."""
+    from dnnshrink_core.cost import get_cost_model
+
+    latency = get_cost_model("latency")
+    seen = []
+    monkeypatch.setattr(latency, "calibrate", lambda **options: seen.append(options), raising=False)
+    assert cli.main(["calibrate", "--threads", "3", "--batch", "4", "--out", "p.json", "--no-check",
+                     "--per-position"]) == 0
+    assert cli.main(["calibrate"]) == 0
+    assert seen[0] == {"runtime": "onnxruntime", "threads": 3, "batch": 4, "device": "cpu", "out": "p.json",
+                       "check": False, "per_position": True}
+    assert "per_position" not in seen[1] and seen[1]["check"] is True
