@@ -295,7 +295,8 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
     round_to, round_notes = resolve_round_to(graph, work, opts.round_to, opts.profile)
     for note in round_notes:
         _step(f"round_to {opts.round_to}: {note}")
-    depth = opts.depth is not False and bool(getattr(algorithm, "chooses_depth", False))
+    chooses_depth = bool(getattr(algorithm, "chooses_depth", False))
+    depth = opts.depth is not False and chooses_depth
     if opts.round_to == "auto" and not isinstance(round_to, int):
         # a target below the smallest rounded network, but not below the unrounded one: keep the
         # target (the user's word) and give up the rounding, saying so
@@ -307,7 +308,7 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
             _step(f"round_to auto: {round_notes[0]}")
     opts = dataclasses.replace(opts, round_to=round_to)
     minimum, deeper = smallest_cost(graph, costs, opts.min_width, opts.round_to, depth), None
-    if opts.depth is False and getattr(algorithm, "chooses_depth", False) and \
+    if opts.depth is False and chooses_depth and \
             goal.absolute(costs.initial) < minimum * (1 - 1e-9):  # would dropping blocks have reached it?
         deeper = smallest_cost(graph, costs, opts.min_width, opts.round_to, True)
     target = check_reachable(goal, costs.initial, minimum,

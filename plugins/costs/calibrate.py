@@ -352,17 +352,19 @@ def validate(backend: Any, profile: Profile, models: Sequence[str] = VALIDATION_
              runs: int = 3, log: Callable[[str], None] = print, thin: bool = True) -> List[Dict[str, Any]]:
     """Predicted against measured latency (fastest and median of interleaved runs) of whole
     torchvision networks (``weights=None``) the fit did not see, and (``thin``) of each cut
-    to a quarter of its widths (:func:`thin_network`), named ``<model> x0.25``."""
+    to a quarter of its widths (:func:`thin_network`), named ``<model> x0.25`` (``thin`` in
+    its row)."""
     import torch
     import torchvision
 
     torch.manual_seed(0)
     x = torch.randn(backend.batch, 3, 224, 224)
-    prepared, predicted, names = {}, {}, []
+    prepared, predicted, names, thin_names = {}, {}, [], set()
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             model = torchvision.models.get_model(name, weights=None).eval()
             variants = [(name, model)] + ([(f"{name} x{THIN_SHARE:g}", thin_network(model, x))] if thin else [])
+            thin_names.update(label for label, _ in variants[1:])
             for label, net in variants:
                 names.append(label)
                 predicted[label] = predict_network(net, x, profile)
@@ -371,7 +373,7 @@ def validate(backend: Any, profile: Profile, models: Sequence[str] = VALIDATION_
     rows = []
     for name in names:
         fastest, median = timed[name]
-        rows.append({"model": name, "predicted_ms": round(predicted[name], 3), "measured_ms": round(1e3 * fastest, 3),
+        rows.append({"model": name, "thin": name in thin_names, "predicted_ms": round(predicted[name], 3), "measured_ms": round(1e3 * fastest, 3),
                      "measured_median_ms": round(1e3 * median, 3),
                      "error_pct": round(100 * (predicted[name] / (1e3 * fastest) - 1), 1)})
         log(f"  {name:<25} predicted {predicted[name]:8.2f} ms, measured {1e3 * fastest:8.2f} ms (median "
@@ -430,8 +432,8 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     if check:
         log("  unseen networks (predicted against measured, fastest of runs):")
         rows = validate(backend, profile, log=log)
-        whole = [abs(r["error_pct"]) for r in rows if " x" not in r["model"]]
-        thin = [abs(r["error_pct"]) for r in rows if " x" in r["model"]]
+        whole = [abs(r["error_pct"]) for r in rows if not r["thin"]]
+        thin = [abs(r["error_pct"]) for r in rows if r["thin"]]
         calibration["validation"] = rows
         calibration["validation_mean_abs_error_pct"] = round(float(np.mean(whole)), 1)
         calibration["validation_thin_mean_abs_error_pct"] = round(float(np.mean(thin)), 1)

@@ -193,9 +193,10 @@ class MorphNet:
             keep, used = self._to_budget(ctx, learned, gammas, ctx.target, opts.round_to, trust, uniform, opts.expand)
             if used is not None:
                 info["trust"] = round(used, 3)
-            if held is not None and (keep & held.units).any():  # annealing cut them; the structure keeps them
-                info["revived"] = int((keep & held.units).sum())
-                held.revive(keep & held.units, self._revival(opts))
+            if held is not None:  # units annealing cut that the structure keeps again
+                revived = held.revive_kept(keep, self._revival(opts))
+                if revived:
+                    info["revived"] = revived
         return LearnResult(keep, epochs, {"regularizer": opts.regularizer, "strength": reg.strength,
                                           "threshold": opts.threshold, "learned_macs": learned_cost,
                                           "learned_at_macs": learn_at,
@@ -287,15 +288,13 @@ class MorphNet:
             left = opts.max_epochs - epoch + 1  # epochs left, this one included
             budget = target if last else cost * (target / cost) ** (1.0 - ((left - 1) / left) ** self.anneal_power)
             keep, _ = self._to_budget(ctx, alive, gammas, budget, opts.round_to if last else 1, trust)
-            again = keep & held.units  # cut before, kept again: revived so that training can use them
+            revived = held.revive_kept(keep, self._revival(opts))  # cut before, kept again: training can use them
             held.hold(~keep)
-            if again.any():
-                held.revive(again, self._revival(opts))
             if not cuts and reg is not None:
                 reg.strength *= self.anneal_strength
             cuts.append({"epoch": epoch, "budget": budget / ctx.costs.initial,
                          "widths": [int(keep[g.units].sum()) for g in ctx.graph.groups],
-                         "revived": int(again.sum())})
+                         "revived": revived})
             if ctx.writer is not None:  # the alive/<group> curves show the widths before the cut
                 ctx.writer.add_scalar("anneal/budget_fraction", budget / ctx.costs.initial, epoch)
             if last:

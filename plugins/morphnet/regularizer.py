@@ -218,6 +218,14 @@ class HeldScales:
         self._held = self._channels(self.units)
         self._zero()
 
+    def revive_kept(self, keep: np.ndarray, scale: float) -> int:
+        """Revive (:meth:`revive`) the held units that ``keep`` keeps; returns how many. Call
+        it before holding the next cut's units."""
+        again = np.asarray(keep, dtype=bool) & self.units
+        if again.any():
+            self.revive(again, scale)
+        return int(again.sum())
+
     def revive(self, units: np.ndarray, scale: float) -> None:
         """Give ``units`` a scale of ``scale`` and a zero shift: units a cut held and a later
         cut keeps again (a dropped block's time bought them back). Left as they were, their
