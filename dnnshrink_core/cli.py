@@ -155,7 +155,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     calibrate = getattr(latency, "calibrate", None)
     if calibrate is None:
         raise PluginError("the loaded `latency` cost model has no calibrate(); it comes with dnnshrink's `costs` plugin")
-    options = {"per_position": True} if args.per_position else {}  # (a plugin's calibrate need not take it)
+    options: dict = {"per_position": False} if args.no_per_position else {}  # (a plugin's calibrate need not take it)
+    if args.blocks_from:
+        options["blocks_from"] = args.blocks_from
     calibrate(runtime=args.runtime, threads=args.threads, batch=args.batch, device=args.device, out=args.out,
               check=not args.no_check, **options)
     return 0
@@ -203,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue an interrupted run from its last checkpoint (same --out)")
     run.set_defaults(func=_cmd_run)
     cal = sub.add_parser("calibrate", parents=[common],
-                         help="measure a latency profile of your runtime (a sweep of conv/linear shapes, < 2 min)")
+                         help="measure a latency profile of your runtime (a sweep of layer and activation shapes, "
+                              "< 2 min)")
     cal.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "torch"])
     cal.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     cal.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
@@ -211,9 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", default="latency-profile.json", help="where to write the profile (JSON)")
     cal.add_argument("--no-check", action="store_true",
                      help="skip timing the five torchvision networks the fit did not see")
-    cal.add_argument("--per-position", action="store_true",
-                     help="also sweep thin layers and fit a cost per output position for each op kind "
-                          "(experimental: docs/benchmarks.md)")
+    cal.add_argument("--no-per-position", action="store_true",
+                     help="fit no cost per output position (nor sweep thin layers): the fit of profiles made "
+                          "before 2026-12; it predicts shrunk networks 2-5x worse (docs/benchmarks.md)")
+    cal.add_argument("--per-position", action="store_true", help=argparse.SUPPRESS)  # the default now
+    cal.add_argument("--blocks-from", metavar="PROFILE",
+                     help="keep the channel blocks of this profile (same runtime) instead of measuring them again: "
+                          "they move on a busy machine")
     cal.set_defaults(func=_cmd_calibrate)
     demo.set_defaults(func=_cmd_demo)
     return parser

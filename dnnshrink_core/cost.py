@@ -61,23 +61,30 @@ class LayerTable:
 
     @classmethod
     def build(cls, layers: Sequence[LayerCost], model: nn.Module, batch: int = 1) -> "LayerTable":
-        """The table of ``layers`` (from :meth:`ChannelGraph.layers`) of ``model``."""
+        """The table of ``layers`` (from :meth:`ChannelGraph.layers`, and for a cost model
+        that prices them :meth:`ChannelGraph.tensor_ops`) of ``model``. A tensor op's row has
+        no MACs and no weights, ``depthwise`` set (its input channels are its output
+        channels) and its :data:`~dnnshrink_core.tensor_ops.TENSOR_KINDS` name as ``op``."""
         rows = [_describe(model, layer) for layer in layers]
         column = (lambda i, dtype=np.float64: np.array([r[i] for r in rows], dtype=dtype))
         return cls(list(layers), np.array([l.coef for l in layers], dtype=np.float64), column(0), column(1),
-                   column(2), column(3), np.array([l.kind == "depthwise" for l in layers], dtype=bool),
+                   column(2), column(3), np.array([l.kind in ("depthwise", "tensor") for l in layers], dtype=bool),
                    column(4, object), np.array([len(l.in_units) for l in layers], dtype=np.float64),
                    np.array([len(l.out_units) for l in layers], dtype=np.float64), int(batch))
 
 
 def _describe(model: nn.Module, layer: LayerCost) -> tuple:
-    """(weights per pair, kernel elements, output positions, input positions, op) of a layer.
+    """(weights per pair, kernel elements, output positions, input positions, op) of a layer
+    (of a tensor op: none, 1, the elements it writes and reads per channel, its kind).
 
     Why positions come from ``coef / weights per pair``: the handlers give
     ``coef = kernel · positions / groups`` and ``weights per pair = kernel / groups`` (for a
     linear layer, positions and 1), so the ratio is the traced output's positions for module
     and functional layers alike, without re-running the model.
     """
+    if layer.kind == "tensor":
+        read, written = layer.positions or (0.0, 0.0)
+        return 0.0, 1.0, written, read, layer.op
     per_pair = _weights_per_pair(model, layer)
     weight = _weight(model, layer)
     kernel = float(math.prod(weight.shape[2:])) if weight is not None and weight.ndim > 2 else 1.0
@@ -138,18 +145,22 @@ class CostModel:
             raise ValueError("the model has no conv or linear layer whose channels the graph follows")
         self.graph, self.kind = graph, ALIASES.get(kind, kind)
         self.layers = layers
-        self.table = LayerTable.build(layers, model, batch)
-        self.resource = get_cost_model(self.kind)(self.table, **options)
+        factory = get_cost_model(self.kind)
+        # the table's rows: the layers, then the tensor ops for a cost model that prices them
+        self.rows = layers + (graph.tensor_ops() if getattr(factory, "prices_tensor_ops", False) else [])
+        self.table = LayerTable.build(self.rows, model, batch)
+        self.resource = factory(self.table, **options)
+        rows = self.rows
         self.unit = getattr(self.resource, "unit", self.kind)
         self.coef = self.table.coef if self.kind == "flops" else self.table.weights_per_pair
         self.depthwise = self.table.depthwise
-        self.in_units = np.concatenate([l.in_units for l in layers])
-        self.in_layer = np.concatenate([np.full(len(l.in_units), i) for i, l in enumerate(layers)])
-        self.out_units = np.concatenate([l.out_units for l in layers])
-        self.out_layer = np.concatenate([np.full(len(l.out_units), i) for i, l in enumerate(layers)])
-        # each layer's units lie in one run of in_units/out_units: a segment sum counts them
-        self._in_runs = _runs([len(l.in_units) for l in layers])
-        self._out_runs = _runs([len(l.out_units) for l in layers])
+        self.in_units = np.concatenate([l.in_units for l in rows])
+        self.in_layer = np.concatenate([np.full(len(l.in_units), i) for i, l in enumerate(rows)])
+        self.out_units = np.concatenate([l.out_units for l in rows])
+        self.out_layer = np.concatenate([np.full(len(l.out_units), i) for i, l in enumerate(rows)])
+        # each row's units lie in one run of in_units/out_units: a segment sum counts them
+        self._in_runs = _runs([len(l.in_units) for l in rows])
+        self._out_runs = _runs([len(l.out_units) for l in rows])
         self.initial = self.cost(np.ones(graph.num_units, dtype=bool))
 
     def counts(self, alive: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -282,7 +293,7 @@ def resolve_round_to(graph: ChannelGraph, model: nn.Module, round_to: Union[int,
         multiples = getattr(costs.resource, "channel_multiples", None)
         if multiples is None:
             return 1, ["the latency cost model gives no channel multiples: widths are not rounded"]
-        return group_multiples(graph, multiples(), costs.layers)
+        return group_multiples(graph, multiples(), costs.rows)
     return int(round_to), []
 
 

@@ -9,7 +9,7 @@ output channels of every block's last conv and of the downsample conv are one gr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -52,6 +52,11 @@ class LayerCost:
     ``name`` is the module that owns the layer's weight; ``weight`` the weight's path
     (``name + ".weight"`` unless a functional call reads another parameter);
     ``params_coef``, when a handler gives it, the weights per (input, output) pair.
+
+    ``kind`` ``"tensor"``: not a layer but a memory-bound op (an activation, an add, a
+    multiply, pooling; :mod:`dnnshrink_core.tensor_ops`) with no MACs and no weights, which
+    only cost models that price them see; ``op`` says which, ``positions`` the elements it
+    reads and writes per channel and image.
     """
 
     name: str
@@ -61,6 +66,8 @@ class LayerCost:
     coef: float
     weight: str = ""
     params_coef: Optional[float] = None
+    op: str = ""
+    positions: Optional[Tuple[float, float]] = None
 
     def __post_init__(self) -> None:
         if not self.weight:
@@ -193,6 +200,17 @@ class ChannelGraph:
                                         self.unit_of[info["out_labels"]], float(info["macs_coef"]),
                                         info.get("weight", ""), info.get("params_coef")))
         return result
+
+    def tensor_ops(self) -> List["LayerCost"]:
+        """The memory-bound ops between the layers that a runtime runs as passes of their own
+        (activations, adds, multiplies, pooling; :mod:`dnnshrink_core.tensor_ops`), as
+        :class:`LayerCost` rows of kind ``"tensor"``, found once per graph."""
+        found = self.__dict__.get("_tensor_ops")
+        if found is None:
+            from .tensor_ops import find_tensor_ops
+
+            found = self.__dict__["_tensor_ops"] = find_tensor_ops(self)
+        return found
 
     @property
     def branches(self) -> List[Any]:

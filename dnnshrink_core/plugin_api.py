@@ -14,7 +14,8 @@ What is here, by the kind of plugin that needs it:
   :class:`LearnContext`, :class:`LearnResult`, :func:`log_epoch`, :class:`CostModel`,
   :func:`cost_model_names`, :func:`divergence` and :data:`LEARNING_ADVICE`; their width rules:
   :func:`largest_fitting`, :func:`per_group_multiples`, :data:`DEFAULT_THRESHOLD`;
-* cost models: :class:`LayerTable`;
+* cost models: :class:`LayerTable`, :data:`TENSOR_KINDS` (the tensor ops a cost model that
+  declares ``prices_tensor_ops`` sees as extra rows);
 * exporters: :func:`eval_graph_module` (the eval-mode graph, recorded on the example input
   where torch.fx cannot trace), :func:`normalize_inputs`, :func:`flatten_outputs`, :func:`model_mode`,
   :class:`InputShapeCheck`, :func:`atomic_write`, :func:`atomic_path`, :func:`sha256_bytes`,
@@ -37,6 +38,7 @@ from .labels import Chan
 from .masks import DEFAULT_THRESHOLD, Masks
 from .plugins import get_plugin_manager, hookimpl, lookup, plugin_names
 from .recording import InputShapeCheck
+from .tensor_ops import TENSOR_KINDS
 from .report import LAYER_TYPES, count_macs, layer_width
 from .timing import fastest_and_median, interleaved_times, onnx_latency, session
 from .tracing import eval_graph_module, flatten_outputs, model_mode, normalize_inputs
@@ -49,5 +51,5 @@ __all__ = [
     "layer_width", "LayerTable", "LearnContext", "LEARNING_ADVICE", "LearnResult", "log_epoch", "lookup",
     "MaskError", "Masks", "model_mode", "normalize_inputs", "onnx_latency", "OpHandler", "per_group_multiples",
     "plugin_names", "PluginError", "PropagateContext", "RebuildContext", "resized", "session", "settle_branches", "sha256_bytes",
-    "TensorSpec", "TraceError", "__version__"
+    "TENSOR_KINDS", "TensorSpec", "TraceError", "__version__"
 ]

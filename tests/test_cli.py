@@ -89,15 +89,16 @@ def test_the_readme_generator_example_runs_and_shrinks(capsys):
 
 def test_calibrate_passes_its_options_to_the_latency_cost_model(monkeypatch):
     """`dnnshrink calibrate` hands the runtime, threads, batch, device, output, check and
-    `--per-position` to the loaded latency cost model's calibrate()."""
+    `--no-per-position` to the loaded latency cost model's calibrate(); `--per-position`, the
+    default now, is still accepted."""
     from dnnshrink_core.cost import get_cost_model
 
     latency = get_cost_model("latency")
     seen = []
     monkeypatch.setattr(latency, "calibrate", lambda **options: seen.append(options), raising=False)
     assert cli.main(["calibrate", "--threads", "3", "--batch", "4", "--out", "p.json", "--no-check",
-                     "--per-position"]) == 0
-    assert cli.main(["calibrate"]) == 0
+                     "--no-per-position"]) == 0
+    assert cli.main(["calibrate", "--per-position"]) == 0
     assert seen[0] == {"runtime": "onnxruntime", "threads": 3, "batch": 4, "device": "cpu", "out": "p.json",
-                       "check": False, "per_position": True}
+                       "check": False, "per_position": False}
     assert "per_position" not in seen[1] and seen[1]["check"] is True

@@ -13,7 +13,7 @@ import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel, resolve_round_to
 from dnnshrink_core.target import Target, check_reachable, smallest_cost
 from dnnshrink_plugins.costs.calibrate import fit, op_terms, sweep_chains
-from dnnshrink_plugins.costs.latency import (KINDS, OpConstants, Profile, ProfileError, load_profile,
+from dnnshrink_plugins.costs.latency import (KINDS, TENSOR_KINDS, OpConstants, Profile, ProfileError, load_profile,
                                              profile_from_dict, roofline_seconds)
 from models import conv_bn
 
@@ -42,6 +42,9 @@ def synthetic_profile(multiple: int = 1, positions: bool = True) -> Profile:
     ops = {"conv": OpConstants(80.0, 20.0, 15.0, 3.0, multiple, p[0]),
            "pointwise": OpConstants(60.0, 15.0, 15.0, 2.0, multiple, p[1]),
            "depthwise": OpConstants(10.0, 2.0, 15.0, 4.0, multiple, p[2]), "linear": OpConstants(20.0, 20.0, 10.0, 1.0, 1)}
+    # the tensor ops compute nothing: a bandwidth each, an overhead within the fit's bound
+    ops.update({kind: OpConstants.tensor_op(8.0 + 3 * i, 0.25 * (i % 5), 0.5 * p[2] * (i % 3))
+                for i, kind in enumerate(TENSOR_KINDS)})
     return Profile({"name": "onnxruntime", "device": "cpu", "threads": 2, "batch": 1}, 0.05, ops)
 
 
@@ -118,11 +121,17 @@ def synthetic_samples(truth: Profile, thin: bool) -> list:
         for op in ops:
             c = truth.ops[op[0]]
             macs, traffic = op_terms(op, 1)
-            peak = c.peak_gmacs if is_aligned(op, multiples[op[0]]) else c.peak_unaligned_gmacs
+            peak = c.peak_gmacs if is_aligned(op, multiples.get(op[0], 1)) else c.peak_unaligned_gmacs
             t += float(roofline_seconds(macs, traffic, peak * 1e9, c.bandwidth_gbs * 1e9, c.overhead_us * 1e-6))
             t += op_positions(op, 1) * c.position_ns * 1e-9
         samples.append((ops, t))
     return samples
+
+
+def test_default_sweep_is_the_first_part_of_the_thin_one():
+    # bench/bench_calibration_models.py fits the default model to that part of one timing
+    plain, thin = sweep_chains(), sweep_chains(thin=True)
+    assert len(thin) > len(plain) and thin[:len(plain)] == plain
 
 
 def test_calibration_fit_recovers_known_constants():

@@ -23,6 +23,7 @@ import platform
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -30,11 +31,15 @@ import numpy as np
 
 from dnnshrink_core.plugin_api import DnnshrinkWarning
 
-from .latency import BYTES_PER_ELEMENT, KINDS, OpConstants, Profile, roofline_seconds
-from .runtime import Op, chain_model, fastest_and_median, interleaved_times, session
+from .latency import BYTES_PER_ELEMENT, KINDS, TENSOR_KINDS, OpConstants, Profile, load_profile, roofline_seconds
+from .runtime import Op, chain_model, conv_has_relu, fastest_and_median, interleaved_times, session
 
 VALIDATION_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
 CANDIDATES = (4, 8, 16, 32, 64)
+# the most a tensor op's fixed cost may be fitted: a runtime's own cost per call is about a
+# microsecond (onnxruntime: bench/bench_per_call.py); a chain's noise left free went into
+# tens of microseconds per activation, which over-priced every network full of them by half
+TENSOR_OVERHEAD_S = 2e-6
 
 
 def _pairs(kind: str, shapes: Sequence[tuple], reps: int = 2) -> List[List[Op]]:
@@ -70,19 +75,59 @@ def sweep_chains(thin: bool = False) -> List[List[Op]]:
                                    (960, 7, 3), (240, 14, 5), (672, 7, 5)])
     chains += _pairs("depthwise", [(98, 56, 3), (150, 28, 3), (382, 14, 3), (950, 7, 3), (250, 14, 5)])
     chains += _pairs("linear", [(512, 1000), (1280, 1000), (2048, 1000), (576, 1024)])
-    if thin:
+    chains += [[("conv", 3, 32, 224, 3, 2)], [("conv", 3, 64, 224, 7, 2)], [("pointwise", 64, 64, 14, 1, 1)],
+               [("depthwise", 64, 64, 7, 3, 1)], [("linear", 256, 256, 1, 1, 1)]]
+    chains += _tensor_chains()
+    if thin:  # last, so that the default sweep is the first part of the thin one
         chains += _pairs("pointwise", [(16, 16, 56), (16, 32, 28), (32, 16, 14), (16, 48, 7)], reps=4)
         chains += _pairs("conv", [(16, 16, 56), (16, 32, 28), (32, 32, 14)], reps=2)
         chains += _pairs("depthwise", [(16, 56, 3), (32, 28, 3), (16, 7, 3), (48, 7, 5)], reps=4)
         chains += [[("conv", 3, 16, 224, 3, 2)]]
-    chains += [[("conv", 3, 32, 224, 3, 2)], [("conv", 3, 64, 224, 7, 2)], [("pointwise", 64, 64, 14, 1, 1)],
-               [("depthwise", 64, 64, 7, 3, 1)], [("linear", 256, 256, 1, 1, 1)]]
     return chains
+
+
+def _tensor_chains() -> List[List[Op]]:
+    """Chains that price the tensor ops (:data:`TENSOR_KINDS`) as networks run them: each
+    activation after a pointwise conv, the residual add after one, squeeze-excitation (global
+    pooling, two 1×1 convs, a gate, the multiply) and a stem's max pooling. Each starts and
+    ends with a conv, as inside a network: a runtime fuses an op into the conv before it, or
+    keeps the conv's blocked layout through it, only between convs (onnxruntime left the
+    chain's last activation and an add of the chain's input unfused)."""
+    chains = []
+    for act in ("clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu"):
+        for c, hw in ((32, 112), (144, 28), (672, 7)):
+            chains.append([("pointwise", c, c, hw, 1, 1), (act, c, c, hw, 1, 1)] * 3 + [("pointwise", c, c, hw, 1, 1)])
+    for c, hw in ((24, 56), (80, 14), (320, 7)):
+        chains.append([("pointwise", c, c, hw, 1, 1)] + [("pointwise", c, c, hw, 1, 1), ("add", c, c, hw, 1, 1)] * 3
+                      + [("pointwise", c, c, hw, 1, 1)])
+    for c, hw, gate in ((32, 112, "sigmoid"), (144, 28, "hardsigmoid"), (672, 14, "sigmoid"), (960, 7, "hardsigmoid")):
+        chains.append([("pointwise", c, c, hw, 1, 1), ("pool", c, c, hw, 0, 1), ("pointwise", c, c // 4, 1, 1, 1),
+                       ("pointwise", c // 4, c, 1, 1, 1), (gate, c, c, 1, 1, 1), ("mul", c, c, hw, 1, 1)] * 2
+                      + [("pointwise", c, c, hw, 1, 1)])
+    for c, hw in ((64, 112), (256, 56)):
+        chains.append([("pointwise", c, c, hw, 1, 1), ("pool", c, c, hw, 3, 2), ("pointwise", c, c, hw // 2, 1, 1)])
+    return chains
+
+
+def tensor_positions(op: Op) -> Tuple[float, float]:
+    """(elements read, elements written) per channel and image by a tensor op of a chain:
+    an activation reads and writes its tensor, an add reads two, the excitation multiply
+    reads the pooled tensor's one value per channel besides its operand, a pooling (kernel
+    0: global) reads its input and writes its output."""
+    kind, _, _, hw, k, stride = op
+    if kind == "pool":
+        out = 1 if k == 0 else ((hw + 2 * (k // 2) - k) // stride + 1) ** 2
+        return float(hw * hw), float(out)
+    reads = {"add": 2.0 * hw * hw, "mul": hw * hw + 1.0}.get(kind, float(hw * hw))
+    return reads, float(hw * hw)
 
 
 def op_terms(op: Op, batch: int) -> Tuple[float, float]:
     """(MACs, bytes moved) of one op at ``batch`` (the same counting as :class:`LatencyCost`)."""
     kind, cin, cout, hw, k, stride = op
+    if kind in TENSOR_KINDS:
+        read, written = tensor_positions(op)
+        return 0.0, BYTES_PER_ELEMENT * batch * cout * (read + written)
     if kind == "linear":
         return batch * cin * cout, BYTES_PER_ELEMENT * (batch * (cin + cout) + cin * cout)
     out_hw = (hw + 2 * (k // 2) - k) // stride + 1
@@ -99,6 +144,8 @@ def op_terms(op: Op, batch: int) -> Tuple[float, float]:
 def op_positions(op: Op, batch: int) -> float:
     """Output positions of one op at ``batch`` (a linear layer: one per image)."""
     kind, _, _, hw, k, stride = op
+    if kind in TENSOR_KINDS:
+        return batch * tensor_positions(op)[1]
     if kind == "linear":
         return float(batch)
     return float(batch * ((hw + 2 * (k // 2) - k) // stride + 1) ** 2)
@@ -107,7 +154,7 @@ def op_positions(op: Op, batch: int) -> float:
 def is_aligned(op: Op, multiple: int) -> bool:
     """Whether an op's widths fit the block (as :meth:`LatencyCost.aligned` decides)."""
     kind, cin, cout = op[:3]
-    if kind == "linear" or multiple <= 1:
+    if kind == "linear" or kind in TENSOR_KINDS or multiple <= 1:
         return True
     return cout % multiple == 0 and (kind == "depthwise" or cin % multiple == 0 or cin < multiple)
 
@@ -148,6 +195,87 @@ class OnnxBackend:
         feeds = {k: v[1] for k, v in prepared.items()}
         return fastest_and_median(interleaved_times(sessions, feeds, rounds, runs, budget_s=budget_s))
 
+    def separate_kinds(self) -> List[str]:
+        """The tensor ops' kinds onnxruntime runs as ops of their own between two convs, read
+        from the graph it optimises (:data:`FUSION_PROBES`); the others it fuses into the conv
+        before them (an activation of the conv, an add as its sum input), where they cost
+        nothing of their own."""
+        import onnx
+        import onnxruntime
+
+        separate = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for kind, (ops, ignore) in FUSION_PROBES.items():
+                model, _ = chain_model(ops, self.batch)
+                options = onnxruntime.SessionOptions()
+                options.log_severity_level = 3  # its warning that the saved graph is hardware-specific
+                options.optimized_model_filepath = str(Path(tmp) / f"{kind}.onnx")
+                onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+                kept = {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
+                if kept - ignore - _LAYOUT_OPS:
+                    separate.append(kind)
+        return separate
+
+
+_LAYOUT_OPS = {"Conv", "FusedConv", "ReorderInput", "ReorderOutput", "Identity"}
+_SQUEEZE_EXCITE = [("pointwise", 32, 32, 28, 1, 1), ("pool", 32, 32, 28, 0, 1), ("pointwise", 32, 8, 1, 1, 1),
+                   ("pointwise", 8, 32, 1, 1, 1), ("sigmoid", 32, 32, 1, 1, 1), ("mul", 32, 32, 28, 1, 1),
+                   ("pointwise", 32, 32, 28, 1, 1)]
+# per tensor op kind: a chain with it between convs, and the op types besides the layout ones
+# that do not count as it
+FUSION_PROBES: Dict[str, Tuple[List[Op], set]] = {
+    **{act: ([("pointwise", 32, 32, 28, 1, 1), (act, 32, 32, 28, 1, 1), ("pointwise", 32, 32, 28, 1, 1)], set())
+       for act in ("clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu")},
+    "add": ([("pointwise", 32, 32, 28, 1, 1), ("pointwise", 32, 32, 28, 1, 1), ("add", 32, 32, 28, 1, 1),
+             ("pointwise", 32, 32, 28, 1, 1)], set()),
+    "mul": (_SQUEEZE_EXCITE, {"GlobalAveragePool", "Sigmoid"}),
+    "pool": ([("pointwise", 32, 32, 28, 1, 1), ("pool", 32, 32, 28, 3, 2), ("pointwise", 32, 32, 14, 1, 1)], set()),
+}
+
+
+def torch_chain(ops: Sequence[Op]) -> Any:
+    """The chain of :func:`~.runtime.chain_model` as an eager PyTorch module."""
+    import torch
+    from torch import nn
+
+    activations = {"clip": nn.ReLU6, "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid,
+                   "sigmoid": nn.Sigmoid, "silu": nn.SiLU, "gelu": nn.GELU}
+
+    class Chain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = list(ops)
+            layers = []
+            for i, (kind, cin, cout, hw, k, stride) in enumerate(ops):
+                if kind == "linear":
+                    layers.append(nn.Linear(cin, cout))
+                elif kind in activations:
+                    layers.append(activations[kind]())
+                elif kind == "pool":
+                    layers.append(nn.AdaptiveAvgPool2d(1) if k == 0 else nn.MaxPool2d(k, stride, k // 2))
+                elif kind in ("add", "mul"):
+                    layers.append(nn.Identity())
+                else:
+                    conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=cin if kind == "depthwise" else 1)
+                    layers.append(nn.Sequential(conv, nn.ReLU()) if conv_has_relu(ops, i) else conv)
+            self.layers = nn.ModuleList(layers)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            before = pooled_from = x
+            for (kind, *_), layer in zip(self.ops, self.layers):
+                if kind == "add":
+                    y = x + before
+                elif kind == "mul":
+                    y = pooled_from * x
+                else:
+                    if kind == "pool" and isinstance(layer, nn.AdaptiveAvgPool2d):
+                        pooled_from = x
+                    y = layer(x)
+                before, x = x, y
+            return x
+
+    return Chain()
+
 
 class _TorchRunner:
     def __init__(self, module: Any, x: Any, device: Any):
@@ -175,21 +303,17 @@ class TorchBackend:
                         "version": torch.__version__}
 
     def prepare(self, ops: Sequence[Op]) -> Tuple[Any, dict]:
-        nn = self.torch.nn
-        layers = []
-        for kind, cin, cout, hw, k, stride in ops:
-            if kind == "linear":
-                layers.append(nn.Linear(cin, cout))
-            else:
-                layers += [nn.Conv2d(cin, cout, k, stride, k // 2, groups=cin if kind == "depthwise" else 1),
-                           nn.ReLU()]
         kind, cin, _, hw, _, _ = ops[0]
         shape = (self.batch, cin) if kind == "linear" else (self.batch, cin, hw, hw)
-        module = nn.Sequential(*layers).eval().to(self.device)
+        module = torch_chain(ops).eval().to(self.device)
         return _TorchRunner(module, self.torch.randn(shape, device=self.device), self.device), {}
 
     def prepare_network(self, model: Any, x: Any, folder: Path, name: str) -> Tuple[Any, dict]:
         return _TorchRunner(model.eval().to(self.device), x.to(self.device), self.device), {}
+
+    def separate_kinds(self) -> List[str]:
+        """Every tensor op's kind: eager PyTorch runs each op by itself."""
+        return list(TENSOR_KINDS)
 
     def time(self, prepared: Dict[str, Tuple[Any, dict]], rounds: int, runs: int,
              budget_s: float = float("inf")) -> Dict[str, Tuple[float, float]]:
@@ -257,36 +381,71 @@ def unstable_blocks(blocks: Dict[str, Dict[str, Any]]) -> Optional[str]:
             "or set round_to to an integer.")
 
 
-def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Dict[str, int],
-        per_position: bool = False) -> Tuple[Dict[str, OpConstants], float, Dict[str, float]]:
-    """Fit the roofline constants to ``(chain, seconds)`` samples; returns the constants per
-    kind, the per-run overhead (ms) and fit statistics (relative errors in %). With
-    ``per_position``, a cost per output position per op kind is fitted too."""
+@dataclass(frozen=True)
+class Terms:
+    """What the roofline needs of every op of a timed chain: its kind, MACs, bytes moved,
+    whether its widths fit its kind's block, output positions (all at the profile's batch)."""
+
+    kinds: Tuple[str, ...]
+    macs: np.ndarray
+    traffic: np.ndarray
+    aligned: np.ndarray
+    positions: np.ndarray
+
+    def without(self, kinds: Sequence[str]) -> "Terms":
+        """These terms with the ops of ``kinds`` left out (they cost nothing)."""
+        keep = np.array([k not in kinds for k in self.kinds], dtype=bool)
+        return Terms(tuple(k for k, x in zip(self.kinds, keep) if x), self.macs[keep], self.traffic[keep],
+                     self.aligned[keep], self.positions[keep])
+
+    @classmethod
+    def of_chain(cls, ops: Sequence[Op], batch: int, multiples: Dict[str, int]) -> "Terms":
+        """The terms of a calibration chain."""
+        terms = [op_terms(op, batch) for op in ops]
+        return cls(tuple(op[0] for op in ops), np.array([t[0] for t in terms], dtype=np.float64),
+                   np.array([t[1] for t in terms], dtype=np.float64),
+                   np.array([is_aligned(op, multiples.get(op[0], 1)) for op in ops], dtype=bool),
+                   np.array([op_positions(op, batch) for op in ops], dtype=np.float64))
+
+
+def fit(samples: Sequence[Tuple[Any, float]], batch: int, multiples: Dict[str, int],
+        per_position: bool = False, fused: Sequence[str] = ()) -> Tuple[Dict[str, OpConstants], float, Dict[str, float]]:
+    """Fit the roofline constants to ``(chain, seconds)`` samples (a chain: its ops, or their
+    :class:`Terms`); returns the constants per kind, the per-run overhead (ms) and fit
+    statistics (relative errors in %). With ``per_position``,
+    a cost per output position per op kind is fitted too. The tensor ops' kinds
+    (:data:`TENSOR_KINDS`) that the samples hold get a bandwidth and an overhead each (they
+    compute nothing); a kind no sample holds, or one the runtime ``fused`` into the conv before
+    it (:meth:`OnnxBackend.separate_kinds`), is left out of the profile: it costs nothing."""
     from scipy.optimize import least_squares
 
-    rows = []  # per sample: list of (kind index, macs, bytes, aligned)
-    for ops, _ in samples:
-        rows.append([(KINDS.index(op[0]), *op_terms(op, batch), is_aligned(op, multiples.get(op[0], 1)))
-                     for op in ops])
-    flat_positions = np.array([op_positions(op, batch) for ops, _ in samples for op in ops])
+    terms = [t if isinstance(t, Terms) else Terms.of_chain(t, batch, multiples) for t, _ in samples]
+    terms = [t.without(fused) for t in terms] if fused else terms
+    present = {k for t in terms for k in t.kinds}
+    kinds = list(KINDS) + [k for k in TENSOR_KINDS if k in present]
+    n, nc = len(kinds), len(KINDS)
+    flat_kind = np.array([kinds.index(k) for t in terms for k in t.kinds])
+    flat_macs, flat_bytes, flat_aligned, flat_positions = (np.concatenate([getattr(t, a) for t in terms])
+                                                           for a in ("macs", "traffic", "aligned", "positions"))
+    sample_of = np.concatenate([np.full(len(t.kinds), s) for s, t in enumerate(terms)])
     measured = np.array([t for _, t in samples])
-    has_unaligned = {KINDS[i] for r in rows for i, _, _, a in r if not a}
-    n = len(KINDS)
-    flat_kind = np.array([i for r in rows for i, *_ in r])
-    flat_macs = np.array([m for r in rows for _, m, _, _ in r], dtype=np.float64)
-    flat_bytes = np.array([b for r in rows for _, _, b, _ in r], dtype=np.float64)
-    flat_aligned = np.array([a for r in rows for *_, a in r], dtype=bool)
-    sample_of = np.array([s for s, r in enumerate(rows) for _ in r])
+    has_unaligned = {kinds[k] for k in flat_kind[~flat_aligned]}
 
     # one bandwidth for the convolutions (the same memory system moves their activations;
     # 3×3 convs are compute-bound at every realistic shape, so a bandwidth of their own would
-    # be unidentified and could wander), one for linear layers (streaming their weights)
-    bw_of = np.array([1 if kind == "linear" else 0 for kind in KINDS])
+    # be unidentified and could wander), one for linear layers (streaming their weights), one
+    # per tensor op kind (whether the runtime fuses it into the conv before it shows there)
+    bw_of = np.array([1 if kind == "linear" else 0 for kind in KINDS] + list(range(2, 2 + n - nc)))
+    nb = 2 + n - nc
+    extra = n if per_position else 0  # per-position seconds, at most a microsecond
 
     def unpack(theta: np.ndarray) -> Tuple[np.ndarray, ...]:
-        peak, peak_un, bw = np.exp(theta[0:n]), np.exp(theta[n:2 * n]), np.exp(theta[2 * n:2 * n + 2])[bw_of]
-        overhead, per_run = theta[2 * n + 2:3 * n + 2], theta[3 * n + 2]
-        position = theta[3 * n + 3:4 * n + 3] if per_position else np.zeros(n)
+        peak = np.r_[np.exp(theta[0:nc]), np.full(n - nc, np.inf)]  # tensor ops compute nothing
+        peak_un = np.r_[np.exp(theta[nc:2 * nc]), np.full(n - nc, np.inf)]
+        bw = np.exp(theta[2 * nc:2 * nc + nb])[bw_of]
+        o = 2 * nc + nb
+        overhead, per_run = theta[o:o + n], theta[o + n]
+        position = theta[o + n + 1:o + n + 1 + n] if per_position else np.zeros(n)
         return peak, peak_un, bw, overhead, per_run, position
 
     def predict(theta: np.ndarray) -> np.ndarray:
@@ -301,17 +460,20 @@ def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Di
 
     best = None
     for peak0, bw0 in ((50e9, 20e9), (20e9, 5e9), (100e9, 50e9)):  # a few starts: the max() has kinks
-        extra = n if per_position else 0  # per-position seconds, at most a microsecond
-        theta0 = np.r_[np.full(n, math.log(peak0)), np.full(n, math.log(peak0 / 4)), np.full(2, math.log(bw0)),
-                       np.full(n, 5e-6), 20e-6, np.full(extra, 1e-9)]
-        lower = np.r_[np.full(2 * n + 2, math.log(1e6)), np.zeros(n + 1 + extra)]
-        upper = np.r_[np.full(2 * n + 2, math.log(1e14)), np.full(n + 1, 1e-2), np.full(extra, 1e-6)]
+        theta0 = np.r_[np.full(nc, math.log(peak0)), np.full(nc, math.log(peak0 / 4)), np.full(nb, math.log(bw0)),
+                       np.full(nc, 5e-6), np.full(n - nc, TENSOR_OVERHEAD_S / 2), 20e-6, np.full(extra, 1e-9)]
+        lower = np.r_[np.full(2 * nc + nb, math.log(1e6)), np.zeros(n + 1 + extra)]
+        upper = np.r_[np.full(2 * nc + nb, math.log(1e14)), np.full(nc, 1e-2), np.full(n - nc, TENSOR_OVERHEAD_S),
+                      1e-2, np.full(extra, 1e-6)]
         result = least_squares(residual, theta0, bounds=(lower, upper), x_scale="jac")
         if best is None or result.cost < best.cost:
             best = result
     peak, peak_un, bw, overhead, per_run, position = unpack(best.x)
     ops = {}
-    for i, kind in enumerate(KINDS):
+    for i, kind in enumerate(kinds):
+        if kind not in KINDS:
+            ops[kind] = OpConstants.tensor_op(float(bw[i] / 1e9), float(overhead[i] * 1e6), float(position[i] * 1e9))
+            continue
         unaligned = peak_un[i] if kind in has_unaligned else peak[i]
         ops[kind] = OpConstants(peak_gmacs=float(peak[i] / 1e9), peak_unaligned_gmacs=float(unaligned / 1e9),
                                 bandwidth_gbs=float(bw[i] / 1e9), overhead_us=float(overhead[i] * 1e6),
@@ -348,7 +510,7 @@ def thin_network(model: Any, x: Any, share: float = THIN_SHARE, block: int = 16)
     return ds.generate(model, x, masks, compensate=False)
 
 
-def validate(backend: Any, profile: Profile, models: Sequence[str] = VALIDATION_MODELS, rounds: int = 6,
+def validate(backend: Any, profile: Profile, models: Sequence[str] = VALIDATION_MODELS, rounds: int = 10,
              runs: int = 3, log: Callable[[str], None] = print, thin: bool = True) -> List[Dict[str, Any]]:
     """Predicted against measured latency (fastest and median of interleaved runs) of whole
     torchvision networks (``weights=None``) the fit did not see, and (``thin``) of each cut
@@ -382,12 +544,15 @@ def validate(backend: Any, profile: Profile, models: Sequence[str] = VALIDATION_
 
 
 def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, device: str = "cpu",
-              out: Optional[Any] = None, check: bool = True, rounds: int = 6,
-              log: Callable[[str], None] = print, per_position: bool = False) -> Profile:
+              out: Optional[Any] = None, check: bool = True, rounds: int = 12,
+              log: Callable[[str], None] = print, per_position: bool = True,
+              blocks_from: Optional[Any] = None) -> Profile:
     """Measure a latency profile (the module's four steps) and write it to ``out``. With
-    ``per_position``, the sweep adds thin chains and the fit a per-output-position cost per
-    op kind (see :mod:`.latency`; not the default until measured better on a quiet machine,
-    docs/benchmarks.md)."""
+    ``per_position`` (the default), the sweep adds thin chains and the fit a per-output-position
+    cost per op kind (see :mod:`.latency`): over three timings it predicted networks at a
+    quarter of their widths within 17% against 100% without it (docs/benchmarks.md).
+    ``blocks_from``: a profile of the same runtime whose channel blocks are kept instead of
+    measured again (they move on a busy machine, and ``round_to: auto`` rounds to them)."""
     start = time.perf_counter()
     if runtime == "onnxruntime":
         if device != "cpu":
@@ -404,19 +569,32 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     if load > 0.5 * cores:
         log(f"  warning: the machine is busy (load {load:.2f} on {cores} cores): other processes' work will show "
             "in the timings; calibrate on an idle machine for a profile to trust")
-    blocks = measure_blocks(backend)
+    if blocks_from is not None:  # measured before (on a quieter machine): kept, the rest is fitted again
+        kept = load_profile(blocks_from)
+        if kept.runtime.get("name") != backend.runtime["name"] or kept.runtime.get("device") != backend.runtime["device"]:
+            raise ValueError(f"--blocks-from {blocks_from}: that profile is of {kept.describe()}, not of "
+                             f"{backend.runtime['name']} {backend.runtime['device']}")
+        blocks = {kind: {"channel_multiple": kept.ops[kind].channel_multiple, "from": str(blocks_from)}
+                  for kind in ("pointwise", "depthwise", "conv")}
+    else:
+        blocks = measure_blocks(backend)
     multiples = {kind: info["channel_multiple"] for kind, info in blocks.items()}
     multiples["linear"] = 1
-    log("  channel blocks: " + ", ".join(f"{k} {v}" for k, v in multiples.items()))
+    log("  channel blocks: " + ", ".join(f"{k} {v}" for k, v in multiples.items())
+        + (f" (from {blocks_from})" if blocks_from is not None else ""))
     unstable = unstable_blocks(blocks)
     if unstable:
         log(f"  warning: {unstable}")
         warnings.warn(f"dnnshrink calibrate: {unstable}", DnnshrinkWarning, stacklevel=2)
+    separate = backend.separate_kinds()
+    fused = [k for k in TENSOR_KINDS if k not in separate]
+    log("  ops between the convs that run by themselves: " + (", ".join(separate) or "none")
+        + ("; fused into the conv before them: " + ", ".join(fused) if fused else ""))
     chains = sweep_chains(thin=per_position)
     prepared = {str(i): backend.prepare(ops) for i, ops in enumerate(chains)}
     timed = backend.time(prepared, rounds, 3)
     samples = [(ops, timed[str(i)][0]) for i, ops in enumerate(chains)]
-    ops, per_run_ms, stats = fit(samples, batch, multiples, per_position)
+    ops, per_run_ms, stats = fit(samples, batch, multiples, per_position, fused)
     sweep_s = time.perf_counter() - start
     log(f"  fitted {len(samples)} chains in {sweep_s:.0f} s: mean error {stats['sweep_mean_abs_error_pct']:.1f}%")
     for kind, c in ops.items():
@@ -427,7 +605,7 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
                                    "processor": platform.processor() or platform.machine(),
                                    "cpu_count": os.cpu_count(), "load_average_1min": round(load, 2),
                                    "sweep_chains": len(samples), "blocks": blocks, "blocks_stable": unstable is None,
-                                   **stats}
+                                   "fused_tensor_ops": fused, **stats}
     profile = Profile(backend.runtime, per_run_ms, ops, calibration)
     if check:
         log("  unseen networks (predicted against measured, fastest of runs):")

@@ -3,44 +3,93 @@ fixed number of intra-op threads, one inter-op thread), and the small op chains 
 calibration sweeps."""
 from __future__ import annotations
 
+import math
 from typing import Sequence, Tuple
 
 import numpy as np
 
 from dnnshrink_core.plugin_api import fastest_and_median, interleaved_times, onnx_latency, session
 
-__all__ = ["Op", "chain_model", "fastest_and_median", "interleaved_times", "onnx_latency", "session"]
+__all__ = ["ACTIVATIONS", "Op", "chain_model", "conv_has_relu", "fastest_and_median", "interleaved_times", "onnx_latency", "session"]
 
 # one op of a calibration chain: (kind, in channels, out channels, input size, kernel, stride)
 Op = Tuple[str, int, int, int, int, int]
 
 
+ACTIVATIONS = ("clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu")
+
+
+def conv_has_relu(ops: Sequence[Op], i: int) -> bool:
+    """Whether the conv at ``ops[i]`` is followed by a ReLU of its own: yes (as a
+    BatchNorm-folded network has it) unless the next op is another activation or a residual
+    add (a block's projection has none)."""
+    following = ops[i + 1][0] if i + 1 < len(ops) else None
+    return following not in ACTIVATIONS and following != "add"
+
+
 def chain_model(ops: Sequence[Op], batch: int) -> Tuple[bytes, Tuple[int, ...]]:
-    """An ONNX model running ``ops`` one after the other (each conv with a bias and a ReLU,
-    as a BatchNorm-folded network has them; linear ops as Gemm), and its input shape."""
+    """An ONNX model running ``ops`` one after the other, and its input shape: each conv with
+    a bias and a ReLU (:func:`conv_has_relu`), linear ops as Gemm, and the tensor ops as
+    torch's exporter writes them (``clip`` a Clip to 0…6, ``silu`` Sigmoid·x, ``gelu`` the
+    erf form, ``add`` the tensor plus the one the op before it read, ``pool`` kernel 0 a
+    global average pool else a max pool, ``mul`` the last global pool's input times the
+    current tensor)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     nodes, inits = [], []
-    name = "x"
+    name, before, pooled_from = "x", "x", "x"
     kind0, cin0, _, hw0, _, _ = ops[0]
     shape = (batch, cin0) if kind0 == "linear" else (batch, cin0, hw0, hw0)
+
+    def const(tag: str, value: float) -> str:
+        inits.append(numpy_helper.from_array(np.array(value, dtype=np.float32), tag))
+        return tag
+
     for i, (kind, cin, cout, hw, k, stride) in enumerate(ops):
         w, b, out = f"w{i}", f"b{i}", f"y{i}"
         if kind == "linear":
             inits += [numpy_helper.from_array((rng.standard_normal((cout, cin)) * 0.05).astype(np.float32), w),
                       numpy_helper.from_array(np.zeros(cout, np.float32), b)]
             nodes.append(helper.make_node("Gemm", [name, w, b], [out], transB=1))
-            name = out
-            continue
-        groups = cin if kind == "depthwise" else 1
-        inits += [numpy_helper.from_array((rng.standard_normal((cout, cin // groups, k, k)) * 0.05)
-                                          .astype(np.float32), w),
-                  numpy_helper.from_array(np.zeros(cout, np.float32), b)]
-        nodes.append(helper.make_node("Conv", [name, w, b], [out], kernel_shape=[k, k], pads=[k // 2] * 4,
-                                      strides=[stride, stride], group=groups))
-        nodes.append(helper.make_node("Relu", [out], [f"r{i}"]))
-        name = f"r{i}"
+        elif kind == "clip":
+            nodes.append(helper.make_node("Clip", [name, const(f"lo{i}", 0.0), const(f"hi{i}", 6.0)], [out]))
+        elif kind == "hardswish":
+            nodes.append(helper.make_node("HardSwish", [name], [out]))
+        elif kind == "hardsigmoid":
+            nodes.append(helper.make_node("HardSigmoid", [name], [out], alpha=1.0 / 6))
+        elif kind == "sigmoid":
+            nodes.append(helper.make_node("Sigmoid", [name], [out]))
+        elif kind == "silu":
+            nodes += [helper.make_node("Sigmoid", [name], [f"s{i}"]), helper.make_node("Mul", [name, f"s{i}"], [out])]
+        elif kind == "gelu":
+            nodes += [helper.make_node("Div", [name, const(f"r{i}", math.sqrt(2.0))], [f"d{i}"]),
+                      helper.make_node("Erf", [f"d{i}"], [f"e{i}"]),
+                      helper.make_node("Add", [f"e{i}", const(f"one{i}", 1.0)], [f"a{i}"]),
+                      helper.make_node("Mul", [name, f"a{i}"], [f"m{i}"]),
+                      helper.make_node("Mul", [f"m{i}", const(f"half{i}", 0.5)], [out])]
+        elif kind == "add":
+            nodes.append(helper.make_node("Add", [name, before], [out]))
+        elif kind == "pool":
+            if k == 0:
+                pooled_from = name
+                nodes.append(helper.make_node("GlobalAveragePool", [name], [out]))
+            else:
+                nodes.append(helper.make_node("MaxPool", [name], [out], kernel_shape=[k, k], pads=[k // 2] * 4,
+                                              strides=[stride, stride]))
+        elif kind == "mul":
+            nodes.append(helper.make_node("Mul", [pooled_from, name], [out]))
+        else:
+            groups = cin if kind == "depthwise" else 1
+            inits += [numpy_helper.from_array((rng.standard_normal((cout, cin // groups, k, k)) * 0.05)
+                                              .astype(np.float32), w),
+                      numpy_helper.from_array(np.zeros(cout, np.float32), b)]
+            nodes.append(helper.make_node("Conv", [name, w, b], [out], kernel_shape=[k, k], pads=[k // 2] * 4,
+                                          strides=[stride, stride], group=groups))
+            if conv_has_relu(ops, i):
+                nodes.append(helper.make_node("Relu", [out], [f"r{i}"]))
+                out = f"r{i}"
+        before, name = name, out
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
                               [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -1,0 +1,122 @@
+"""The memory-bound ops around the conv/linear layers that a runtime runs as passes of their
+own: activations it does not fuse into the convolution before them, the residual add, the
+squeeze-excitation multiply, pooling.
+
+A latency cost that prices only conv/linear layers under-predicts networks full of them:
+onnxruntime's CPU profile of EfficientNet-B0 spends 43% of its time outside its
+convolutions (SiLU 19%, layout reorders around them 12%, the excitation multiplies 6.5%,
+pooling 3%), MobileNetV3-Large 24%, MobileNetV2 3% and ResNet-18 2%. Each such op is a
+:class:`~dnnshrink_core.graph.LayerCost` of kind ``"tensor"`` whose ``op`` names what it is
+(:data:`TENSOR_KINDS`); cost models that declare ``prices_tensor_ops = True`` (the
+``latency`` one) get them as extra rows of their :class:`~dnnshrink_core.cost.LayerTable`,
+the others never see them. Whether an op is really a pass of its own on a runtime is
+measured, not assumed: ``dnnshrink calibrate`` times chains of each kind, and a kind the
+runtime fuses into the convolution before it is fitted a cost near zero.
+
+ReLU is not among them: every convolution of the calibration's sweep carries one (as a
+BatchNorm-folded network has it), so its cost is part of the layers' own constants.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .graph import LayerCost
+
+# what a profile may price; an activation not named here is priced as ``sigmoid`` (one
+# unfused pass through memory; see _ACTIVATION_MODULES)
+TENSOR_KINDS = ("clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu", "add", "mul", "pool")
+
+_ACTIVATION_MODULES = (
+    (nn.ReLU, None), (nn.ReLU6, "clip"), (nn.Hardtanh, "clip"), (nn.Hardswish, "hardswish"),
+    (nn.Hardsigmoid, "hardsigmoid"), (nn.Sigmoid, "sigmoid"), (nn.SiLU, "silu"), (nn.GELU, "gelu"),
+    (nn.Tanh, "sigmoid"), (nn.LeakyReLU, "sigmoid"), (nn.ELU, "sigmoid"), (nn.Mish, "sigmoid"),
+    (nn.Softplus, "sigmoid"), (nn.PReLU, "sigmoid"), (nn.SELU, "sigmoid"), (nn.CELU, "sigmoid"),
+)
+_POOL_MODULES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                 nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+_FUNCTIONS: Dict[Any, Optional[str]] = {
+    F.relu: None, torch.relu: None, F.relu6: "clip", F.hardtanh: "clip", torch.clamp: "clip",
+    torch.clip: "clip", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid", F.silu: "silu", F.gelu: "gelu", torch.tanh: "sigmoid", F.tanh: "sigmoid",
+    F.leaky_relu: "sigmoid", F.elu: "sigmoid", F.mish: "sigmoid", F.softplus: "sigmoid",
+    operator.add: "add", operator.iadd: "add", torch.add: "add", operator.mul: "mul", operator.imul: "mul",
+    torch.mul: "mul", F.max_pool1d: "pool", F.max_pool2d: "pool", F.max_pool3d: "pool",
+    F.avg_pool1d: "pool", F.avg_pool2d: "pool", F.avg_pool3d: "pool", F.adaptive_avg_pool1d: "pool",
+    F.adaptive_avg_pool2d: "pool", F.adaptive_avg_pool3d: "pool", F.adaptive_max_pool2d: "pool",
+    torch.mean: "pool",
+}
+_METHODS: Dict[str, Optional[str]] = {
+    "relu": None, "relu_": None, "clamp": "clip", "clamp_": "clip", "clip": "clip", "sigmoid": "sigmoid",
+    "sigmoid_": "sigmoid", "tanh": "sigmoid", "add": "add", "add_": "add", "mul": "mul", "mul_": "mul",
+    "mean": "pool",
+}
+
+
+def tensor_op_kind(node: fx.Node, module: Optional[nn.Module]) -> Optional[str]:
+    """The :data:`TENSOR_KINDS` entry ``node`` is priced as, or None (not a pass of its own:
+    a layer, ReLU, a reshape, a concat…)."""
+    if node.op == "call_module":
+        if isinstance(module, _POOL_MODULES):
+            return "pool"
+        for cls, kind in _ACTIVATION_MODULES:
+            if isinstance(module, cls):
+                return kind
+        return None
+    if node.op == "call_function":
+        try:
+            return _FUNCTIONS.get(node.target)
+        except TypeError:  # an unhashable target
+            return None
+    if node.op == "call_method":
+        return _METHODS.get(str(node.target))
+    return None
+
+
+def _positions(spec: Any, dim: int) -> Optional[float]:
+    """Elements per channel and image of a traced tensor with channels at ``dim``."""
+    shape = getattr(spec, "shape", None)
+    if shape is None or len(shape) < 2 or dim == 0:
+        return None
+    per_image = math.prod(shape[1:])
+    return per_image / shape[dim] if shape[dim] else None
+
+
+def find_tensor_ops(graph: Any) -> List[LayerCost]:
+    """Every tensor op of ``graph`` (a :class:`~dnnshrink_core.graph.ChannelGraph`) whose
+    output's channels the graph follows, as a :class:`LayerCost` of kind ``"tensor"``:
+    ``op`` its kind, ``in_units`` = ``out_units`` its channels, ``out_positions`` the
+    elements it writes per channel and image, ``in_positions`` the elements it reads per
+    channel (every operand with those channels: an add reads two, the excitation multiply
+    one whole tensor and one value per channel). Only the first traced mode counts."""
+    from .labels import Chan
+
+    trace = graph.traces[0]
+    found = []
+    for node in trace.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        module = trace.get_submodule(node.target) if node.op == "call_module" else None
+        kind = tensor_op_kind(node, module)
+        out = trace.values.get(node)
+        if kind is None or not isinstance(out, Chan) or not len(out.labels):
+            continue
+        written = _positions(trace.specs.get(node), out.dim)
+        if written is None:
+            continue
+        read = 0.0
+        for arg in node.all_input_nodes:
+            value = trace.values.get(arg)
+            if isinstance(value, Chan) and len(value.labels) == len(out.labels):
+                read += _positions(trace.specs.get(arg), value.dim) or 0.0
+        units = graph.unit_of[out.labels]
+        name = trace.module_names.get(node, node.name)
+        found.append(LayerCost(name, "tensor", units, units, 0.0, weight="-", op=kind,
+                               positions=(read or written, written)))
+    return found
+

@@ -1,0 +1,152 @@
+"""The tensor ops the latency cost prices besides the layers (activations a runtime does not
+fuse, the excitation multiply, pooling): found in the graph with the elements they move,
+priced only by cost models that ask for them, fitted by the calibration, and probed for
+fusion on onnxruntime."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dnnshrink_core as ds
+from dnnshrink_core.cost import CostModel
+from dnnshrink_plugins.costs.calibrate import FUSION_PROBES, OnnxBackend, TorchBackend, fit, sweep_chains
+from dnnshrink_plugins.costs.latency import KINDS, TENSOR_KINDS, Profile, ProfileError, load_profile
+from test_costs import synthetic_profile, synthetic_samples, torch_cost
+
+
+class Excite(nn.Module):
+    """A stem with max pooling, an expansion with SiLU and GELU, squeeze-excitation, a residual
+    add, ReLU6, and a head: every tensor op kind but the ones ReLU stands for."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        self.expand = nn.Sequential(nn.Conv2d(16, 48, 1, bias=False), nn.BatchNorm2d(48), nn.SiLU())
+        self.gelu = nn.GELU()
+        self.squeeze = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(48, 12, 1), nn.ReLU(), nn.Conv2d(12, 48, 1),
+                                     nn.Sigmoid())
+        self.project = nn.Sequential(nn.Conv2d(48, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = self.stem(x)
+        e = self.gelu(self.expand(y))
+        e = e * self.squeeze(e)
+        y = y + self.project(e)
+        return self.fc(y.mean((2, 3)))
+
+
+def excite():
+    return Excite().eval(), torch.randn(1, 3, 16, 16)
+
+
+def test_tensor_ops_are_found_with_the_elements_they_read_and_write():
+    model, x = excite()
+    graph = ds.trace(model, x)
+    found = [(op.op, op.positions, len(op.out_units)) for op in graph.tensor_ops()]
+    # 16×16 input, max pooled to 8×8 (64 positions); the excitation gate is 1×1
+    assert found == [("pool", (256.0, 64.0), 16), ("silu", (64.0, 64.0), 48), ("gelu", (64.0, 64.0), 48),
+                     ("pool", (64.0, 1.0), 48), ("sigmoid", (1.0, 1.0), 48), ("mul", (65.0, 64.0), 48),
+                     ("clip", (64.0, 64.0), 16), ("add", (128.0, 64.0), 16), ("pool", (64.0, 1.0), 16)]
+    assert all(op.kind == "tensor" and (op.in_units == op.out_units).all() for op in graph.tensor_ops())
+    # a tensor op's channels are the units of the tensor it writes
+    assert set(graph.tensor_ops()[1].out_units) == set(graph.group_of("expand.0").units)
+
+
+def test_only_cost_models_that_price_tensor_ops_see_them():
+    model, x = excite()
+    graph = ds.trace(model, x)
+    flops = CostModel(graph, model, "flops")
+    latency = CostModel(graph, model, "latency", profile=synthetic_profile(1))
+    assert len(flops.rows) == len(flops.layers) == len(latency.layers) == 6  # the convs and the linear
+    assert len(latency.rows) == 6 + len(graph.tensor_ops())
+    assert flops.initial == ds.layer_report(model, x).totals["macs_before"]  # MACs unchanged by them
+    assert CostModel(graph, model, "activations").table.op.tolist() == flops.table.op.tolist()
+
+
+def test_latency_of_tensor_ops_is_their_bytes_over_bandwidth_and_its_gradient_is_autograds():
+    model, x = excite()
+    graph = ds.trace(model, x)
+    profile = synthetic_profile(1)
+    without = Profile(profile.runtime, profile.overhead_ms, {k: profile.ops[k] for k in KINDS})
+    costs, bare = (CostModel(graph, model, "latency", profile=p) for p in (profile, without))
+    ones = np.ones(graph.num_units, dtype=bool)
+    expected = 0.0
+    for op in graph.tensor_ops():
+        c = profile.ops[op.op]
+        read, written = op.positions
+        seconds = 4 * len(op.out_units) * (read + written) / (c.bandwidth_gbs * 1e9) + c.overhead_us * 1e-6 \
+            + written * c.position_ns * 1e-9
+        expected += 1e3 * seconds
+    assert costs.initial - bare.initial == pytest.approx(expected, rel=1e-9)
+    # a profile without the tensor kinds (version 1) prices them at nothing
+    assert bare.initial == pytest.approx(CostModel(graph, model, "latency", profile=without).initial)
+    rng = np.random.default_rng(1)
+    for alive in (ones, rng.random(graph.num_units) < 0.6):
+        soft = torch.tensor(alive.astype(np.float64), requires_grad=True)
+        total = torch_cost(costs, soft, "latency", profile)
+        total.backward()
+        assert costs.cost(alive) == pytest.approx(total.item(), rel=1e-9)
+        np.testing.assert_allclose(costs.unit_weights(alive), soft.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_profile_with_tensor_kinds_round_trips_and_version_1_still_loads(tmp_path):
+    profile = synthetic_profile(16)
+    path = profile.save(tmp_path / "p.json")
+    data = json.loads(path.read_text())
+    assert data["version"] == 2 and set(data["ops"]["silu"]) == {"bandwidth_gbs", "overhead_us", "position_ns"}
+    assert load_profile(path) == profile
+    bad = json.loads(path.read_text())
+    bad["ops"]["silu"]["peak_gmacs"] = 1.0
+    with pytest.raises(ProfileError, match="ops.silu has unknown key"):
+        load_profile(bad)
+    old = json.loads(path.read_text())
+    old["version"] = 1
+    for kind in TENSOR_KINDS:
+        old["ops"].pop(kind, None)
+    assert set(load_profile(old).ops) == set(KINDS)
+    old["ops"]["silu"] = data["ops"]["silu"]  # version 1 knows no tensor kinds
+    with pytest.raises(ProfileError, match="unknown key"):
+        load_profile(old)
+
+
+def test_calibration_fit_recovers_tensor_op_constants_and_leaves_fused_kinds_out():
+    truth = synthetic_profile(16, positions=False)
+    multiples = {k: truth.ops[k].channel_multiple for k in KINDS}
+    samples = synthetic_samples(truth, thin=False)
+    ops, _, stats = fit(samples, 1, multiples)
+    assert stats["sweep_mean_abs_error_pct"] < 0.5
+    for kind in TENSOR_KINDS:
+        assert ops[kind].bandwidth_gbs == pytest.approx(truth.ops[kind].bandwidth_gbs, rel=0.05), kind
+        # a fraction of a microsecond beside the chain's per-run overhead: weakly seen
+        assert ops[kind].overhead_us == pytest.approx(truth.ops[kind].overhead_us, abs=0.3), kind
+    fused = ["clip", "add"]
+    left, _, _ = fit([(o, t) for o, t in samples], 1, multiples, fused=fused)
+    assert not set(fused) & set(left) and set(TENSOR_KINDS) - set(fused) <= set(left)
+
+
+def test_every_chain_runs_on_both_backends_with_the_same_shapes():
+    onnx_backend, torch_backend = OnnxBackend(1, 1), TorchBackend(1, 1, "cpu")
+    chains = [c for c in sweep_chains() if any(op[0] in TENSOR_KINDS for op in c)]
+    chains += [probe for probe, _ in FUSION_PROBES.values()]
+    assert {op[0] for c in chains for op in c} >= set(TENSOR_KINDS)
+    for ops in chains:
+        session, feed = onnx_backend.prepare(ops)
+        runner, _ = torch_backend.prepare(ops)
+        with torch.no_grad():
+            assert session.run(None, feed)[0].shape == tuple(runner.module(runner.x).shape), ops
+
+
+def test_onnxruntime_fusion_probe_tells_fused_ops_from_separate_ones():
+    """What onnxruntime's optimiser does with each kind between two convs: an activation it
+    can fold into the conv (Clip) costs nothing of its own; pooling never folds; SiLU becomes
+    an op of its own. Eager PyTorch runs every op by itself."""
+    separate = OnnxBackend(1, 1).separate_kinds()
+    assert set(separate) <= set(TENSOR_KINDS)
+    assert "pool" in separate and "silu" in separate and "clip" not in separate
+    assert TorchBackend(1, 1, "cpu").separate_kinds() == list(TENSOR_KINDS)
