@@ -140,6 +140,9 @@ def test_every_chain_runs_on_both_backends_with_the_same_shapes():
         runner, _ = torch_backend.prepare(ops)
         with torch.no_grad():
             assert session.run(None, feed)[0].shape == tuple(runner.module(runner.x).shape), ops
+        # eager PyTorch runs each conv's BatchNorm (the exported chain has it folded)
+        convs = sum(op[0] in ("conv", "pointwise", "depthwise") for op in ops)
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in runner.module.modules()) == convs
 
 
 def test_onnxruntime_fusion_probe_tells_fused_ops_from_separate_ones():

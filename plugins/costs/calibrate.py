@@ -36,9 +36,10 @@ from .runtime import Op, chain_model, conv_has_relu, fastest_and_median, interle
 
 VALIDATION_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
 CANDIDATES = (4, 8, 16, 32, 64)
-# the most a tensor op's fixed cost may be fitted: a runtime's own cost per call is about a
-# microsecond (onnxruntime: bench/bench_per_call.py); a chain's noise left free went into
-# tens of microseconds per activation, which over-priced every network full of them by half
+# the most a tensor op's fixed cost may be fitted on onnxruntime: its own cost per call is
+# about a microsecond (bench/bench_per_call.py); a chain's noise left free went into tens of
+# microseconds per activation, which over-priced every network full of them by half. Eager
+# PyTorch pays its dispatch per op (tens of microseconds on a CPU), so it has no such bound.
 TENSOR_OVERHEAD_S = 2e-6
 
 
@@ -163,6 +164,8 @@ def is_aligned(op: Op, multiple: int) -> bool:
 class OnnxBackend:
     """Times op chains and networks with onnxruntime's CPU provider."""
 
+    tensor_overhead_s = TENSOR_OVERHEAD_S  # its cost per call is about a microsecond
+
     def __init__(self, threads: int, batch: int):
         import onnxruntime
 
@@ -234,7 +237,8 @@ FUSION_PROBES: Dict[str, Tuple[List[Op], set]] = {
 
 
 def torch_chain(ops: Sequence[Op]) -> Any:
-    """The chain of :func:`~.runtime.chain_model` as an eager PyTorch module."""
+    """The chain of :func:`~.runtime.chain_model` as an eager PyTorch module, each conv with
+    its BatchNorm (which eager PyTorch runs in eval mode, where an exported graph folds it)."""
     import torch
     from torch import nn
 
@@ -255,9 +259,10 @@ def torch_chain(ops: Sequence[Op]) -> Any:
                     layers.append(nn.AdaptiveAvgPool2d(1) if k == 0 else nn.MaxPool2d(k, stride, k // 2))
                 elif kind in ("add", "mul"):
                     layers.append(nn.Identity())
-                else:
-                    conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=cin if kind == "depthwise" else 1)
-                    layers.append(nn.Sequential(conv, nn.ReLU()) if conv_has_relu(ops, i) else conv)
+                else:  # eager PyTorch runs a network's BatchNorm as an op of its own (onnx folds it)
+                    conv = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=cin if kind == "depthwise" else 1,
+                                      bias=False), nn.BatchNorm2d(cout)]
+                    layers.append(nn.Sequential(*conv, *([nn.ReLU()] if conv_has_relu(ops, i) else [])))
             self.layers = nn.ModuleList(layers)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -292,6 +297,8 @@ class _TorchRunner:
 
 class TorchBackend:
     """Times op chains and networks as eager PyTorch modules (``--runtime torch``)."""
+
+    tensor_overhead_s = 1e-2  # eager dispatch per op: no tighter bound than the layers'
 
     def __init__(self, threads: int, batch: int, device: str):
         import torch
@@ -409,14 +416,17 @@ class Terms:
 
 
 def fit(samples: Sequence[Tuple[Any, float]], batch: int, multiples: Dict[str, int],
-        per_position: bool = False, fused: Sequence[str] = ()) -> Tuple[Dict[str, OpConstants], float, Dict[str, float]]:
+        per_position: bool = False, fused: Sequence[str] = (),
+        tensor_overhead_s: float = TENSOR_OVERHEAD_S) -> Tuple[Dict[str, OpConstants], float, Dict[str, float]]:
     """Fit the roofline constants to ``(chain, seconds)`` samples (a chain: its ops, or their
     :class:`Terms`); returns the constants per kind, the per-run overhead (ms) and fit
     statistics (relative errors in %). With ``per_position``,
     a cost per output position per op kind is fitted too. The tensor ops' kinds
     (:data:`TENSOR_KINDS`) that the samples hold get a bandwidth and an overhead each (they
     compute nothing); a kind no sample holds, or one the runtime ``fused`` into the conv before
-    it (:meth:`OnnxBackend.separate_kinds`), is left out of the profile: it costs nothing."""
+    it (:meth:`OnnxBackend.separate_kinds`), is left out of the profile: it costs nothing.
+    ``tensor_overhead_s``: the most a tensor op's overhead may be fitted (the runtime's
+    cost per call, the backend's ``tensor_overhead_s``)."""
     from scipy.optimize import least_squares
 
     terms = [t if isinstance(t, Terms) else Terms.of_chain(t, batch, multiples) for t, _ in samples]
@@ -461,9 +471,10 @@ def fit(samples: Sequence[Tuple[Any, float]], batch: int, multiples: Dict[str, i
     best = None
     for peak0, bw0 in ((50e9, 20e9), (20e9, 5e9), (100e9, 50e9)):  # a few starts: the max() has kinks
         theta0 = np.r_[np.full(nc, math.log(peak0)), np.full(nc, math.log(peak0 / 4)), np.full(nb, math.log(bw0)),
-                       np.full(nc, 5e-6), np.full(n - nc, TENSOR_OVERHEAD_S / 2), 20e-6, np.full(extra, 1e-9)]
+                       np.full(nc, 5e-6), np.full(n - nc, min(tensor_overhead_s / 2, 5e-6)), 20e-6,
+                       np.full(extra, 1e-9)]
         lower = np.r_[np.full(2 * nc + nb, math.log(1e6)), np.zeros(n + 1 + extra)]
-        upper = np.r_[np.full(2 * nc + nb, math.log(1e14)), np.full(nc, 1e-2), np.full(n - nc, TENSOR_OVERHEAD_S),
+        upper = np.r_[np.full(2 * nc + nb, math.log(1e14)), np.full(nc, 1e-2), np.full(n - nc, tensor_overhead_s),
                       1e-2, np.full(extra, 1e-6)]
         result = least_squares(residual, theta0, bounds=(lower, upper), x_scale="jac")
         if best is None or result.cost < best.cost:
@@ -594,7 +605,7 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     prepared = {str(i): backend.prepare(ops) for i, ops in enumerate(chains)}
     timed = backend.time(prepared, rounds, 3)
     samples = [(ops, timed[str(i)][0]) for i, ops in enumerate(chains)]
-    ops, per_run_ms, stats = fit(samples, batch, multiples, per_position, fused)
+    ops, per_run_ms, stats = fit(samples, batch, multiples, per_position, fused, backend.tensor_overhead_s)
     sweep_s = time.perf_counter() - start
     log(f"  fitted {len(samples)} chains in {sweep_s:.0f} s: mean error {stats['sweep_mean_abs_error_pct']:.1f}%")
     for kind, c in ops.items():
