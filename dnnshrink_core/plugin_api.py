@@ -38,8 +38,8 @@ from .labels import Chan
 from .masks import DEFAULT_THRESHOLD, Masks
 from .plugins import get_plugin_manager, hookimpl, lookup, plugin_names
 from .recording import InputShapeCheck
-from .tensor_ops import TENSOR_KINDS
 from .report import LAYER_TYPES, count_macs, layer_width
+from .tensor_ops import TENSOR_KINDS
 from .timing import fastest_and_median, interleaved_times, onnx_latency, session
 from .tracing import eval_graph_module, flatten_outputs, model_mode, normalize_inputs
 

@@ -10,8 +10,9 @@ pooling 3%), MobileNetV3-Large 24%, MobileNetV2 3% and ResNet-18 2%. Each such o
 (:data:`TENSOR_KINDS`); cost models that declare ``prices_tensor_ops = True`` (the
 ``latency`` one) get them as extra rows of their :class:`~dnnshrink_core.cost.LayerTable`,
 the others never see them. Whether an op is really a pass of its own on a runtime is
-measured, not assumed: ``dnnshrink calibrate`` times chains of each kind, and a kind the
-runtime fuses into the convolution before it is fitted a cost near zero.
+measured, not assumed: ``dnnshrink calibrate`` asks the runtime which kinds it fuses into the
+convolution before them (those cost nothing: the profile leaves them out) and fits the
+others to timed chains.
 
 ReLU is not among them: every convolution of the calibration's sweep carries one (as a
 BatchNorm-folded network has it), so its cost is part of the layers' own constants.
@@ -119,4 +120,3 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
         found.append(LayerCost(name, "tensor", units, units, 0.0, weight="-", op=kind,
                                positions=(read or written, written)))
     return found
-

@@ -32,7 +32,7 @@ import numpy as np
 from dnnshrink_core.plugin_api import DnnshrinkWarning
 
 from .latency import BYTES_PER_ELEMENT, KINDS, TENSOR_KINDS, OpConstants, Profile, load_profile, roofline_seconds
-from .runtime import Op, chain_model, conv_has_relu, fastest_and_median, interleaved_times, session
+from .runtime import ACTIVATIONS, Op, chain_model, conv_has_relu, fastest_and_median, interleaved_times, session
 
 VALIDATION_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
 CANDIDATES = (4, 8, 16, 32, 64)
@@ -95,7 +95,7 @@ def _tensor_chains() -> List[List[Op]]:
     keeps the conv's blocked layout through it, only between convs (onnxruntime left the
     chain's last activation and an add of the chain's input unfused)."""
     chains = []
-    for act in ("clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu"):
+    for act in ACTIVATIONS:
         for c, hw in ((32, 112), (144, 28), (672, 7)):
             chains.append([("pointwise", c, c, hw, 1, 1), (act, c, c, hw, 1, 1)] * 3 + [("pointwise", c, c, hw, 1, 1)])
     for c, hw in ((24, 56), (80, 14), (320, 7)):
@@ -228,7 +228,7 @@ _SQUEEZE_EXCITE = [("pointwise", 32, 32, 28, 1, 1), ("pool", 32, 32, 28, 0, 1), 
 # that do not count as it
 FUSION_PROBES: Dict[str, Tuple[List[Op], set]] = {
     **{act: ([("pointwise", 32, 32, 28, 1, 1), (act, 32, 32, 28, 1, 1), ("pointwise", 32, 32, 28, 1, 1)], set())
-       for act in ("clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu")},
+       for act in ACTIVATIONS},
     "add": ([("pointwise", 32, 32, 28, 1, 1), ("pointwise", 32, 32, 28, 1, 1), ("add", 32, 32, 28, 1, 1),
              ("pointwise", 32, 32, 28, 1, 1)], set()),
     "mul": (_SQUEEZE_EXCITE, {"GlobalAveragePool", "Sigmoid"}),

@@ -8,7 +8,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from dnnshrink_core.plugin_api import fastest_and_median, interleaved_times, onnx_latency, session
+from dnnshrink_core.plugin_api import TENSOR_KINDS, fastest_and_median, interleaved_times, onnx_latency, session
 
 __all__ = ["ACTIVATIONS", "Op", "chain_model", "conv_has_relu", "fastest_and_median", "interleaved_times", "onnx_latency", "session"]
 
@@ -16,7 +16,7 @@ __all__ = ["ACTIVATIONS", "Op", "chain_model", "conv_has_relu", "fastest_and_med
 Op = Tuple[str, int, int, int, int, int]
 
 
-ACTIVATIONS = ("clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu")
+ACTIVATIONS = tuple(k for k in TENSOR_KINDS if k not in ("add", "mul", "pool"))  # the chains' activation kinds
 
 
 def conv_has_relu(ops: Sequence[Op], i: int) -> bool:

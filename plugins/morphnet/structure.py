@@ -316,10 +316,11 @@ def choose_depth(graph: ChannelGraph, keep: np.ndarray, scores: np.ndarray, cost
     ``keep`` from (see :func:`drop_branches`).
 
     Why ``"auto"`` stops there: measured with onnxruntime (docs/benchmarks.md, "Depth in the
-    pipeline"), dropping blocks for more of a ranking's value at reachable latency targets
-    ran 20–25% slower than channels alone on ResNet-18/50 and MobileNetV3 at the same
-    predicted latency (the profile prices a removed layer's fixed cost too high); below the
-    floor of channels alone, the dropped networks also measured faster on four of five."""
+    pipeline" and "Depth with the remade profile"), dropping blocks for more of a ranking's
+    value at reachable latency targets ran 4–17% slower than channels alone on ResNet-18/50,
+    MobileNetV3 and EfficientNet-B0 at the same predicted latency (a removed block saves less
+    time than the profile says); below the floor of rounded channels, the dropped networks
+    measured 1.4–2× faster than channels alone with unrounded widths."""
     if depth is False or not graph.branches:
         return keep
     if depth == "auto":
