@@ -150,6 +150,10 @@ def test_calibration_fit_recovers_known_constants():
         if kind != "linear":
             assert ops[kind].peak_unaligned_gmacs == pytest.approx(truth.ops[kind].peak_unaligned_gmacs, rel=0.05)
         assert ops[kind].channel_multiple == multiples[kind]
+    for kind in TENSOR_KINDS:  # the ops between the layers: a bandwidth and an overhead each
+        assert ops[kind].bandwidth_gbs == pytest.approx(truth.ops[kind].bandwidth_gbs, rel=0.05), kind
+        # a fraction of a microsecond beside the chain's per-run overhead: weakly seen
+        assert ops[kind].overhead_us == pytest.approx(truth.ops[kind].overhead_us, abs=0.3), kind
 
 
 def test_calibration_fit_recovers_a_per_position_cost_and_small_overheads():

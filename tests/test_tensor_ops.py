@@ -115,19 +115,14 @@ def test_profile_with_tensor_kinds_round_trips_and_version_1_still_loads(tmp_pat
         load_profile(old)
 
 
-def test_calibration_fit_recovers_tensor_op_constants_and_leaves_fused_kinds_out():
+def test_calibration_fit_leaves_fused_kinds_out():
+    # (the tensor kinds' constants are recovered in test_costs' fit test, on the same sweep)
     truth = synthetic_profile(16, positions=False)
-    multiples = {k: truth.ops[k].channel_multiple for k in KINDS}
-    samples = synthetic_samples(truth, thin=False)
-    ops, _, stats = fit(samples, 1, multiples)
-    assert stats["sweep_mean_abs_error_pct"] < 0.5
-    for kind in TENSOR_KINDS:
-        assert ops[kind].bandwidth_gbs == pytest.approx(truth.ops[kind].bandwidth_gbs, rel=0.05), kind
-        # a fraction of a microsecond beside the chain's per-run overhead: weakly seen
-        assert ops[kind].overhead_us == pytest.approx(truth.ops[kind].overhead_us, abs=0.3), kind
     fused = ["clip", "add"]
-    left, _, _ = fit([(o, t) for o, t in samples], 1, multiples, fused=fused)
+    left, _, stats = fit(synthetic_samples(truth, thin=False), 1, {k: truth.ops[k].channel_multiple for k in KINDS},
+                         fused=fused)
     assert not set(fused) & set(left) and set(TENSOR_KINDS) - set(fused) <= set(left)
+    assert stats["sweep_mean_abs_error_pct"] > 1  # the fused kinds' real time is left unexplained
 
 
 def test_every_chain_runs_on_both_backends_with_the_same_shapes():
