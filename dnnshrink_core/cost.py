@@ -40,8 +40,10 @@ class LayerTable:
     ``weights_per_pair``: weights per pair (depthwise: per output channel); ``kernel``:
     kernel elements; ``out_positions``/``in_positions``: spatial positions (or tokens) of
     the output/input per channel; ``op``: ``"conv"``, ``"pointwise"`` (a 1×1 dense conv),
-    ``"depthwise"`` or ``"linear"``; ``in_size``/``out_size``: the channel counts with every
-    unit kept; ``batch``: the traced batch size.
+    ``"grouped"`` (a grouped conv that is not depthwise), ``"depthwise"`` or ``"linear"``;
+    ``in_size``/``out_size``: the channel counts with every unit kept; ``batch``: the traced
+    batch size; ``groups``: a grouped conv's groups (1 for every other row), which pruning
+    keeps (each group loses the same channels).
     """
 
     layers: List[LayerCost]
@@ -55,6 +57,11 @@ class LayerTable:
     in_size: np.ndarray
     out_size: np.ndarray
     batch: int = 1
+    groups: Optional[np.ndarray] = None
+
+    def __post_init__(self) -> None:
+        if self.groups is None:
+            self.groups = np.ones(len(self.layers), dtype=np.float64)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -70,12 +77,12 @@ class LayerTable:
         return cls(list(layers), np.array([l.coef for l in layers], dtype=np.float64), column(0), column(1),
                    column(2), column(3), np.array([l.kind in ("depthwise", "tensor") for l in layers], dtype=bool),
                    column(4, object), np.array([len(l.in_units) for l in layers], dtype=np.float64),
-                   np.array([len(l.out_units) for l in layers], dtype=np.float64), int(batch))
+                   np.array([len(l.out_units) for l in layers], dtype=np.float64), int(batch), column(5))
 
 
 def _describe(model: nn.Module, layer: LayerCost) -> tuple:
-    """(weights per pair, kernel elements, output positions, input positions, op) of a layer
-    (of a tensor op: none, 1, the elements it writes and reads per channel, its kind).
+    """(weights per pair, kernel elements, output positions, input positions, op, groups) of
+    a layer (of a tensor op: none, 1, the elements it writes and reads per channel, its kind, 1).
 
     Why positions come from ``coef / weights per pair``: the handlers give
     ``coef = kernel · positions / groups`` and ``weights per pair = kernel / groups`` (for a
@@ -84,7 +91,7 @@ def _describe(model: nn.Module, layer: LayerCost) -> tuple:
     """
     if layer.kind == "tensor":
         read, written = layer.positions or (0.0, 0.0)
-        return 0.0, 1.0, written, read, layer.op
+        return 0.0, 1.0, written, read, layer.op, 1.0
     per_pair = _weights_per_pair(model, layer)
     weight = _weight(model, layer)
     kernel = float(math.prod(weight.shape[2:])) if weight is not None and weight.ndim > 2 else 1.0
@@ -93,13 +100,20 @@ def _describe(model: nn.Module, layer: LayerCost) -> tuple:
     module = _module(model, layer.name)
     if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
         in_positions = out_positions * math.prod(module.stride)  # a strided conv reads more than it writes
+    groups = 1.0
     if weight is not None and weight.ndim == 2 or isinstance(module, nn.Linear):
         op = "linear"
     elif layer.kind == "depthwise":
         op = "depthwise"
+    elif layer.kind == "grouped":
+        op = "grouped"
+        # the weight holds each group's input channels: in_channels / groups
+        groups = float(len(layer.in_units) / weight.shape[1]) if weight is not None and weight.shape[1] else 1.0
+        if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+            groups = float(module.groups)
     else:
         op = "pointwise" if kernel == 1 else "conv"
-    return per_pair, kernel, out_positions, in_positions, op
+    return per_pair, kernel, out_positions, in_positions, op, groups
 
 
 def _module(model: nn.Module, name: str) -> Optional[nn.Module]:

@@ -42,6 +42,8 @@ def synthetic_profile(multiple: int = 1, positions: bool = True) -> Profile:
     ops = {"conv": OpConstants(80.0, 20.0, 15.0, 3.0, multiple, p[0]),
            "pointwise": OpConstants(60.0, 15.0, 15.0, 2.0, multiple, p[1]),
            "depthwise": OpConstants(10.0, 2.0, 15.0, 4.0, multiple, p[2]), "linear": OpConstants(20.0, 20.0, 10.0, 1.0, 1)}
+    # a grouped conv: its own peaks, its block in channels per group
+    ops["grouped"] = OpConstants(40.0, 8.0, 15.0, 3.0, multiple, p[0])
     # the tensor ops compute nothing: a bandwidth each, an overhead within the fit's bound
     ops.update({kind: OpConstants.tensor_op(8.0 + 3 * i, 0.25 * (i % 5), 0.5 * p[2] * (i % 3))
                 for i, kind in enumerate(TENSOR_KINDS)})
@@ -110,11 +112,16 @@ def test_old_spellings_and_flops_default_still_work():
         CostModel(graph, model, "energy")
 
 
+def layer_multiples(profile: Profile) -> dict:
+    """The channel block of every layer kind of ``profile`` (grouped convs too)."""
+    return {k: c.channel_multiple for k, c in profile.ops.items() if k not in TENSOR_KINDS}
+
+
 def synthetic_samples(truth: Profile, thin: bool) -> list:
     """The sweep's chains timed by ``truth`` itself (roofline, overheads, per-position costs)."""
     from dnnshrink_plugins.costs.calibrate import is_aligned, op_positions
 
-    multiples = {k: truth.ops[k].channel_multiple for k in KINDS}
+    multiples = layer_multiples(truth)
     samples = []
     for ops in sweep_chains(thin=thin):
         t = truth.overhead_ms * 1e-3
@@ -136,13 +143,13 @@ def test_default_sweep_is_the_first_part_of_the_thin_one():
 
 def test_calibration_fit_recovers_known_constants():
     truth = synthetic_profile(16, positions=False)
-    multiples = {k: truth.ops[k].channel_multiple for k in KINDS}
+    multiples = layer_multiples(truth)
     # unaligned chains run at the unaligned peak: give the linear kind the aligned one
     samples = synthetic_samples(truth, thin=False)
     ops, per_run_ms, stats = fit(samples, 1, multiples)
     assert stats["sweep_mean_abs_error_pct"] < 0.5
     assert per_run_ms == pytest.approx(truth.overhead_ms, rel=0.1)
-    for kind in KINDS:
+    for kind in KINDS + ("grouped",):
         if kind != "linear":  # at batch 1 a linear layer is memory-bound: its peak is not seen
             assert ops[kind].peak_gmacs == pytest.approx(truth.ops[kind].peak_gmacs, rel=0.05), kind
         if kind != "conv":  # 3×3 convs are compute-bound at every swept shape: their bandwidth is not seen
@@ -152,15 +159,16 @@ def test_calibration_fit_recovers_known_constants():
         assert ops[kind].channel_multiple == multiples[kind]
     for kind in TENSOR_KINDS:  # the ops between the layers: a bandwidth and an overhead each
         assert ops[kind].bandwidth_gbs == pytest.approx(truth.ops[kind].bandwidth_gbs, rel=0.05), kind
-        # a fraction of a microsecond beside the chain's per-run overhead: weakly seen
-        assert ops[kind].overhead_us == pytest.approx(truth.ops[kind].overhead_us, abs=0.3), kind
+        # a fraction of a microsecond beside the chain's per-run overhead and the other ops of
+        # the excitation chains (pooling, gate, multiply): seen only roughly
+        assert ops[kind].overhead_us == pytest.approx(truth.ops[kind].overhead_us, abs=0.6), kind
 
 
 def test_calibration_fit_recovers_a_per_position_cost_and_small_overheads():
     """``--per-position``: with thin chains in the sweep, the fit separates what a layer pays
     per output position from its per-call overhead (which, fitted without the term, absorbs it)."""
     truth = synthetic_profile(16, positions=True)
-    multiples = {k: truth.ops[k].channel_multiple for k in KINDS}
+    multiples = layer_multiples(truth)
     samples = synthetic_samples(truth, thin=True)
     ops, per_run_ms, stats = fit(samples, 1, multiples, per_position=True)
     assert stats["sweep_mean_abs_error_pct"] < 0.5
@@ -332,3 +340,41 @@ def test_block_probes_find_the_block_and_say_when_passes_disagree():
     # no block at all: every width runs alike
     flat = measure_blocks(ProbeTimer([steady], slowdown=1.0))
     assert {v["channel_multiple"] for v in flat.values()} == {1}
+
+
+class Grouped(nn.Module):
+    """A grouped 3×3 conv (4 groups of 16 channels) between two pointwise ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = conv_bn(3, 64, 1)
+        self.g = nn.Sequential(nn.Conv2d(64, 64, 3, 1, 1, groups=4, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.b = nn.Conv2d(64, 8, 1)
+
+    def forward(self, x):
+        return self.b(self.g(self.a(x)))
+
+
+def test_grouped_convs_are_a_kind_whose_block_is_in_channels_per_group():
+    model, x = Grouped().eval(), torch.randn(1, 3, 12, 12)
+    graph = ds.trace(model, x)
+    profile = synthetic_profile(16)
+    costs = CostModel(graph, model, "latency", profile=profile)
+    row = [layer.name for layer in costs.rows].index("g.0")
+    assert costs.table.op[row] == "grouped" and costs.table.groups[row] == 4
+    ones = np.ones(graph.num_units, dtype=bool)
+    kept_in, kept_out = costs.counts(ones)
+    assert costs.resource.aligned(kept_in, kept_out)[row]  # 16 per group
+    half = ones.copy()  # 8 channels per group: 32 in all is a multiple of 16, but no group's width is
+    units = graph.group_of("g.0").units
+    assert len(units) == 16  # channel p of every group is one unit: each group keeps the same channels
+    half[units[:8]] = False
+    kept_in, kept_out = costs.counts(half)
+    assert kept_out[row] == 32 and not costs.resource.aligned(kept_in, kept_out)[row]
+    # the grouped conv's MACs are its groups' (flop counter's count), priced at the grouped kind's peak
+    assert CostModel(graph, model, "flops").initial == ds.layer_report(model, x).totals["macs_before"]
+    older = Profile(profile.runtime, profile.overhead_ms, {k: v for k, v in profile.ops.items() if k != "grouped"})
+    as_conv = Profile(profile.runtime, profile.overhead_ms, {**profile.ops, "grouped": profile.ops["conv"]})
+    assert CostModel(graph, model, "latency", profile=older).initial == \
+        pytest.approx(CostModel(graph, model, "latency", profile=as_conv).initial, rel=1e-12)  # priced as a conv
+    assert costs.initial != pytest.approx(CostModel(graph, model, "latency", profile=as_conv).initial, rel=1e-6)

@@ -15,7 +15,7 @@ import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel
 from dnnshrink_plugins.costs.calibrate import FUSION_PROBES, OnnxBackend, TorchBackend, fit, sweep_chains
 from dnnshrink_plugins.costs.latency import KINDS, TENSOR_KINDS, Profile, ProfileError, load_profile
-from test_costs import synthetic_profile, synthetic_samples, torch_cost
+from test_costs import layer_multiples, synthetic_profile, synthetic_samples, torch_cost
 
 
 class Excite(nn.Module):
@@ -107,10 +107,10 @@ def test_profile_with_tensor_kinds_round_trips_and_version_1_still_loads(tmp_pat
         load_profile(bad)
     old = json.loads(path.read_text())
     old["version"] = 1
-    for kind in TENSOR_KINDS:
+    for kind in TENSOR_KINDS + ("grouped",):
         old["ops"].pop(kind, None)
     assert set(load_profile(old).ops) == set(KINDS)
-    old["ops"]["silu"] = data["ops"]["silu"]  # version 1 knows no tensor kinds
+    old["ops"]["silu"] = data["ops"]["silu"]  # version 1 knows no tensor kinds (nor grouped convs)
     with pytest.raises(ProfileError, match="unknown key"):
         load_profile(old)
 
@@ -119,7 +119,7 @@ def test_calibration_fit_leaves_fused_kinds_out():
     # (the tensor kinds' constants are recovered in test_costs' fit test, on the same sweep)
     truth = synthetic_profile(16, positions=False)
     fused = ["clip", "add"]
-    left, _, stats = fit(synthetic_samples(truth, thin=False), 1, {k: truth.ops[k].channel_multiple for k in KINDS},
+    left, _, stats = fit(synthetic_samples(truth, thin=False), 1, layer_multiples(truth),
                          fused=fused)
     assert not set(fused) & set(left) and set(TENSOR_KINDS) - set(fused) <= set(left)
     assert stats["sweep_mean_abs_error_pct"] > 1  # the fused kinds' real time is left unexplained

@@ -31,8 +31,10 @@ import numpy as np
 
 from dnnshrink_core.plugin_api import DnnshrinkWarning
 
-from .latency import BYTES_PER_ELEMENT, KINDS, TENSOR_KINDS, OpConstants, Profile, load_profile, roofline_seconds
-from .runtime import ACTIVATIONS, Op, chain_model, conv_has_relu, fastest_and_median, interleaved_times, session
+from .latency import (BYTES_PER_ELEMENT, GROUPED, KINDS, TENSOR_KINDS, OpConstants, Profile, load_profile,
+                      roofline_seconds)
+from .runtime import (ACTIVATIONS, Op, chain_model, conv_has_relu, fastest_and_median, interleaved_times, op_groups,
+                      session)
 
 VALIDATION_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
 CANDIDATES = (4, 8, 16, 32, 64)
@@ -41,6 +43,11 @@ CANDIDATES = (4, 8, 16, 32, 64)
 # microseconds per activation, which over-priced every network full of them by half. Eager
 # PyTorch pays its dispatch per op (tens of microseconds on a CPU), so it has no such bound.
 TENSOR_OVERHEAD_S = 2e-6
+# the most a grouped conv's fixed cost may be fitted: onnxruntime runs groups of 2-8 channels
+# 4-10x slower per MAC than groups of 16, at a cost that varies little with the shape, and
+# left free the fit put it all in a 180 us overhead per call, which priced RegNetX-400MF at
+# twice its time; bounded, the unaligned peak and the per-position cost carry it
+GROUPED_OVERHEAD_S = 20e-6
 
 
 def _pairs(kind: str, shapes: Sequence[tuple], reps: int = 2) -> List[List[Op]]:
@@ -62,9 +69,10 @@ def _pairs(kind: str, shapes: Sequence[tuple], reps: int = 2) -> List[List[Op]]:
 
 def sweep_chains(thin: bool = False) -> List[List[Op]]:
     """The calibration sweep: ResNet and MobileNet shapes, aligned and unaligned widths,
-    chains of 4 ops and single ops (which separate the per-run from the per-op overhead);
-    with ``thin``, also chains of 16–48 channels (what shrunk networks run), which pin the
-    per-op overhead and the per-position cost."""
+    chains of 4 ops and single ops (which separate the per-run from the per-op overhead), the
+    ops between the layers (:func:`_tensor_chains`), grouped convs at 2–32 channels per group
+    (RegNet and ResNeXt shapes); with ``thin``, also chains of 16–48 channels (what shrunk
+    networks run), which pin the per-op overhead and the per-position cost."""
     chains = []
     chains += _pairs("pointwise", [(16, 96, 112), (32, 192, 56), (64, 256, 56), (128, 512, 28), (96, 576, 14),
                                    (256, 1024, 14), (160, 960, 7), (512, 2048, 7)])
@@ -79,6 +87,9 @@ def sweep_chains(thin: bool = False) -> List[List[Op]]:
     chains += [[("conv", 3, 32, 224, 3, 2)], [("conv", 3, 64, 224, 7, 2)], [("pointwise", 64, 64, 14, 1, 1)],
                [("depthwise", 64, 64, 7, 3, 1)], [("linear", 256, 256, 1, 1, 1)]]
     chains += _tensor_chains()
+    chains += [[(GROUPED, c, c, hw, 3, 1, c // width)] * 4 for c, hw, width in
+               ((64, 56, 8), (64, 56, 16), (224, 28, 8), (224, 28, 16), (448, 14, 8), (448, 14, 32), (224, 28, 2),
+                (448, 14, 4), (128, 56, 32))]
     if thin:  # last, so that the default sweep is the first part of the thin one
         chains += _pairs("pointwise", [(16, 16, 56), (16, 32, 28), (32, 16, 14), (16, 48, 7)], reps=4)
         chains += _pairs("conv", [(16, 16, 56), (16, 32, 28), (32, 32, 14)], reps=2)
@@ -115,7 +126,7 @@ def tensor_positions(op: Op) -> Tuple[float, float]:
     an activation reads and writes its tensor, an add reads two, the excitation multiply
     reads the pooled tensor's one value per channel besides its operand, a pooling (kernel
     0: global) reads its input and writes its output."""
-    kind, _, _, hw, k, stride = op
+    kind, _, _, hw, k, stride = op[:6]
     if kind == "pool":
         out = 1 if k == 0 else ((hw + 2 * (k // 2) - k) // stride + 1) ** 2
         return float(hw * hw), float(out)
@@ -125,7 +136,7 @@ def tensor_positions(op: Op) -> Tuple[float, float]:
 
 def op_terms(op: Op, batch: int) -> Tuple[float, float]:
     """(MACs, bytes moved) of one op at ``batch`` (the same counting as :class:`LatencyCost`)."""
-    kind, cin, cout, hw, k, stride = op
+    kind, cin, cout, hw, k, stride = op[:6]
     if kind in TENSOR_KINDS:
         read, written = tensor_positions(op)
         return 0.0, BYTES_PER_ELEMENT * batch * cout * (read + written)
@@ -136,15 +147,15 @@ def op_terms(op: Op, batch: int) -> Tuple[float, float]:
     if kind == "depthwise":
         macs = batch * per_pair * out_hw ** 2 * cout
         weights = per_pair * cout
-    else:
-        macs = batch * per_pair * out_hw ** 2 * cin * cout
-        weights = per_pair * cin * cout
+    else:  # a grouped conv mixes each group's channels only
+        macs = batch * per_pair * out_hw ** 2 * cin * cout / op_groups(op)
+        weights = per_pair * cin * cout / op_groups(op)
     return macs, BYTES_PER_ELEMENT * (batch * (cin * hw * hw + cout * out_hw * out_hw) + weights)
 
 
 def op_positions(op: Op, batch: int) -> float:
     """Output positions of one op at ``batch`` (a linear layer: one per image)."""
-    kind, _, _, hw, k, stride = op
+    kind, _, _, hw, k, stride = op[:6]
     if kind in TENSOR_KINDS:
         return batch * tensor_positions(op)[1]
     if kind == "linear":
@@ -157,6 +168,8 @@ def is_aligned(op: Op, multiple: int) -> bool:
     kind, cin, cout = op[:3]
     if kind == "linear" or kind in TENSOR_KINDS or multiple <= 1:
         return True
+    groups = op_groups(op)  # a grouped conv's block is in its channels per group
+    cin, cout = cin // groups, cout // groups
     return cout % multiple == 0 and (kind == "depthwise" or cin % multiple == 0 or cin < multiple)
 
 
@@ -250,7 +263,8 @@ def torch_chain(ops: Sequence[Op]) -> Any:
             super().__init__()
             self.ops = list(ops)
             layers = []
-            for i, (kind, cin, cout, hw, k, stride) in enumerate(ops):
+            for i, op in enumerate(ops):
+                kind, cin, cout, hw, k, stride = op[:6]
                 if kind == "linear":
                     layers.append(nn.Linear(cin, cout))
                 elif kind in activations:
@@ -260,7 +274,7 @@ def torch_chain(ops: Sequence[Op]) -> Any:
                 elif kind in ("add", "mul"):
                     layers.append(nn.Identity())
                 else:  # eager PyTorch runs a network's BatchNorm as an op of its own (onnx folds it)
-                    conv = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=cin if kind == "depthwise" else 1,
+                    conv = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=cin if kind == "depthwise" else op_groups(op),
                                       bias=False), nn.BatchNorm2d(cout)]
                     layers.append(nn.Sequential(*conv, *([nn.ReLU()] if conv_has_relu(ops, i) else [])))
             self.layers = nn.ModuleList(layers)
@@ -310,7 +324,7 @@ class TorchBackend:
                         "version": torch.__version__}
 
     def prepare(self, ops: Sequence[Op]) -> Tuple[Any, dict]:
-        kind, cin, _, hw, _, _ = ops[0]
+        kind, cin, _, hw = ops[0][:4]
         shape = (self.batch, cin) if kind == "linear" else (self.batch, cin, hw, hw)
         module = torch_chain(ops).eval().to(self.device)
         return _TorchRunner(module, self.torch.randn(shape, device=self.device), self.device), {}
@@ -420,8 +434,9 @@ def fit(samples: Sequence[Tuple[Any, float]], batch: int, multiples: Dict[str, i
         tensor_overhead_s: float = TENSOR_OVERHEAD_S) -> Tuple[Dict[str, OpConstants], float, Dict[str, float]]:
     """Fit the roofline constants to ``(chain, seconds)`` samples (a chain: its ops, or their
     :class:`Terms`); returns the constants per kind, the per-run overhead (ms) and fit
-    statistics (relative errors in %). With ``per_position``,
-    a cost per output position per op kind is fitted too. The tensor ops' kinds
+    statistics (relative errors in %). With ``per_position``, a cost per output position per
+    op kind is fitted too. Grouped convs, where the samples hold them, get a kind of their
+    own (their block is in channels per group). The tensor ops' kinds
     (:data:`TENSOR_KINDS`) that the samples hold get a bandwidth and an overhead each (they
     compute nothing); a kind no sample holds, or one the runtime ``fused`` into the conv before
     it (:meth:`OnnxBackend.separate_kinds`), is left out of the profile: it costs nothing.
@@ -432,8 +447,9 @@ def fit(samples: Sequence[Tuple[Any, float]], batch: int, multiples: Dict[str, i
     terms = [t if isinstance(t, Terms) else Terms.of_chain(t, batch, multiples) for t, _ in samples]
     terms = [t.without(fused) for t in terms] if fused else terms
     present = {k for t in terms for k in t.kinds}
-    kinds = list(KINDS) + [k for k in TENSOR_KINDS if k in present]
-    n, nc = len(kinds), len(KINDS)
+    layer_kinds = list(KINDS) + ([GROUPED] if GROUPED in present else [])  # the kinds that compute
+    kinds = layer_kinds + [k for k in TENSOR_KINDS if k in present]
+    n, nc = len(kinds), len(layer_kinds)
     flat_kind = np.array([kinds.index(k) for t in terms for k in t.kinds])
     flat_macs, flat_bytes, flat_aligned, flat_positions = (np.concatenate([getattr(t, a) for t in terms])
                                                            for a in ("macs", "traffic", "aligned", "positions"))
@@ -445,7 +461,7 @@ def fit(samples: Sequence[Tuple[Any, float]], batch: int, multiples: Dict[str, i
     # 3×3 convs are compute-bound at every realistic shape, so a bandwidth of their own would
     # be unidentified and could wander), one for linear layers (streaming their weights), one
     # per tensor op kind (whether the runtime fuses it into the conv before it shows there)
-    bw_of = np.array([1 if kind == "linear" else 0 for kind in KINDS] + list(range(2, 2 + n - nc)))
+    bw_of = np.array([1 if kind == "linear" else 0 for kind in layer_kinds] + list(range(2, 2 + n - nc)))
     nb = 2 + n - nc
     extra = n if per_position else 0  # per-position seconds, at most a microsecond
 
@@ -474,7 +490,8 @@ def fit(samples: Sequence[Tuple[Any, float]], batch: int, multiples: Dict[str, i
                        np.full(nc, 5e-6), np.full(n - nc, min(tensor_overhead_s / 2, 5e-6)), 20e-6,
                        np.full(extra, 1e-9)]
         lower = np.r_[np.full(2 * nc + nb, math.log(1e6)), np.zeros(n + 1 + extra)]
-        upper = np.r_[np.full(2 * nc + nb, math.log(1e14)), np.full(nc, 1e-2), np.full(n - nc, tensor_overhead_s),
+        upper = np.r_[np.full(2 * nc + nb, math.log(1e14)), [GROUPED_OVERHEAD_S if k == GROUPED else 1e-2 for k in layer_kinds],
+                      np.full(n - nc, tensor_overhead_s),
                       1e-2, np.full(extra, 1e-6)]
         result = least_squares(residual, theta0, bounds=(lower, upper), x_scale="jac")
         if best is None or result.cost < best.cost:
@@ -482,7 +499,7 @@ def fit(samples: Sequence[Tuple[Any, float]], batch: int, multiples: Dict[str, i
     peak, peak_un, bw, overhead, per_run, position = unpack(best.x)
     ops = {}
     for i, kind in enumerate(kinds):
-        if kind not in KINDS:
+        if kind in TENSOR_KINDS:
             ops[kind] = OpConstants.tensor_op(float(bw[i] / 1e9), float(overhead[i] * 1e6), float(position[i] * 1e9))
             continue
         unaligned = peak_un[i] if kind in has_unaligned else peak[i]
@@ -591,6 +608,7 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
         blocks = measure_blocks(backend)
     multiples = {kind: info["channel_multiple"] for kind, info in blocks.items()}
     multiples["linear"] = 1
+    multiples[GROUPED] = multiples["conv"]  # in channels per group (the grouped kernels block them alike)
     log("  channel blocks: " + ", ".join(f"{k} {v}" for k, v in multiples.items())
         + (f" (from {blocks_from})" if blocks_from is not None else ""))
     unstable = unstable_blocks(blocks)

@@ -42,7 +42,10 @@ from dnnshrink_core.plugin_api import TENSOR_KINDS, ConfigError, LayerTable
 FORMAT = "dnnshrink-latency-profile"
 VERSION = 2  # 2: the tensor ops' kinds (optional); version 1 profiles are read as they are
 READS = (1, 2)
-KINDS = ("conv", "pointwise", "depthwise", "linear")
+KINDS = ("conv", "pointwise", "depthwise", "linear")  # every profile has these
+# a grouped conv that is not depthwise: a kind of its own in profiles that measured it (its
+# speed depends on the channels per group), priced as ``conv`` by the others
+GROUPED = "grouped"
 DEFAULT_PROFILE = Path(__file__).parent / "profiles" / "onnxruntime-cpu-2t-b1.json"
 BYTES_PER_ELEMENT = 4  # float32
 
@@ -165,17 +168,17 @@ def profile_from_dict(data: Any, source: str = "profile") -> Profile:
     for key in ("threads", "batch"):
         _check_number(runtime[key], int, f"{source}: runtime.{key}")
     ops_data = data["ops"]
-    tensor_kinds = TENSOR_KINDS if data["version"] >= 2 else ()
-    _closed(ops_data, {k: dict for k in KINDS + tensor_kinds}, f"{source}: ops", optional=tensor_kinds)
+    optional = (GROUPED,) + TENSOR_KINDS if data["version"] >= 2 else ()
+    _closed(ops_data, {k: dict for k in KINDS + optional}, f"{source}: ops", optional=optional)
     ops = {}
-    for kind in KINDS + tuple(k for k in tensor_kinds if k in ops_data):
+    for kind in KINDS + tuple(k for k in optional if k in ops_data):
         entry = ops_data[kind]
-        keys = _OP_KEYS if kind in KINDS else _TENSOR_OP_KEYS
+        keys = _TENSOR_OP_KEYS if kind in TENSOR_KINDS else _OP_KEYS
         _closed(entry, keys, f"{source}: ops.{kind}", optional=("position_ns",))
         values = {key: _check_number(entry[key], typ, f"{source}: ops.{kind}.{key}",
                                      strict=key not in ("overhead_us", "position_ns"))
                   for key, typ in keys.items() if key in entry}
-        if kind not in KINDS:
+        if kind in TENSOR_KINDS:
             ops[kind] = OpConstants.tensor_op(**values)
             continue
         if values["channel_multiple"] < 1:
@@ -224,11 +227,12 @@ class LatencyCost:
         ops = self.profile.ops
         kinds = [str(k) for k in table.op]
         free = OpConstants.tensor_op(math.inf, 0.0)  # a tensor op a (version 1) profile does not price
-        pick = (lambda attr, scale: np.array([getattr(ops.get(k, free), attr) * scale for k in kinds],
-                                             dtype=np.float64))
+        known = {k: ops.get(k, ops["conv"] if k == GROUPED else free) for k in set(kinds)}
+        pick = (lambda attr, scale: np.array([getattr(known[k], attr) * scale for k in kinds], dtype=np.float64))
         self.peak, self.peak_unaligned = pick("peak_gmacs", 1e9), pick("peak_unaligned_gmacs", 1e9)
         self.bandwidth, self.overhead = pick("bandwidth_gbs", 1e9), pick("overhead_us", 1e-6)
-        self.multiple = np.array([ops.get(k, free).channel_multiple for k in kinds], dtype=np.int64)
+        self.multiple = np.array([known[k].channel_multiple for k in kinds], dtype=np.int64)
+        self.groups = np.asarray(table.groups, dtype=np.float64)
         self.depthwise = table.depthwise
         self.linear = np.array([k == "linear" for k in kinds], dtype=bool)
         b = float(self.profile.batch)
@@ -254,8 +258,10 @@ class LatencyCost:
 
     def aligned(self, kept_in: np.ndarray, kept_out: np.ndarray) -> np.ndarray:
         """Whether each layer's kept widths fit its block (an input narrower than the block,
-        such as an image's 3 channels, is read as it is and does not count)."""
+        such as an image's 3 channels, is read as it is and does not count; a grouped conv's
+        block is in its channels per group)."""
         m = self.multiple
+        kept_in, kept_out = kept_in / self.groups, kept_out / self.groups
         out_ok = np.mod(kept_out, m) == 0
         in_ok = (np.mod(kept_in, m) == 0) | (kept_in < m) | self.depthwise
         return out_ok & in_ok | self.linear

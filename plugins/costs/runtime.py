@@ -10,10 +10,16 @@ import numpy as np
 
 from dnnshrink_core.plugin_api import TENSOR_KINDS, fastest_and_median, interleaved_times, onnx_latency, session
 
-__all__ = ["ACTIVATIONS", "Op", "chain_model", "conv_has_relu", "fastest_and_median", "interleaved_times", "onnx_latency", "session"]
+__all__ = ["ACTIVATIONS", "Op", "chain_model", "conv_has_relu", "op_groups", "fastest_and_median", "interleaved_times", "onnx_latency", "session"]
 
-# one op of a calibration chain: (kind, in channels, out channels, input size, kernel, stride)
-Op = Tuple[str, int, int, int, int, int]
+# one op of a calibration chain: (kind, in channels, out channels, input size, kernel, stride),
+# and for a grouped conv its groups as a seventh field
+Op = Tuple[int, ...]
+
+
+def op_groups(op: Op) -> int:
+    """The groups of a chain's op (a grouped conv's seventh field; 1 for the others)."""
+    return int(op[6]) if len(op) > 6 else 1
 
 
 ACTIVATIONS = tuple(k for k in TENSOR_KINDS if k not in ("add", "mul", "pool"))  # the chains' activation kinds
@@ -39,14 +45,15 @@ def chain_model(ops: Sequence[Op], batch: int) -> Tuple[bytes, Tuple[int, ...]]:
     rng = np.random.default_rng(0)
     nodes, inits = [], []
     name, before, pooled_from = "x", "x", "x"
-    kind0, cin0, _, hw0, _, _ = ops[0]
+    kind0, cin0, _, hw0 = ops[0][:4]
     shape = (batch, cin0) if kind0 == "linear" else (batch, cin0, hw0, hw0)
 
     def const(tag: str, value: float) -> str:
         inits.append(numpy_helper.from_array(np.array(value, dtype=np.float32), tag))
         return tag
 
-    for i, (kind, cin, cout, hw, k, stride) in enumerate(ops):
+    for i, op in enumerate(ops):
+        kind, cin, cout, hw, k, stride = op[:6]
         w, b, out = f"w{i}", f"b{i}", f"y{i}"
         if kind == "linear":
             inits += [numpy_helper.from_array((rng.standard_normal((cout, cin)) * 0.05).astype(np.float32), w),
@@ -80,7 +87,7 @@ def chain_model(ops: Sequence[Op], batch: int) -> Tuple[bytes, Tuple[int, ...]]:
         elif kind == "mul":
             nodes.append(helper.make_node("Mul", [pooled_from, name], [out]))
         else:
-            groups = cin if kind == "depthwise" else 1
+            groups = cin if kind == "depthwise" else op_groups(op)
             inits += [numpy_helper.from_array((rng.standard_normal((cout, cin // groups, k, k)) * 0.05)
                                               .astype(np.float32), w),
                       numpy_helper.from_array(np.zeros(cout, np.float32), b)]
