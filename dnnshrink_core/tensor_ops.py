@@ -1,6 +1,6 @@
 """The memory-bound ops around the conv/linear layers that a runtime runs as passes of their
 own: activations it does not fuse into the convolution before them, the residual add, the
-squeeze-excitation multiply, pooling.
+squeeze-excitation multiply, pooling, concatenation (a copy of every channel it joins).
 
 A latency cost that prices only conv/linear layers under-predicts networks full of them:
 onnxruntime's CPU profile of EfficientNet-B0 spends 43% of its time outside its
@@ -31,7 +31,7 @@ from .graph import LayerCost
 
 # what a profile may price; an activation not named here is priced as ``sigmoid`` (one
 # unfused pass through memory; see _ACTIVATION_MODULES)
-TENSOR_KINDS = ("clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu", "add", "mul", "pool")
+TENSOR_KINDS = ("clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu", "add", "mul", "pool", "concat")
 
 _ACTIVATION_MODULES = (
     (nn.ReLU, None), (nn.ReLU6, "clip"), (nn.Hardtanh, "clip"), (nn.Hardswish, "hardswish"),
@@ -50,7 +50,7 @@ _FUNCTIONS: Dict[Any, Optional[str]] = {
     torch.mul: "mul", F.max_pool1d: "pool", F.max_pool2d: "pool", F.max_pool3d: "pool",
     F.avg_pool1d: "pool", F.avg_pool2d: "pool", F.avg_pool3d: "pool", F.adaptive_avg_pool1d: "pool",
     F.adaptive_avg_pool2d: "pool", F.adaptive_avg_pool3d: "pool", F.adaptive_max_pool2d: "pool",
-    torch.mean: "pool",
+    torch.mean: "pool", torch.cat: "concat", torch.concat: "concat", torch.concatenate: "concat",
 }
 _METHODS: Dict[str, Optional[str]] = {
     "relu": None, "relu_": None, "clamp": "clip", "clamp_": "clip", "clip": "clip", "sigmoid": "sigmoid",

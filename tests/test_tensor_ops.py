@@ -148,3 +148,25 @@ def test_onnxruntime_fusion_probe_tells_fused_ops_from_separate_ones():
     assert set(separate) <= set(TENSOR_KINDS)
     assert "pool" in separate and "silu" in separate and "clip" not in separate
     assert TorchBackend(1, 1, "cpu").separate_kinds() == list(TENSOR_KINDS)
+
+
+class Dense(nn.Module):
+    """DenseNet's pattern: each layer's output joins its input along the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layer = nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(torch.cat([y, self.layer(y)], 1))
+
+
+def test_a_concatenation_copies_every_channel_it_joins():
+    model, x = Dense().eval(), torch.randn(1, 3, 8, 8)
+    graph = ds.trace(model, x)
+    (op,) = [op for op in graph.tensor_ops() if op.op == "concat"]
+    assert op.positions == (64.0, 64.0) and len(op.out_units) == 24  # each of the 24 channels read and written once
+    assert set(op.out_units) == set(graph.group_of("stem.0").units) | set(graph.group_of("layer.0").units)

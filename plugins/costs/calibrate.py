@@ -101,7 +101,8 @@ def sweep_chains(thin: bool = False) -> List[List[Op]]:
 def _tensor_chains() -> List[List[Op]]:
     """Chains that price the tensor ops (:data:`TENSOR_KINDS`) as networks run them: each
     activation after a pointwise conv, the residual add after one, squeeze-excitation (global
-    pooling, two 1×1 convs, a gate, the multiply) and a stem's max pooling. Each starts and
+    pooling, two 1×1 convs, a gate, the multiply), a stem's max pooling and DenseNet's
+    concatenations. Each starts and
     ends with a conv, as inside a network: a runtime fuses an op into the conv before it, or
     keeps the conv's blocked layout through it, only between convs (onnxruntime left the
     chain's last activation and an add of the chain's input unfused)."""
@@ -118,6 +119,12 @@ def _tensor_chains() -> List[List[Op]]:
                       + [("pointwise", c, c, hw, 1, 1)])
     for c, hw in ((64, 112), (256, 56)):
         chains.append([("pointwise", c, c, hw, 1, 1), ("pool", c, c, hw, 3, 2), ("pointwise", c, c, hw // 2, 1, 1)])
+    for c, k, hw in ((64, 32, 56), (256, 32, 14), (512, 32, 7)):  # DenseNet: each layer's output joins its input
+        chain = [("pointwise", c, c, hw, 1, 1)]
+        for i in range(3):
+            width = c + i * k
+            chain += [("pointwise", width, k, hw, 1, 1), ("concat", width + k, width + k, hw, 1, 1)]
+        chains.append(chain + [("pointwise", c + 3 * k, c, hw, 1, 1)])
     return chains
 
 
@@ -246,6 +253,8 @@ FUSION_PROBES: Dict[str, Tuple[List[Op], set]] = {
              ("pointwise", 32, 32, 28, 1, 1)], set()),
     "mul": (_SQUEEZE_EXCITE, {"GlobalAveragePool", "Sigmoid"}),
     "pool": ([("pointwise", 32, 32, 28, 1, 1), ("pool", 32, 32, 28, 3, 2), ("pointwise", 32, 32, 14, 1, 1)], set()),
+    "concat": ([("pointwise", 32, 32, 28, 1, 1), ("pointwise", 32, 16, 28, 1, 1), ("concat", 48, 48, 28, 1, 1),
+                ("pointwise", 48, 32, 28, 1, 1)], set()),
 }
 
 
@@ -271,7 +280,7 @@ def torch_chain(ops: Sequence[Op]) -> Any:
                     layers.append(activations[kind]())
                 elif kind == "pool":
                     layers.append(nn.AdaptiveAvgPool2d(1) if k == 0 else nn.MaxPool2d(k, stride, k // 2))
-                elif kind in ("add", "mul"):
+                elif kind in ("add", "mul", "concat"):
                     layers.append(nn.Identity())
                 else:  # eager PyTorch runs a network's BatchNorm as an op of its own (onnx folds it)
                     conv = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=cin if kind == "depthwise" else op_groups(op),
@@ -284,6 +293,8 @@ def torch_chain(ops: Sequence[Op]) -> Any:
             for (kind, *_), layer in zip(self.ops, self.layers):
                 if kind == "add":
                     y = x + before
+                elif kind == "concat":
+                    y = torch.cat([before, x], 1)
                 elif kind == "mul":
                     y = pooled_from * x
                 else:

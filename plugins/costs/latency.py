@@ -20,7 +20,8 @@ kind has a second peak, ``peak_unaligned``, for widths that do not, and its meas
 ``overhead_ms`` per run. Costs are in milliseconds.
 
 The ops between the layers that a runtime runs by themselves (:data:`TENSOR_KINDS`: SiLU, the
-excitation multiply, pooling… on onnxruntime's CPU provider; 43% of EfficientNet-B0's time)
+excitation multiply, pooling, concatenation… on onnxruntime's CPU provider; 43% of
+EfficientNet-B0's time)
 are priced too, each ``bytes / bandwidth + overhead + b · positions · per_position`` with
 constants per kind (version 2 profiles). A kind the profile does not hold costs nothing: the
 calibration leaves out the kinds the runtime fuses into the conv before them, and version 1

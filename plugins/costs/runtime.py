@@ -22,7 +22,7 @@ def op_groups(op: Op) -> int:
     return int(op[6]) if len(op) > 6 else 1
 
 
-ACTIVATIONS = tuple(k for k in TENSOR_KINDS if k not in ("add", "mul", "pool"))  # the chains' activation kinds
+ACTIVATIONS = tuple(k for k in TENSOR_KINDS if k not in ("add", "mul", "pool", "concat"))  # the chains' activation kinds
 
 
 def conv_has_relu(ops: Sequence[Op], i: int) -> bool:
@@ -37,7 +37,8 @@ def chain_model(ops: Sequence[Op], batch: int) -> Tuple[bytes, Tuple[int, ...]]:
     """An ONNX model running ``ops`` one after the other, and its input shape: each conv with
     a bias and a ReLU (:func:`conv_has_relu`), linear ops as Gemm, and the tensor ops as
     torch's exporter writes them (``clip`` a Clip to 0…6, ``silu`` Sigmoid·x, ``gelu`` the
-    erf form, ``add`` the tensor plus the one the op before it read, ``pool`` kernel 0 a
+    erf form, ``add`` the tensor plus the one the op before it read, ``concat`` that one
+    joined by the tensor along the channels, ``pool`` kernel 0 a
     global average pool else a max pool, ``mul`` the last global pool's input times the
     current tensor)."""
     from onnx import TensorProto, helper, numpy_helper
@@ -77,6 +78,8 @@ def chain_model(ops: Sequence[Op], batch: int) -> Tuple[bytes, Tuple[int, ...]]:
                       helper.make_node("Mul", [f"m{i}", const(f"half{i}", 0.5)], [out])]
         elif kind == "add":
             nodes.append(helper.make_node("Add", [name, before], [out]))
+        elif kind == "concat":  # what the op before read, joined by what it wrote (DenseNet's pattern)
+            nodes.append(helper.make_node("Concat", [before, name], [out], axis=1))
         elif kind == "pool":
             if k == 0:
                 pooled_from = name
