@@ -170,3 +170,22 @@ def test_a_concatenation_copies_every_channel_it_joins():
     (op,) = [op for op in graph.tensor_ops() if op.op == "concat"]
     assert op.positions == (64.0, 64.0) and len(op.out_units) == 24  # each of the 24 channels read and written once
     assert set(op.out_units) == set(graph.group_of("stem.0").units) | set(graph.group_of("layer.0").units)
+
+
+def test_calibrate_blocks_from_keeps_a_profiles_blocks_and_refuses_another_runtimes(tmp_path, monkeypatch):
+    from dnnshrink_plugins.costs import calibrate as cal
+
+    given = synthetic_profile(8)
+    given.save(tmp_path / "given.json")
+    monkeypatch.setattr(cal, "measure_blocks", lambda *a, **k: pytest.fail("the blocks were measured again"))
+    # the sweep's timings, made up (the fit's quality is not what this checks): a chain's ops at 1 us each
+    monkeypatch.setattr(cal.OnnxBackend, "time", lambda self, prepared, *a, **k: {
+        key: (1e-6 * (1 + int(key) % 7), 2e-6) for key in prepared})
+    profile = cal.calibrate(out=tmp_path / "new.json", check=False, blocks_from=tmp_path / "given.json",
+                            log=lambda line: None)
+    assert {k: profile.ops[k].channel_multiple for k in ("pointwise", "depthwise", "conv", "grouped")} == \
+        {"pointwise": 8, "depthwise": 8, "conv": 8, "grouped": 8}
+    assert load_profile(tmp_path / "new.json").calibration["blocks"]["conv"]["channel_multiple"] == 8
+    with pytest.raises(ValueError, match="that profile is of onnxruntime cpu, 2 threads, batch 1, not of torch cpu"):
+        cal.calibrate(runtime="torch", out=None, check=False, blocks_from=tmp_path / "given.json",
+                      log=lambda line: None)

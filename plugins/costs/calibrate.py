@@ -185,6 +185,7 @@ class OnnxBackend:
     """Times op chains and networks with onnxruntime's CPU provider."""
 
     tensor_overhead_s = TENSOR_OVERHEAD_S  # its cost per call is about a microsecond
+    grouped_overhead_s = GROUPED_OVERHEAD_S
 
     def __init__(self, threads: int, batch: int):
         import onnxruntime
@@ -283,8 +284,8 @@ def torch_chain(ops: Sequence[Op]) -> Any:
                 elif kind in ("add", "mul", "concat"):
                     layers.append(nn.Identity())
                 else:  # eager PyTorch runs a network's BatchNorm as an op of its own (onnx folds it)
-                    conv = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=cin if kind == "depthwise" else op_groups(op),
-                                      bias=False), nn.BatchNorm2d(cout)]
+                    groups = cin if kind == "depthwise" else op_groups(op)
+                    conv = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
                     layers.append(nn.Sequential(*conv, *([nn.ReLU()] if conv_has_relu(ops, i) else [])))
             self.layers = nn.ModuleList(layers)
 
@@ -323,7 +324,7 @@ class _TorchRunner:
 class TorchBackend:
     """Times op chains and networks as eager PyTorch modules (``--runtime torch``)."""
 
-    tensor_overhead_s = 1e-2  # eager dispatch per op: no tighter bound than the layers'
+    tensor_overhead_s = grouped_overhead_s = 1e-2  # eager dispatch per op: no tighter bound than the layers'
 
     def __init__(self, threads: int, batch: int, device: str):
         import torch
@@ -441,8 +442,8 @@ class Terms:
 
 
 def fit(samples: Sequence[Tuple[Any, float]], batch: int, multiples: Dict[str, int],
-        per_position: bool = False, fused: Sequence[str] = (),
-        tensor_overhead_s: float = TENSOR_OVERHEAD_S) -> Tuple[Dict[str, OpConstants], float, Dict[str, float]]:
+        per_position: bool = False, fused: Sequence[str] = (), tensor_overhead_s: float = TENSOR_OVERHEAD_S,
+        grouped_overhead_s: float = GROUPED_OVERHEAD_S) -> Tuple[Dict[str, OpConstants], float, Dict[str, float]]:
     """Fit the roofline constants to ``(chain, seconds)`` samples (a chain: its ops, or their
     :class:`Terms`); returns the constants per kind, the per-run overhead (ms) and fit
     statistics (relative errors in %). With ``per_position``, a cost per output position per
@@ -451,8 +452,8 @@ def fit(samples: Sequence[Tuple[Any, float]], batch: int, multiples: Dict[str, i
     (:data:`TENSOR_KINDS`) that the samples hold get a bandwidth and an overhead each (they
     compute nothing); a kind no sample holds, or one the runtime ``fused`` into the conv before
     it (:meth:`OnnxBackend.separate_kinds`), is left out of the profile: it costs nothing.
-    ``tensor_overhead_s``: the most a tensor op's overhead may be fitted (the runtime's
-    cost per call, the backend's ``tensor_overhead_s``)."""
+    ``tensor_overhead_s`` / ``grouped_overhead_s``: the most a tensor op's / a grouped conv's
+    overhead may be fitted (the backend's attributes of those names)."""
     from scipy.optimize import least_squares
 
     terms = [t if isinstance(t, Terms) else Terms.of_chain(t, batch, multiples) for t, _ in samples]
@@ -501,9 +502,9 @@ def fit(samples: Sequence[Tuple[Any, float]], batch: int, multiples: Dict[str, i
                        np.full(nc, 5e-6), np.full(n - nc, min(tensor_overhead_s / 2, 5e-6)), 20e-6,
                        np.full(extra, 1e-9)]
         lower = np.r_[np.full(2 * nc + nb, math.log(1e6)), np.zeros(n + 1 + extra)]
-        upper = np.r_[np.full(2 * nc + nb, math.log(1e14)), [GROUPED_OVERHEAD_S if k == GROUPED else 1e-2 for k in layer_kinds],
-                      np.full(n - nc, tensor_overhead_s),
-                      1e-2, np.full(extra, 1e-6)]
+        layer_bounds = [grouped_overhead_s if k == GROUPED else 1e-2 for k in layer_kinds]
+        upper = np.r_[np.full(2 * nc + nb, math.log(1e14)), layer_bounds, np.full(n - nc, tensor_overhead_s), 1e-2,
+                      np.full(extra, 1e-6)]
         result = least_squares(residual, theta0, bounds=(lower, upper), x_scale="jac")
         if best is None or result.cost < best.cost:
             best = result
@@ -610,7 +611,7 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
             "in the timings; calibrate on an idle machine for a profile to trust")
     if blocks_from is not None:  # measured before (on a quieter machine): kept, the rest is fitted again
         kept = load_profile(blocks_from)
-        if kept.runtime.get("name") != backend.runtime["name"] or kept.runtime.get("device") != backend.runtime["device"]:
+        if any(kept.runtime.get(key) != backend.runtime[key] for key in ("name", "device")):
             raise ValueError(f"--blocks-from {blocks_from}: that profile is of {kept.describe()}, not of "
                              f"{backend.runtime['name']} {backend.runtime['device']}")
         blocks = {kind: {"channel_multiple": kept.ops[kind].channel_multiple, "from": str(blocks_from)}
@@ -634,13 +635,16 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     prepared = {str(i): backend.prepare(ops) for i, ops in enumerate(chains)}
     timed = backend.time(prepared, rounds, 3)
     samples = [(ops, timed[str(i)][0]) for i, ops in enumerate(chains)]
-    ops, per_run_ms, stats = fit(samples, batch, multiples, per_position, fused, backend.tensor_overhead_s)
+    ops, per_run_ms, stats = fit(samples, batch, multiples, per_position, fused, backend.tensor_overhead_s,
+                                 backend.grouped_overhead_s)
     sweep_s = time.perf_counter() - start
     log(f"  fitted {len(samples)} chains in {sweep_s:.0f} s: mean error {stats['sweep_mean_abs_error_pct']:.1f}%")
     for kind, c in ops.items():
-        log(f"  {kind:<10} peak {c.peak_gmacs:7.1f} GMAC/s (unaligned {c.peak_unaligned_gmacs:6.1f}), bandwidth "
-            f"{c.bandwidth_gbs:6.1f} GB/s, overhead {c.overhead_us:5.1f} us"
-            + (f", per position {c.position_ns:5.2f} ns" if per_position else "") + f", block {c.channel_multiple}")
+        peaks = "" if kind in TENSOR_KINDS else \
+            f"peak {c.peak_gmacs:7.1f} GMAC/s (unaligned {c.peak_unaligned_gmacs:6.1f}), "
+        log(f"  {kind:<11} {peaks}bandwidth {c.bandwidth_gbs:7.1f} GB/s, overhead {c.overhead_us:5.1f} us"
+            + (f", per position {c.position_ns:5.2f} ns" if per_position else "")
+            + ("" if kind in TENSOR_KINDS else f", block {c.channel_multiple}"))
     calibration: Dict[str, Any] = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(),
                                    "processor": platform.processor() or platform.machine(),
                                    "cpu_count": os.cpu_count(), "load_average_1min": round(load, 2),

@@ -10,7 +10,8 @@ import numpy as np
 
 from dnnshrink_core.plugin_api import TENSOR_KINDS, fastest_and_median, interleaved_times, onnx_latency, session
 
-__all__ = ["ACTIVATIONS", "Op", "chain_model", "conv_has_relu", "op_groups", "fastest_and_median", "interleaved_times", "onnx_latency", "session"]
+__all__ = ["ACTIVATIONS", "Op", "chain_model", "conv_has_relu", "fastest_and_median", "interleaved_times", "onnx_latency",
+           "op_groups", "session"]
 
 # one op of a calibration chain: (kind, in channels, out channels, input size, kernel, stride),
 # and for a grouped conv its groups as a seventh field
@@ -22,7 +23,8 @@ def op_groups(op: Op) -> int:
     return int(op[6]) if len(op) > 6 else 1
 
 
-ACTIVATIONS = tuple(k for k in TENSOR_KINDS if k not in ("add", "mul", "pool", "concat"))  # the chains' activation kinds
+# the chains' activation kinds
+ACTIVATIONS = tuple(k for k in TENSOR_KINDS if k not in ("add", "mul", "pool", "concat"))
 
 
 def conv_has_relu(ops: Sequence[Op], i: int) -> bool:
