@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import torchvision
 from torch import nn
 
 import dnnshrink_core as ds
+from dnnshrink_core.timing import session
 
 from common import imagenet_setup
 
@@ -47,13 +47,6 @@ def half_masks(graph, seed: int = 0):
     return masks
 
 
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def latencies(paths: dict, x: torch.Tensor, runs: int, rounds: int = 20, warmup: int = 3) -> dict:
     """Median and minimum seconds per run of each ONNX file.
 
@@ -62,7 +55,7 @@ def latencies(paths: dict, x: torch.Tensor, runs: int, rounds: int = 20, warmup:
     drift and the cache left by the previous variant hit every variant alike. Returns
     ``{label: (median, minimum)}`` over all timed runs.
     """
-    sessions = {label: session(path) for label, path in paths.items()}
+    sessions = {label: session(str(path), 2) for label, path in paths.items()}
     feeds = {label: {s.get_inputs()[0].name: x.numpy()} for label, s in sessions.items()}
     times = {label: [] for label in sessions}
     order = list(sessions)

@@ -13,14 +13,23 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 
 
-def session(model: Union[str, bytes], threads: int) -> Any:
+def session(model: Union[str, bytes], threads: int, spinning: bool = False) -> Any:
     """An onnxruntime CPU session with ``threads`` intra-op threads and one inter-op thread
-    (full graph optimisation, as a deployed model runs)."""
+    (full graph optimisation, as a deployed model runs).
+
+    Why its threads do not spin by default: variants are timed interleaved, many sessions
+    taking turns, and a session's pool keeps spinning after its run, taking the cores from the
+    next session's. On the 2-core machine the five validation networks timed interleaved four
+    times ran 12–45% slower at their fastest with spinning (MobileNetV2 3.77–5.49 ms against
+    3.38–3.76 without; docs/benchmarks.md), and as fast without it as a lone session with it.
+    ``spinning=True`` restores onnxruntime's default (one session serving back-to-back calls)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
