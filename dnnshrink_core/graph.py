@@ -54,9 +54,9 @@ class LayerCost:
     ``params_coef``, when a handler gives it, the weights per (input, output) pair.
 
     ``kind`` ``"tensor"``: not a layer but a memory-bound op (an activation, an add, a
-    multiply, pooling, a concatenation; :mod:`dnnshrink_core.tensor_ops`) with no MACs and no weights, which
-    only cost models that price them see; ``op`` says which, ``positions`` the elements it
-    reads and writes per channel and image.
+    multiply, pooling, a concatenation, a transpose; :mod:`dnnshrink_core.tensor_ops`) with no
+    MACs and no weights, which only cost models that price them see; ``op`` says which,
+    ``positions`` the elements it reads and writes per channel and image.
     """
 
     name: str
@@ -203,8 +203,9 @@ class ChannelGraph:
 
     def tensor_ops(self) -> List["LayerCost"]:
         """The memory-bound ops between the layers that a runtime runs as passes of their own
-        (activations, adds, multiplies, pooling, concatenations; :mod:`dnnshrink_core.tensor_ops`), as
-        :class:`LayerCost` rows of kind ``"tensor"``, found once per graph."""
+        (activations, adds, multiplies, pooling, concatenations, transposes;
+        :mod:`dnnshrink_core.tensor_ops`), as :class:`LayerCost` rows of kind ``"tensor"``,
+        found once per graph."""
         found = self.__dict__.get("_tensor_ops")
         if found is None:
             from .tensor_ops import find_tensor_ops

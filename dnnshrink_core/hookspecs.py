@@ -145,8 +145,9 @@ def dnnshrink_cost_model(name: str) -> Optional[Callable[..., Any]]:
     multiple)``: the channel block the runtime's kernels need, used by ``round_to: auto``.
     A factory with ``prices_tensor_ops = True`` gets, after the layers, one more entry per
     memory-bound op between them (an activation other than ReLU, an add, a multiply,
-    pooling, a concatenation: :mod:`dnnshrink_core.tensor_ops`), with ``op`` its kind, no MACs or weights,
-    ``depthwise`` set, and the elements it reads and writes per channel as positions.
+    pooling, a concatenation, a transpose: :mod:`dnnshrink_core.tensor_ops`), with ``op`` its
+    kind, no MACs or weights, ``depthwise`` set, and the elements it reads and writes per
+    channel as positions.
     """
 
 

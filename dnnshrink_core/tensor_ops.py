@@ -1,6 +1,8 @@
 """The memory-bound ops around the conv/linear layers that a runtime runs as passes of their
 own: activations it does not fuse into the convolution before them, the residual add, the
-squeeze-excitation multiply, pooling, concatenation (a copy of every channel it joins).
+squeeze-excitation multiply, pooling, concatenation (a copy of every channel it joins), and a
+transpose of a feature map (ShuffleNet's channel shuffle, a transformer's layout changes: the
+exported graph copies the tensor).
 
 A latency cost that prices only conv/linear layers under-predicts networks full of them:
 onnxruntime's CPU profile of EfficientNet-B0 spends 43% of its time outside its
@@ -31,7 +33,8 @@ from .graph import LayerCost
 
 # what a profile may price; an activation not named here is priced as ``sigmoid`` (one
 # unfused pass through memory; see _ACTIVATION_MODULES)
-TENSOR_KINDS = ("clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu", "add", "mul", "pool", "concat")
+TENSOR_KINDS = ("clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu", "add", "mul", "pool", "concat",
+                "transpose")
 
 _ACTIVATION_MODULES = (
     (nn.ReLU, None), (nn.ReLU6, "clip"), (nn.Hardtanh, "clip"), (nn.Hardswish, "hardswish"),
@@ -51,11 +54,14 @@ _FUNCTIONS: Dict[Any, Optional[str]] = {
     F.avg_pool1d: "pool", F.avg_pool2d: "pool", F.avg_pool3d: "pool", F.adaptive_avg_pool1d: "pool",
     F.adaptive_avg_pool2d: "pool", F.adaptive_avg_pool3d: "pool", F.adaptive_max_pool2d: "pool",
     torch.mean: "pool", torch.cat: "concat", torch.concat: "concat", torch.concatenate: "concat",
+    torch.transpose: "transpose", torch.permute: "transpose", torch.swapaxes: "transpose",
+    torch.swapdims: "transpose", torch.movedim: "transpose", torch.moveaxis: "transpose",
 }
 _METHODS: Dict[str, Optional[str]] = {
     "relu": None, "relu_": None, "clamp": "clip", "clamp_": "clip", "clip": "clip", "sigmoid": "sigmoid",
     "sigmoid_": "sigmoid", "tanh": "sigmoid", "add": "add", "add_": "add", "mul": "mul", "mul_": "mul",
-    "mean": "pool",
+    "mean": "pool", "transpose": "transpose", "permute": "transpose", "swapaxes": "transpose",
+    "swapdims": "transpose", "movedim": "transpose", "moveaxis": "transpose",
 }
 
 

@@ -189,3 +189,26 @@ def test_calibrate_blocks_from_keeps_a_profiles_blocks_and_refuses_another_runti
     with pytest.raises(ValueError, match="that profile is of onnxruntime cpu, 2 threads, batch 1, not of torch cpu"):
         cal.calibrate(runtime="torch", out=None, check=False, blocks_from=tmp_path / "given.json",
                       log=lambda line: None)
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle between two convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.b(y)
+
+
+def test_a_transpose_of_a_feature_map_is_a_copy_of_it():
+    model, x = Shuffle().eval(), torch.randn(1, 3, 6, 6)
+    graph = ds.trace(model, x)
+    (op,) = [op for op in graph.tensor_ops() if op.op == "transpose"]
+    read, written = op.positions
+    assert read == written and read * len(op.out_units) == 16 * 36  # the whole tensor, read and written once

@@ -101,8 +101,8 @@ def sweep_chains(thin: bool = False) -> List[List[Op]]:
 def _tensor_chains() -> List[List[Op]]:
     """Chains that price the tensor ops (:data:`TENSOR_KINDS`) as networks run them: each
     activation after a pointwise conv, the residual add after one, squeeze-excitation (global
-    pooling, two 1×1 convs, a gate, the multiply), a stem's max pooling and DenseNet's
-    concatenations. Each starts and
+    pooling, two 1×1 convs, a gate, the multiply), a stem's max pooling, DenseNet's
+    concatenations and ShuffleNet's channel shuffles. Each starts and
     ends with a conv, as inside a network: a runtime fuses an op into the conv before it, or
     keeps the conv's blocked layout through it, only between convs (onnxruntime left the
     chain's last activation and an add of the chain's input unfused)."""
@@ -125,6 +125,9 @@ def _tensor_chains() -> List[List[Op]]:
             width = c + i * k
             chain += [("pointwise", width, k, hw, 1, 1), ("concat", width + k, width + k, hw, 1, 1)]
         chains.append(chain + [("pointwise", c + 3 * k, c, hw, 1, 1)])
+    for c, hw in ((58, 56), (116, 28), (232, 14)):  # ShuffleNet: a shuffle after each unit's 1×1 conv
+        chains.append([("pointwise", c, c, hw, 1, 1), ("transpose", c, c, hw, 1, 1)] * 3
+                      + [("pointwise", c, c, hw, 1, 1)])
     return chains
 
 
@@ -256,6 +259,8 @@ FUSION_PROBES: Dict[str, Tuple[List[Op], set]] = {
     "pool": ([("pointwise", 32, 32, 28, 1, 1), ("pool", 32, 32, 28, 3, 2), ("pointwise", 32, 32, 14, 1, 1)], set()),
     "concat": ([("pointwise", 32, 32, 28, 1, 1), ("pointwise", 32, 16, 28, 1, 1), ("concat", 48, 48, 28, 1, 1),
                 ("pointwise", 48, 32, 28, 1, 1)], set()),
+    "transpose": ([("pointwise", 32, 32, 28, 1, 1), ("transpose", 32, 32, 28, 1, 1), ("pointwise", 32, 32, 28, 1, 1)],
+                  {"Reshape"}),
 }
 
 
@@ -281,7 +286,7 @@ def torch_chain(ops: Sequence[Op]) -> Any:
                     layers.append(activations[kind]())
                 elif kind == "pool":
                     layers.append(nn.AdaptiveAvgPool2d(1) if k == 0 else nn.MaxPool2d(k, stride, k // 2))
-                elif kind in ("add", "mul", "concat"):
+                elif kind in ("add", "mul", "concat", "transpose"):
                     layers.append(nn.Identity())
                 else:  # eager PyTorch runs a network's BatchNorm as an op of its own (onnx folds it)
                     groups = cin if kind == "depthwise" else op_groups(op)
@@ -296,6 +301,9 @@ def torch_chain(ops: Sequence[Op]) -> Any:
                     y = x + before
                 elif kind == "concat":
                     y = torch.cat([before, x], 1)
+                elif kind == "transpose":  # a channel shuffle in two groups
+                    n, c, h, w = x.shape
+                    y = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
                 elif kind == "mul":
                     y = pooled_from * x
                 else:

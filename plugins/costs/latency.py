@@ -221,7 +221,7 @@ class LatencyCost:
     (``profile=``: a path, a :class:`Profile`, or ``None`` for the default)."""
 
     unit = "ms"
-    prices_tensor_ops = True  # activations, adds, multiplies, pooling, concatenations too (dnnshrink_core.tensor_ops)
+    prices_tensor_ops = True  # the ops between the layers too (dnnshrink_core.tensor_ops)
 
     def __init__(self, table: LayerTable, profile: Union[None, str, Path, Profile] = None, **_: Any):
         self.profile = load_profile(profile)

@@ -10,8 +10,8 @@ import numpy as np
 
 from dnnshrink_core.plugin_api import TENSOR_KINDS, fastest_and_median, interleaved_times, onnx_latency, session
 
-__all__ = ["ACTIVATIONS", "Op", "chain_model", "conv_has_relu", "fastest_and_median", "interleaved_times", "onnx_latency",
-           "op_groups", "session"]
+__all__ = ["ACTIVATIONS", "Op", "chain_model", "conv_has_relu", "fastest_and_median", "interleaved_times",
+           "onnx_latency", "op_groups", "session"]
 
 # one op of a calibration chain: (kind, in channels, out channels, input size, kernel, stride),
 # and for a grouped conv its groups as a seventh field
@@ -24,7 +24,7 @@ def op_groups(op: Op) -> int:
 
 
 # the chains' activation kinds
-ACTIVATIONS = tuple(k for k in TENSOR_KINDS if k not in ("add", "mul", "pool", "concat"))
+ACTIVATIONS = tuple(k for k in TENSOR_KINDS if k not in ("add", "mul", "pool", "concat", "transpose"))
 
 
 def conv_has_relu(ops: Sequence[Op], i: int) -> bool:
@@ -40,7 +40,8 @@ def chain_model(ops: Sequence[Op], batch: int) -> Tuple[bytes, Tuple[int, ...]]:
     a bias and a ReLU (:func:`conv_has_relu`), linear ops as Gemm, and the tensor ops as
     torch's exporter writes them (``clip`` a Clip to 0…6, ``silu`` Sigmoid·x, ``gelu`` the
     erf form, ``add`` the tensor plus the one the op before it read, ``concat`` that one
-    joined by the tensor along the channels, ``pool`` kernel 0 a
+    joined by the tensor along the channels, ``transpose`` a channel shuffle in two groups,
+    ``pool`` kernel 0 a
     global average pool else a max pool, ``mul`` the last global pool's input times the
     current tensor)."""
     from onnx import TensorProto, helper, numpy_helper
@@ -82,6 +83,13 @@ def chain_model(ops: Sequence[Op], batch: int) -> Tuple[bytes, Tuple[int, ...]]:
             nodes.append(helper.make_node("Add", [name, before], [out]))
         elif kind == "concat":  # what the op before read, joined by what it wrote (DenseNet's pattern)
             nodes.append(helper.make_node("Concat", [before, name], [out], axis=1))
+        elif kind == "transpose":  # ShuffleNet's channel shuffle in two groups, as torch exports it
+            split = numpy_helper.from_array(np.array([batch, 2, cout // 2, hw, hw], dtype=np.int64), f"split{i}")
+            whole = numpy_helper.from_array(np.array([batch, cout, hw, hw], dtype=np.int64), f"whole{i}")
+            inits += [split, whole]
+            nodes += [helper.make_node("Reshape", [name, f"split{i}"], [f"g{i}"]),
+                      helper.make_node("Transpose", [f"g{i}"], [f"t{i}"], perm=[0, 2, 1, 3, 4]),
+                      helper.make_node("Reshape", [f"t{i}", f"whole{i}"], [out])]
         elif kind == "pool":
             if k == 0:
                 pooled_from = name
