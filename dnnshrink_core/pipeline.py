@@ -297,17 +297,21 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
         _step(f"round_to {opts.round_to}: {note}")
     chooses_depth = bool(getattr(algorithm, "chooses_depth", False))
     depth = opts.depth is not False and chooses_depth
+    minimum = None
     if opts.round_to == "auto" and not isinstance(round_to, int):
         # a target below the smallest rounded network, but not below the unrounded one: keep the
         # target (the user's word) and give up the rounding, saying so
         rounded_min, plain_min = (smallest_cost(graph, costs, opts.min_width, r, depth) for r in (round_to, 1))
-        if goal.absolute(costs.initial) < rounded_min * (1 - 1e-9) <= rounded_min and \
-                goal.absolute(costs.initial) >= plain_min * (1 - 1e-9):
+        minimum = rounded_min
+        if plain_min * (1 - 1e-9) <= goal.absolute(costs.initial) < rounded_min * (1 - 1e-9):
             round_to, round_notes = 1, ["the target is below the smallest network with widths rounded to the "
                                         "runtime's blocks: widths are not rounded"]
+            minimum = plain_min
             _step(f"round_to auto: {round_notes[0]}")
     opts = dataclasses.replace(opts, round_to=round_to)
-    minimum, deeper = smallest_cost(graph, costs, opts.min_width, opts.round_to, depth), None
+    if minimum is None:  # (round_to: auto priced it above)
+        minimum = smallest_cost(graph, costs, opts.min_width, opts.round_to, depth)
+    deeper = None
     if opts.depth is False and chooses_depth and \
             goal.absolute(costs.initial) < minimum * (1 - 1e-9):  # would dropping blocks have reached it?
         deeper = smallest_cost(graph, costs, opts.min_width, opts.round_to, True)

@@ -221,3 +221,19 @@ def test_depth_true_drops_blocks_at_a_target_channels_can_reach():
     assert true["blocks_dropped"]["depth"] is True and true["blocks_dropped"]["blocks"]
     for extra in (auto, true):
         assert extra["resources"]["latency_ms"]["after"] <= 0.9 * latency.initial * (1 + 1e-9)
+
+
+def test_a_target_below_the_rounded_floor_gives_up_the_rounding_and_says_so():
+    """Between the smallest network with widths rounded to the runtime's blocks and the
+    smallest unrounded one, the target (the user's word) is kept and the rounding given up."""
+    model, graph, latency, _ = setup()
+    multiples, _ = resolve_round_to(graph, model, "auto")
+    rounded, plain = (smallest_cost(graph, latency, round_to=r) for r in (multiples, 1))
+    assert plain < rounded
+    fraction = round((plain + rounded) / 2 / latency.initial, 4)
+    extra = shrink(model, X, train_one_epoch=one_tiny_step, test=lambda m: 0.0, finetune=False, algorithm="magnitude",
+                   max_epochs=0, target={"resource": "latency", "value": fraction}, depth=False, device="cpu",
+                   progress=False, latency_runs=1, exporters=(), onnx_latency=False).report.extra
+    assert extra["round_to"]["multiples"] == 1
+    assert any("widths are not rounded" in note for note in extra["round_to"]["notes"])
+    assert extra["resources"]["latency_ms"]["after"] <= fraction * latency.initial * (1 + 1e-9)
