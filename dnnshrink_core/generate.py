@@ -58,11 +58,17 @@ def units_to_keep(graph: ChannelGraph, masks: Mapping[str, Any], model: nn.Modul
                 continue
             gammas = graph.unit_gammas(model) if gammas is None else gammas
             array = array.copy()
-            array[int(np.argmax(gammas[group.units]))] = True
+            array[group.units == _best_unit(group.units, gammas)] = True
             warnings.warn(f"dnnshrink: the mask for group {name!r} removes every unit; one unit (the largest "
                           "|gamma|) is kept so the layer does not collapse.", DnnshrinkWarning, stacklevel=3)
         keep[group.units] = array
     return keep
+
+
+def _best_unit(units: np.ndarray, gammas: np.ndarray) -> int:
+    """The unit with the largest ``|gamma|`` of ``units``: what a group that may not be
+    emptied keeps."""
+    return int(units[int(np.argmax(gammas[units]))])
 
 
 def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.Module:
@@ -287,7 +293,7 @@ def _droppable(model: nn.Module, graph: ChannelGraph, keep: np.ndarray) -> Tuple
             for g in b.groups:
                 units = graph.groups[g].units
                 if not keep[units].any():
-                    keep[units[int(np.argmax(gammas[units]))]] = True
+                    keep[_best_unit(units, gammas)] = True
         warnings.warn("dnnshrink: the residual branch(es) ending at " + ", ".join(repr(b.join) for b in failed)
                       + " do not reduce to a constant when emptied; one unit of each emptied group is kept.",
                       DnnshrinkWarning, stacklevel=4)
