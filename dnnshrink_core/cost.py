@@ -161,10 +161,9 @@ class CostModel:
         self.layers = layers
         factory = get_cost_model(self.kind)
         # the table's rows: the layers, then the tensor ops for a cost model that prices them
-        self.rows = layers + (graph.tensor_ops() if getattr(factory, "prices_tensor_ops", False) else [])
-        self.table = LayerTable.build(self.rows, model, batch)
+        rows = self.rows = layers + (graph.tensor_ops() if getattr(factory, "prices_tensor_ops", False) else [])
+        self.table = LayerTable.build(rows, model, batch)
         self.resource = factory(self.table, **options)
-        rows = self.rows
         self.unit = getattr(self.resource, "unit", self.kind)
         self.coef = self.table.coef if self.kind == "flops" else self.table.weights_per_pair
         self.depthwise = self.table.depthwise

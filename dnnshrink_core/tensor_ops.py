@@ -67,7 +67,7 @@ _METHODS: Dict[str, Optional[str]] = {
 
 def tensor_op_kind(node: fx.Node, module: Optional[nn.Module]) -> Optional[str]:
     """The :data:`TENSOR_KINDS` entry ``node`` is priced as, or None (not a pass of its own:
-    a layer, ReLU, a reshape, a concat…)."""
+    a layer, ReLU, a reshape, a slice…)."""
     if node.op == "call_module":
         if isinstance(module, _POOL_MODULES):
             return "pool"

@@ -131,6 +131,11 @@ def _tensor_chains() -> List[List[Op]]:
     return chains
 
 
+def _out_hw(hw: int, k: int, stride: int) -> int:
+    """The output size of a chain's conv or pooling (padding ``k // 2``, as the chains build them)."""
+    return (hw + 2 * (k // 2) - k) // stride + 1
+
+
 def tensor_positions(op: Op) -> Tuple[float, float]:
     """(elements read, elements written) per channel and image by a tensor op of a chain:
     an activation reads and writes its tensor, an add reads two, the excitation multiply
@@ -138,7 +143,7 @@ def tensor_positions(op: Op) -> Tuple[float, float]:
     0: global) reads its input and writes its output."""
     kind, _, _, hw, k, stride = op[:6]
     if kind == "pool":
-        out = 1 if k == 0 else ((hw + 2 * (k // 2) - k) // stride + 1) ** 2
+        out = 1 if k == 0 else _out_hw(hw, k, stride) ** 2
         return float(hw * hw), float(out)
     reads = {"add": 2.0 * hw * hw, "mul": hw * hw + 1.0}.get(kind, float(hw * hw))
     return reads, float(hw * hw)
@@ -152,14 +157,15 @@ def op_terms(op: Op, batch: int) -> Tuple[float, float]:
         return 0.0, BYTES_PER_ELEMENT * batch * cout * (read + written)
     if kind == "linear":
         return batch * cin * cout, BYTES_PER_ELEMENT * (batch * (cin + cout) + cin * cout)
-    out_hw = (hw + 2 * (k // 2) - k) // stride + 1
+    out_hw = _out_hw(hw, k, stride)
     per_pair = k * k
     if kind == "depthwise":
         macs = batch * per_pair * out_hw ** 2 * cout
         weights = per_pair * cout
     else:  # a grouped conv mixes each group's channels only
-        macs = batch * per_pair * out_hw ** 2 * cin * cout / op_groups(op)
-        weights = per_pair * cin * cout / op_groups(op)
+        groups = op_groups(op)
+        macs = batch * per_pair * out_hw ** 2 * cin * cout / groups
+        weights = per_pair * cin * cout / groups
     return macs, BYTES_PER_ELEMENT * (batch * (cin * hw * hw + cout * out_hw * out_hw) + weights)
 
 
@@ -170,7 +176,7 @@ def op_positions(op: Op, batch: int) -> float:
         return batch * tensor_positions(op)[1]
     if kind == "linear":
         return float(batch)
-    return float(batch * ((hw + 2 * (k // 2) - k) // stride + 1) ** 2)
+    return float(batch * _out_hw(hw, k, stride) ** 2)
 
 
 def is_aligned(op: Op, multiple: int) -> bool:
@@ -449,23 +455,22 @@ class Terms:
                    np.array([op_positions(op, batch) for op in ops], dtype=np.float64))
 
 
-def fit(samples: Sequence[Tuple[Any, float]], batch: int, multiples: Dict[str, int],
+def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Dict[str, int],
         per_position: bool = False, fused: Sequence[str] = (), tensor_overhead_s: float = TENSOR_OVERHEAD_S,
         grouped_overhead_s: float = GROUPED_OVERHEAD_S) -> Tuple[Dict[str, OpConstants], float, Dict[str, float]]:
-    """Fit the roofline constants to ``(chain, seconds)`` samples (a chain: its ops, or their
-    :class:`Terms`); returns the constants per kind, the per-run overhead (ms) and fit
-    statistics (relative errors in %). With ``per_position``, a cost per output position per
-    op kind is fitted too. Grouped convs, where the samples hold them, get a kind of their
-    own (their block is in channels per group). The tensor ops' kinds
-    (:data:`TENSOR_KINDS`) that the samples hold get a bandwidth and an overhead each (they
-    compute nothing); a kind no sample holds, or one the runtime ``fused`` into the conv before
-    it (:meth:`OnnxBackend.separate_kinds`), is left out of the profile: it costs nothing.
+    """Fit the roofline constants to ``(chain, seconds)`` samples; returns the constants per
+    kind, the per-run overhead (ms) and fit statistics (relative errors in %). With
+    ``per_position``, a cost per output position per op kind is fitted too. Grouped convs,
+    where the samples hold them, get a kind of their own (their block is in channels per
+    group). The tensor ops' kinds (:data:`TENSOR_KINDS`) that the samples hold get a bandwidth
+    and an overhead each (they compute nothing); a kind no sample holds, or one the runtime
+    ``fused`` into the conv before it (:meth:`OnnxBackend.separate_kinds`), is left out of the
+    profile: it costs nothing.
     ``tensor_overhead_s`` / ``grouped_overhead_s``: the most a tensor op's / a grouped conv's
     overhead may be fitted (the backend's attributes of those names)."""
     from scipy.optimize import least_squares
 
-    terms = [t if isinstance(t, Terms) else Terms.of_chain(t, batch, multiples) for t, _ in samples]
-    terms = [t.without(fused) for t in terms] if fused else terms
+    terms = [Terms.of_chain(ops, batch, multiples).without(fused) for ops, _ in samples]
     present = {k for t in terms for k in t.kinds}
     layer_kinds = list(KINDS) + ([GROUPED] if GROUPED in present else [])  # the kinds that compute
     kinds = layer_kinds + [k for k in TENSOR_KINDS if k in present]

@@ -222,13 +222,13 @@ class MorphNet:
         smallest the channels go to."""
         graph, cost, opts = ctx.graph, ctx.costs.cost, ctx.options
         keep = uniform_fraction(graph, np.zeros(graph.num_units), cost, budget, ~graph.unit_frozen, opts.min_width)
-        if cost(keep) <= budget * (1 + 1e-9) or getattr(opts, "depth", "auto") is False:
-            return keep
 
         def multiplier(seed: np.ndarray) -> np.ndarray:
             return scale_to_budget(graph, seed, np.zeros(graph.num_units), cost, budget, opts.min_width)
 
-        return choose_depth(graph, keep, np.ones(graph.num_units), cost, budget, multiplier, "auto",
+        # "auto" even under depth: true (a reference drops only the blocks the budget needs)
+        depth = "auto" if getattr(opts, "depth", "auto") is not False else False
+        return choose_depth(graph, keep, np.ones(graph.num_units), cost, budget, multiplier, depth,
                             start=np.ones(graph.num_units, dtype=bool))
 
     def _to_budget(self, ctx: LearnContext, learned: np.ndarray, gammas: np.ndarray, budget: float, round_to: Any,
