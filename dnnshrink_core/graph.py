@@ -196,8 +196,10 @@ class ChannelGraph:
         for node, info in trace.infos.items():
             if info.get("layer") and "macs_coef" in info:
                 name = info.get("layer_name", trace.module_names.get(node, node.name))
+                # handlers count per row of the leading dimension, which may hold more than images
+                coef = float(info["macs_coef"]) * trace.per_image(node)
                 result.append(LayerCost(name, info["kind"], self.unit_of[info["in_labels"]],
-                                        self.unit_of[info["out_labels"]], float(info["macs_coef"]),
+                                        self.unit_of[info["out_labels"]], coef,
                                         info.get("weight", ""), info.get("params_coef")))
         return result
 

@@ -251,7 +251,9 @@ class PropagateContext:
                       params_coef: Optional[float] = None) -> None:
         """Declare this call a layer whose cost depends on kept channels (a conv or a linear), so
         the cost model, the regularizer and the report count it: MACs = ``macs_coef`` · kept
-        inputs · kept outputs (``depthwise``: ``macs_coef`` · kept outputs). A function on a
+        inputs · kept outputs (``depthwise``: ``macs_coef`` · kept outputs), counted per row of
+        the output's leading dimension (per image when it is the batch; the graph scales it
+        when patches, windows or tokens share that dimension). A function on a
         module's weight (``F.conv2d(x, self.weight)``) names that module (``layer_name``), the
         weight's path and the weights per channel pair (``params_coef``)."""
         if kind not in self.LAYER_KINDS:

@@ -86,7 +86,8 @@ def tensor_op_kind(node: fx.Node, module: Optional[nn.Module]) -> Optional[str]:
 
 
 def _positions(spec: Any, dim: int) -> Optional[float]:
-    """Elements per channel and image of a traced tensor with channels at ``dim``."""
+    """Elements per channel and row of the leading dimension of a traced tensor with channels
+    at ``dim`` (:meth:`~dnnshrink_core.tracing.TracedGraph.per_image` makes it per image)."""
     shape = getattr(spec, "shape", None)
     if shape is None or len(shape) < 2 or dim == 0:
         return None
@@ -116,11 +117,12 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
         written = _positions(trace.specs.get(node), out.dim)
         if written is None:
             continue
+        written *= trace.per_image(node)
         read = 0.0
         for arg in node.all_input_nodes:
             value = trace.values.get(arg)
             if isinstance(value, Chan) and len(value.labels) == len(out.labels):
-                read += _positions(trace.specs.get(arg), value.dim) or 0.0
+                read += (_positions(trace.specs.get(arg), value.dim) or 0.0) * trace.per_image(arg)
         units = graph.unit_of[out.labels]
         name = trace.module_names.get(node, node.name)
         found.append(LayerCost(name, "tensor", units, units, 0.0, weight="-", op=kind,

@@ -188,6 +188,31 @@ class TracedGraph:
             module = self._modules[target] = root.get_submodule(target)
         return module
 
+    @property
+    def batch(self) -> Optional[int]:
+        """The example input's batch size: dim 0 of the first tensor the network takes (None
+        when it takes none). Costs are per image, so a call whose leading dimension holds more
+        than the images (patches or windows folded into the batch, tokens sequence-first) is
+        counted for all of them (:func:`per_image`)."""
+        for node in self.graph.nodes:
+            if node.op != "placeholder":
+                continue
+            shape = getattr(self.specs.get(node), "shape", None)
+            if shape is not None and len(shape) >= 1 and shape[0]:
+                return int(shape[0])
+        return None
+
+    def per_image(self, node: fx.Node) -> float:
+        """How many rows of ``node``'s output's leading dimension each image has: 1 for a
+        batch-first tensor, the patches per image when a batch was reshaped to ``(B·P, …)``,
+        the tokens for a sequence-first ``(N, B, C)`` read as rows. A handler counts a
+        layer's MACs per row of that dimension; this turns them into MACs per image."""
+        shape = getattr(self.specs.get(node), "shape", None)
+        batch = self.batch
+        if not batch or shape is None or len(shape) < 1:
+            return 1.0
+        return float(shape[0]) / batch
+
     def modules_called(self) -> set:
         """Canonical names of the modules this graph calls or reads weights from."""
         names = set(self.module_names.values())

@@ -378,3 +378,44 @@ def test_grouped_convs_are_a_kind_whose_block_is_in_channels_per_group():
     assert CostModel(graph, model, "latency", profile=older).initial == \
         pytest.approx(CostModel(graph, model, "latency", profile=as_conv).initial, rel=1e-12)  # priced as a conv
     assert costs.initial != pytest.approx(CostModel(graph, model, "latency", profile=as_conv).initial, rel=1e-6)
+
+
+class FoldedRows(nn.Module):
+    """Layers whose leading dimension is not the images: a 2×2 patch grid folded into the
+    batch and read by a Linear (MobileViT), a conv over those windows, and tokens read
+    sequence-first (``(N, B, C)``, as ``nn.MultiheadAttention`` takes them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16, 3, 1)
+        self.mix = nn.Linear(16, 24)
+        self.window = nn.Conv2d(24, 24, 3, padding=1)
+        self.seq = nn.Linear(24, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        y = self.stem(x)                                               # (B, 16, 8, 8)
+        b, c, h, w = y.shape
+        p = y.reshape(b, c, 2, h // 2, 2, w // 2).permute(0, 2, 4, 3, 5, 1).reshape(b * 4, (h // 2) * (w // 2), c)
+        p = self.mix(p)                                                 # (4B, 16, 24)
+        win = self.window(p.transpose(1, 2).reshape(b * 4, 24, h // 2, w // 2))  # (4B, 24, 4, 4)
+        tokens = win.reshape(b, 4 * 24, 16).mean(1).reshape(b, 16, 1).expand(b, 16, 24)
+        s = self.seq(tokens.transpose(0, 1).contiguous())               # (16, B, 32)
+        return self.head(s.mean(0))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_macs_are_counted_per_image_when_the_leading_dimension_holds_more(batch):
+    model = FoldedRows().eval()
+    x = torch.randn(batch, 3, 8, 8)
+    graph = ds.trace(model, x)
+    costs = CostModel(graph, model, "flops")
+    counted = ds.layer_report(model, x).totals["macs_before"]  # torch's flop counter, whole batch
+    assert costs.initial == pytest.approx(counted / batch)
+    by_name = {layer.name: layer.coef for layer in costs.layers}
+    assert by_name["mix"] == 4 * 16            # four patches of 16 positions per image
+    assert by_name["window"] == 4 * 9 * 16     # four windows of 4×4, 3×3 kernel
+    assert by_name["seq"] == 16                # 16 tokens per image, sequence-first
+    # the tensor ops count per image too: the patches' transpose moves 4 × 16 positions
+    rows = {row.name: row.positions for row in graph.tensor_ops()}
+    assert rows["transpose"] == (64.0, 64.0)
