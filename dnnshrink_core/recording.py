@@ -266,6 +266,43 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
                     b.copy_(value)
 
 
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # nn.Module's own containers (parameters, hooks…)
+
+
+@contextlib.contextmanager
+def containers_kept(model: nn.Module) -> Iterator[None]:
+    """Put back the contents of every dict, list and set a module of ``model`` holds as an
+    attribute, when tracing or running ``forward`` changed them: a forward that caches into
+    one (timm LeViT's and EfficientFormerV2's attention-bias caches) would keep a traced
+    ``Proxy`` there, which breaks the user's next run and every later trace of the model or
+    of a copy of it. Contents are compared by identity (a ``Proxy`` has no truth value)."""
+    saved = []
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name not in _MODULE_INTERNALS and type(value) in (dict, list, set):
+                saved.append((value, type(value)(value)))
+    try:
+        yield
+    finally:
+        for live, before in saved:
+            if _changed(live, before):
+                if isinstance(live, list):
+                    live[:] = before
+                else:
+                    live.clear()
+                    live.update(before)
+
+
+def _changed(live: Any, before: Any) -> bool:
+    if len(live) != len(before):
+        return True
+    if isinstance(live, dict):
+        return any(k not in before or live[k] is not before[k] for k in live)
+    if isinstance(live, list):
+        return any(a is not b for a, b in zip(live, before))
+    return {id(v) for v in live} != {id(v) for v in before}
+
+
 def record(model: nn.Module, inputs: Sequence[Any], leaf_rule: fx.Tracer
            ) -> Tuple[fx.Graph, Dict[fx.Node, Any], Dict[str, torch.Tensor], List[str]]:
     """Trace ``model`` by running it on ``inputs``.
@@ -273,10 +310,10 @@ def record(model: nn.Module, inputs: Sequence[Any], leaf_rule: fx.Tracer
     Returns the graph, the spec of every node, the constants lifted out of ``forward`` and
     notes on what the graph is specialised to (values read into Python). ``leaf_rule`` is the
     fx tracer whose ``is_leaf_module`` says which modules are recorded whole. The model's
-    buffers are restored afterwards.
+    buffers and the caches its modules keep (:func:`containers_kept`) are restored afterwards.
     """
     recorder = _Recorder(model, leaf_rule)
-    with buffers_kept(model), torch.no_grad():
+    with buffers_kept(model), containers_kept(model), torch.no_grad():
         try:
             recorder.run(tuple(inputs))
         except Exception as exc:

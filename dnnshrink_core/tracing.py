@@ -26,7 +26,7 @@ from torch import fx, nn
 from .errors import InputRunError, TraceError, UntracedModuleWarning
 from .handler import OpHandler, spec_of
 from .plugins import get_plugin_manager
-from .recording import SpecializedTraceWarning, buffers_kept, record
+from .recording import SpecializedTraceWarning, buffers_kept, containers_kept, record
 from .shapes import has_hooks, infer_specs
 
 GENERATE_GRAPH = "generate_graph"
@@ -385,11 +385,13 @@ def _attribute_names(model: nn.Module) -> Tuple[frozenset, ...]:
 
 @contextlib.contextmanager
 def _restoring_attributes(model: nn.Module) -> Iterator[Dict[str, Any]]:
-    """fx stores tensor constants it meets on the traced module; keep the user's model clean."""
+    """fx stores tensor constants it meets on the traced module, and a forward may cache
+    Proxies in its modules' dicts (:func:`containers_kept`); keep the user's model clean."""
     names = _attribute_names(model)
     removed: Dict[str, Any] = {}
     try:
-        yield removed
+        with containers_kept(model):
+            yield removed
     finally:
         for added, container in zip((a - b for a, b in zip(_attribute_names(model), names)),
                                     (vars(model), model._parameters, model._buffers, model._modules)):

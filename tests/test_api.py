@@ -131,6 +131,40 @@ def test_user_model_is_untouched_and_result_is_independent():
         assert states_equal(before, state_copy(model))
 
 
+class CachedBias(nn.Module):
+    """Caches a per-channel bias in a dict in eval mode, keyed by device (timm LeViT's and
+    EfficientFormerV2's attention-bias caches do this)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(3, 16, 3), conv_bn(16, 8, 1))
+        self.bias = nn.Parameter(torch.randn(8))
+        self.cache = {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if not self.training and key not in self.cache:
+            self.cache[key] = self.bias[None, :, None, None] * 2
+        return self.body(x) + (self.cache[key] if not self.training else 2 * self.bias[None, :, None, None])
+
+
+def test_a_cache_filled_while_tracing_is_emptied_again():
+    model, x = kill_half(CachedBias()).eval(), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    model.cache.clear()
+    graph = ds.trace(model, x)
+    assert model.cache == {}  # no traced Proxy left in the user's model
+    small = ds.generate(model, x, ds.alive_masks(model, x))
+    assert model.cache == {}
+    assert all(isinstance(v, torch.Tensor) for v in small.cache.values())  # its own checks ran it for real
+    with torch.no_grad():
+        assert max_relative_error(model(x), expected) == 0
+        assert max_relative_error(small(x), expected) < 1e-5
+    model.cache.clear()
+    assert ds.trace(small, x).num_units < graph.num_units  # a shrunk copy traces again
+
+
 def test_shrunk_model_trains():
     model, x = kill_half(HANDWRITTEN["depthwise"][0]()).eval(), torch.randn(4, 3, 16, 16)
     small = ds.generate(model, x, ds.alive_masks(model, x)).train()
