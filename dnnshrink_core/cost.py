@@ -76,8 +76,13 @@ class LayerTable:
         column = (lambda i, dtype=np.float64: np.array([r[i] for r in rows], dtype=dtype))
         return cls(list(layers), np.array([l.coef for l in layers], dtype=np.float64), column(0), column(1),
                    column(2), column(3), np.array([l.kind in ("depthwise", "tensor") for l in layers], dtype=bool),
-                   column(4, object), np.array([len(l.in_units) for l in layers], dtype=np.float64),
-                   np.array([len(l.out_units) for l in layers], dtype=np.float64), int(batch), column(5))
+                   column(4, object), np.array([_widths(l)[0] for l in layers], dtype=np.float64),
+                   np.array([_widths(l)[1] for l in layers], dtype=np.float64), int(batch), column(5))
+
+
+def _widths(layer: LayerCost) -> Tuple[int, int]:
+    """A row's full input and output channels (a fixed row has no units: its ``widths``)."""
+    return layer.widths if layer.widths is not None else (len(layer.in_units), len(layer.out_units))
 
 
 def _describe(model: nn.Module, layer: LayerCost) -> tuple:
@@ -89,7 +94,7 @@ def _describe(model: nn.Module, layer: LayerCost) -> tuple:
     linear layer, positions and 1), so the ratio is the traced output's positions for module
     and functional layers alike, without re-running the model.
     """
-    if layer.kind == "tensor":
+    if layer.kind in ("tensor", "product"):
         read, written = layer.positions or (0.0, 0.0)
         return 0.0, 1.0, written, read, layer.op, 1.0
     per_pair = _weights_per_pair(model, layer)
@@ -108,7 +113,7 @@ def _describe(model: nn.Module, layer: LayerCost) -> tuple:
     elif layer.kind == "grouped":
         op = "grouped"
         # the weight holds each group's input channels: in_channels / groups
-        groups = float(len(layer.in_units) / weight.shape[1]) if weight is not None and weight.shape[1] else 1.0
+        groups = float(_widths(layer)[0] / weight.shape[1]) if weight is not None and weight.shape[1] else 1.0
         if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
             groups = float(module.groups)
     else:
@@ -149,7 +154,9 @@ class CostModel:
     ``kind``: a cost model's name: ``"flops"`` (MACs, the default), ``"params"`` (weights;
     ``"size"`` is the old spelling), ``"activations"``, ``"latency"``, or a third party's.
     ``options`` go to the cost model (``profile=`` for ``latency``). ``resource`` is the
-    bound plugin object; ``unit`` its unit word.
+    bound plugin object; ``unit`` its unit word; ``constant`` what no channel cut changes
+    (attention's matrix products, layers kept whole: :meth:`ChannelGraph.fixed`), which every
+    keep-set pays.
     """
 
     def __init__(self, graph: ChannelGraph, model: nn.Module, kind: str = "flops", batch: int = 1,
@@ -174,7 +181,19 @@ class CostModel:
         # each row's units lie in one run of in_units/out_units: a segment sum counts them
         self._in_runs = _runs([len(l.in_units) for l in rows])
         self._out_runs = _runs([len(l.out_units) for l in rows])
+        self.constant = self._fixed_cost(graph, model, factory, batch, options)
         self.initial = self.cost(np.ones(graph.num_units, dtype=bool))
+
+    @staticmethod
+    def _fixed_cost(graph: ChannelGraph, model: nn.Module, factory: Any, batch: int, options: dict) -> float:
+        """What the graph's fixed rows cost (:meth:`ChannelGraph.fixed`: products of
+        activations, layers kept whole): no channel changes it, so it is priced once, each
+        row at its ``widths``."""
+        rows = graph.fixed()
+        if not rows:
+            return 0.0
+        table = LayerTable.build(rows, model, batch)
+        return float(np.sum(factory(table, **options).layer_costs(table.in_size, table.out_size)))
 
     def counts(self, alive: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Kept input and output channels of every layer."""
@@ -193,7 +212,7 @@ class CostModel:
 
     def cost(self, alive: np.ndarray) -> float:
         """The cost with only the ``alive`` units kept."""
-        return float(self.layer_costs(alive).sum() + float(getattr(self.resource, "fixed", 0.0)))
+        return float(self.layer_costs(alive).sum() + float(getattr(self.resource, "fixed", 0.0)) + self.constant)
 
     def unit_weights(self, alive: np.ndarray) -> np.ndarray:
         """``d cost / d (kept units)`` per unit, with the other side's counts held: MorphNet's

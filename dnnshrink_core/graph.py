@@ -57,6 +57,12 @@ class LayerCost:
     multiply, pooling, a concatenation, a transpose; :mod:`dnnshrink_core.tensor_ops`) with no
     MACs and no weights, which only cost models that price them see; ``op`` says which,
     ``positions`` the elements it reads and writes per channel and image.
+
+    ``widths``: set on the rows of :meth:`ChannelGraph.fixed` (what no channel cut changes:
+    they have no units), the input and output channels the row is priced at. Kind
+    ``"product"`` is a matrix product of two activations (:mod:`dnnshrink_core.fixed`):
+    ``coef`` its rows per image, ``widths`` its inner and output widths, ``positions`` the
+    elements it reads per inner column and its rows, ``op`` ``"matmul"``.
     """
 
     name: str
@@ -68,6 +74,7 @@ class LayerCost:
     params_coef: Optional[float] = None
     op: str = ""
     positions: Optional[Tuple[float, float]] = None
+    widths: Optional[Tuple[int, int]] = None
 
     def __post_init__(self) -> None:
         if not self.weight:
@@ -213,6 +220,18 @@ class ChannelGraph:
             from .tensor_ops import find_tensor_ops
 
             found = self.__dict__["_tensor_ops"] = find_tensor_ops(self)
+        return found
+
+    def fixed(self) -> List["LayerCost"]:
+        """What no channel cut changes, as :class:`LayerCost` rows without units and with
+        their ``widths``: products of two activations (attention's matrix products, kind
+        ``"product"``) and conv/linear layers no handler could follow
+        (:mod:`dnnshrink_core.fixed`), found once per graph."""
+        found = self.__dict__.get("_fixed")
+        if found is None:
+            from .fixed import find_products, find_whole_layers
+
+            found = self.__dict__["_fixed"] = find_whole_layers(self) + find_products(self)
         return found
 
     @property

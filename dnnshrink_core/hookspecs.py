@@ -148,6 +148,11 @@ def dnnshrink_cost_model(name: str) -> Optional[Callable[..., Any]]:
     pooling, a concatenation, a transpose: :mod:`dnnshrink_core.tensor_ops`), with ``op`` its
     kind, no MACs or weights, ``depthwise`` set, and the elements it reads and writes per
     channel as positions.
+
+    The factory is also called with a table of what no channel cut changes (products of two
+    activations, with ``op`` ``"matmul"``, and layers no handler could follow:
+    :mod:`dnnshrink_core.fixed`), and ``layer_costs`` with those rows' full widths; the sum
+    is the cost model's ``constant``.
     """
 
 

@@ -1,8 +1,9 @@
 """The memory-bound ops around the conv/linear layers that a runtime runs as passes of their
 own: activations it does not fuse into the convolution before them, the residual add, the
-squeeze-excitation multiply, pooling, concatenation (a copy of every channel it joins), and a
+squeeze-excitation multiply, pooling, concatenation (a copy of every channel it joins), a
 transpose of a feature map (ShuffleNet's channel shuffle, a transformer's layout changes: the
-exported graph copies the tensor).
+exported graph copies the tensor), a normalisation other than BatchNorm (LayerNorm,
+GroupNorm: ``norm``) and a softmax (attention's scores).
 
 A latency cost that prices only conv/linear layers under-predicts networks full of them:
 onnxruntime's CPU profile of EfficientNet-B0 spends 43% of its time outside its
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from .graph import LayerCost
 # what a profile may price; an activation not named here is priced as ``sigmoid`` (one
 # unfused pass through memory; see _ACTIVATION_MODULES)
 TENSOR_KINDS = ("clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu", "add", "mul", "pool", "concat",
-                "transpose")
+                "transpose", "norm", "softmax")
 
 _ACTIVATION_MODULES = (
     (nn.ReLU, None), (nn.ReLU6, "clip"), (nn.Hardtanh, "clip"), (nn.Hardswish, "hardswish"),
@@ -42,6 +43,9 @@ _ACTIVATION_MODULES = (
     (nn.Tanh, "sigmoid"), (nn.LeakyReLU, "sigmoid"), (nn.ELU, "sigmoid"), (nn.Mish, "sigmoid"),
     (nn.Softplus, "sigmoid"), (nn.PReLU, "sigmoid"), (nn.SELU, "sigmoid"), (nn.CELU, "sigmoid"),
 )
+# normalisations a network runs as passes of their own (a BatchNorm is folded into its conv)
+_NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+_SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 _POOL_MODULES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
                  nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
 _FUNCTIONS: Dict[Any, Optional[str]] = {
@@ -56,26 +60,53 @@ _FUNCTIONS: Dict[Any, Optional[str]] = {
     torch.mean: "pool", torch.cat: "concat", torch.concat: "concat", torch.concatenate: "concat",
     torch.transpose: "transpose", torch.permute: "transpose", torch.swapaxes: "transpose",
     torch.swapdims: "transpose", torch.movedim: "transpose", torch.moveaxis: "transpose",
+    F.layer_norm: "norm", F.group_norm: "norm", F.instance_norm: "norm", F.normalize: "norm", F.rms_norm: "norm",
+    F.softmax: "softmax", torch.softmax: "softmax", F.log_softmax: "softmax", torch.log_softmax: "softmax",
 }
 _METHODS: Dict[str, Optional[str]] = {
     "relu": None, "relu_": None, "clamp": "clip", "clamp_": "clip", "clip": "clip", "sigmoid": "sigmoid",
     "sigmoid_": "sigmoid", "tanh": "sigmoid", "add": "add", "add_": "add", "mul": "mul", "mul_": "mul",
     "mean": "pool", "transpose": "transpose", "permute": "transpose", "swapaxes": "transpose",
-    "swapdims": "transpose", "movedim": "transpose", "moveaxis": "transpose",
+    "swapdims": "transpose", "movedim": "transpose", "moveaxis": "transpose", "softmax": "softmax",
+    "log_softmax": "softmax",
 }
 
 
-def tensor_op_kind(node: fx.Node, module: Optional[nn.Module]) -> Optional[str]:
+def _after_conv(node: fx.Node, modules: Callable[[str], Optional[nn.Module]]) -> bool:
+    """Whether ``node``'s input is a convolution's output (which an export folds a
+    BatchNorm into)."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node):
+        return False
+    if source.op == "call_module":
+        return isinstance(modules(str(source.target)), nn.modules.conv._ConvNd)
+    return source.op == "call_function" and source.target in (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
+                                                              F.conv_transpose2d, F.conv_transpose3d)
+
+
+def tensor_op_kind(node: fx.Node, module: Optional[nn.Module],
+                   modules: Optional[Callable[[str], Optional[nn.Module]]] = None) -> Optional[str]:
     """The :data:`TENSOR_KINDS` entry ``node`` is priced as, or None (not a pass of its own:
-    a layer, ReLU, a reshape, a slice…)."""
+    a layer, ReLU, a reshape, a slice…). A BatchNorm is folded into the conv before it; one
+    that follows anything else (a linear over tokens, a concatenation in a pre-activation
+    block) runs as a per-channel scale and shift, priced as ``mul`` (``modules`` looks up
+    the module a node calls, to tell which)."""
     if node.op == "call_module":
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return None if modules is None or _after_conv(node, modules) else "mul"
         if isinstance(module, _POOL_MODULES):
             return "pool"
+        if isinstance(module, _NORM_MODULES):
+            return "norm"
+        if isinstance(module, _SOFTMAX_MODULES):
+            return "softmax"
         for cls, kind in _ACTIVATION_MODULES:
             if isinstance(module, cls):
                 return kind
         return None
     if node.op == "call_function":
+        if node.target is F.batch_norm:
+            return None if modules is None or _after_conv(node, modules) else "mul"
         try:
             return _FUNCTIONS.get(node.target)
         except TypeError:  # an unhashable target
@@ -83,6 +114,15 @@ def tensor_op_kind(node: fx.Node, module: Optional[nn.Module]) -> Optional[str]:
     if node.op == "call_method":
         return _METHODS.get(str(node.target))
     return None
+
+
+def _lookup(trace: Any) -> Callable[[str], Optional[nn.Module]]:
+    def module(target: str) -> Optional[nn.Module]:
+        try:
+            return trace.get_submodule(target)
+        except AttributeError:
+            return None
+    return module
 
 
 def _positions(spec: Any, dim: int) -> Optional[float]:
@@ -110,7 +150,7 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
         module = trace.get_submodule(node.target) if node.op == "call_module" else None
-        kind = tensor_op_kind(node, module)
+        kind = tensor_op_kind(node, module, _lookup(trace))
         out = trace.values.get(node)
         if kind is None or not isinstance(out, Chan) or not len(out.labels):
             continue

@@ -419,3 +419,54 @@ def test_macs_are_counted_per_image_when_the_leading_dimension_holds_more(batch)
     # the tensor ops count per image too: the patches' transpose moves 4 × 16 positions
     rows = {row.name: row.positions for row in graph.tensor_ops()}
     assert rows["transpose"] == (64.0, 64.0)
+
+
+class TokenAttention(nn.Module):
+    """A conv stem whose positions attend to each other (explicit ``q @ kᵀ`` and
+    ``scaled_dot_product_attention``), a prunable residual conv block, and a conv that reads
+    the feature map with its rows as channels (no handler follows that: kept whole)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 32, 3, 2)
+        self.qkv = nn.Linear(32, 96)
+        self.proj = nn.Linear(32, 32)
+        self.inner = nn.Sequential(conv_bn(32, 48, 1), nn.Conv2d(48, 32, 1))
+        self.rows = nn.Conv2d(8, 24, 3, padding=1)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):
+        y = self.stem(x)                                                   # (B, 32, 8, 8)
+        b, c, h, w = y.shape
+        t = y.flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(t).reshape(b, h * w, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        s = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        y = y + self.proj((a + s).transpose(1, 2).reshape(b, h * w, c)).transpose(1, 2).reshape(b, c, h, w)
+        y = y + self.inner(y)
+        return self.head(self.rows(y.transpose(1, 2)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_attention_products_and_layers_kept_whole_are_priced_as_constants(batch):
+    model, x = TokenAttention().eval(), torch.randn(batch, 3, 16, 16)
+    graph = ds.trace(model, x)
+    fixed = {row.name: row for row in graph.fixed()}
+    assert fixed["rows"].widths == (8, 24) and "rows" not in {layer.name for layer in graph.layers()}
+    assert sum(row.kind == "product" for row in fixed.values()) == 3  # two matmuls, one attention
+    flops, params = CostModel(graph, model, "flops"), CostModel(graph, model, "params")
+    assert flops.initial == pytest.approx(ds.layer_report(model, x).totals["macs_before"] / batch)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert params.initial == weights
+    # the conv over rows (3×3, 8 → 24 channels, 32 × 8 positions), and the attention: 2 heads
+    # × 64 × 64 scores of width 16, then the values, twice over
+    assert flops.constant == 9 * 8 * 24 * 32 * 8 + 2 * (2 * 64 * 64 * 16 * 2)
+    latency = CostModel(graph, model, "latency")
+    assert latency.constant > 0 and CostModel(ds.trace(Mixed().eval(), x), Mixed().eval(), "latency").constant == 0
+    # cut the inner block's channels: the constants stay, and what is counted follows
+    keep = flops.cheapest_first(np.ones(graph.num_units, dtype=bool), np.arange(graph.num_units, dtype=float),
+                                0.95 * flops.initial)
+    assert keep.sum() < graph.num_units
+    small = ds.generate(model, x, {g.name: keep[g.units] for g in graph.groups})
+    assert ds.layer_report(small, x).totals["macs_before"] / batch == pytest.approx(flops.cost(keep))
+    assert flops.cost(keep) <= 0.95 * flops.initial

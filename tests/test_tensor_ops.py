@@ -129,6 +129,7 @@ def test_every_chain_runs_on_both_backends_with_the_same_shapes():
     onnx_backend, torch_backend = OnnxBackend(1, 1), TorchBackend(1, 1, "cpu")
     chains = [c for c in sweep_chains() if any(op[0] in TENSOR_KINDS for op in c)]
     chains += [probe for probe, _ in FUSION_PROBES.values()]
+    chains += [c for c in sweep_chains() if c[0][0] == "linear" and c[0][3] > 1][:2]  # linear layers over tokens
     assert {op[0] for c in chains for op in c} >= set(TENSOR_KINDS)
     for ops in chains:
         session, feed = onnx_backend.prepare(ops)
@@ -212,3 +213,49 @@ def test_a_transpose_of_a_feature_map_is_a_copy_of_it():
     (op,) = [op for op in graph.tensor_ops() if op.op == "transpose"]
     read, written = op.positions
     assert read == written and read * len(op.out_units) == 16 * 36  # the whole tensor, read and written once
+
+
+class TokenBlock(nn.Module):
+    """A conv's positions as tokens through a transformer block (LayerNorm, attention
+    scores' softmax, a linear with a BatchNorm over the tokens as LeViT has), then a
+    pre-activation BatchNorm after a concatenation (DenseNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 16)
+        self.fc_bn = nn.BatchNorm1d(16)
+        self.joined_bn = nn.BatchNorm2d(32)
+        self.head = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        y = self.stem(x)                                     # (B, 16, 8, 8)
+        b, c, h, w = y.shape
+        t = self.norm(y.flatten(2).transpose(1, 2))          # (B, 64, 16)
+        scores = (t @ t.transpose(1, 2)).softmax(-1)         # (B, 64, 64)
+        t = self.fc(scores @ t)
+        t = self.fc_bn(t.flatten(0, 1)).reshape(b, h * w, c)
+        z = t.transpose(1, 2).reshape(b, c, h, w)
+        return self.head(torch.relu(self.joined_bn(torch.cat([y, z], 1))))
+
+
+def test_norms_softmax_and_batchnorms_no_conv_folds_are_passes_of_their_own():
+    model, x = TokenBlock().eval(), torch.randn(2, 3, 8, 8)
+    graph = ds.trace(model, x)
+    found = {(op.name, op.op): (op.positions, len(op.out_units)) for op in graph.tensor_ops()}
+    assert found[("norm", "norm")] == ((64.0, 64.0), 16)             # 64 tokens of 16 channels
+    (softmax,) = [v for k, v in found.items() if k[1] == "softmax"]
+    assert softmax[0] == (64.0 * 64 / softmax[1],) * 2               # every score read and written once
+    assert found[("fc_bn", "mul")] == ((64.0, 64.0), 16)            # after a linear: not folded
+    assert found[("joined_bn", "mul")] == ((64.0, 64.0), 32)        # after a concatenation: not folded
+    assert not any(name.startswith("stem") for name, _ in found)    # folded into the stem's conv
+    # priced by what the profile measured; a profile without them (an older one) leaves them free
+    profile = synthetic_profile(1)
+    older = Profile(profile.runtime, profile.overhead_ms,
+                    {k: v for k, v in profile.ops.items() if k not in ("norm", "softmax")})
+    for p, expect_priced in ((profile, True), (older, False)):
+        costs = CostModel(graph, model, "latency", profile=p)
+        rows = [i for i, row in enumerate(costs.rows) if row.kind == "tensor" and row.op in ("norm", "softmax")]
+        priced = costs.layer_costs(np.ones(graph.num_units, dtype=bool))[rows]
+        assert len(rows) == 2 and (priced > 0).all() == expect_priced and (priced > 0).any() == expect_priced

@@ -33,7 +33,7 @@ from dnnshrink_core.plugin_api import DnnshrinkWarning
 
 from .latency import (BYTES_PER_ELEMENT, GROUPED, KINDS, TENSOR_KINDS, OpConstants, Profile, load_profile,
                       roofline_seconds)
-from .runtime import (ACTIVATIONS, Op, chain_model, conv_has_relu, fastest_and_median, interleaved_times, op_groups,
+from .runtime import (ACTIVATIONS, PASSES, Op, chain_input_shape, chain_model, conv_has_relu, fastest_and_median, interleaved_times, op_groups,
                       session)
 
 VALIDATION_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
@@ -84,6 +84,9 @@ def sweep_chains(thin: bool = False) -> List[List[Op]]:
                                    (960, 7, 3), (240, 14, 5), (672, 7, 5)])
     chains += _pairs("depthwise", [(98, 56, 3), (150, 28, 3), (382, 14, 3), (950, 7, 3), (250, 14, 5)])
     chains += _pairs("linear", [(512, 1000), (1280, 1000), (2048, 1000), (576, 1024)])
+    # over tokens, as a transformer's MLP and projections run (LeViT, MobileViT, CoaT)
+    chains += [[("linear", c, 4 * c, n, 1, 1), ("linear", 4 * c, c, n, 1, 1)] * 2
+               for c, n in ((64, 196), (128, 196), (192, 49), (256, 49), (96, 784), (144, 256))]
     chains += [[("conv", 3, 32, 224, 3, 2)], [("conv", 3, 64, 224, 7, 2)], [("pointwise", 64, 64, 14, 1, 1)],
                [("depthwise", 64, 64, 7, 3, 1)], [("linear", 256, 256, 1, 1, 1)]]
     chains += _tensor_chains()
@@ -100,7 +103,7 @@ def sweep_chains(thin: bool = False) -> List[List[Op]]:
 
 def _tensor_chains() -> List[List[Op]]:
     """Chains that price the tensor ops (:data:`TENSOR_KINDS`) as networks run them: each
-    activation after a pointwise conv, the residual add after one, squeeze-excitation (global
+    activation, LayerNorm and softmax after a pointwise conv, the residual add after one, squeeze-excitation (global
     pooling, two 1×1 convs, a gate, the multiply), a stem's max pooling, DenseNet's
     concatenations and ShuffleNet's channel shuffles. Each starts and
     ends with a conv, as inside a network: a runtime fuses an op into the conv before it, or
@@ -110,6 +113,9 @@ def _tensor_chains() -> List[List[Op]]:
     for act in ACTIVATIONS:
         for c, hw in ((32, 112), (144, 28), (672, 7)):
             chains.append([("pointwise", c, c, hw, 1, 1), (act, c, c, hw, 1, 1)] * 3 + [("pointwise", c, c, hw, 1, 1)])
+    for kind in PASSES:  # rows of 64-384 channels (norm) and of 49-784 positions (softmax)
+        for c, hw in ((64, 28), (160, 14), (384, 7)):
+            chains.append([("pointwise", c, c, hw, 1, 1), (kind, c, c, hw, 1, 1)] * 3 + [("pointwise", c, c, hw, 1, 1)])
     for c, hw in ((24, 56), (80, 14), (320, 7)):
         chains.append([("pointwise", c, c, hw, 1, 1)] + [("pointwise", c, c, hw, 1, 1), ("add", c, c, hw, 1, 1)] * 3
                       + [("pointwise", c, c, hw, 1, 1)])
@@ -155,8 +161,8 @@ def op_terms(op: Op, batch: int) -> Tuple[float, float]:
     if kind in TENSOR_KINDS:
         read, written = tensor_positions(op)
         return 0.0, BYTES_PER_ELEMENT * batch * cout * (read + written)
-    if kind == "linear":
-        return batch * cin * cout, BYTES_PER_ELEMENT * (batch * (cin + cout) + cin * cout)
+    if kind == "linear":  # over ``hw`` tokens (1: a vector per image)
+        return batch * hw * cin * cout, BYTES_PER_ELEMENT * (batch * hw * (cin + cout) + cin * cout)
     out_hw = _out_hw(hw, k, stride)
     per_pair = k * k
     if kind == "depthwise":
@@ -170,12 +176,13 @@ def op_terms(op: Op, batch: int) -> Tuple[float, float]:
 
 
 def op_positions(op: Op, batch: int) -> float:
-    """Output positions of one op at ``batch`` (a linear layer: one per image)."""
+    """Output positions of one op at ``batch`` (a linear layer: its tokens, one per image
+    for a vector)."""
     kind, _, _, hw, k, stride = op[:6]
     if kind in TENSOR_KINDS:
         return batch * tensor_positions(op)[1]
     if kind == "linear":
-        return float(batch)
+        return float(batch * hw)
     return float(batch * _out_hw(hw, k, stride) ** 2)
 
 
@@ -259,6 +266,8 @@ _SQUEEZE_EXCITE = [("pointwise", 32, 32, 28, 1, 1), ("pool", 32, 32, 28, 0, 1), 
 FUSION_PROBES: Dict[str, Tuple[List[Op], set]] = {
     **{act: ([("pointwise", 32, 32, 28, 1, 1), (act, 32, 32, 28, 1, 1), ("pointwise", 32, 32, 28, 1, 1)], set())
        for act in ACTIVATIONS},
+    **{kind: ([("pointwise", 32, 32, 28, 1, 1), (kind, 32, 32, 28, 1, 1), ("pointwise", 32, 32, 28, 1, 1)], {"Reshape"})
+       for kind in PASSES},
     "add": ([("pointwise", 32, 32, 28, 1, 1), ("pointwise", 32, 32, 28, 1, 1), ("add", 32, 32, 28, 1, 1),
              ("pointwise", 32, 32, 28, 1, 1)], set()),
     "mul": (_SQUEEZE_EXCITE, {"GlobalAveragePool", "Sigmoid"}),
@@ -290,6 +299,10 @@ def torch_chain(ops: Sequence[Op]) -> Any:
                     layers.append(nn.Linear(cin, cout))
                 elif kind in activations:
                     layers.append(activations[kind]())
+                elif kind == "norm":  # over rows of the channels' length, as the onnx chain runs it
+                    layers.append(nn.LayerNorm(cout))
+                elif kind == "softmax":
+                    layers.append(nn.Softmax(dim=-1))
                 elif kind == "pool":
                     layers.append(nn.AdaptiveAvgPool2d(1) if k == 0 else nn.MaxPool2d(k, stride, k // 2))
                 elif kind in ("add", "mul", "concat", "transpose"):
@@ -312,6 +325,9 @@ def torch_chain(ops: Sequence[Op]) -> Any:
                     y = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
                 elif kind == "mul":
                     y = pooled_from * x
+                elif kind in PASSES:  # the feature map read as rows (a free reshape)
+                    n, c = x.shape[:2]
+                    y = layer(x.reshape(n, -1, c) if kind == "norm" else x.reshape(n, c, -1)).reshape(x.shape)
                 else:
                     if kind == "pool" and isinstance(layer, nn.AdaptiveAvgPool2d):
                         pooled_from = x
@@ -351,7 +367,7 @@ class TorchBackend:
 
     def prepare(self, ops: Sequence[Op]) -> Tuple[Any, dict]:
         kind, cin, _, hw = ops[0][:4]
-        shape = (self.batch, cin) if kind == "linear" else (self.batch, cin, hw, hw)
+        shape = chain_input_shape(ops, self.batch)
         module = torch_chain(ops).eval().to(self.device)
         return _TorchRunner(module, self.torch.randn(shape, device=self.device), self.device), {}
 

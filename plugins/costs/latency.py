@@ -47,6 +47,9 @@ KINDS = ("conv", "pointwise", "depthwise", "linear")  # every profile has these
 # a grouped conv that is not depthwise: a kind of its own in profiles that measured it (its
 # speed depends on the channels per group), priced as ``conv`` by the others
 GROUPED = "grouped"
+# a product of two activations (attention's matrix products: dnnshrink_core.fixed), run
+# as a MatMul like a linear layer over tokens, and priced with the ``linear`` constants
+PRODUCT = "matmul"
 DEFAULT_PROFILE = Path(__file__).parent / "profiles" / "onnxruntime-cpu-2t-b1.json"
 BYTES_PER_ELEMENT = 4  # float32
 
@@ -228,14 +231,15 @@ class LatencyCost:
         ops = self.profile.ops
         kinds = [str(k) for k in table.op]
         free = OpConstants.tensor_op(math.inf, 0.0)  # a tensor op a (version 1) profile does not price
-        known = {k: ops.get(k, ops["conv"] if k == GROUPED else free) for k in set(kinds)}
+        known = {k: ops.get(k, ops["conv"] if k == GROUPED else ops["linear"] if k == PRODUCT else free)
+                 for k in set(kinds)}
         pick = (lambda attr, scale: np.array([getattr(known[k], attr) * scale for k in kinds], dtype=np.float64))
         self.peak, self.peak_unaligned = pick("peak_gmacs", 1e9), pick("peak_unaligned_gmacs", 1e9)
         self.bandwidth, self.overhead = pick("bandwidth_gbs", 1e9), pick("overhead_us", 1e-6)
         self.multiple = np.array([known[k].channel_multiple for k in kinds], dtype=np.int64)
         self.groups = np.asarray(table.groups, dtype=np.float64)
         self.depthwise = table.depthwise
-        self.linear = np.array([k == "linear" for k in kinds], dtype=bool)
+        self.linear = np.array([k in ("linear", PRODUCT) for k in kinds], dtype=bool)
         b = float(self.profile.batch)
         self.macs_coef = b * table.coef
         self.in_bytes = BYTES_PER_ELEMENT * b * table.in_positions

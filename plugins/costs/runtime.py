@@ -10,7 +10,7 @@ import numpy as np
 
 from dnnshrink_core.plugin_api import TENSOR_KINDS, fastest_and_median, interleaved_times, onnx_latency, session
 
-__all__ = ["ACTIVATIONS", "Op", "chain_model", "conv_has_relu", "fastest_and_median", "interleaved_times",
+__all__ = ["ACTIVATIONS", "PASSES", "Op", "chain_model", "conv_has_relu", "fastest_and_median", "chain_input_shape", "interleaved_times",
            "onnx_latency", "op_groups", "session"]
 
 # one op of a calibration chain: (kind, in channels, out channels, input size, kernel, stride),
@@ -24,7 +24,10 @@ def op_groups(op: Op) -> int:
 
 
 # the chains' activation kinds
-ACTIVATIONS = tuple(k for k in TENSOR_KINDS if k not in ("add", "mul", "pool", "concat", "transpose"))
+ACTIVATIONS = tuple(k for k in TENSOR_KINDS if k not in ("add", "mul", "pool", "concat", "transpose", "norm", "softmax"))
+# the passes over a tensor that are not activations: a LayerNorm and a softmax, each over the
+# last dimension as a transformer runs them on tokens and on attention scores
+PASSES = ("norm", "softmax")
 
 
 def conv_has_relu(ops: Sequence[Op], i: int) -> bool:
@@ -35,11 +38,23 @@ def conv_has_relu(ops: Sequence[Op], i: int) -> bool:
     return following not in ACTIVATIONS and following != "add"
 
 
+def chain_input_shape(ops: Sequence[Op], batch: int) -> Tuple[int, ...]:
+    """The input of a chain: ``(batch, channels)`` for a linear chain, ``(batch, tokens,
+    channels)`` for one over tokens (its size field is the tokens), else a feature map."""
+    kind, cin, _, hw = ops[0][:4]
+    if kind == "linear":
+        return (batch, hw, cin) if hw > 1 else (batch, cin)
+    return (batch, cin, hw, hw)
+
+
 def chain_model(ops: Sequence[Op], batch: int) -> Tuple[bytes, Tuple[int, ...]]:
     """An ONNX model running ``ops`` one after the other, and its input shape: each conv with
-    a bias and a ReLU (:func:`conv_has_relu`), linear ops as Gemm, and the tensor ops as
+    a bias and a ReLU (:func:`conv_has_relu`), linear ops as Gemm (over tokens, size field
+    > 1: MatMul and Add, as torch exports them), and the tensor ops as
     torch's exporter writes them (``clip`` a Clip to 0…6, ``silu`` Sigmoid·x, ``gelu`` the
-    erf form, ``add`` the tensor plus the one the op before it read, ``concat`` that one
+    erf form, ``norm`` a LayerNormalization over rows of the channels' length and ``softmax``
+    a Softmax over rows of the positions' length (the feature map reshaped, which costs
+    nothing: a transformer's tokens and attention scores), ``add`` the tensor plus the one the op before it read, ``concat`` that one
     joined by the tensor along the channels, ``transpose`` a channel shuffle in two groups,
     ``pool`` kernel 0 a
     global average pool else a max pool, ``mul`` the last global pool's input times the
@@ -49,8 +64,7 @@ def chain_model(ops: Sequence[Op], batch: int) -> Tuple[bytes, Tuple[int, ...]]:
     rng = np.random.default_rng(0)
     nodes, inits = [], []
     name, before, pooled_from = "x", "x", "x"
-    kind0, cin0, _, hw0 = ops[0][:4]
-    shape = (batch, cin0) if kind0 == "linear" else (batch, cin0, hw0, hw0)
+    shape = chain_input_shape(ops, batch)
 
     def const(tag: str, value: float) -> str:
         inits.append(numpy_helper.from_array(np.array(value, dtype=np.float32), tag))
@@ -59,7 +73,11 @@ def chain_model(ops: Sequence[Op], batch: int) -> Tuple[bytes, Tuple[int, ...]]:
     for i, op in enumerate(ops):
         kind, cin, cout, hw, k, stride = op[:6]
         w, b, out = f"w{i}", f"b{i}", f"y{i}"
-        if kind == "linear":
+        if kind == "linear" and hw > 1:  # over tokens, as torch exports a Linear on (B, N, C)
+            inits += [numpy_helper.from_array((rng.standard_normal((cin, cout)) * 0.05).astype(np.float32), w),
+                      numpy_helper.from_array(np.zeros(cout, np.float32), b)]
+            nodes += [helper.make_node("MatMul", [name, w], [f"p{i}"]), helper.make_node("Add", [f"p{i}", b], [out])]
+        elif kind == "linear":
             inits += [numpy_helper.from_array((rng.standard_normal((cout, cin)) * 0.05).astype(np.float32), w),
                       numpy_helper.from_array(np.zeros(cout, np.float32), b)]
             nodes.append(helper.make_node("Gemm", [name, w, b], [out], transB=1))
@@ -79,6 +97,18 @@ def chain_model(ops: Sequence[Op], batch: int) -> Tuple[bytes, Tuple[int, ...]]:
                       helper.make_node("Add", [f"e{i}", const(f"one{i}", 1.0)], [f"a{i}"]),
                       helper.make_node("Mul", [name, f"a{i}"], [f"m{i}"]),
                       helper.make_node("Mul", [f"m{i}", const(f"half{i}", 0.5)], [out])]
+        elif kind in PASSES:  # over rows of the feature map read as (B, rows, length): free reshapes
+            length = cout if kind == "norm" else hw * hw  # a token's channels; the scores of all positions
+            inits += [numpy_helper.from_array(np.array([batch, -1, length], dtype=np.int64), f"rows{i}"),
+                      numpy_helper.from_array(np.array([batch, cout, hw, hw], dtype=np.int64), f"map{i}")]
+            nodes.append(helper.make_node("Reshape", [name, f"rows{i}"], [f"v{i}"]))
+            if kind == "norm":
+                inits += [numpy_helper.from_array(np.ones(length, np.float32), f"g{i}"),
+                          numpy_helper.from_array(np.zeros(length, np.float32), f"n{i}")]
+                nodes.append(helper.make_node("LayerNormalization", [f"v{i}", f"g{i}", f"n{i}"], [f"o{i}"], axis=-1))
+            else:
+                nodes.append(helper.make_node("Softmax", [f"v{i}"], [f"o{i}"], axis=-1))
+            nodes.append(helper.make_node("Reshape", [f"o{i}", f"map{i}"], [out]))
         elif kind == "add":
             nodes.append(helper.make_node("Add", [name, before], [out]))
         elif kind == "concat":  # what the op before read, joined by what it wrote (DenseNet's pattern)
