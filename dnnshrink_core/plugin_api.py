@@ -15,7 +15,8 @@ What is here, by the kind of plugin that needs it:
   :func:`cost_model_names`, :func:`divergence` and :data:`LEARNING_ADVICE`; their width rules:
   :func:`largest_fitting`, :func:`per_group_multiples`, :data:`DEFAULT_THRESHOLD`;
 * cost models: :class:`LayerTable`, :data:`TENSOR_KINDS` (the tensor ops a cost model that
-  declares ``prices_tensor_ops`` sees as extra rows);
+  declares ``prices_tensor_ops`` sees as extra rows), :data:`PRODUCT_OP` (the ``op`` of a
+  row that is a product of two activations, in the table of what no channel cut changes);
 * exporters: :func:`eval_graph_module` (the eval-mode graph, recorded on the example input
   where torch.fx cannot trace), :func:`normalize_inputs`, :func:`flatten_outputs`, :func:`model_mode`,
   :class:`InputShapeCheck`, :func:`atomic_write`, :func:`atomic_path`, :func:`sha256_bytes`,
@@ -30,6 +31,7 @@ from .cost import CostModel, LayerTable, cost_model_names, largest_fitting, per_
 from .errors import (ArtifactError, ConfigError, DnnshrinkError, DnnshrinkWarning, ExportError, MaskError,
                      PluginError, TraceError)
 from .export import export
+from .fixed import PRODUCT as PRODUCT_OP
 from .fileio import atomic_path, atomic_write, sha256_bytes
 from .graph import ChannelGraph, Group
 from .guard import LEARNING_ADVICE, divergence
@@ -50,6 +52,6 @@ __all__ = [
     "Group", "hookimpl", "index_of", "InputShapeCheck", "interleaved_times", "largest_fitting", "LAYER_TYPES",
     "layer_width", "LayerTable", "LearnContext", "LEARNING_ADVICE", "LearnResult", "log_epoch", "lookup",
     "MaskError", "Masks", "model_mode", "normalize_inputs", "onnx_latency", "OpHandler", "per_group_multiples",
-    "plugin_names", "PluginError", "PropagateContext", "RebuildContext", "resized", "session", "settle_branches", "sha256_bytes",
+    "plugin_names", "PluginError", "PRODUCT_OP", "PropagateContext", "RebuildContext", "resized", "session", "settle_branches", "sha256_bytes",
     "TENSOR_KINDS", "TensorSpec", "TraceError", "__version__"
 ]

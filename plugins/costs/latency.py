@@ -38,7 +38,7 @@ from typing import Any, Dict, Mapping, Tuple, Union
 
 import numpy as np
 
-from dnnshrink_core.plugin_api import TENSOR_KINDS, ConfigError, LayerTable
+from dnnshrink_core.plugin_api import PRODUCT_OP as PRODUCT, TENSOR_KINDS, ConfigError, LayerTable
 
 FORMAT = "dnnshrink-latency-profile"
 VERSION = 2  # 2: the tensor ops' kinds (optional); version 1 profiles are read as they are
@@ -47,9 +47,6 @@ KINDS = ("conv", "pointwise", "depthwise", "linear")  # every profile has these
 # a grouped conv that is not depthwise: a kind of its own in profiles that measured it (its
 # speed depends on the channels per group), priced as ``conv`` by the others
 GROUPED = "grouped"
-# a product of two activations (attention's matrix products: dnnshrink_core.fixed), run
-# as a MatMul like a linear layer over tokens, and priced with the ``linear`` constants
-PRODUCT = "matmul"
 DEFAULT_PROFILE = Path(__file__).parent / "profiles" / "onnxruntime-cpu-2t-b1.json"
 BYTES_PER_ELEMENT = 4  # float32
 
@@ -231,6 +228,7 @@ class LatencyCost:
         ops = self.profile.ops
         kinds = [str(k) for k in table.op]
         free = OpConstants.tensor_op(math.inf, 0.0)  # a tensor op a (version 1) profile does not price
+        # a product of two activations runs as a MatMul, like a linear layer over tokens
         known = {k: ops.get(k, ops["conv"] if k == GROUPED else ops["linear"] if k == PRODUCT else free)
                  for k in set(kinds)}
         pick = (lambda attr, scale: np.array([getattr(known[k], attr) * scale for k in kinds], dtype=np.float64))
