@@ -21,17 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
 
-import dnnshrink_core as ds
-from dnnshrink_core.cost import CostModel
-from dnnshrink_plugins.costs.calibrate import VALIDATION_MODELS, OnnxBackend, fit, sweep_chains, thin_network
+from dnnshrink_plugins.costs.calibrate import VALIDATION_MODELS, OnnxBackend, fit, sweep_chains
 from dnnshrink_plugins.costs.latency import TENSOR_KINDS, Profile, load_profile
+
+from common import judge_profiles, whole_and_thin
 
 
 def one_timing(shipped: Profile, rounds: int) -> dict:
@@ -44,33 +43,25 @@ def one_timing(shipped: Profile, rounds: int) -> dict:
     prepared = {str(i): backend.prepare(ops) for i, ops in enumerate(chains)}
     timed = backend.time(prepared, rounds, 3)
     samples = [(ops, timed[str(i)][0]) for i, ops in enumerate(chains)]
-    models = {"shipped profile": shipped}
+    models_to_judge = {"shipped profile": shipped}
     fused = [k for k in TENSOR_KINDS if k not in backend.separate_kinds()]
     for label, part, per_position in (("default fit", samples[:plain], False),
                                       ("thin chains + per position", samples, True)):
         for tensor in (False, True):  # without: conv/linear layers only, as before tensor ops were priced
             ops, per_run, stats = fit(part, shipped.batch, multiples, per_position,
                                       fused if tensor else TENSOR_KINDS)
-            models[label + (" + tensor ops" if tensor else "")] = Profile(
+            models_to_judge[label + (" + tensor ops" if tensor else "")] = Profile(
                 shipped.runtime, per_run, ops, {"sweep_mean_abs_error_pct": stats["sweep_mean_abs_error_pct"]})
     print(f"1-minute load average after the sweep: {os.getloadavg()[0]:.2f}", flush=True)
 
     torch.manual_seed(0)
     x = torch.randn(shipped.batch, 3, 224, 224)
-    nets = {}
-    for name in VALIDATION_MODELS:
-        model = torchvision.models.get_model(name, weights=None).eval()
-        nets[name], nets[f"{name} x0.25"] = model, thin_network(model, x)
-    with tempfile.TemporaryDirectory() as tmp:
-        measured = backend.time({k: backend.prepare_network(v, x, Path(tmp), k.replace(" ", "_")) for k, v in
-                                 nets.items()}, 6, 3)
+    models = {name: torchvision.models.get_model(name, weights=None).eval() for name in VALIDATION_MODELS}
+    judged = judge_profiles(models_to_judge, whole_and_thin(models, x), x, 6, 3)
     print(f"1-minute load average at the end: {os.getloadavg()[0]:.2f}")
     results = {}
-    for label, profile in models.items():
-        errors = {}
-        for name, net in nets.items():
-            predicted = CostModel(ds.trace(net, x), net, "latency", profile=profile).initial
-            errors[name] = predicted / (1e3 * measured[name][0]) - 1
+    for label, profile in models_to_judge.items():
+        errors = {name: row["error_pct"][label] / 100 for name, row in judged.items()}
         whole = float(np.mean([abs(e) for n, e in errors.items() if " x" not in n]))
         thin = float(np.mean([abs(e) for n, e in errors.items() if " x" in n]))
         ratio = float(np.mean([abs((1 + errors[f"{n} x0.25"]) / (1 + errors[n]) - 1) for n in VALIDATION_MODELS]))
@@ -81,7 +72,7 @@ def one_timing(shipped: Profile, rounds: int) -> dict:
                           "position_ns": {k: round(c.position_ns, 2) for k, c in profile.ops.items()}}
         print(f"{label:<41} whole {100 * whole:5.1f}%  thin {100 * thin:5.1f}%  ratio {100 * ratio:5.1f}%  overheads (us) "
               f"{results[label]['overheads_us']}  per position (ns) {results[label]['position_ns']}")
-    results["measured_ms"] = {n: round(1e3 * v[0], 3) for n, v in measured.items()}
+    results["measured_ms"] = {n: row["fastest_ms"] for n, row in judged.items()}
     return results
 
 

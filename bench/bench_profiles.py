@@ -19,10 +19,9 @@ import torch
 import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel
 from dnnshrink_core.report import count_macs
-from dnnshrink_plugins.costs.calibrate import THIN_SHARE, predict_network, thin_network
 from dnnshrink_plugins.costs.latency import load_profile
 
-from common import finish, imagenet_setup, time_networks
+from common import finish, imagenet_setup, judge_profiles, whole_and_thin
 
 
 def build(name: str, source: str) -> torch.nn.Module:
@@ -53,27 +52,20 @@ def main() -> None:
     args = parser.parse_args()
     x = imagenet_setup()
     profiles = {p: load_profile(None if p == "shipped" else p) for p in args.profiles}
-    nets, info = {}, {}
+    models, info = {}, {}
     for source, names in (("timm", args.timm), ("torchvision", args.tv)):
         for name in names:
-            model = build(name, source)
-            costs = CostModel(ds.trace(model, x), model, "flops")
-            counted = count_macs(model, x)[""]
-            gap = 100 * (costs.initial / counted - 1)
-            for label, net in ((name, model), (f"{name} x{THIN_SHARE:g}", thin_network(model, x))):
-                nets[label] = net
-                info[label] = {"model": label, "source": source, "thin": net is not model,
-                               "macs_gap_pct": round(gap, 2),
-                               "predicted_ms": {p: predict_network(net, x, prof) for p, prof in profiles.items()}}
-    timed = time_networks(nets, x, args.rounds, args.runs)
+            model = models[name] = build(name, source)
+            gap = 100 * (CostModel(ds.trace(model, x), model, "flops").initial / count_macs(model, x)[""] - 1)
+            info[name] = {"source": source, "macs_gap_pct": round(gap, 2)}
+    judged = judge_profiles(profiles, whole_and_thin(models, x), x, args.rounds, args.runs)
     rows = []
     print(f"{'network':<32}{'MACs gap':>9}{'fast ms':>9}{'med ms':>9}" + "".join(f"{p[-24:]:>26}" for p in profiles))
-    for label, row in info.items():
-        fastest, median = (1e3 * t for t in timed[label])
-        row.update(fastest_ms=round(fastest, 3), median_ms=round(median, 3))
-        row["error_pct"] = {p: round(100 * (ms / fastest - 1), 1) for p, ms in row["predicted_ms"].items()}
+    for label, judged_row in judged.items():
+        name = label.split(" ")[0]
+        row = {"model": label, "thin": label != name, **info[name], **judged_row}
         rows.append(row)
-        print(f"{label:<32}{row['macs_gap_pct']:>8.1f}%{fastest:>9.2f}{median:>9.2f}"
+        print(f"{label:<32}{row['macs_gap_pct']:>8.1f}%{row['fastest_ms']:>9.2f}{row['median_ms']:>9.2f}"
               + "".join(f"{row['error_pct'][p]:>+25.1f}%" for p in profiles))
     for p in profiles:
         for source in ("timm", "torchvision"):

@@ -104,3 +104,31 @@ def torchvision_models(names: List[str], x: torch.Tensor):
         model = torchvision.models.get_model(name, weights=None).eval()
         graph = ds.trace(model, x)
         yield name, model, graph, CostModel(graph, model, "flops"), CostModel(graph, model, "latency")
+
+
+def whole_and_thin(models: Dict[str, Any], x: torch.Tensor) -> Dict[str, Any]:
+    """Each network and the same cut to a quarter of its widths (what the calibration's check
+    times), labelled ``name`` and ``name x0.25``."""
+    from dnnshrink_plugins.costs.calibrate import THIN_SHARE, thin_network
+
+    nets = {}
+    for name, model in models.items():
+        nets[name], nets[f"{name} x{THIN_SHARE:g}"] = model, thin_network(model, x)
+    return nets
+
+
+def judge_profiles(profiles: Dict[str, Any], nets: Dict[str, Any], x: torch.Tensor, rounds: int, runs: int
+                   ) -> Dict[str, Dict[str, Any]]:
+    """Per network, its fastest and median measured ms (all timed once, interleaved) and the
+    ms each profile predicts for it, with the error of each against the fastest run (%)."""
+    from dnnshrink_plugins.costs.calibrate import predict_network
+
+    predicted = {label: {p: predict_network(net, x, profile) for p, profile in profiles.items()}
+                 for label, net in nets.items()}
+    timed = time_networks(nets, x, rounds, runs)
+    out = {}
+    for label in nets:
+        fastest, median = (1e3 * t for t in timed[label])
+        out[label] = {"fastest_ms": round(fastest, 3), "median_ms": round(median, 3), "predicted_ms": predicted[label],
+                      "error_pct": {p: round(100 * (ms / fastest - 1), 1) for p, ms in predicted[label].items()}}
+    return out

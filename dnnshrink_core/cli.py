@@ -65,10 +65,11 @@ def _reach(model: Any, graph: Any, profile: Optional[str]) -> str:
 
     if not graph.unit_removable.any():
         return "no removable channel: no target below the baseline can be met"
-    multiples, _ = resolve_round_to(graph, model, "auto", profile)
+    latency = CostModel(graph, model, "latency", profile=profile)
+    multiples, _ = resolve_round_to(graph, model, "auto", profile, latency=latency)
     lines = ["smallest network (every removable group at one channel block, round_to: auto):"]
     for name, label in (("flops", "MACs"), ("params", "parameters"), ("latency", "latency")):
-        costs = CostModel(graph, model, name, profile=profile)
+        costs = latency if name == "latency" else CostModel(graph, model, name, profile=profile)
         alone = smallest_cost(graph, costs, 1, multiples) / costs.initial
         line = f"  {label:<11}{alone:6.1%} of the baseline"
         if graph.branches:

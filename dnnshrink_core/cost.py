@@ -312,16 +312,18 @@ def per_group_multiples(graph: ChannelGraph, multiple: Union[int, np.ndarray]) -
 
 
 def resolve_round_to(graph: ChannelGraph, model: nn.Module, round_to: Union[int, str, None],
-                     profile: Any = None) -> Tuple[Union[int, np.ndarray], List[str]]:
+                     profile: Any = None, latency: Optional[CostModel] = None
+                     ) -> Tuple[Union[int, np.ndarray], List[str]]:
     """``round_to`` as the width rules take it: an int as given (``None`` → 1), or for
     ``"auto"`` one multiple per group from the latency profile (see :func:`group_multiples`),
-    with notes on the groups kept unrounded."""
+    with notes on the groups kept unrounded. ``latency``: the graph's latency cost model
+    under that profile, when the caller has built it already."""
     if round_to is None:
         return 1, []
     if isinstance(round_to, str):
         if round_to != "auto":
             raise ValueError(f"round_to must be an integer >= 1 or 'auto', not {round_to!r}")
-        costs = CostModel(graph, model, "latency", profile=profile)
+        costs = latency if latency is not None else CostModel(graph, model, "latency", profile=profile)
         multiples = getattr(costs.resource, "channel_multiples", None)
         if multiples is None:
             return 1, ["the latency cost model gives no channel multiples: widths are not rounded"]

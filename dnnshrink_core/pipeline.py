@@ -292,7 +292,8 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
     goal = resolve(opts.target, opts.target_macs)
     costs = CostModel(graph, work, goal.cost_model, profile=opts.profile)
     # "auto": one multiple per group, the channel block of the profile's runtime
-    round_to, round_notes = resolve_round_to(graph, work, opts.round_to, opts.profile)
+    round_to, round_notes = resolve_round_to(graph, work, opts.round_to, opts.profile,
+                                             latency=costs if costs.kind == "latency" else None)
     for note in round_notes:
         _step(f"round_to {opts.round_to}: {note}")
     chooses_depth = bool(getattr(algorithm, "chooses_depth", False))
@@ -318,7 +319,7 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
     target = check_reachable(goal, costs.initial, minimum,
                              key="target" if opts.target is not None else "target_macs", algorithm=opts.algorithm,
                              grows=bool(getattr(algorithm, "grows_networks", False)), min_width=opts.min_width,
-                             depth=depth and bool(graph.branches), deeper=deeper)
+                             depth=depth and bool(graph.branches), deeper=deeper, constant=costs.constant)
     out_dir = distributed.on_main(lambda: _prepare_out_dir(opts))
     checkpoints = Checkpoints(out_dir / "checkpoints") if out_dir is not None and main else None
     return _Run(opts, algorithm, main, device, inputs, work, graph, goal, costs, round_notes, target, out_dir,
@@ -524,8 +525,9 @@ def _onnx_latency(run: _Run, shrunk: nn.Module) -> Dict[str, Any]:
     baseline, inputs, opts = run.baseline, run.inputs, run.opts
     threads = 2
     try:  # the run's own graph (the baseline's structure): no second trace
-        threads = int(CostModel(run.graph, run.work, "latency", profile=opts.profile)
-                      .resource.runtime.get("threads", 2))
+        latency = run.costs if run.costs.kind == "latency" else \
+            CostModel(run.graph, run.work, "latency", profile=opts.profile)
+        threads = int(latency.resource.runtime.get("threads", 2))
     except Exception:  # no latency plugin: its default settings
         pass
     # the shrunk model's verified export is the run's model.onnx too: _write_outputs moves it

@@ -470,3 +470,10 @@ def test_attention_products_and_layers_kept_whole_are_priced_as_constants(batch)
     small = ds.generate(model, x, {g.name: keep[g.units] for g in graph.groups})
     assert ds.layer_report(small, x).totals["macs_before"] / batch == pytest.approx(flops.cost(keep))
     assert flops.cost(keep) <= 0.95 * flops.initial
+    # a target below what the constants alone cost is refused, and says why
+    minimum = smallest_cost(graph, flops)
+    assert minimum >= flops.constant
+    share = f"{flops.constant / flops.initial:.0%} of the baseline is what no channel cut changes"
+    with pytest.raises(ds.TargetError, match=share):
+        check_reachable(Target("macs", fraction=0.5 * minimum / flops.initial), flops.initial, minimum,
+                        constant=flops.constant)
