@@ -62,13 +62,18 @@ _FUNCTIONS: Dict[Any, Optional[str]] = {
     torch.swapdims: "transpose", torch.movedim: "transpose", torch.moveaxis: "transpose",
     F.layer_norm: "norm", F.group_norm: "norm", F.instance_norm: "norm", F.normalize: "norm", F.rms_norm: "norm",
     F.softmax: "softmax", torch.softmax: "softmax", F.log_softmax: "softmax", torch.log_softmax: "softmax",
+    # other elementwise arithmetic runs as its own pass, like the excitation multiply
+    operator.truediv: "mul", operator.itruediv: "mul", torch.div: "mul", torch.true_divide: "mul",
+    operator.sub: "mul", operator.isub: "mul", torch.sub: "mul",
+    # a pad copies every element into a larger tensor, as a concatenation does
+    F.pad: "concat",
 }
 _METHODS: Dict[str, Optional[str]] = {
     "relu": None, "relu_": None, "clamp": "clip", "clamp_": "clip", "clip": "clip", "sigmoid": "sigmoid",
     "sigmoid_": "sigmoid", "tanh": "sigmoid", "add": "add", "add_": "add", "mul": "mul", "mul_": "mul",
     "mean": "pool", "transpose": "transpose", "permute": "transpose", "swapaxes": "transpose",
     "swapdims": "transpose", "movedim": "transpose", "moveaxis": "transpose", "softmax": "softmax",
-    "log_softmax": "softmax",
+    "log_softmax": "softmax", "div": "mul", "div_": "mul", "sub": "mul", "sub_": "mul",
 }
 
 

@@ -259,3 +259,24 @@ def test_norms_softmax_and_batchnorms_no_conv_folds_are_passes_of_their_own():
         rows = [i for i, row in enumerate(costs.rows) if row.kind == "tensor" and row.op in ("norm", "softmax")]
         priced = costs.layer_costs(np.ones(graph.num_units, dtype=bool))[rows]
         assert len(rows) == 2 and (priced > 0).all() == expect_priced and (priced > 0).any() == expect_priced
+
+
+class Arithmetic(nn.Module):
+    """Subtraction, division and padding between two convs (EfficientViT's linear attention
+    divides, pads its values, subtracts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        y = self.stem(x)                                         # (B, 8, 8, 8)
+        y = (y - 0.5) / 2
+        return self.head(torch.nn.functional.pad(y, (1, 1, 1, 1)))
+
+
+def test_subtraction_division_and_padding_are_passes_of_their_own():
+    model, x = Arithmetic().eval(), torch.randn(1, 3, 8, 8)
+    found = [(op.op, op.positions) for op in ds.trace(model, x).tensor_ops()]
+    assert found == [("mul", (64.0, 64.0)), ("mul", (64.0, 64.0)), ("concat", (64.0, 100.0))]
