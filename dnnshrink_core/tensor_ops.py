@@ -172,4 +172,22 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
         name = trace.module_names.get(node, node.name)
         found.append(LayerCost(name, "tensor", units, units, 0.0, weight="-", op=kind,
                                positions=(read or written, written)))
+        if kind == "softmax" and not _over_last_dim(node, module, trace.specs.get(node)):
+            # a runtime's softmax runs over the last dimension: the export or the runtime moves
+            # another one there and back (YOLO's box distribution, a segmentation head's classes)
+            found += [LayerCost(f"{name}:transpose", "tensor", units, units, 0.0, weight="-", op="transpose",
+                                positions=(written, written))] * 2
     return found
+
+
+def _over_last_dim(node: fx.Node, module: Optional[nn.Module], spec: Any) -> bool:
+    """Whether a softmax node normalises over its tensor's last dimension (True when that
+    cannot be told)."""
+    if module is not None:
+        dim = getattr(module, "dim", None)
+    else:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)  # (input or self, dim)
+    ndim = len(getattr(spec, "shape", ()) or ())
+    if not isinstance(dim, int) or not ndim:
+        return True
+    return dim % ndim == ndim - 1

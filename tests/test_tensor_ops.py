@@ -280,3 +280,23 @@ def test_subtraction_division_and_padding_are_passes_of_their_own():
     model, x = Arithmetic().eval(), torch.randn(1, 3, 8, 8)
     found = [(op.op, op.positions) for op in ds.trace(model, x).tensor_ops()]
     assert found == [("mul", (64.0, 64.0)), ("mul", (64.0, 64.0)), ("concat", (64.0, 100.0))]
+
+
+class ClassScores(nn.Module):
+    """A segmentation head's softmax over the classes (dim 1), then one over the last dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.classes = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.classes(y).softmax(1) + torch.softmax(y, -1).mean(1, keepdim=True)
+
+
+def test_a_softmax_over_another_dimension_than_the_last_moves_it_there_and_back():
+    model, x = ClassScores().eval(), torch.randn(1, 3, 8, 8)
+    found = [(op.name, op.op, op.positions) for op in ds.trace(model, x).tensor_ops() if op.op in ("softmax", "transpose")]
+    assert found == [("softmax", "softmax", (64.0, 64.0)), ("softmax:transpose", "transpose", (64.0, 64.0)),
+                     ("softmax:transpose", "transpose", (64.0, 64.0)), ("softmax_1", "softmax", (64.0, 64.0))]
