@@ -297,6 +297,7 @@ class ClassScores(nn.Module):
 
 def test_a_softmax_over_another_dimension_than_the_last_moves_it_there_and_back():
     model, x = ClassScores().eval(), torch.randn(1, 3, 8, 8)
-    found = [(op.name, op.op, op.positions) for op in ds.trace(model, x).tensor_ops() if op.op in ("softmax", "transpose")]
+    found = [(op.name, op.op, op.positions) for op in ds.trace(model, x).tensor_ops()
+             if op.op in ("softmax", "transpose")]
     assert found == [("softmax", "softmax", (64.0, 64.0)), ("softmax:transpose", "transpose", (64.0, 64.0)),
                      ("softmax:transpose", "transpose", (64.0, 64.0)), ("softmax_1", "softmax", (64.0, 64.0))]

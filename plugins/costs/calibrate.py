@@ -33,8 +33,8 @@ from dnnshrink_core.plugin_api import DnnshrinkWarning
 
 from .latency import (BYTES_PER_ELEMENT, GROUPED, KINDS, TENSOR_KINDS, OpConstants, Profile, load_profile,
                       roofline_seconds)
-from .runtime import (ACTIVATIONS, PASSES, Op, chain_input_shape, chain_model, conv_has_relu, fastest_and_median, interleaved_times, op_groups,
-                      session)
+from .runtime import (ACTIVATIONS, PASSES, Op, chain_input_shape, chain_model, conv_has_relu, fastest_and_median,
+                      interleaved_times, op_groups, session)
 
 VALIDATION_MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0")
 CANDIDATES = (4, 8, 16, 32, 64)

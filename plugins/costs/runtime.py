@@ -10,8 +10,8 @@ import numpy as np
 
 from dnnshrink_core.plugin_api import TENSOR_KINDS, fastest_and_median, interleaved_times, onnx_latency, session
 
-__all__ = ["ACTIVATIONS", "PASSES", "Op", "chain_model", "conv_has_relu", "fastest_and_median", "chain_input_shape", "interleaved_times",
-           "onnx_latency", "op_groups", "session"]
+__all__ = ["ACTIVATIONS", "PASSES", "Op", "chain_input_shape", "chain_model", "conv_has_relu", "fastest_and_median",
+           "interleaved_times", "onnx_latency", "op_groups", "session"]
 
 # one op of a calibration chain: (kind, in channels, out channels, input size, kernel, stride),
 # and for a grouped conv its groups as a seventh field
@@ -24,10 +24,10 @@ def op_groups(op: Op) -> int:
 
 
 # the chains' activation kinds
-ACTIVATIONS = tuple(k for k in TENSOR_KINDS if k not in ("add", "mul", "pool", "concat", "transpose", "norm", "softmax"))
 # the passes over a tensor that are not activations: a LayerNorm and a softmax, each over the
 # last dimension as a transformer runs them on tokens and on attention scores
 PASSES = ("norm", "softmax")
+ACTIVATIONS = tuple(k for k in TENSOR_KINDS if k not in ("add", "mul", "pool", "concat", "transpose") + PASSES)
 
 
 def conv_has_relu(ops: Sequence[Op], i: int) -> bool:
@@ -54,7 +54,8 @@ def chain_model(ops: Sequence[Op], batch: int) -> Tuple[bytes, Tuple[int, ...]]:
     torch's exporter writes them (``clip`` a Clip to 0…6, ``silu`` Sigmoid·x, ``gelu`` the
     erf form, ``norm`` a LayerNormalization over rows of the channels' length and ``softmax``
     a Softmax over rows of the positions' length (the feature map reshaped, which costs
-    nothing: a transformer's tokens and attention scores), ``add`` the tensor plus the one the op before it read, ``concat`` that one
+    nothing: a transformer's tokens and attention scores), ``add`` the tensor plus the one the
+    op before it read, ``concat`` that one
     joined by the tensor along the channels, ``transpose`` a channel shuffle in two groups,
     ``pool`` kernel 0 a
     global average pool else a max pool, ``mul`` the last global pool's input times the
