@@ -477,3 +477,24 @@ def test_attention_products_and_layers_kept_whole_are_priced_as_constants(batch)
     with pytest.raises(ds.TargetError, match=share):
         check_reachable(Target("macs", fraction=0.5 * minimum / flops.initial), flops.initial, minimum,
                         constant=flops.constant)
+
+
+def test_a_latency_target_on_an_attention_network_counts_what_no_cut_changes():
+    from dnnshrink_core.pipeline import shrink
+
+    model, x = TokenAttention().eval(), torch.randn(1, 3, 16, 16)
+    graph = ds.trace(model, x)
+    latency = CostModel(graph, model, "latency")
+    floor = min(smallest_cost(graph, latency, round_to=1), smallest_cost(graph, latency, round_to=16)) / latency.initial
+    assert latency.constant > 0.01 * latency.initial and floor < 1
+    options = dict(train_one_epoch=lambda net, lr: None, test=lambda m: 0.0, finetune=False, algorithm="magnitude",
+                   max_epochs=0, device="cpu", progress=False, latency_runs=1, exporters=(), onnx_latency=False)
+    with pytest.raises(ds.TargetError, match="of the baseline is what no channel cut changes"):
+        shrink(model, x, target={"resource": "latency", "value": round(0.5 * floor, 4)}, **options)
+    fraction = round((1 + floor) / 2, 4)
+    result = shrink(model, x, target={"resource": "latency", "value": fraction}, **options)
+    resources = result.report.extra["resources"]["latency_ms"]
+    assert resources["before"] == pytest.approx(latency.initial)
+    assert resources["after"] <= fraction * latency.initial * (1 + 1e-9)
+    small = result.model
+    assert CostModel(ds.trace(small, x), small, "latency").initial == pytest.approx(resources["after"])
