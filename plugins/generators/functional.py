@@ -397,6 +397,19 @@ class MatmulHandler(OpHandler):
         ctx.output(Chan(out_l, np.zeros(len(out_l), dtype=bool), chan.dim))
 
 
+class AttentionHandler(OpHandler):
+    """``F.scaled_dot_product_attention(q, k, v)``: every output channel mixes the scores of
+    all query and key channels, so the channels of its operands and of its output are kept
+    (a known op, not followed: no warning). Its cost is priced as a constant
+    (:mod:`dnnshrink_core.fixed`)."""
+
+    name = "scaled_dot_product_attention"
+    any_channel_dim = True
+
+    def propagate(self, ctx: PropagateContext) -> None:
+        ctx.unknown(f"{ctx.describe()} mixes the channels of its query and key (attention)", warn=False)
+
+
 def _parse_einsum(equation: Any, n: int) -> Optional[tuple]:
     """``("bchw,bc->bchw", 2)`` -> (["bchw", "bc"], "bchw"); None for what is not followed."""
     if not isinstance(equation, str) or "..." in equation or "->" not in equation:
@@ -418,5 +431,6 @@ UNBIND = UnbindHandler()
 PIXEL_SHUFFLE = PixelShuffleHandler(shuffle=True)
 PIXEL_UNSHUFFLE = PixelShuffleHandler(shuffle=False)
 EINSUM = EinsumHandler()
+ATTENTION = AttentionHandler()
 NORMALIZE = NormalizeHandler()
 MATMUL = MatmulHandler()

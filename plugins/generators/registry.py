@@ -12,8 +12,8 @@ from dnnshrink_core.plugin_api import OpHandler
 
 from .elementwise import (BinaryHandler, ClampHandler, FactoryHandler, FrozenPassThrough, LikeHandler, PassThrough,
                           ReductionHandler, SoftmaxHandler, table)
-from .functional import (BATCH_NORM_FUNCTION, CONV_FUNCTION, EINSUM, LAYER_NORM, LINEAR_FUNCTION, MATMUL, NORMALIZE,
-                         PIXEL_SHUFFLE, PIXEL_UNSHUFFLE, STACK, UNBIND)
+from .functional import (ATTENTION, BATCH_NORM_FUNCTION, CONV_FUNCTION, EINSUM, LAYER_NORM, LINEAR_FUNCTION, MATMUL,
+                         NORMALIZE, PIXEL_SHUFFLE, PIXEL_UNSHUFFLE, STACK, UNBIND)
 from .layers import BATCHNORM, CONV, INSTANCENORM, LINEAR, PRELU
 from .padding import PAD_FUNCTION, PAD_MODULE
 from .shape import EXPAND, PERMUTE, RESHAPE
@@ -94,6 +94,7 @@ FUNCTIONS: Dict[Any, OpHandler] = {
     torch.einsum: EINSUM,
     F.normalize: NORMALIZE,
     **table([operator.matmul, torch.matmul], MATMUL),
+    F.scaled_dot_product_attention: ATTENTION,
     **table([torch.zeros_like, torch.empty_like], ZEROS_LIKE),
     **table([torch.ones_like, torch.full_like, torch.rand_like, torch.randn_like], CONST_LIKE),
 }
