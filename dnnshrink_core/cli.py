@@ -59,7 +59,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _reach(model: Any, graph: Any, profile: Optional[str]) -> str:
     """The smallest each target resource can go (every removable group at one block of
     channels, ``round_to: auto``), by channels alone and with the droppable residual blocks
-    gone: what a target below is refused for."""
+    gone: what a target below is refused for; and the share no channel cut changes."""
     from .cost import CostModel, resolve_round_to
     from .target import smallest_cost
 
@@ -75,9 +75,14 @@ def _reach(model: Any, graph: Any, profile: Optional[str]) -> str:
         if graph.branches:
             deep = smallest_cost(graph, costs, 1, multiples, depth=True) / costs.initial
             line += f" ({deep:.1%} with the {len(graph.branches)} droppable residual blocks gone, depth: auto)"
+        if costs.constant >= 0.01 * costs.initial:
+            line += f"; {costs.constant / costs.initial:.1%} no channel cut changes"
         if name == "latency":
             line += f"; predicted {costs.initial:.3g} ms, {costs.resource.profile.describe()}"
         lines.append(line)
+    if graph.fixed():
+        lines.append("  (what no channel cut changes: attention's matrix products and the layers the graph cannot "
+                     "follow, priced at their full size)")
     return "\n".join(lines)
 
 

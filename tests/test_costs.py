@@ -502,3 +502,15 @@ def test_a_latency_target_on_an_attention_network_counts_what_no_cut_changes():
     assert resources["after"] <= fraction * latency.initial * (1 + 1e-9)
     small = result.model
     assert CostModel(ds.trace(small, x), small, "latency").initial == pytest.approx(resources["after"])
+
+
+def test_inspect_says_how_much_no_channel_cut_changes():
+    from dnnshrink_core.cli import _reach
+
+    model, x = TokenAttention().eval(), torch.randn(1, 3, 16, 16)
+    graph = ds.trace(model, x)
+    text = _reach(model, graph, None)
+    share = CostModel(graph, model, "flops").constant / CostModel(graph, model, "flops").initial
+    assert f"{share:.1%} no channel cut changes" in text and "attention's matrix products" in text
+    plain = Mixed().eval()
+    assert "no channel cut changes" not in _reach(plain, ds.trace(plain, x), None)
