@@ -164,9 +164,37 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     options: dict = {"per_position": False} if args.no_per_position else {}  # (a plugin's calibrate need not take it)
     if args.blocks_from:
         options["blocks_from"] = args.blocks_from
+    if args.check_model:
+        options["check_models"], options["check_input"] = _check_models(args)
     calibrate(runtime=args.runtime, threads=args.threads, batch=args.batch, device=args.device, out=args.out,
               check=not args.no_check, **options)
     return 0
+
+
+def _check_models(args: argparse.Namespace) -> tuple:
+    """The networks ``--check-model`` names, built and run once on ``--check-input-shape``
+    before the calibration starts, so that a bad name or shape is said before any timing."""
+    import torch
+
+    from .userspec import build_model, parse_shape
+
+    if args.no_check:
+        raise DnnshrinkError("--check-model adds networks to the check that --no-check skips: drop one of them")
+    shape = parse_shape(args.check_input_shape, "--check-input-shape")
+    if len(shape) != 3:
+        raise DnnshrinkError(f"--check-input-shape {args.check_input_shape!r} must be channels,height,width "
+                             "(the batch is --batch)")
+    models = {}
+    for spec in args.check_model:
+        model = build_model(spec).eval()
+        try:
+            with torch.no_grad():
+                model(torch.randn(args.batch, *shape))
+        except Exception as exc:
+            raise DnnshrinkError(f"--check-model {spec} cannot run on one batch of --check-input-shape "
+                                 f"{args.check_input_shape}: {type(exc).__name__}: {exc}") from exc
+        models[spec] = model
+    return models, shape
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", default="latency-profile.json", help="where to write the profile (JSON)")
     cal.add_argument("--no-check", action="store_true",
                      help="skip timing the five torchvision networks the fit did not see")
+    cal.add_argument("--check-model", action="append", default=[], metavar="MODEL",
+                     help="also time and predict this network in the check, whole and at a quarter of its widths "
+                          "(`package.module:factory`, `file.py:factory` or a torchvision name; repeatable)")
+    cal.add_argument("--check-input-shape", default="3,224,224", metavar="C,H,W",
+                     help="the input of the --check-model networks (default 3,224,224)")
     cal.add_argument("--no-per-position", action="store_true",
                      help="fit no cost per output position (nor sweep thin layers): the fit of profiles made "
                           "before 2026-12; it predicts shrunk networks 2-5x worse (docs/benchmarks.md)")

@@ -514,3 +514,30 @@ def test_inspect_says_how_much_no_channel_cut_changes():
     assert f"{share:.1%} no channel cut changes" in text and "attention's matrix products" in text
     plain = Mixed().eval()
     assert "no channel cut changes" not in _reach(plain, ds.trace(plain, x), None)
+
+
+def test_the_calibration_check_times_the_users_own_networks_too():
+    from dnnshrink_plugins.costs.calibrate import OnnxBackend, validate
+
+    model = nn.Sequential(conv_bn(1, 32, 3), conv_bn(32, 32, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+    plain = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU())  # no BatchNorm: nothing removable, so no thin version
+    rows = validate(OnnxBackend(1, 1), load_profile(None), models=(), rounds=1, runs=1, log=lambda line: None,
+                    extra={"mine": model, "plain": plain}, extra_input=(1, 16, 16))
+    assert [(r["model"], r["thin"], r["extra"]) for r in rows] == [("mine", False, True), ("mine x0.25", True, True),
+                                                                   ("plain", False, True)]
+    assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--check-model", "resnet18", "--no-check"], "--no-check skips: drop one of them"),
+    (["--check-model", "resnet18", "--check-input-shape", "1,3,32,32"], "must be channels,height,width"),
+    (["--check-model", "resnet18", "--check-input-shape", "1,32,32"], "cannot run on one batch of --check-input-shape"),
+    (["--check-model", "resnet81"], "resnet81"),
+])
+def test_calibrate_says_what_is_wrong_with_a_check_model_before_timing_anything(flags, words, capsys, tmp_path):
+    from dnnshrink_core import cli
+
+    status = cli.main(["calibrate", "--out", str(tmp_path / "p.json"), *flags])
+    err = capsys.readouterr().err
+    assert status != 0 and words in err, err
+    assert not (tmp_path / "p.json").exists()

@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -563,6 +563,13 @@ def predict_network(model: Any, x: Any, profile: Profile) -> float:
 THIN_SHARE = 0.25  # the validation's shrunk networks keep this share of every removable group
 
 
+def _has_removable(model: Any, x: Any) -> bool:
+    """Whether ``model`` has a channel that can be removed (so that a thin version exists)."""
+    import dnnshrink_core as ds
+
+    return bool(ds.trace(model, x).unit_removable.any())
+
+
 def thin_network(model: Any, x: Any, share: float = THIN_SHARE, block: int = 16) -> Any:
     """``model`` with every channel group cut to ``share`` of its removable units (rounded up
     to ``block``): the widths a shrunk network runs at, where per-op costs weigh most."""
@@ -580,31 +587,43 @@ def thin_network(model: Any, x: Any, share: float = THIN_SHARE, block: int = 16)
 
 
 def validate(backend: Any, profile: Profile, models: Sequence[str] = VALIDATION_MODELS, rounds: int = 10,
-             runs: int = 3, log: Callable[[str], None] = print, thin: bool = True) -> List[Dict[str, Any]]:
+             runs: int = 3, log: Callable[[str], None] = print, thin: bool = True,
+             extra: Optional[Mapping[str, Any]] = None, extra_input: Sequence[int] = (3, 224, 224)
+             ) -> List[Dict[str, Any]]:
     """Predicted against measured latency (fastest and median of interleaved runs) of whole
     torchvision networks (``weights=None``) the fit did not see, and (``thin``) of each cut
     to a quarter of its widths (:func:`thin_network`), named ``<model> x0.25`` (``thin`` in
-    its row)."""
+    its row). ``extra``: the user's own networks by name (``dnnshrink calibrate
+    --check-model``), run on one batch of ``extra_input`` (channels, height, width), their
+    rows marked ``extra``; a network with no removable channel has no thin version."""
     import torch
     import torchvision
 
     torch.manual_seed(0)
     x = torch.randn(backend.batch, 3, 224, 224)
-    prepared, predicted, names, thin_names = {}, {}, [], set()
+    networks = [(name, torchvision.models.get_model(name, weights=None).eval(), x, False) for name in models]
+    networks += [(name, model.eval(), torch.randn(backend.batch, *extra_input), True)
+                 for name, model in (extra or {}).items()]
+    prepared, predicted, inputs, names, thin_names, extra_names = {}, {}, {}, [], set(), set()
     with tempfile.TemporaryDirectory() as tmp:
-        for name in models:
-            model = torchvision.models.get_model(name, weights=None).eval()
-            variants = [(name, model)] + ([(f"{name} x{THIN_SHARE:g}", thin_network(model, x))] if thin else [])
+        for name, model, example, is_extra in networks:
+            variants = [(name, model)]
+            if thin and _has_removable(model, example):
+                variants.append((f"{name} x{THIN_SHARE:g}", thin_network(model, example)))
             thin_names.update(label for label, _ in variants[1:])
             for label, net in variants:
                 names.append(label)
-                predicted[label] = predict_network(net, x, profile)
-                prepared[label] = backend.prepare_network(net, x, Path(tmp), label.replace(" ", "_"))
+                if is_extra:
+                    extra_names.add(label)
+                predicted[label] = predict_network(net, example, profile)
+                prepared[label] = backend.prepare_network(net, example, Path(tmp), label.replace(" ", "_")
+                                                          .replace(":", "_").replace("/", "_"))
         timed = backend.time(prepared, rounds, runs)
     rows = []
     for name in names:
         fastest, median = timed[name]
-        rows.append({"model": name, "thin": name in thin_names, "predicted_ms": round(predicted[name], 3), "measured_ms": round(1e3 * fastest, 3),
+        rows.append({"model": name, "thin": name in thin_names, "extra": name in extra_names,
+                     "predicted_ms": round(predicted[name], 3), "measured_ms": round(1e3 * fastest, 3),
                      "measured_median_ms": round(1e3 * median, 3),
                      "error_pct": round(100 * (predicted[name] / (1e3 * fastest) - 1), 1)})
         log(f"  {name:<25} predicted {predicted[name]:8.2f} ms, measured {1e3 * fastest:8.2f} ms (median "
@@ -615,13 +634,16 @@ def validate(backend: Any, profile: Profile, models: Sequence[str] = VALIDATION_
 def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, device: str = "cpu",
               out: Optional[Any] = None, check: bool = True, rounds: int = 12,
               log: Callable[[str], None] = print, per_position: bool = True,
-              blocks_from: Optional[Any] = None) -> Profile:
+              blocks_from: Optional[Any] = None, check_models: Optional[Mapping[str, Any]] = None,
+              check_input: Sequence[int] = (3, 224, 224)) -> Profile:
     """Measure a latency profile (the module's four steps) and write it to ``out``. With
     ``per_position`` (the default), the sweep adds thin chains and the fit a per-output-position
     cost per op kind (see :mod:`.latency`): over three timings it predicted networks at a
     quarter of their widths within 17% against 100% without it (docs/benchmarks.md).
     ``blocks_from``: a profile of the same runtime whose channel blocks are kept instead of
-    measured again (they move on a busy machine, and ``round_to: auto`` rounds to them)."""
+    measured again (they move on a busy machine, and ``round_to: auto`` rounds to them).
+    ``check_models``: the user's own networks by name, timed and predicted in the check too
+    (on one batch of ``check_input``: channels, height, width)."""
     start = time.perf_counter()
     if runtime == "onnxruntime":
         if device != "cpu":
@@ -682,14 +704,14 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     profile = Profile(backend.runtime, per_run_ms, ops, calibration)
     if check:
         log("  unseen networks (predicted against measured, fastest of runs):")
-        rows = validate(backend, profile, log=log)
-        whole = [abs(r["error_pct"]) for r in rows if not r["thin"]]
-        thin = [abs(r["error_pct"]) for r in rows if r["thin"]]
+        rows = validate(backend, profile, log=log, extra=check_models, extra_input=check_input)
+        whole = [abs(r["error_pct"]) for r in rows if not r["thin"] and not r["extra"]]
+        thin = [abs(r["error_pct"]) for r in rows if r["thin"] and not r["extra"]]
         calibration["validation"] = rows
         calibration["validation_mean_abs_error_pct"] = round(float(np.mean(whole)), 1)
         calibration["validation_thin_mean_abs_error_pct"] = round(float(np.mean(thin)), 1)
         log(f"  mean absolute error {np.mean(whole):.1f}% (whole networks), {np.mean(thin):.1f}% (at "
-            f"{THIN_SHARE:g} of their widths)")
+            f"{THIN_SHARE:g} of their widths)" + (f", over the {len(whole)} torchvision networks" if check_models else ""))
     calibration["seconds"] = round(time.perf_counter() - start, 1)
     calibration["load_average_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     if out is not None:
