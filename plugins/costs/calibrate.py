@@ -604,7 +604,7 @@ def validate(backend: Any, profile: Profile, models: Sequence[str] = VALIDATION_
     networks = [(name, torchvision.models.get_model(name, weights=None).eval(), x, False) for name in models]
     networks += [(name, model.eval(), torch.randn(backend.batch, *extra_input), True)
                  for name, model in (extra or {}).items()]
-    prepared, predicted, inputs, names, thin_names, extra_names = {}, {}, {}, [], set(), set()
+    prepared, predicted, names, thin_names, extra_names = {}, {}, [], set(), set()
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, example, is_extra in networks:
             variants = [(name, model)]
@@ -616,8 +616,7 @@ def validate(backend: Any, profile: Profile, models: Sequence[str] = VALIDATION_
                 if is_extra:
                     extra_names.add(label)
                 predicted[label] = predict_network(net, example, profile)
-                prepared[label] = backend.prepare_network(net, example, Path(tmp), label.replace(" ", "_")
-                                                          .replace(":", "_").replace("/", "_"))
+                prepared[label] = backend.prepare_network(net, example, Path(tmp), f"net{len(prepared)}")
         timed = backend.time(prepared, rounds, runs)
     rows = []
     for name in names:
