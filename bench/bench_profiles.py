@@ -4,7 +4,8 @@ latency, whole and at a quarter of their widths, for each profile given; and per
 far the MACs cost model is from what ``torch.utils.flop_counter`` counts (the report's MACs).
 
     python bench/bench_profiles.py --profiles shipped /tmp/new.json \\
-        --timm efficientvit_b0 levit_128s mobilevit_xxs --tv resnet18 densenet121 [--json rows.json]
+        --timm efficientvit_b0 levit_128s mobilevit_xxs --tv resnet18 densenet121 \\
+        [--yolo yolov8n.yaml] [--json rows.json]
 
 ``shipped`` names the profile that ships with dnnshrink. Every profile predicts the same
 timed networks, so a busy machine's drift does not favour one (read the load averages).
@@ -31,6 +32,13 @@ def build(name: str, source: str) -> torch.nn.Module:
         import timm
 
         return timm.create_model(name, pretrained=False).eval()
+    if source == "ultralytics":
+        import os
+
+        os.environ.setdefault("YOLO_OFFLINE", "1")
+        from ultralytics.nn.tasks import DetectionModel
+
+        return DetectionModel(name, verbose=False).eval()
     import torchvision
 
     return torchvision.models.get_model(name, weights=None).eval()
@@ -46,6 +54,7 @@ def main() -> None:
     parser.add_argument("--timm", nargs="*", default=[])
     parser.add_argument("--tv", nargs="*", default=["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large",
                                                      "efficientnet_b0"])
+    parser.add_argument("--yolo", nargs="*", default=[], help="ultralytics model yamls (yolov8n.yaml…)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", help="write the rows here")
@@ -53,7 +62,7 @@ def main() -> None:
     x = imagenet_setup()
     profiles = {p: load_profile(None if p == "shipped" else p) for p in args.profiles}
     models, info = {}, {}
-    for source, names in (("timm", args.timm), ("torchvision", args.tv)):
+    for source, names in (("timm", args.timm), ("torchvision", args.tv), ("ultralytics", args.yolo)):
         for name in names:
             model = models[name] = build(name, source)
             gap = 100 * (CostModel(ds.trace(model, x), model, "flops").initial / count_macs(model, x)[""] - 1)
@@ -68,7 +77,7 @@ def main() -> None:
         print(f"{label:<32}{row['macs_gap_pct']:>8.1f}%{row['fastest_ms']:>9.2f}{row['median_ms']:>9.2f}"
               + "".join(f"{row['error_pct'][p]:>+25.1f}%" for p in profiles))
     for p in profiles:
-        for source in ("timm", "torchvision"):
+        for source in ("timm", "torchvision", "ultralytics"):
             chosen = [r for r in rows if r["source"] == source]
             if chosen:
                 whole = mean_abs([r["error_pct"][p] for r in chosen if not r["thin"]])

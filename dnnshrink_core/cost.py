@@ -43,7 +43,8 @@ class LayerTable:
     ``"grouped"`` (a grouped conv that is not depthwise), ``"depthwise"`` or ``"linear"``;
     ``in_size``/``out_size``: the channel counts with every unit kept; ``batch``: the traced
     batch size; ``groups``: a grouped conv's groups (1 for every other row), which pruning
-    keeps (each group loses the same channels).
+    keeps (each group loses the same channels); ``rows``: what a per-position cost counts,
+    the output positions, but for a normalisation or softmax the rows it normalises.
     """
 
     layers: List[LayerCost]
@@ -58,10 +59,13 @@ class LayerTable:
     out_size: np.ndarray
     batch: int = 1
     groups: Optional[np.ndarray] = None
+    rows: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         if self.groups is None:
             self.groups = np.ones(len(self.layers), dtype=np.float64)
+        if self.rows is None:
+            self.rows = np.asarray(self.out_positions, dtype=np.float64)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -77,7 +81,8 @@ class LayerTable:
         return cls(list(layers), np.array([l.coef for l in layers], dtype=np.float64), column(0), column(1),
                    column(2), column(3), np.array([l.kind in ("depthwise", "tensor") for l in layers], dtype=bool),
                    column(4, object), np.array([_widths(l)[0] for l in layers], dtype=np.float64),
-                   np.array([_widths(l)[1] for l in layers], dtype=np.float64), int(batch), column(5))
+                   np.array([_widths(l)[1] for l in layers], dtype=np.float64), int(batch), column(5),
+                   np.array([l.rows if l.rows is not None else r[2] for l, r in zip(layers, rows)], dtype=np.float64))
 
 
 def _widths(layer: LayerCost) -> Tuple[int, int]:

@@ -56,7 +56,9 @@ class LayerCost:
     ``kind`` ``"tensor"``: not a layer but a memory-bound op (an activation, an add, a
     multiply, pooling, a concatenation, a transpose; :mod:`dnnshrink_core.tensor_ops`) with no
     MACs and no weights, which only cost models that price them see; ``op`` says which,
-    ``positions`` the elements it reads and writes per channel and image.
+    ``positions`` the elements it reads and writes per channel and image; a normalisation or
+    softmax also its ``rows`` per image (the slices it normalises one by one: its cost per
+    row does not fall with their length).
 
     ``widths``: set on the rows of :meth:`ChannelGraph.fixed` (what no channel cut changes:
     they have no units), the input and output channels the row is priced at. Kind
@@ -75,6 +77,7 @@ class LayerCost:
     op: str = ""
     positions: Optional[Tuple[float, float]] = None
     widths: Optional[Tuple[int, int]] = None
+    rows: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not self.weight:

@@ -170,24 +170,43 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
                 read += (_positions(trace.specs.get(arg), value.dim) or 0.0) * trace.per_image(arg)
         units = graph.unit_of[out.labels]
         name = trace.module_names.get(node, node.name)
+        spec = trace.specs.get(node)
+        rows = _rows(node, module, kind, spec)
         found.append(LayerCost(name, "tensor", units, units, 0.0, weight="-", op=kind,
-                               positions=(read or written, written)))
-        if kind == "softmax" and not _over_last_dim(node, module, trace.specs.get(node)):
-            # a runtime's softmax runs over the last dimension: the export or the runtime moves
-            # another one there and back (YOLO's box distribution, a segmentation head's classes)
-            found += [LayerCost(f"{name}:transpose", "tensor", units, units, 0.0, weight="-", op="transpose",
-                                positions=(written, written))] * 2
+                               positions=(read or written, written),
+                               rows=None if rows is None else rows * trace.per_image(node)))
     return found
 
 
-def _over_last_dim(node: fx.Node, module: Optional[nn.Module], spec: Any) -> bool:
-    """Whether a softmax node normalises over its tensor's last dimension (True when that
-    cannot be told)."""
+def _softmax_dim(node: fx.Node, module: Optional[nn.Module]) -> Any:
     if module is not None:
-        dim = getattr(module, "dim", None)
-    else:
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)  # (input or self, dim)
-    ndim = len(getattr(spec, "shape", ()) or ())
-    if not isinstance(dim, int) or not ndim:
-        return True
-    return dim % ndim == ndim - 1
+        return getattr(module, "dim", None)
+    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)  # (input or self, dim)
+
+
+def _rows(node: fx.Node, module: Optional[nn.Module], kind: str, spec: Any) -> Optional[float]:
+    """The rows a normalisation or softmax normalises one by one, per row of the leading
+    dimension (None for other ops, or when that cannot be told): a softmax's slices along
+    its dim, a LayerNorm's along its normalised shape, a GroupNorm's groups."""
+    shape = getattr(spec, "shape", None)
+    if kind not in ("norm", "softmax") or shape is None or len(shape) < 2:
+        return None
+    per_item = math.prod(shape[1:])
+    length: Any = None
+    if kind == "softmax":
+        dim = _softmax_dim(node, module)
+        length = shape[dim] if isinstance(dim, int) and -len(shape) <= dim < len(shape) else None
+    elif isinstance(module, nn.LayerNorm) or node.target is F.layer_norm:
+        normalized = module.normalized_shape if module is not None else \
+            node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else None)
+        length = math.prod(normalized) if isinstance(normalized, (tuple, list)) else normalized
+    elif isinstance(module, nn.GroupNorm) or node.target is F.group_norm:
+        groups = module.num_groups if module is not None else \
+            node.kwargs.get("num_groups", node.args[1] if len(node.args) > 1 else None)
+        return float(groups) if isinstance(groups, int) and groups > 0 else None
+    elif node.target is F.normalize:
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 1)
+        length = shape[dim] if isinstance(dim, int) and -len(shape) <= dim < len(shape) else None
+    else:  # an instance norm: one row per channel
+        length = math.prod(shape[2:]) if len(shape) > 2 else None
+    return per_item / length if isinstance(length, int) and length > 0 else None

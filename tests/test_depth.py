@@ -96,7 +96,7 @@ def test_choose_depth_auto_drops_only_what_meeting_the_budget_takes():
     assert latency.cost(keep) > budget
     assert choose_depth(graph, keep, scores, latency.cost, budget, rescale_for(latency, budget), depth=False) is keep
     deep = choose_depth(graph, keep, scores, latency.cost, budget, rescale_for(latency, budget))
-    assert latency.cost(deep) <= budget
+    assert latency.cost(deep) <= budget * (1 + 1e-9)  # (the tolerance choose_depth meets it with)
     gone = branches.dropped(graph, deep)
     assert 0 < len(gone) < 4
     for b in gone:  # a dropped block keeps nothing; the others keep something in every group

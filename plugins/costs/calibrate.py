@@ -116,6 +116,8 @@ def _tensor_chains() -> List[List[Op]]:
     for kind in PASSES:  # rows of 64-384 channels (norm) and of 49-784 positions (softmax)
         for c, hw in ((64, 28), (160, 14), (384, 7)):
             chains.append([("pointwise", c, c, hw, 1, 1), (kind, c, c, hw, 1, 1)] * 3 + [("pointwise", c, c, hw, 1, 1)])
+    for c, hw in ((16, 56), (32, 28), (96, 14)):  # a softmax over the channels: many short rows (YOLO's boxes)
+        chains.append([("pointwise", c, c, hw, 1, 1), ("softmax", c, c, hw, 0, 1)] * 3 + [("pointwise", c, c, hw, 1, 1)])
     for c, hw in ((24, 56), (80, 14), (320, 7)):
         chains.append([("pointwise", c, c, hw, 1, 1)] + [("pointwise", c, c, hw, 1, 1), ("add", c, c, hw, 1, 1)] * 3
                       + [("pointwise", c, c, hw, 1, 1)])
@@ -177,8 +179,15 @@ def op_terms(op: Op, batch: int) -> Tuple[float, float]:
 
 def op_positions(op: Op, batch: int) -> float:
     """Output positions of one op at ``batch`` (a linear layer: its tokens, one per image
-    for a vector)."""
-    kind, _, _, hw, k, stride = op[:6]
+    for a vector), or the rows a normalisation or softmax normalises one by one: a LayerNorm
+    one per position, a softmax one per channel (kernel field 1: over the positions) or one
+    per position (kernel field 0: over the channels), as :class:`LatencyCost` counts them."""
+    kind, cout, hw, k = op[0], op[2], op[3], op[4]
+    stride = op[5]
+    if kind == "norm" or kind == "softmax" and k == 0:
+        return float(batch * hw * hw)
+    if kind == "softmax":
+        return float(batch * cout)
     if kind in TENSOR_KINDS:
         return batch * tensor_positions(op)[1]
     if kind == "linear":
@@ -315,7 +324,7 @@ def torch_chain(ops: Sequence[Op]) -> Any:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             before = pooled_from = x
-            for (kind, *_), layer in zip(self.ops, self.layers):
+            for (kind, _, _, _, op_k, *_), layer in zip(self.ops, self.layers):
                 if kind == "add":
                     y = x + before
                 elif kind == "concat":
@@ -325,6 +334,8 @@ def torch_chain(ops: Sequence[Op]) -> Any:
                     y = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
                 elif kind == "mul":
                     y = pooled_from * x
+                elif kind == "softmax" and op_k == 0:  # over the channels
+                    y = torch.softmax(x, 1)
                 elif kind in PASSES:  # the feature map read as rows (a free reshape)
                     n, c = x.shape[:2]
                     y = layer(x.reshape(n, -1, c) if kind == "norm" else x.reshape(n, c, -1)).reshape(x.shape)

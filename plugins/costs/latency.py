@@ -243,7 +243,7 @@ class LatencyCost:
         self.in_bytes = BYTES_PER_ELEMENT * b * table.in_positions
         self.out_bytes = BYTES_PER_ELEMENT * b * table.out_positions
         self.weight_bytes = BYTES_PER_ELEMENT * table.weights_per_pair
-        self.per_position = pick("position_ns", 1e-9) * b * table.out_positions  # seconds per layer
+        self.per_position = pick("position_ns", 1e-9) * b * table.rows  # seconds per layer
         self.fixed = self.profile.overhead_ms
         self.runtime = dict(self.profile.runtime)
 

@@ -54,7 +54,8 @@ def chain_model(ops: Sequence[Op], batch: int) -> Tuple[bytes, Tuple[int, ...]]:
     torch's exporter writes them (``clip`` a Clip to 0…6, ``silu`` Sigmoid·x, ``gelu`` the
     erf form, ``norm`` a LayerNormalization over rows of the channels' length and ``softmax``
     a Softmax over rows of the positions' length (the feature map reshaped, which costs
-    nothing: a transformer's tokens and attention scores), ``add`` the tensor plus the one the
+    nothing: a transformer's tokens and attention scores; kernel field 0: over the channels,
+    many short rows), ``add`` the tensor plus the one the
     op before it read, ``concat`` that one
     joined by the tensor along the channels, ``transpose`` a channel shuffle in two groups,
     ``pool`` kernel 0 a
@@ -98,6 +99,8 @@ def chain_model(ops: Sequence[Op], batch: int) -> Tuple[bytes, Tuple[int, ...]]:
                       helper.make_node("Add", [f"e{i}", const(f"one{i}", 1.0)], [f"a{i}"]),
                       helper.make_node("Mul", [name, f"a{i}"], [f"m{i}"]),
                       helper.make_node("Mul", [f"m{i}", const(f"half{i}", 0.5)], [out])]
+        elif kind == "softmax" and k == 0:  # over the channels, as torch exports softmax(dim=1)
+            nodes.append(helper.make_node("Softmax", [name], [out], axis=1))
         elif kind in PASSES:  # over rows of the feature map read as (B, rows, length): free reshapes
             length = cout if kind == "norm" else hw * hw  # a token's channels; the scores of all positions
             inits += [numpy_helper.from_array(np.array([batch, -1, length], dtype=np.int64), f"rows{i}"),
