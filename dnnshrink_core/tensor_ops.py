@@ -44,7 +44,8 @@ _ACTIVATION_MODULES = (
     (nn.Softplus, "sigmoid"), (nn.PReLU, "sigmoid"), (nn.SELU, "sigmoid"), (nn.CELU, "sigmoid"),
 )
 # normalisations a network runs as passes of their own (a BatchNorm is folded into its conv)
-_NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+_NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm) \
+    + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 _SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 _POOL_MODULES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
                  nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
@@ -184,6 +185,9 @@ def _softmax_dim(node: fx.Node, module: Optional[nn.Module]) -> Any:
     return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)  # (input or self, dim)
 
 
+_RMS = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+
+
 def _rows(node: fx.Node, module: Optional[nn.Module], kind: str, spec: Any) -> Optional[float]:
     """The rows a normalisation or softmax normalises one by one, per row of the leading
     dimension (None for other ops, or when that cannot be told): a softmax's slices along
@@ -196,7 +200,7 @@ def _rows(node: fx.Node, module: Optional[nn.Module], kind: str, spec: Any) -> O
     if kind == "softmax":
         dim = _softmax_dim(node, module)
         length = shape[dim] if isinstance(dim, int) and -len(shape) <= dim < len(shape) else None
-    elif isinstance(module, nn.LayerNorm) or node.target is F.layer_norm:
+    elif isinstance(module, (nn.LayerNorm,) + _RMS) or node.target in (F.layer_norm, getattr(F, "rms_norm", None)):
         normalized = module.normalized_shape if module is not None else \
             node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else None)
         length = math.prod(normalized) if isinstance(normalized, (tuple, list)) else normalized
