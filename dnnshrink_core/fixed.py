@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .graph import LayerCost
+from .handler import conv_terms, node_arg
 
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm, torch.mm}
 _METHODS = {"matmul", "bmm", "mm", "__matmul__", "baddbmm"}
@@ -95,9 +96,7 @@ def _gemms(trace: Any, node: fx.Node) -> List[Gemm]:
     target = node.target
     args = list(node.args)
     if node.op == "call_function" and target is F.scaled_dot_product_attention:
-        names = ("query", "key", "value")
-        qkv = [args[i] if i < len(args) else node.kwargs.get(n) for i, n in enumerate(names)]
-        shapes = [_shape(trace, x) for x in qkv]
+        shapes = [_shape(trace, node_arg(node, i, name)) for i, name in enumerate(("query", "key", "value"))]
         return attention_terms(*shapes) if all(shapes) else []
     if node.op == "call_function" and target is torch.einsum:
         operands = args[1:]
@@ -164,11 +163,9 @@ def find_whole_layers(graph: Any) -> List[LayerCost]:
         elif isinstance(module, nn.modules.conv._ConvNd):
             source = trace.specs.get(node.args[0]) if node.args else None
             spatial = (getattr(source, "shape", None) or out)[2:] if module.transposed else out[2:]
-            per_pair = math.prod(module.kernel_size) * math.prod(spatial) * rows
-            depthwise = module.groups > 1 and module.groups == module.in_channels
-            kind = "depthwise" if depthwise else "grouped" if module.groups > 1 else "dense"
-            found.append(LayerCost(name, kind, _NONE, _NONE, per_pair if depthwise else per_pair / module.groups,
-                                   widths=(module.in_channels, module.out_channels)))
+            kind, coef = conv_terms(module.in_channels, module.groups, math.prod(module.kernel_size),
+                                    math.prod(spatial) * rows)
+            found.append(LayerCost(name, kind, _NONE, _NONE, coef, widths=(module.in_channels, module.out_channels)))
     return found
 
 

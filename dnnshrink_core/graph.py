@@ -9,7 +9,7 @@ output channels of every block's last conv and of the downsample conv are one gr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -218,35 +218,32 @@ class ChannelGraph:
         (activations, adds, multiplies, pooling, concatenations, transposes;
         :mod:`dnnshrink_core.tensor_ops`), as :class:`LayerCost` rows of kind ``"tensor"``,
         found once per graph."""
-        found = self.__dict__.get("_tensor_ops")
-        if found is None:
-            from .tensor_ops import find_tensor_ops
+        from .tensor_ops import find_tensor_ops
 
-            found = self.__dict__["_tensor_ops"] = find_tensor_ops(self)
-        return found
+        return self._once("_tensor_ops", find_tensor_ops)
 
     def fixed(self) -> List["LayerCost"]:
         """What no channel cut changes, as :class:`LayerCost` rows without units and with
         their ``widths``: products of two activations (attention's matrix products, kind
         ``"product"``) and conv/linear layers no handler could follow
         (:mod:`dnnshrink_core.fixed`), found once per graph."""
-        found = self.__dict__.get("_fixed")
-        if found is None:
-            from .fixed import find_products, find_whole_layers
+        from .fixed import find_products, find_whole_layers
 
-            found = self.__dict__["_fixed"] = find_whole_layers(self) + find_products(self)
-        return found
+        return self._once("_fixed", lambda graph: find_whole_layers(graph) + find_products(graph))
 
     @property
     def branches(self) -> List[Any]:
         """The residual branches a structure may drop whole (:mod:`dnnshrink_core.branches`),
         found once per graph."""
-        found = self.__dict__.get("_branches")
-        if found is None:
-            from .branches import find_branches
+        from .branches import find_branches
 
-            found = self.__dict__["_branches"] = find_branches(self)
-        return found
+        return self._once("_branches", find_branches)
+
+    def _once(self, key: str, find: Callable[["ChannelGraph"], Any]) -> Any:
+        """``find(self)``, computed on the first call and kept: the graph does not change."""
+        if key not in self.__dict__:
+            self.__dict__[key] = find(self)
+        return self.__dict__[key]
 
     # --- queries --------------------------------------------------------------------
     def __getitem__(self, name: str) -> Group:

@@ -51,6 +51,24 @@ def spec_of(value: Any) -> Any:
     return None
 
 
+def conv_terms(in_channels: int, groups: int, kernel: int, positions: float) -> Tuple[str, float]:
+    """A conv call's layer kind (``"depthwise"``: one input channel per group,
+    ``"grouped"``, ``"dense"``) and MACs factor for :meth:`PropagateContext.declare_layer`,
+    from its ``kernel`` elements and the ``positions`` it computes (a transposed conv: its
+    input's)."""
+    per_pair = kernel * positions
+    if groups > 1 and groups == in_channels:
+        return "depthwise", per_pair
+    return ("grouped" if groups > 1 else "dense"), per_pair / groups
+
+
+def node_arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """A traced call's argument by position, else by keyword, else ``default``."""
+    if index < len(node.args):
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
 def iter_nodes(value: Any) -> Iterator[fx.Node]:
     """Every :class:`torch.fx.Node` inside a nested argument structure."""
     if isinstance(value, fx.Node):
@@ -142,9 +160,7 @@ class PropagateContext:
     # --- reading the inputs -------------------------------------------------------
     def arg(self, index: int, name: str, default: Any = None) -> Any:
         """The op's argument by position, else by keyword, else ``default``."""
-        if index < len(self.node.args):
-            return self.node.args[index]
-        return self.node.kwargs.get(name, default)
+        return node_arg(self.node, index, name, default)
 
     def value(self, arg: Any) -> Any:
         """The propagated value of an argument: a :class:`Chan`, a tuple of them, or None.

@@ -9,7 +9,8 @@ What is here, by the kind of plugin that needs it:
 
 * every plugin: :func:`hookimpl`, the errors and warnings, :func:`get_plugin_manager`;
 * channel handlers: :class:`OpHandler`, :class:`PropagateContext`, :class:`RebuildContext`,
-  :class:`TensorSpec`, :class:`Chan`, :func:`index_of`, :func:`resized`;
+  :class:`TensorSpec`, :class:`Chan`, :func:`index_of`, :func:`resized`, :func:`conv_terms`
+  (a conv call's layer kind and MACs factor for ``declare_layer``);
 * algorithms, regularizers and mask extractors: :class:`ChannelGraph`, :class:`Masks`,
   :class:`LearnContext`, :class:`LearnResult`, :func:`log_epoch`, :class:`CostModel`,
   :func:`cost_model_names`, :func:`divergence` and :data:`LEARNING_ADVICE`; their width rules:
@@ -35,7 +36,7 @@ from .fixed import PRODUCT as PRODUCT_OP
 from .fileio import atomic_path, atomic_write, sha256_bytes
 from .graph import ChannelGraph, Group
 from .guard import LEARNING_ADVICE, divergence
-from .handler import OpHandler, PropagateContext, RebuildContext, TensorSpec, index_of, resized
+from .handler import OpHandler, PropagateContext, RebuildContext, TensorSpec, conv_terms, index_of, resized
 from .labels import Chan
 from .masks import DEFAULT_THRESHOLD, Masks
 from .plugins import get_plugin_manager, hookimpl, lookup, plugin_names
@@ -47,7 +48,7 @@ from .tracing import eval_graph_module, flatten_outputs, model_mode, normalize_i
 
 __all__ = [
     "ArtifactError", "atomic_path", "Branch", "atomic_write", "Chan", "ChannelGraph", "ConfigError", "cost_model_names",
-    "CostModel", "count_macs", "DEFAULT_THRESHOLD", "divergence", "DnnshrinkError", "DnnshrinkWarning",
+    "conv_terms", "CostModel", "count_macs", "DEFAULT_THRESHOLD", "divergence", "DnnshrinkError", "DnnshrinkWarning",
     "emptiable_groups", "eval_graph_module", "export", "ExportError", "fastest_and_median", "flatten_outputs", "get_plugin_manager",
     "Group", "hookimpl", "index_of", "InputShapeCheck", "interleaved_times", "largest_fitting", "LAYER_TYPES",
     "layer_width", "LayerTable", "LearnContext", "LEARNING_ADVICE", "LearnResult", "log_epoch", "lookup",

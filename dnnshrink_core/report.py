@@ -127,10 +127,8 @@ def _cpu_attention_flops(query_shape: Any, key_shape: Any, value_shape: Any, *ar
 
 # kernels torch.utils.flop_counter has no formula for: scaled_dot_product_attention on the
 # CPU runs this one, and without it a ViT-style block's attention counted zero MACs
-_MISSED_BY_THE_COUNTER = {
-    op: _cpu_attention_flops for op in (getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None),)
-    if op is not None
-}
+_CPU_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_MISSED_BY_THE_COUNTER = {_CPU_ATTENTION: _cpu_attention_flops} if _CPU_ATTENTION is not None else {}
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> Dict[str, int]:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .graph import LayerCost
+from .handler import node_arg
 
 # what a profile may price; an activation not named here is priced as ``sigmoid`` (one
 # unfused pass through memory; see _ACTIVATION_MODULES)
@@ -122,15 +123,6 @@ def tensor_op_kind(node: fx.Node, module: Optional[nn.Module],
     return None
 
 
-def _lookup(trace: Any) -> Callable[[str], Optional[nn.Module]]:
-    def module(target: str) -> Optional[nn.Module]:
-        try:
-            return trace.get_submodule(target)
-        except AttributeError:
-            return None
-    return module
-
-
 def _positions(spec: Any, dim: int) -> Optional[float]:
     """Elements per channel and row of the leading dimension of a traced tensor with channels
     at ``dim`` (:meth:`~dnnshrink_core.tracing.TracedGraph.per_image` makes it per image)."""
@@ -156,11 +148,12 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
         module = trace.get_submodule(node.target) if node.op == "call_module" else None
-        kind = tensor_op_kind(node, module, _lookup(trace))
+        kind = tensor_op_kind(node, module, trace.get_submodule)
         out = trace.values.get(node)
         if kind is None or not isinstance(out, Chan) or not len(out.labels):
             continue
-        written = _positions(trace.specs.get(node), out.dim)
+        spec = trace.specs.get(node)
+        written = _positions(spec, out.dim)
         if written is None:
             continue
         written *= trace.per_image(node)
@@ -171,7 +164,6 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
                 read += (_positions(trace.specs.get(arg), value.dim) or 0.0) * trace.per_image(arg)
         units = graph.unit_of[out.labels]
         name = trace.module_names.get(node, node.name)
-        spec = trace.specs.get(node)
         rows = _rows(node, module, kind, spec)
         found.append(LayerCost(name, "tensor", units, units, 0.0, weight="-", op=kind,
                                positions=(read or written, written),
@@ -182,10 +174,15 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
 def _softmax_dim(node: fx.Node, module: Optional[nn.Module]) -> Any:
     if module is not None:
         return getattr(module, "dim", None)
-    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)  # (input or self, dim)
+    return node_arg(node, 1, "dim")  # (input or self, dim)
 
 
 _RMS = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+
+
+def _size(shape: Any, dim: Any) -> Optional[int]:
+    """``shape[dim]``, or None when ``dim`` is not a dimension of it."""
+    return shape[dim] if isinstance(dim, int) and -len(shape) <= dim < len(shape) else None
 
 
 def _rows(node: fx.Node, module: Optional[nn.Module], kind: str, spec: Any) -> Optional[float]:
@@ -198,19 +195,15 @@ def _rows(node: fx.Node, module: Optional[nn.Module], kind: str, spec: Any) -> O
     per_item = math.prod(shape[1:])
     length: Any = None
     if kind == "softmax":
-        dim = _softmax_dim(node, module)
-        length = shape[dim] if isinstance(dim, int) and -len(shape) <= dim < len(shape) else None
+        length = _size(shape, _softmax_dim(node, module))
     elif isinstance(module, (nn.LayerNorm,) + _RMS) or node.target in (F.layer_norm, getattr(F, "rms_norm", None)):
-        normalized = module.normalized_shape if module is not None else \
-            node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else None)
+        normalized = module.normalized_shape if module is not None else node_arg(node, 1, "normalized_shape")
         length = math.prod(normalized) if isinstance(normalized, (tuple, list)) else normalized
     elif isinstance(module, nn.GroupNorm) or node.target is F.group_norm:
-        groups = module.num_groups if module is not None else \
-            node.kwargs.get("num_groups", node.args[1] if len(node.args) > 1 else None)
+        groups = module.num_groups if module is not None else node_arg(node, 1, "num_groups")
         return float(groups) if isinstance(groups, int) and groups > 0 else None
     elif node.target is F.normalize:
-        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 1)
-        length = shape[dim] if isinstance(dim, int) and -len(shape) <= dim < len(shape) else None
+        length = _size(shape, node_arg(node, 2, "dim", 1))
     else:  # an instance norm: one row per channel
         length = math.prod(shape[2:]) if len(shape) > 2 else None
     return per_item / length if isinstance(length, int) and length > 0 else None

@@ -16,7 +16,7 @@ from typing import Any, List, Optional
 
 import numpy as np
 
-from dnnshrink_core.plugin_api import Chan, OpHandler, PropagateContext, RebuildContext, TensorSpec
+from dnnshrink_core.plugin_api import Chan, OpHandler, PropagateContext, RebuildContext, TensorSpec, conv_terms
 
 
 def _owner(path: str) -> str:
@@ -118,8 +118,8 @@ class ConvFunctionHandler(OpHandler):
         if bias is not None:
             ctx.tie(bias.labels, out_l)
         kernel = math.prod(wspec.shape[2:])
-        per_pair = kernel * math.prod(ctx.out_spec.shape[2:])
-        if groups > 1 and groups == cin:
+        kind, macs = conv_terms(cin, groups, kernel, math.prod(ctx.out_spec.shape[2:]))
+        if kind == "depthwise":
             multiplier = cout // groups
             ctx.tie(np.repeat(chan.labels, multiplier), out_l)
             if ctx.allow_rewrite:
@@ -127,7 +127,7 @@ class ConvFunctionHandler(OpHandler):
             else:
                 ctx.freeze(chan.labels, f"{ctx.describe()} has a literal `groups` in the code")
             guard = np.repeat(chan.guard, multiplier) & (b is None)
-            kind, macs, params = "depthwise", per_pair, kernel
+            params = kernel
         else:
             w_in = ctx.param_labels(w, 1, owner=label, role="in")
             ctx.tie(np.tile(w_in, groups), chan.labels)
@@ -136,7 +136,7 @@ class ConvFunctionHandler(OpHandler):
                 ctx.tie(out_l[opg:], np.tile(out_l[:opg], groups - 1))
             ctx.mixes(chan)
             guard = np.zeros(cout, dtype=bool)
-            kind, macs, params = ("grouped" if groups > 1 else "dense"), per_pair / groups, kernel / groups
+            params = kernel / groups
         ctx.declare_layer(kind, chan.labels, out_l, macs, params_coef=params, layer_name=_owner(path), weight=path)
         ctx.output(Chan(out_l, guard))
 

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import torch
 
-from dnnshrink_core.plugin_api import Chan, index_of, OpHandler, PropagateContext, RebuildContext, TensorSpec
+from dnnshrink_core.plugin_api import (Chan, conv_terms, index_of, OpHandler, PropagateContext, RebuildContext,
+                                       TensorSpec)
 
 
 def _all(keep: np.ndarray) -> bool:
@@ -37,11 +38,13 @@ class ConvHandler(OpHandler):
         in_l = ctx.module_labels("in", cin)
         out_l = ctx.module_labels("out", cout)
         ctx.tie(in_l, chan.labels)
-        if groups > 1 and groups == cin:
+        # MACs = coef * in * out (depthwise: coef * out); spatial size from the traced shapes
+        spatial = spec.shape[2:] if m.transposed else ctx.out_spec.shape[2:]
+        kind, coef = conv_terms(cin, groups, math.prod(m.kernel_size), math.prod(spatial))
+        if kind == "depthwise":
             multiplier = cout // groups
             ctx.tie(np.repeat(in_l, multiplier), out_l)
             guard = np.repeat(chan.guard, multiplier) & (m.bias is None)
-            kind = "depthwise"
         else:
             if groups > 1:
                 ipg, opg = cin // groups, cout // groups
@@ -49,11 +52,7 @@ class ConvHandler(OpHandler):
                 ctx.tie(out_l[opg:], np.tile(out_l[:opg], groups - 1))
             ctx.mixes(chan)
             guard = np.zeros(cout, dtype=bool)
-            kind = "grouped" if groups > 1 else "dense"
-        # MACs = coef * in * out (depthwise: coef * out); spatial size from the traced shapes
-        spatial = spec.shape[2:] if m.transposed else ctx.out_spec.shape[2:]
-        per_pair = math.prod(m.kernel_size) * math.prod(spatial)
-        ctx.declare_layer(kind, in_l, out_l, per_pair if kind == "depthwise" else per_pair / groups)
+        ctx.declare_layer(kind, in_l, out_l, coef)
         ctx.output(Chan(out_l, guard))
 
     def rebuild(self, ctx: RebuildContext) -> None:
