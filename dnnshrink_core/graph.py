@@ -114,8 +114,34 @@ class ChannelGraph:
                 store.freeze(second, why)
         self._resolve_units()
         self._build_groups()
+        if self._keep_layers_alive():
+            self._resolve_units()
+            self._build_groups()
 
     # --- construction ---------------------------------------------------------------
+    def _keep_layers_alive(self) -> bool:
+        """Freeze the first output channel of every layer whose outputs are only part of
+        their group (a concatenation of several layers' outputs joined to a residual, as
+        timm's ``MixedConv2d`` makes): a mask may empty such a layer while its group stays,
+        and a conv or linear layer with no output channel cannot be built. A layer that
+        is its group's only producer is kept alive by the group's own rule (one unit stays
+        unless the whole residual branch goes). Returns whether anything was frozen."""
+        group_size = np.bincount(self.unit_group, minlength=len(self.groups))
+        frozen = False
+        for node, info in self.traces[0].infos.items():
+            labels = info.get("out_labels") if info.get("layer") else None
+            if labels is None or not len(labels):
+                continue
+            units = np.unique(self.unit_of[labels])
+            if self.unit_frozen[units].any():
+                continue
+            groups = np.unique(self.unit_group[units])
+            if len(units) < group_size[groups].sum():
+                name = info.get("layer_name", self.traces[0].module_names.get(node, node.name))
+                self.store.freeze(np.asarray(labels)[:1], f"{name} keeps at least one output channel (its "
+                                  "outputs are only part of their group, beside other layers' outputs)")
+                frozen = True
+        return frozen
     def _resolve_units(self) -> None:
         store, units = self.store, self.num_units
         reason = np.full(units, -1, dtype=np.int64)

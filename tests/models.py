@@ -278,6 +278,25 @@ class SliceSplitChunkNet(nn.Module):
         return self.fc(torch.cat([w, g], 1).amax((2, 3)))
 
 
+class MixedConvNet(nn.Module):
+    """A conv split over channel pieces whose outputs are concatenated and joined to a
+    residual (timm's ``MixedConv2d`` in MixNet): each piece's layer is only part of a group."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.pieces = nn.ModuleList([nn.Conv2d(4, 6, 1, bias=False), nn.Conv2d(4, 6, 3, padding=1, bias=False)])
+        self.bn = nn.BatchNorm2d(12)
+        self.proj = conv_bn(8, 12, 1)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        parts = torch.split(x, [4, 4], 1)
+        y = self.bn(torch.cat([conv(parts[i]) for i, conv in enumerate(self.pieces)], 1)) + self.proj(x)
+        return self.fc(y.mean((2, 3)))
+
+
 class TransposedNet(nn.Module):
     """Encoder-decoder with transposed convs (dense and depthwise) and 1-D convs."""
 
@@ -330,4 +349,5 @@ HANDWRITTEN = {
     "slice_split_chunk": (SliceSplitChunkNet, (2, 3, 8, 8)),
     "transposed_and_1d": (TransposedNet, (2, 3, 8, 8)),
     "shared_and_aux": (SharedAndAuxNet, (2, 3, 8, 8)),
+    "mixed_conv": (MixedConvNet, (2, 3, 8, 8)),
 }

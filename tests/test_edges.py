@@ -14,7 +14,8 @@ from torch import nn
 import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel
 from dnnshrink_core.fileio import atomic_path, atomic_write
-from models import HANDWRITTEN
+from helpers import max_relative_error, zero_units
+from models import HANDWRITTEN, MixedConvNet
 
 
 def test_a_scale_equal_to_the_threshold_is_dead():
@@ -48,6 +49,28 @@ def test_unit_weights_are_the_finite_differences_of_the_cost(name):
             assert weights[u] == pytest.approx(costs.cost(with_u) - costs.cost(without_u), rel=1e-9, abs=1e-9), u
             tested += 1
     assert tested > 60
+
+
+def test_a_layer_that_is_only_part_of_its_group_keeps_an_output_channel():
+    """A mask that empties one piece of a concatenation joined to a residual would leave a
+    conv with no output channel, which cannot be built: its first channel is frozen."""
+    model, x = MixedConvNet().eval(), torch.randn(2, 3, 8, 8)
+    graph = ds.trace(model, x)
+    layers = {layer.name: layer for layer in graph.layers()}
+    first, second = layers["pieces.0"].out_units, layers["pieces.1"].out_units
+    assert graph.unit_frozen[[first[0], second[0]]].all()
+    assert not graph.unit_frozen[np.r_[first[1:], second[1:]]].any()
+    (reason,) = {graph.reasons[r] for r in graph.unit_reason[second[:1]]}
+    assert "pieces.1 keeps at least one output channel" in reason
+    # every other channel of the second piece removed: the network builds, runs and is exact
+    removed = second[1:]
+    zero_units(model, graph, removed)
+    keep = np.ones(graph.num_units, dtype=bool)
+    keep[removed] = False
+    small = ds.generate(model, x, {g.name: keep[g.units] for g in graph})
+    assert small.pieces[1].out_channels == 1 and small.pieces[0].out_channels == 6
+    with torch.no_grad():
+        assert max_relative_error(model(x), small(x)) < 1e-5
 
 
 def test_atomic_write_that_fails_part_way_leaves_the_old_file(tmp_path):
