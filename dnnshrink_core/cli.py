@@ -115,7 +115,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with _process_group(args.device or data.get("device")):
         run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
                    algorithm=args.algorithm, resume=args.resume, target=args.target,
-                   max_score_drop=args.max_score_drop, profile=args.profile)
+                   max_score_drop=args.max_score_drop, profile=args.profile,
+                   measure_target=args.measure_target or None)
     return 0
 
 
@@ -147,7 +148,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     with _process_group(args.device or data.get("device")):
         result = run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
                             algorithm=args.algorithm, target=args.target, max_score_drop=args.max_score_drop,
-                            profile=args.profile)
+                            profile=args.profile, measure_target=args.measure_target or None)
         if distributed.is_main():
             print(f"\nwrote {len(result.files)} files to {args.out}: "
                   + ", ".join(sorted(Path(p).name for p in result.files.values())))
@@ -232,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "for another resource the YAML form {resource: latency, value: 0.5}")
         p.add_argument("--profile", help="latency profile (JSON from `dnnshrink calibrate`) for latency targets, "
                                          "round_to: auto and the report (default: the shipped onnxruntime CPU one)")
+        p.add_argument("--measure-target", action="store_true",
+                       help="with a latency target: time the network with onnxruntime at a few widths before "
+                            "training and meet the target as measured, not only as the profile predicts")
         p.add_argument("--max-score-drop", type=float, metavar="DROP",
                        help="exit with 1 (after writing the report) if the shrunk model scores more than DROP "
                             "below the baseline")

@@ -377,3 +377,24 @@ def largest_fitting(build: Callable[[float], np.ndarray], cost: Callable[[np.nda
         else:
             high = mid
     return best
+
+
+def uniform_keep(graph: ChannelGraph, cost: Callable[[np.ndarray], float], budget: float, min_width: int = 1,
+                 round_to: Union[int, np.ndarray] = 1, steps: int = 40) -> np.ndarray:
+    """The uniform width multiplier at ``budget``: every group keeps the same share of its
+    removable units (its first ones; at least ``min_width`` and one unit, rounded up to the
+    group's multiple of ``round_to``), the largest share whose ``cost`` fits (bisection)."""
+    removable = graph.unit_removable
+    multiples = per_group_multiples(graph, round_to)
+
+    def build(share: float) -> np.ndarray:
+        keep = ~removable.copy()
+        for group, multiple in zip(graph.groups, multiples):
+            free = group.units[removable[group.units]]
+            n = max(int(math.ceil(share * len(free) - 1e-9)), min_width - (len(group.units) - len(free)), 1)
+            if multiple > 1:
+                n = int(math.ceil(n / multiple) * multiple)
+            keep[free[:min(n, len(free))]] = True
+        return keep
+
+    return largest_fitting(build, cost, budget, 0.0, 1.0, build(0.0), steps)

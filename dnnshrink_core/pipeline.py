@@ -41,7 +41,7 @@ from .generate import build
 from .masks import DEFAULT_THRESHOLD, Masks
 from .plugins import lookup
 from .report import Report, layer_report, report_markdown, summary_table, widths_against_uniform, widths_text
-from .target import check_reachable, resolve, smallest_cost
+from .target import Target, check_reachable, resolve, smallest_cost
 from .tracing import normalize_inputs
 from .validation import check_epochs, check_exporters, check_options
 
@@ -61,7 +61,11 @@ class ShrinkOptions:
     onnxruntime CPU profile); MorphNet then learns with ``morphnet_<resource>`` unless a
     ``regularizer`` is given. ``round_to``: ``"auto"`` rounds each group's width to the
     channel block the profile measured (a group smaller than the block keeps its width); an
-    int rounds every group to that multiple. ``onnx_latency``: time the exported ONNX of the
+    int rounds every group to that multiple. ``measure_target`` (latency targets): before
+    any training, time the network at a few widths with onnxruntime and work to the
+    predicted budget whose *measured* latency is the target, instead of the profile's word
+    (:mod:`dnnshrink_core.feedback`; a resumed run reuses the budget it measured).
+    ``onnx_latency``: time the exported ONNX of the
     baseline and the shrunk model with onnxruntime (the profile's threads) for the report.
     ``trust`` (MorphNet): how far the learned widths are followed below the budget where
     structure learning stopped, from 0 (the uniform multiplier's widths, MorphNet's chosen
@@ -100,6 +104,7 @@ class ShrinkOptions:
     anneal: bool = True
     depth: Union[bool, str] = "auto"
     profile: Optional[str] = None
+    measure_target: bool = False
     onnx_latency: bool = True
     compensate: bool = True
     device: Optional[str] = None
@@ -256,6 +261,7 @@ class _Run:
     trainee: Any = None
     writer: Any = None
     timed_onnx: Optional[Path] = None  # the shrunk model's ONNX this run exported for onnx_latency
+    measured: Any = None  # measure_target's MeasuredTarget
 
 
 def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, test: Callable,
@@ -298,6 +304,10 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
         _step(f"round_to {opts.round_to}: {note}")
     chooses_depth = bool(getattr(algorithm, "chooses_depth", False))
     depth = opts.depth is not False and chooses_depth
+    user_goal, measured = goal, None
+    if opts.measure_target:  # the predicted budget whose measured latency is the target
+        measured = distributed.on_main(lambda: _measure_target(opts, graph, work, inputs, costs, goal, round_to))
+        goal = Target("latency", fraction=measured.budget)
     minimum = None
     if opts.round_to == "auto" and not isinstance(round_to, int):
         # a target below the smallest rounded network, but not below the unrounded one: keep the
@@ -321,9 +331,51 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
                              grows=bool(getattr(algorithm, "grows_networks", False)), min_width=opts.min_width,
                              depth=depth and bool(graph.branches), deeper=deeper, constant=costs.constant)
     out_dir = distributed.on_main(lambda: _prepare_out_dir(opts))
+    if measured is not None and out_dir is not None:  # a resumed run works to the same budget
+        distributed.on_main(lambda: _save_measured(out_dir / MEASURED_TARGET, measured), share=False)
     checkpoints = Checkpoints(out_dir / "checkpoints") if out_dir is not None and main else None
-    return _Run(opts, algorithm, main, device, inputs, work, graph, goal, costs, round_notes, target, out_dir,
-                checkpoints)
+    return _Run(opts, algorithm, main, device, inputs, work, graph, user_goal, costs, round_notes, target, out_dir,
+                checkpoints, measured=measured)
+
+
+def _measure_target(opts: ShrinkOptions, graph: Any, work: nn.Module, inputs: tuple, costs: CostModel,
+                    goal: Target, round_to: Any) -> Any:
+    """``measure_target``: the predicted latency budget whose measured onnxruntime latency is
+    the target (:mod:`dnnshrink_core.feedback`), or, when resuming, the one the run measured."""
+    from .feedback import MeasuredTarget, measured_budget
+
+    runtime = costs.resource.runtime
+    if runtime.get("name") != "onnxruntime" or runtime.get("device", "cpu") != "cpu":
+        raise ConfigError(f"measure_target times the network with onnxruntime on the CPU; the latency profile is "
+                          f"for {runtime.get('name')} on {runtime.get('device')}. Use an onnxruntime CPU profile "
+                          "(dnnshrink calibrate --runtime onnxruntime), or drop measure_target.")
+    saved = Path(opts.out_dir) / MEASURED_TARGET if opts.out_dir is not None else None
+    if opts.resume and saved is not None and saved.is_file():
+        try:
+            if saved.stat().st_size > 1 << 20:
+                raise ValueError("larger than any measured target")
+            measured = MeasuredTarget.from_dict(json.loads(saved.read_text()))
+        except (ValueError, UnicodeDecodeError) as exc:  # json's errors are ValueErrors
+            raise DnnshrinkError(f"{saved} is not a measured target written by dnnshrink ({exc}); delete it to "
+                                 "measure again") from None
+        if measured.asked == goal:
+            _step(f"measure_target: the budget measured before, {measured.budget:.3f} of the predicted latency "
+                  f"for {measured.target:.3f} measured")
+            return measured
+        _step(f"measure_target: the run before measured for another target ({measured.asked}): measuring again")
+    minimum = smallest_cost(graph, costs, opts.min_width, round_to)
+    threads = int(runtime.get("threads", 2))
+    _step(f"measure_target: timing the network with onnxruntime ({threads} threads) to set the budget")
+    measured = measured_budget(graph, work, inputs, costs, goal, round_to, opts.min_width, minimum, threads,
+                               log=_step)
+    _step(f"measure_target: {measured.target:.3f} of the baseline's measured latency ({measured.baseline_ms:.3g} "
+          f"ms) is {measured.budget:.3f} of its predicted latency")
+    return measured
+
+
+def _save_measured(path: Path, measured: Any) -> None:
+    with atomic_write(path, "w") as handle:
+        json.dump(measured.to_dict(), handle, indent=2)
 
 
 def _baseline(run: _Run, train: Optional[Callable], test: Callable) -> None:
@@ -483,6 +535,8 @@ def _report(run: _Run, learned: LearnResult, shrunk: nn.Module, score: float, di
         drop = run.baseline_score - score
         report.extra["score_check"] = {"max_score_drop": opts.max_score_drop, "drop": drop,
                                        "passed": drop <= opts.max_score_drop}
+    if run.measured is not None:
+        report.extra["structure_learning"]["measured_target"] = run.measured.to_dict()
     if opts.onnx_latency and "onnx" in opts.exporters:
         report.extra["onnx_latency"] = _onnx_latency(run, shrunk)
     return report
@@ -613,6 +667,7 @@ def _tensorboard(out_dir: Optional[Path], opts: ShrinkOptions) -> Any:
 
 # the shrunk model's ONNX as the measured latency exported it, until _write_outputs names it
 TIMED_ONNX = ".model.timed.onnx"
+MEASURED_TARGET = "measured_target.json"  # measure_target's budget, read back by a resumed run
 
 
 def _write_outputs(result: ShrinkResult, baseline: nn.Module, inputs: tuple, out_dir: Path,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cost import largest_fitting
+from .cost import uniform_keep
 from .fileio import atomic_path, atomic_write
 from .tracing import model_mode, normalize_inputs
 
@@ -182,23 +182,7 @@ def uniform_widths(graph: Any, cost: Any, budget: float, min_width: int = 1, mul
                    steps: int = 40) -> Dict[str, int]:
     """Per group, the width a uniform width multiplier gives at ``budget`` MACs: every group
     keeps the same share of its removable units, the largest share that fits (bisection)."""
-    import math
-
-    import numpy as np
-
-    removable = graph.unit_removable
-
-    def build(share: float) -> np.ndarray:
-        keep = ~removable.copy()
-        for group in graph.groups:
-            free = group.units[removable[group.units]]
-            n = max(int(math.ceil(share * len(free) - 1e-9)), min_width - (len(group.units) - len(free)), 1)
-            if multiple > 1:
-                n = int(math.ceil(n / multiple) * multiple)
-            keep[free[:min(n, len(free))]] = True
-        return keep
-
-    best = largest_fitting(build, cost, budget, 0.0, 1.0, build(0.0), steps)
+    best = uniform_keep(graph, cost, budget, min_width, multiple, steps)
     return {g.name: int(best[g.units].sum()) for g in graph.groups}
 
 

@@ -92,9 +92,13 @@ def check_options(options: Mapping[str, Any], hints: Mapping[str, Any], where: s
         if problem:
             raise ConfigError(f"{where}{noun} {key!r} {problem}")
     try:
-        resolve(options.get("target"), options.get("target_macs"))
+        goal = resolve(options.get("target"), options.get("target_macs"))
     except TargetError as exc:
         raise TargetError(f"{where}{exc}") from None
+    if options.get("measure_target") and goal.resource != "latency":
+        raise ConfigError(f"{where}{noun} 'measure_target' applies to latency targets; the target is "
+                          f"{goal}, which is counted exactly. Drop measure_target, or give "
+                          "target: {resource: latency, value: ...}")
 
 
 def check_epochs(max_epochs: int, algorithm: Any, where: str = "", noun: str = "option") -> None:
