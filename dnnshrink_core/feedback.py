@@ -137,6 +137,9 @@ class OnnxRatio:
         self._folder = tempfile.TemporaryDirectory(prefix="dnnshrink-measure-")
         self.baseline = self._session(baseline, "baseline")
         self.baseline_s = math.inf
+        from .timing import runs_for
+
+        self.runs = runs_for({"baseline": self.baseline[0]}, {"baseline": self.baseline[1]}, runs)
 
     def _session(self, model: Any, name: str) -> Tuple[Any, dict]:
         from .export import export

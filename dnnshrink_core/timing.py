@@ -3,6 +3,7 @@ latency profile do: CPU provider, fixed intra-op threads, variants interleaved, 
 and median of repeated runs."""
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
@@ -79,4 +80,13 @@ def onnx_latency(models: Mapping[str, Any], inputs: tuple, threads: int, rounds:
             s = sessions[label] = session(str(path), threads)
             feeds[label] = {i.name: np.asarray(x.numpy() if hasattr(x, "numpy") else x)
                             for i, x in zip(s.get_inputs(), cpu_inputs)}
-        return fastest_and_median(interleaved_times(sessions, feeds, rounds, runs))
+        return fastest_and_median(interleaved_times(sessions, feeds, rounds, runs_for(sessions, feeds, runs)))
+
+
+def runs_for(sessions: Mapping[str, Any], feeds: Mapping[str, dict], runs: int, turn_s: float = 0.02,
+             most: int = 200) -> int:
+    """Runs per turn for :func:`interleaved_times`: at least ``runs``, and enough that the
+    fastest session's turn lasts about ``turn_s`` (at most ``most``). A small network runs in
+    tens of microseconds; the fastest of four such runs is mostly the machine's noise."""
+    once = min(min(t) for t in interleaved_times(sessions, feeds, 1, 3, warmup=1).values())
+    return max(runs, min(most, math.ceil(turn_s / max(once, 1e-7))))
