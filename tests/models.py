@@ -238,7 +238,22 @@ class GenerateGraphNet(nn.Module):
 
 
 class UnknownOpNet(nn.Module):
-    """A batched matrix product over channels (`torch.bmm`) that no default handler understands."""
+    """A cumulative sum over the channels (`torch.cumsum`) that no default handler understands."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = conv_bn(3, 16)
+        self.b = conv_bn(16, 16)
+        self.c = conv_bn(16, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.cumsum(self.a(x), dim=1)
+        return self.fc(self.c(self.b(x)).mean((2, 3)))
+
+
+class ChannelAttentionNet(nn.Module):
+    """Attention over the channels with batched matrix products (`torch.bmm`, `baddbmm`)."""
 
     def __init__(self):
         super().__init__()
@@ -251,8 +266,8 @@ class UnknownOpNet(nn.Module):
         x = self.a(x)
         n, c, h, w = x.shape
         flat = x.flatten(2)
-        attn = torch.softmax(torch.bmm(flat, flat.transpose(1, 2)) / h, dim=-1)  # (n, c, c)
-        x = torch.bmm(attn, flat).view(n, c, h, w)
+        scores = torch.baddbmm(flat.new_zeros(n, c, c), flat, flat.transpose(1, 2), alpha=1.0 / h)
+        x = torch.bmm(torch.softmax(scores, dim=-1), flat).view(n, c, h, w)  # (n, c, c) @ (n, c, hw)
         return self.fc(self.c(self.b(x)).mean((2, 3)))
 
 
@@ -346,6 +361,7 @@ HANDWRITTEN = {
     "backbone_only": (BackboneOnlyNet, (2, 3, 8, 8)),
     "generate_graph": (GenerateGraphNet, (2, 3, 8, 8)),
     "unknown_op": (UnknownOpNet, (2, 3, 6, 6)),
+    "channel_attention": (ChannelAttentionNet, (2, 3, 6, 6)),
     "slice_split_chunk": (SliceSplitChunkNet, (2, 3, 8, 8)),
     "transposed_and_1d": (TransposedNet, (2, 3, 8, 8)),
     "shared_and_aux": (SharedAndAuxNet, (2, 3, 8, 8)),

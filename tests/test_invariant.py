@@ -3,6 +3,8 @@ zeros, so removing them leaves every output unchanged, with fewer parameters."""
 from __future__ import annotations
 
 
+import warnings
+
 import pytest
 import torch
 from torch import fx
@@ -100,12 +102,33 @@ def test_unknown_op_warns_and_keeps_its_channels():
     factory, shape = HANDWRITTEN["unknown_op"]
     model = kill_half(factory()).eval()
     x = torch.randn(shape)
-    with pytest.warns(ds.UnknownOpWarning, match=r"torch\.bmm.*dnnshrink_op_handler"):
+    with pytest.warns(ds.UnknownOpWarning, match=r"torch\.cumsum.*dnnshrink_op_handler"):
         graph = ds.trace(model, x)
-    assert not graph.group_of("a.0").removable.any()  # feeds the bmm: frozen
+    assert not graph.group_of("a.0").removable.any()  # feeds the cumsum: frozen
     assert graph.group_of("b.0").removable.all()  # after it: still prunable
     small = ds.generate(model, x, ds.alive_masks(model, x))
     assert small.a[0].out_channels == 16 and small.b[0].out_channels < 16
+    with torch.no_grad():
+        assert max_relative_error(model(x), small(x)) < TOLERANCE
+
+
+def test_products_of_two_activations_are_known_ops_that_keep_their_channels():
+    """``bmm``/``baddbmm`` of activations (attention over channels) mix every channel: no
+    warning, the channels they read are kept, what comes after stays prunable, and the
+    products are priced as a constant."""
+    from dnnshrink_core.cost import CostModel
+
+    factory, shape = HANDWRITTEN["channel_attention"]
+    model = kill_half(factory()).eval()
+    x = torch.randn(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ds.UnknownOpWarning)
+        graph = ds.trace(model, x)
+    assert not graph.group_of("a.0").removable.any() and graph.group_of("b.0").removable.all()
+    assert sorted(f.op for f in graph.fixed()) == ["matmul", "matmul"]
+    assert CostModel(graph, model, "flops").constant == 2 * 16 * 16 * 36  # two (16×36)·(36×16)-sized products
+    small = ds.generate(model, x, ds.alive_masks(model, x))
+    assert small.b[0].out_channels < 16
     with torch.no_grad():
         assert max_relative_error(model(x), small(x)) < TOLERANCE
 
