@@ -33,7 +33,7 @@ from dnnshrink_plugins.costs.latency import TENSOR_KINDS, Profile, load_profile
 from common import judge_profiles, whole_and_thin
 
 
-def one_timing(shipped: Profile, rounds: int) -> dict:
+def one_timing(shipped: Profile, rounds: int, extra: tuple = ()) -> dict:
     """Time the sweep and the networks once, fit every model, and return each model's errors."""
     print(f"1-minute load average at the start: {os.getloadavg()[0]:.2f}", flush=True)
     multiples = {kind: c.channel_multiple for kind, c in shipped.ops.items()}
@@ -52,11 +52,15 @@ def one_timing(shipped: Profile, rounds: int) -> dict:
                                       fused if tensor else TENSOR_KINDS)
             models_to_judge[label + (" + tensor ops" if tensor else "")] = Profile(
                 shipped.runtime, per_run, ops, {"sweep_mean_abs_error_pct": stats["sweep_mean_abs_error_pct"]})
+    # every tensor kind with a per-position cost of its own (the fit before the tenth session)
+    ops, per_run, stats = fit(samples, shipped.batch, multiples, True, fused, position_kinds=TENSOR_KINDS)
+    models_to_judge["thin chains + per position + tensor ops, every kind per position"] = Profile(
+        shipped.runtime, per_run, ops, {"sweep_mean_abs_error_pct": stats["sweep_mean_abs_error_pct"]})
     print(f"1-minute load average after the sweep: {os.getloadavg()[0]:.2f}", flush=True)
 
     torch.manual_seed(0)
     x = torch.randn(shipped.batch, 3, 224, 224)
-    models = {name: torchvision.models.get_model(name, weights=None).eval() for name in VALIDATION_MODELS}
+    models = {name: torchvision.models.get_model(name, weights=None).eval() for name in VALIDATION_MODELS + extra}
     judged = judge_profiles(models_to_judge, whole_and_thin(models, x), x, 6, 3)
     print(f"1-minute load average at the end: {os.getloadavg()[0]:.2f}")
     results = {}
@@ -64,7 +68,8 @@ def one_timing(shipped: Profile, rounds: int) -> dict:
         errors = {name: row["error_pct"][label] / 100 for name, row in judged.items()}
         whole = float(np.mean([abs(e) for n, e in errors.items() if " x" not in n]))
         thin = float(np.mean([abs(e) for n, e in errors.items() if " x" in n]))
-        ratio = float(np.mean([abs((1 + errors[f"{n} x0.25"]) / (1 + errors[n]) - 1) for n in VALIDATION_MODELS]))
+        ratio = float(np.mean([abs((1 + errors[f"{n} x0.25"]) / (1 + errors[n]) - 1)
+                               for n in VALIDATION_MODELS + extra]))
         results[label] = {"whole_mean_abs_error_pct": 100 * whole, "thin_mean_abs_error_pct": 100 * thin,
                           "ratio_mean_abs_error_pct": 100 * ratio,
                           "errors_pct": {n: round(100 * e, 1) for n, e in errors.items()},
@@ -81,6 +86,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=1, help="independent timings, each fitted and judged")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--also", nargs="*", default=[], help="more torchvision networks to judge the models on")
     args = parser.parse_args()
     torch.set_num_threads(2)
     shipped = load_profile(None)
@@ -88,7 +94,7 @@ def main() -> None:
     for r in range(args.repeat):
         if args.repeat > 1:
             print(f"--- timing {r + 1} of {args.repeat}")
-        runs.append(one_timing(shipped, args.rounds))
+        runs.append(one_timing(shipped, args.rounds, tuple(args.also)))
     summary = {}
     if args.repeat > 1:
         print(f"--- over {args.repeat} timings: mean (worst) absolute error of the whole networks, the thin ones, "

@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import TargetError
 from .target import Target
+from .timing import interleaved_times, runs_for, session
 
 PROBES = 3  # timed structures at most: each is generated, exported and timed once
 TOLERANCE = 0.03  # a probe within 3% of the target (measured) ends the search
@@ -137,13 +138,10 @@ class OnnxRatio:
         self._folder = tempfile.TemporaryDirectory(prefix="dnnshrink-measure-")
         self.baseline = self._session(baseline, "baseline")
         self.baseline_s = math.inf
-        from .timing import runs_for
-
         self.runs = runs_for({"baseline": self.baseline[0]}, {"baseline": self.baseline[1]}, runs)
 
     def _session(self, model: Any, name: str) -> Tuple[Any, dict]:
         from .export import export
-        from .timing import session
 
         path = Path(self._folder.name) / f"{name}.onnx"
         with warnings.catch_warnings():
@@ -154,8 +152,6 @@ class OnnxRatio:
         return s, feed
 
     def __call__(self, model: Any) -> float:
-        from .timing import interleaved_times
-
         probe = self._session(model, "probe")
         (base, base_feed), (s, feed) = self.baseline, probe
         times = interleaved_times({"baseline": base, "probe": s}, {"baseline": base_feed, "probe": feed},

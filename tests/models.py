@@ -237,8 +237,8 @@ class GenerateGraphNet(nn.Module):
         return {"main": out, "aux": self.aux(f)}
 
 
-class UnknownOpNet(nn.Module):
-    """A cumulative sum over the channels (`torch.cumsum`) that no default handler understands."""
+class ThreeConvNet(nn.Module):
+    """Three convs and a head; subclasses put an op between the first two."""
 
     def __init__(self):
         super().__init__()
@@ -246,21 +246,18 @@ class UnknownOpNet(nn.Module):
         self.b = conv_bn(16, 16)
         self.c = conv_bn(16, 8)
         self.fc = nn.Linear(8, 3)
+
+
+class UnknownOpNet(ThreeConvNet):
+    """A cumulative sum over the channels (`torch.cumsum`) that no default handler understands."""
 
     def forward(self, x):
         x = torch.cumsum(self.a(x), dim=1)
         return self.fc(self.c(self.b(x)).mean((2, 3)))
 
 
-class ChannelAttentionNet(nn.Module):
+class ChannelAttentionNet(ThreeConvNet):
     """Attention over the channels with batched matrix products (`torch.bmm`, `baddbmm`)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = conv_bn(3, 16)
-        self.b = conv_bn(16, 16)
-        self.c = conv_bn(16, 8)
-        self.fc = nn.Linear(8, 3)
 
     def forward(self, x):
         x = self.a(x)

@@ -43,6 +43,7 @@ CANDIDATES = (4, 8, 16, 32, 64)
 # microseconds per activation, which over-priced every network full of them by half. Eager
 # PyTorch pays its dispatch per op (tens of microseconds on a CPU), so it has no such bound.
 TENSOR_OVERHEAD_S = 2e-6
+POSITION_KINDS = ("pool",) + PASSES  # the tensor kinds whose cost per output position is fitted
 # the most a grouped conv's fixed cost may be fitted: onnxruntime runs groups of 2-8 channels
 # 4-10x slower per MAC than groups of 16, at a cost that varies little with the shape, and
 # left free the fit put it all in a 180 us overhead per call, which priced RegNetX-400MF at
@@ -484,7 +485,8 @@ class Terms:
 
 def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Dict[str, int],
         per_position: bool = False, fused: Sequence[str] = (), tensor_overhead_s: float = TENSOR_OVERHEAD_S,
-        grouped_overhead_s: float = GROUPED_OVERHEAD_S) -> Tuple[Dict[str, OpConstants], float, Dict[str, float]]:
+        grouped_overhead_s: float = GROUPED_OVERHEAD_S, position_kinds: Sequence[str] = POSITION_KINDS
+        ) -> Tuple[Dict[str, OpConstants], float, Dict[str, float]]:
     """Fit the roofline constants to ``(chain, seconds)`` samples; returns the constants per
     kind, the per-run overhead (ms) and fit statistics (relative errors in %). With
     ``per_position``, a cost per output position per op kind is fitted too. Grouped convs,
@@ -494,7 +496,8 @@ def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Di
     ``fused`` into the conv before it (:meth:`OnnxBackend.separate_kinds`), is left out of the
     profile: it costs nothing.
     ``tensor_overhead_s`` / ``grouped_overhead_s``: the most a tensor op's / a grouped conv's
-    overhead may be fitted (the backend's attributes of those names)."""
+    overhead may be fitted (the backend's attributes of those names). ``position_kinds``: the
+    tensor kinds that get a per-position cost (the layers always do)."""
     from scipy.optimize import least_squares
 
     terms = [Terms.of_chain(ops, batch, multiples).without(fused) for ops, _ in samples]
@@ -516,6 +519,11 @@ def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Di
     bw_of = np.array([1 if kind == "linear" else 0 for kind in layer_kinds] + list(range(2, 2 + n - nc)))
     nb = 2 + n - nc
     extra = n if per_position else 0  # per-position seconds, at most a microsecond
+    # an elementwise pass (activation, multiply, add, concatenation, transpose) costs per
+    # element, which its bandwidth prices: a per-position term of its own is not in what it
+    # does, and fitted freely it took what a busy machine added (a multiply at 39 ns a
+    # position). Pooling (its window) and the row-wise passes (per row) keep theirs.
+    no_position = np.array([k in TENSOR_KINDS and k not in position_kinds for k in kinds])
 
     def unpack(theta: np.ndarray) -> Tuple[np.ndarray, ...]:
         peak = np.r_[np.exp(theta[0:nc]), np.full(n - nc, np.inf)]  # tensor ops compute nothing
@@ -544,7 +552,8 @@ def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Di
         lower = np.r_[np.full(2 * nc + nb, math.log(1e6)), np.zeros(n + 1 + extra)]
         layer_bounds = [grouped_overhead_s if k == GROUPED else 1e-2 for k in layer_kinds]
         upper = np.r_[np.full(2 * nc + nb, math.log(1e14)), layer_bounds, np.full(n - nc, tensor_overhead_s), 1e-2,
-                      np.full(extra, 1e-6)]
+                      np.where(no_position, 1e-15, 1e-6)[:extra]]
+        theta0[len(theta0) - extra:] = np.minimum(theta0[len(theta0) - extra:], upper[len(upper) - extra:] / 2)
         result = least_squares(residual, theta0, bounds=(lower, upper), x_scale="jac")
         if best is None or result.cost < best.cost:
             best = result
