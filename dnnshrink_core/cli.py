@@ -61,7 +61,7 @@ def _reach(model: Any, graph: Any, profile: Optional[str]) -> str:
     channels, ``round_to: auto``), by channels alone and with the droppable residual blocks
     gone: what a target below is refused for; and the share no channel cut changes."""
     from .cost import CostModel, resolve_round_to
-    from .target import smallest_cost
+    from .target import notable_constant, smallest_cost
 
     if not graph.unit_removable.any():
         return "no removable channel: no target below the baseline can be met"
@@ -75,7 +75,7 @@ def _reach(model: Any, graph: Any, profile: Optional[str]) -> str:
         if graph.branches:
             deep = smallest_cost(graph, costs, 1, multiples, depth=True) / costs.initial
             line += f" ({deep:.1%} with the {len(graph.branches)} droppable residual blocks gone, depth: auto)"
-        if costs.constant >= 0.01 * costs.initial:
+        if notable_constant(costs.constant, costs.initial):
             line += f"; {costs.constant / costs.initial:.1%} no channel cut changes"
         if name == "latency":
             line += f"; predicted {costs.initial:.3g} ms, {costs.resource.profile.describe()}"

@@ -211,6 +211,11 @@ def resolve(target: Any = None, target_macs: Any = None, where: str = "") -> Tar
     return Target("macs", fraction=0.5)
 
 
+def notable_constant(constant: float, baseline: float) -> bool:
+    """Whether what no channel cut changes is worth saying (1% of the baseline or more)."""
+    return constant >= 0.01 * baseline
+
+
 def smallest_cost(graph: Any, costs: Any, min_width: int = 1, round_to: Any = 1, depth: bool = False) -> float:
     """The cost of the smallest network the model can become: every group keeps its
     units that cannot be removed and, if that is fewer, grows to ``min_width`` (at least
@@ -258,7 +263,7 @@ def check_reachable(target: Target, baseline: float, minimum: float, *, key: str
             why = (f"every removable channel group at its minimum width ({max(min_width, 1)} unit"
                    f"{'s' if min_width > 1 else ''})" + (" and every residual block that can go dropped whole"
                                                          if depth else ""))
-            if constant >= 0.01 * baseline:
+            if notable_constant(constant, baseline):
                 why += (f"; {constant / baseline:.0%} of the baseline is what no channel cut changes (attention's "
                         "matrix products, layers the graph cannot follow)")
         asked = f"{target}" if target.amount is not None else f"{target} ({_fmt(amount)} {unit})"
