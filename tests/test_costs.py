@@ -541,3 +541,18 @@ def test_calibrate_says_what_is_wrong_with_a_check_model_before_timing_anything(
     err = capsys.readouterr().err
     assert status != 0 and words in err, err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_the_check_reports_the_error_of_the_thin_share_apart_from_the_machines_speed():
+    """A sweep timed on a slower machine than the check predicts every network 20% slow: the
+    whole and thin errors say so, the thin/whole share (what a share target rests on) is
+    exact; a miss on the thin network alone shows in the share."""
+    from dnnshrink_plugins.costs.calibrate import share_errors
+
+    def rows(whole_error, thin_error):
+        return [{"model": "net", "thin": False, "predicted_ms": 10 * (1 + whole_error), "measured_ms": 10.0},
+                {"model": "net x0.25", "thin": True, "predicted_ms": 2 * (1 + thin_error), "measured_ms": 2.0},
+                {"model": "mine", "thin": False, "extra": True, "predicted_ms": 5.0, "measured_ms": 5.0}]
+
+    assert share_errors(rows(0.2, 0.2)) == [pytest.approx(0.0, abs=1e-9)]
+    assert share_errors(rows(0.0, -0.25)) == [pytest.approx(25.0)]

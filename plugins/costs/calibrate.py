@@ -650,6 +650,16 @@ def validate(backend: Any, profile: Profile, models: Sequence[str] = VALIDATION_
     return rows
 
 
+def share_errors(rows: Sequence[Mapping[str, Any]]) -> List[float]:
+    """Per network of :func:`validate`'s rows with a thin version, the error (%) of the
+    predicted thin/whole latency ratio: what a latency target given as a share of the
+    baseline rests on. A machine that ran the sweep and the check at different speeds moves
+    the whole and thin errors together and leaves this one."""
+    errors = {r["model"]: r["predicted_ms"] / r["measured_ms"] for r in rows}
+    return [100 * abs(errors[r["model"]] / errors[r["model"].rsplit(" ", 1)[0]] - 1)
+            for r in rows if r["thin"] and r["model"].rsplit(" ", 1)[0] in errors]
+
+
 def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, device: str = "cpu",
               out: Optional[Any] = None, check: bool = True, rounds: int = 12,
               log: Callable[[str], None] = print, per_position: bool = True,
@@ -727,10 +737,14 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
         whole = [abs(r["error_pct"]) for r in rows if not r["thin"] and not r["extra"]]
         thin = [abs(r["error_pct"]) for r in rows if r["thin"] and not r["extra"]]
         calibration["validation"] = rows
+        share = share_errors(rows)
         calibration["validation_mean_abs_error_pct"] = round(float(np.mean(whole)), 1)
         calibration["validation_thin_mean_abs_error_pct"] = round(float(np.mean(thin)), 1)
+        calibration["validation_share_mean_abs_error_pct"] = round(float(np.mean(share)), 1) if share else None
         log(f"  mean absolute error {np.mean(whole):.1f}% (whole networks), {np.mean(thin):.1f}% (at "
-            f"{THIN_SHARE:g} of their widths)" + (f", over the {len(whole)} torchvision networks" if check_models else ""))
+            f"{THIN_SHARE:g} of their widths)" + (f", over the {len(whole)} torchvision networks" if check_models else "")
+            + (f"; {np.mean(share):.1f}% on the thin network's share of the whole one's latency (what a target "
+               "given as a share of the baseline rests on)" if share else ""))
     calibration["seconds"] = round(time.perf_counter() - start, 1)
     calibration["load_average_1min_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     if out is not None:
