@@ -106,6 +106,23 @@ def test_measure_target_with_a_target_counted_exactly_is_refused_before_any_work
     assert not called and not (tmp_path / "run").exists()
 
 
+def test_measure_target_with_a_profile_of_another_runtime_is_refused_before_any_work(tmp_path):
+    from dnnshrink_plugins.costs.latency import load_profile
+
+    shipped = load_profile(None)
+    path = tmp_path / "gpu.json"
+    type(shipped)({**shipped.runtime, "name": "torch", "device": "cuda"}, shipped.overhead_ms, shipped.ops,
+                  shipped.calibration).save(path)
+    called = []
+    with pytest.raises(ConfigError, match="times the network with onnxruntime on the CPU; the latency profile is "
+                                          "for torch on cuda"):
+        shrink(small_cnn(), torch.randn(1, 3, 32, 32), train_one_epoch=lambda m, lr: called.append(1),
+               test=lambda m: called.append(1) or 0.0, target="latency:0.5", measure_target=True,
+               profile=str(path), algorithm="magnitude", finetune=False, out_dir=str(tmp_path / "run"),
+               progress=False)
+    assert not called and not (tmp_path / "run").exists()
+
+
 def one_step(model, lr):
     """One optimizer step (MorphNet's penalty rides on it)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
