@@ -589,7 +589,7 @@ def _onnx_latency(run: _Run, shrunk: nn.Module) -> Dict[str, Any]:
     try:
         timed = onnx_latency({"baseline": copy.deepcopy(baseline).cpu().eval(),
                               "shrunk": copy.deepcopy(shrunk).cpu().eval()}, inputs, threads,
-                             rounds=max(2, opts.latency_runs // 4), runs=4, keep=keep)
+                             rounds=max(2, opts.latency_runs // 4), runs=4, keep=keep, timed_only=["baseline"])
     except Exception as exc:  # said in the report, not fatal: the files are still written
         if keep is not None:
             keep["shrunk"].unlink(missing_ok=True)
