@@ -5,7 +5,7 @@ times the exported baseline and shrunk networks with onnxruntime (the profile's 
 interleaved), which is what a target should land on.
 
     python bench/bench_measured_target.py --timm rexnet_100 ghostnet_100 --tv mobilenet_v2 \\
-        [--target 0.5] [--json rows.json]
+        [--yolo yolov8n.yaml] [--target 0.5] [--json rows.json]
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from dnnshrink_core.errors import TargetError
 from dnnshrink_core.pipeline import shrink
 
 from bench_profiles import build
@@ -46,19 +47,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timm", nargs="*", default=[])
     parser.add_argument("--tv", nargs="*", default=[])
+    parser.add_argument("--yolo", nargs="*", default=[], help="ultralytics model yamls (yolov8n.yaml…)")
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     x = imagenet_setup()
     rows = []
     print(f"{'network':<26}{'mode':>10}{'predicted':>11}{'fastest':>9}{'median':>8}{'probes':>8}{'s':>6}")
-    for source, names in (("timm", args.timm), ("torchvision", args.tv)):
+    for source, names in (("timm", args.timm), ("torchvision", args.tv), ("ultralytics", args.yolo)):
         for name in names:
             model = build(name, source)
             for measure in (False, True):
                 with tempfile.TemporaryDirectory() as out:
-                    row = {"model": name, "target": args.target, "measure_target": measure,
-                           **run(model, x, args.target, measure, out)}
+                    try:
+                        row = {"model": name, "target": args.target, "measure_target": measure,
+                               **run(model, x, args.target, measure, out)}
+                    except TargetError as exc:  # refused before any work: said, not a row
+                        print(f"{name:<26}{'measured' if measure else 'predicted':>10}  refused: {exc}")
+                        continue
                 rows.append(row)
                 print(f"{name:<26}{'measured' if measure else 'predicted':>10}{row['predicted']:>11.3f}"
                       f"{row['measured_fastest']:>9.3f}{row['measured_median']:>8.3f}"

@@ -265,3 +265,34 @@ def test_a_network_only_timed_is_checked_loosely_and_a_failed_export_names_its_l
     with pytest.raises(ExportError, match=r"^shrunk: onnxruntime's output differs from PyTorch's: relative error "):
         onnx_latency({"baseline": Noisy(0.0).eval(), "shrunk": Noisy(1e-3).eval()}, (x,), 2, rounds=2, runs=2,
                      timed_only=["baseline"])
+
+
+class CachingHead(nn.Module):
+    """A forward that caches what it computes from the input's shape on its module, as
+    ultralytics' Detect head keeps its anchors and the shape they were made for."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.shape, self.grid = None, None
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.shape != y.shape:
+            self.grid, self.shape = torch.arange(y.shape[-1], dtype=y.dtype), y.shape
+        return y + self.grid
+
+
+def test_exporting_a_model_that_caches_on_its_modules_leaves_the_model_working(tmp_path):
+    model, x = CachingHead().eval(), torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    # the cached shape holds the batch: torch's exporter fixes it, which is said, not a failure
+    with pytest.warns(ds.DnnshrinkWarning, match="fixed the batch size of CachingHead to 1"):
+        result = ds.export(model, x, "onnx", tmp_path / "m.onnx")
+    assert result["dynamic_batch"] is False
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():  # the exporter's symbolic values did not stay on the model
+        assert torch.equal(model(x), before) and model(torch.cat([x, x])).shape[0] == 2
+    assert type(model.grid) is torch.Tensor and np.allclose(out, before.numpy(), atol=1e-5)

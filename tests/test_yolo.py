@@ -3,6 +3,7 @@
 dead channels are removed exactly."""
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -37,6 +38,21 @@ def test_yolov8n_dead_channels_are_removed_exactly(tmp_path):
     assert loaded.dnnshrink_manifest["specialized"] is True
     with torch.no_grad():
         assert max_relative_error(small(x), loaded(x)) < 1e-6
+
+
+def test_yolov8n_exports_to_onnx_and_still_runs_after(tmp_path):
+    """The Detect head keeps its anchors and the input's shape on the module: exporting the
+    model itself once left the exporter's symbolic values there (every later call failed)."""
+    model = tasks.DetectionModel("yolov8n.yaml", verbose=False).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():  # a copy's: the head of the model exported has cached nothing yet
+        before = copy.deepcopy(model)(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = ds.export(model, x, "onnx", tmp_path / "y.onnx")
+    assert result["max_relative_error"] < 1e-4
+    with torch.no_grad():
+        assert max_relative_error(before, model(x)) < 1e-6 and model(torch.cat([x, x]))[0].shape[0] == 2
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ giving the measured relative error and the tolerance.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import warnings
 from pathlib import Path
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dnnshrink_core.plugin_api import atomic_path, ExportError, flatten_outputs, model_mode, normalize_inputs
+from dnnshrink_core.plugin_api import (atomic_path, DnnshrinkWarning, ExportError, flatten_outputs, model_mode,
+                                       normalize_inputs)
 
 
 def relative_errors(reference: List[torch.Tensor], outputs: List[np.ndarray]) -> List[float]:
@@ -49,11 +51,24 @@ def verify_onnx(path: Path, model: nn.Module, inputs: tuple, rtol: float, thread
     feeds = {i.name: x.detach().cpu().numpy() for i, x in zip(session.get_inputs(), inputs)}
     with torch.no_grad(), model_mode(model, training=False):
         reference = flatten_outputs(model(*inputs))
-    worst = max(relative_errors(reference, session.run(None, feeds)), default=0.0)
+    try:
+        outputs = session.run(None, feeds)
+    except Exception as exc:  # onnxruntime's own errors: said as the export's
+        raise ExportError(f"onnxruntime could not run the exported model on the example: {exc}") from exc
+    worst = max(relative_errors(reference, outputs), default=0.0)
     if not worst < rtol:
         raise ExportError(f"onnxruntime's output differs from PyTorch's: relative error {worst:.3e} "
                           f"exceeds the tolerance {rtol:.0e}")
     return worst
+
+
+def _fixed_batch(path: Path) -> Any:
+    """The batch size the ONNX model's first input is fixed to, or None when it is symbolic."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = graph.input[0].type.tensor_type.shape.dim if graph.input else ()
+    return dims[0].dim_value if dims and not dims[0].dim_param and dims[0].HasField("dim_value") else None
 
 
 def _check_opset(path: Path, opset: int) -> None:
@@ -77,17 +92,27 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Path, opset: int = 
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1)
         dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) else None for x in inputs)
+    # the exporter runs the forward on symbolic tensors, and a forward that caches what it
+    # computes on its module (ultralytics' Detect head keeps its anchors and the input shape)
+    # would keep those symbolic values: every later call of the model then fails. It
+    # exports a copy; the model itself is what the export is checked against.
+    exported = copy.deepcopy(model)
     with atomic_path(path) as tmp:
-        with model_mode(model, training=False), warnings.catch_warnings(), \
+        with model_mode(exported, training=False), warnings.catch_warnings(), \
                 contextlib.redirect_stdout(io.StringIO()) as log:
             warnings.simplefilter("ignore")
             try:
-                torch.onnx.export(model, inputs, str(tmp), dynamo=True, opset_version=opset,
+                torch.onnx.export(exported, inputs, str(tmp), dynamo=True, opset_version=opset,
                                   dynamic_shapes=dynamic, external_data=False, verbose=False)
             except Exception as exc:
                 hint = " Try dynamic_batch=False." if dynamic_batch else ""
                 raise ExportError(f"torch's ONNX exporter failed: {type(exc).__name__}: {exc}{hint}\n{log.getvalue()[-2000:]}") from exc
         _check_opset(tmp, opset)
+        if dynamic_batch and tensors and _fixed_batch(tmp) is not None:
+            warnings.warn(f"dnnshrink: torch's ONNX exporter fixed the batch size of {type(model).__name__} to "
+                          f"{_fixed_batch(tmp)} (its forward depends on the batch size, for example by keeping the "
+                          "input's shape): the ONNX model takes that batch size only", DnnshrinkWarning, stacklevel=3)
+            dynamic_batch = False
         error = verify_onnx(tmp, model, inputs, rtol)
         if dynamic_batch and tensors and tensors[0].shape[0] >= 1:
             doubled = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) else x for x in inputs)
