@@ -31,7 +31,7 @@ def run(model: torch.nn.Module, x: torch.Tensor, target: float, measure: bool, o
         result = shrink(model, x, train_one_epoch=lambda m, lr: None, test=lambda m: 0.0, algorithm="magnitude",
                         target={"resource": "latency", "value": target}, measure_target=measure, finetune=False,
                         device="cpu", progress=False, exporters=["onnx"], tensorboard=False, out_dir=out,
-                        force=True, latency_runs=2)
+                        force=True)
     extra = result.report.extra
     onnx, predicted = extra["onnx_latency"], extra["resources"]["latency_ms"]
     if "error" in onnx:  # the shrunk network could not be timed: said, not fatal to the other rows
