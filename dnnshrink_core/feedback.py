@@ -170,9 +170,8 @@ def measured_budget(graph: Any, model: Any, inputs: tuple, costs: Any, goal: Tar
     """The predicted budget (a share of ``costs.initial``) at which the uniform width
     multiplier measures the latency target ``goal`` (a share of the baseline's latency, or an
     amount in ms), timed with onnxruntime; ``minimum`` is the smallest predicted cost the run
-    can reach. ``timer``:
-    another runtime with :class:`OnnxRatio`'s interface (called with a network, it returns
-    its latency over the baseline's; ``baseline_s``; ``close()``). Raises
+    can reach. ``timer``: another runtime with :class:`OnnxRatio`'s interface (called with a
+    network, it returns its latency over the baseline's; ``baseline_s``; ``close()``). Raises
     :class:`TargetError` when the smallest network measured is still above the target."""
     import copy
 

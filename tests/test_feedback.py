@@ -92,6 +92,13 @@ def test_the_budget_follows_the_measured_runtime_and_a_target_below_its_floor_is
                 {"probes": [{"predicted": "0.5", "measured": 0.4}]}, {"budget": 0.5}, {"threads": True}):
         with pytest.raises(ValueError):
             MeasuredTarget.from_dict({**found.to_dict(), **bad})
+    # an amount in ms is a share of the baseline's measured latency (1 ms on this runtime)
+    by_amount = measured_budget(graph, model, (x,), costs, Target("latency", amount=0.6), round_to, 1, minimum, 2,
+                                timer=PredictedRuntime(x, 0.3, costs.initial))
+    assert by_amount.target == pytest.approx(0.6) and by_amount.budget == pytest.approx(found.budget)
+    with pytest.raises(TargetError, match="at or above the baseline's measured latency"):
+        measured_budget(graph, model, (x,), costs, Target("latency", amount=1.5), round_to, 1, minimum, 2,
+                        timer=PredictedRuntime(x, 0.3, costs.initial))
     with pytest.raises(TargetError, match="below what the smallest network this model can become runs at"):
         measured_budget(graph, model, (x,), costs, Target("latency", fraction=0.2), round_to, 1, minimum, 2,
                         timer=PredictedRuntime(x, 0.3, costs.initial))
