@@ -167,6 +167,8 @@ def _conv_shape(x: _Shape, weight: torch.Tensor, bias: Any, stride: Any, padding
     out_channels = weight.shape[0]
     if channels != weight.shape[1] * groups or out_channels % groups or x.dtype != weight.dtype:
         raise _Unknown
+    if out_channels < 1 or weight.shape[1] < 1:  # torch refuses a conv without channels: run it for its error
+        raise _Unknown
     if bias is not None and tuple(bias.shape) != (out_channels,):
         raise _Unknown
     kernel, stride, dilation = weight.shape[2:], _tuple(stride, n), _tuple(dilation, n)

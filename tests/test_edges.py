@@ -73,6 +73,23 @@ def test_a_layer_that_is_only_part_of_its_group_keeps_an_output_channel():
         assert max_relative_error(model(x), small(x)) < 1e-5
 
 
+def test_the_shape_check_leaves_a_conv_without_channels_to_a_real_run():
+    """Torch refuses a conv with no output (or input) channel; the shape rules that stand in
+    for running a generated network must not pass one (the real run then says why)."""
+    from torch import fx
+
+    from dnnshrink_core.shapes import infer_specs
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    graph, x = fx.symbolic_trace(model).graph, torch.randn(1, 3, 8, 8)
+    assert infer_specs(graph, dict(model.named_modules(remove_duplicate=False)), [x]) is not None
+    model[0].weight = nn.Parameter(model[0].weight[:0].detach())
+    model[0].bias, model[0].out_channels = None, 0
+    assert infer_specs(graph, dict(model.named_modules(remove_duplicate=False)), [x]) is None
+    with pytest.raises(RuntimeError, match="expected weight to be at least 1 at dimension 0"):
+        model(x)
+
+
 def test_atomic_write_that_fails_part_way_leaves_the_old_file(tmp_path):
     path = tmp_path / "report.json"
     path.write_text("old")
