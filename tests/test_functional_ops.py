@@ -219,6 +219,14 @@ class MatmulNet(nn.Module):
         return self.head(y.mean(2))
 
 
+class MmNet(MatmulNet):
+    """The same projection as ``torch.mm`` of pooled features and the bare parameter."""
+
+    def forward(self, x):
+        y = torch.relu(self.norm(torch.mm(self.stem(x).mean((2, 3)), self.proj)))  # (B, 12)
+        return self.head(y)
+
+
 class ShapeSizedSE(EinsumNet):
     """The same gate written with sizes read from the input's shape (``b, c, _, _ =
     x.size()`` then ``view(b, c)``): the count follows the channels."""
@@ -278,6 +286,7 @@ MODELS = {
     "shape_sized_se": (ShapeSizedSE, (2, 3, 8, 8)),
     "layer_scale_normalize": (LayerScaleNet, (2, 3, 8, 8)),
     "matmul_parameter": (MatmulNet, (2, 3, 8, 8)),
+    "mm_parameter": (MmNet, (2, 3, 8, 8)),
     "dense_functional": (DenseFunctionalNet, (2, 3, 8, 8)),
     "channels_last": (ChannelsLastNet, (2, 3, 8, 8)),
     "stack_unbind": (StackUnbindNet, (2, 3, 8, 8)),
@@ -439,8 +448,9 @@ def test_layer_scales_and_projections_are_sliced_where_they_live():
     model, small, x = shrink_dead_half("layer_scale_normalize")
     kept = small.head.in_channels
     assert kept < 16 and small.scale1.shape == (kept, 1, 1) and small.scale2.shape == (1, kept, 1, 1)
-    model, small, x = shrink_dead_half("matmul_parameter")
-    assert small.proj.shape[0] < 16 and small.proj.shape[1] == small.norm.num_features < 12
+    for name in ("matmul_parameter", "mm_parameter"):
+        model, small, x = shrink_dead_half(name)
+        assert small.proj.shape[0] < 16 and small.proj.shape[1] == small.norm.num_features < 12, name
     # the bare projection counts as a layer (its MACs are in the cost model)
     graph = ds.trace(model, x)
     assert "proj" in {layer.name for layer in CostModel(graph, model).layers}
