@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-
 from .errors import TargetError
 from .target import Target
-from .timing import interleaved_times, runs_for, session
+from .timing import TIMED_RTOL, exported_session, interleaved_times, runs_for
 
 PROBES = 3  # timed structures at most: each is generated, exported and timed once
 TOLERANCE = 0.03  # a probe within 3% of the target (measured) ends the search
@@ -133,7 +131,7 @@ class OnnxRatio:
     rounds."""
 
     def __init__(self, baseline: Any, inputs: tuple, threads: int, rounds: int = 12, runs: int = 4):
-        self.inputs = tuple(x.detach().cpu() if hasattr(x, "detach") else x for x in inputs)
+        self.inputs = inputs
         self.threads, self.rounds, self.runs = threads, rounds, runs
         self._folder = tempfile.TemporaryDirectory(prefix="dnnshrink-measure-")
         self.baseline = self._session(baseline, "baseline")
@@ -141,15 +139,8 @@ class OnnxRatio:
         self.runs = runs_for({"baseline": self.baseline[0]}, {"baseline": self.baseline[1]}, runs)
 
     def _session(self, model: Any, name: str) -> Tuple[Any, dict]:
-        from .export import export
-
-        path = Path(self._folder.name) / f"{name}.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            export(model, self.inputs, "onnx", path, rtol=1e-2)  # timed, not shipped: a runnable graph is enough
-        s = session(str(path), self.threads)
-        feed = {i.name: np.asarray(x.numpy() if hasattr(x, "numpy") else x) for i, x in zip(s.get_inputs(), self.inputs)}
-        return s, feed
+        return exported_session(model, self.inputs, Path(self._folder.name) / f"{name}.onnx", self.threads, name,
+                                TIMED_RTOL)
 
     def __call__(self, model: Any) -> float:
         probe = self._session(model, "probe")

@@ -142,6 +142,7 @@ class ChannelGraph:
                                   "outputs are only part of their group, beside other layers' outputs)")
                 frozen = True
         return frozen
+
     def _resolve_units(self) -> None:
         store, units = self.store, self.num_units
         reason = np.full(units, -1, dtype=np.int64)

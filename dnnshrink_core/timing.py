@@ -62,33 +62,45 @@ def fastest_and_median(times: Mapping[str, List[float]]) -> Dict[str, Tuple[floa
     return {label: (min(t), statistics.median(t)) for label, t in times.items()}
 
 
+# a file that is only timed, never shipped, is checked against PyTorch to this instead of the
+# exporter's 1e-4: a deep randomly initialised network's float32 error can pass 1e-4
+TIMED_RTOL = 1e-2
+
+
 def onnx_latency(models: Mapping[str, Any], inputs: tuple, threads: int, rounds: int = 10,
                  runs: int = 5, keep: Optional[Mapping[str, Path]] = None,
                  timed_only: Sequence[str] = ()) -> Dict[str, Tuple[float, float]]:
     """Export each PyTorch model to ONNX (dnnshrink's verified exporter) and time it with
     onnxruntime: ``{label: (fastest, median)}`` seconds, the models interleaved. ``keep``:
     where to leave the exported files of some labels (the others are deleted).
-    ``timed_only``: labels whose files are only timed, never shipped, checked against PyTorch
-    to 1e-2 instead of the exporter's 1e-4 (a deep randomly initialised network's float32
-    error can pass 1e-4). An export that fails names its label."""
-    from .errors import ExportError
-    from .export import export
-
-    cpu_inputs = tuple(x.detach().cpu() if hasattr(x, "detach") else x for x in inputs)
+    ``timed_only``: labels whose files are only timed, never shipped (checked to
+    :data:`TIMED_RTOL`). An export that fails names its label."""
     with tempfile.TemporaryDirectory() as tmp:
         sessions, feeds = {}, {}
         for label, model in models.items():
             path = Path((keep or {}).get(label) or Path(tmp) / f"{label}.onnx")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    export(model, cpu_inputs, "onnx", path, **({"rtol": 1e-2} if label in timed_only else {}))
-                except ExportError as exc:
-                    raise ExportError(f"{label}: {exc}") from exc
-            s = sessions[label] = session(str(path), threads)
-            feeds[label] = {i.name: np.asarray(x.numpy() if hasattr(x, "numpy") else x)
-                            for i, x in zip(s.get_inputs(), cpu_inputs)}
+            sessions[label], feeds[label] = exported_session(model, inputs, path, threads, label,
+                                                             TIMED_RTOL if label in timed_only else None)
         return fastest_and_median(interleaved_times(sessions, feeds, rounds, runs_for(sessions, feeds, runs)))
+
+
+def exported_session(model: Any, inputs: tuple, path: Path, threads: int, label: str,
+                     rtol: Optional[float] = None) -> Tuple[Any, dict]:
+    """Export ``model`` to ``path`` (dnnshrink's verified exporter, to ``rtol`` when given)
+    and open it in an onnxruntime :func:`session`; returns the session and its feed of
+    ``inputs``. An export that fails names ``label``."""
+    from .errors import ExportError
+    from .export import export
+
+    cpu_inputs = tuple(x.detach().cpu() if hasattr(x, "detach") else x for x in inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            export(model, cpu_inputs, "onnx", path, **({"rtol": rtol} if rtol is not None else {}))
+        except ExportError as exc:
+            raise ExportError(f"{label}: {exc}") from exc
+    s = session(str(path), threads)
+    return s, {i.name: np.asarray(x.numpy() if hasattr(x, "numpy") else x) for i, x in zip(s.get_inputs(), cpu_inputs)}
 
 
 def runs_for(sessions: Mapping[str, Any], feeds: Mapping[str, dict], runs: int, turn_s: float = 0.02,
