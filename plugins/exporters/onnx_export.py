@@ -62,19 +62,14 @@ def verify_onnx(path: Path, model: nn.Module, inputs: tuple, rtol: float, thread
     return worst
 
 
-def _fixed_batch(path: Path) -> Any:
-    """The batch size the ONNX model's first input is fixed to, or None when it is symbolic."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
+def _fixed_batch(model: Any) -> Any:
+    """The batch size an ONNX model's first input is fixed to, or None when it is symbolic."""
+    graph = model.graph
     dims = graph.input[0].type.tensor_type.shape.dim if graph.input else ()
     return dims[0].dim_value if dims and not dims[0].dim_param and dims[0].HasField("dim_value") else None
 
 
-def _check_opset(path: Path, opset: int) -> None:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
+def _check_opset(model: Any, opset: int) -> None:
     got = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), None)
     if got != opset:
         raise ExportError(f"the ONNX model came out with opset {got}, not the requested {opset} (torch's exporter "
@@ -84,6 +79,8 @@ def _check_opset(path: Path, opset: int) -> None:
 def export_onnx(model: nn.Module, example_inputs: Any, path: Path, opset: int = 18, dynamic_batch: bool = True,
                 rtol: float = 1e-4, **_: Any) -> Dict[str, Any]:
     """Export ``model`` to ONNX at ``path`` and verify it; returns what was measured."""
+    import onnx
+
     inputs = normalize_inputs(example_inputs)
     tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
     if getattr(model, "dnnshrink_specialized_to", None) is not None:
@@ -107,11 +104,13 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Path, opset: int = 
             except Exception as exc:
                 hint = " Try dynamic_batch=False." if dynamic_batch else ""
                 raise ExportError(f"torch's ONNX exporter failed: {type(exc).__name__}: {exc}{hint}\n{log.getvalue()[-2000:]}") from exc
-        _check_opset(tmp, opset)
-        if dynamic_batch and tensors and _fixed_batch(tmp) is not None:
+        written = onnx.load(str(tmp), load_external_data=False)  # read once for both checks
+        _check_opset(written, opset)
+        fixed = _fixed_batch(written) if dynamic_batch and tensors else None
+        if fixed is not None:
             warnings.warn(f"dnnshrink: torch's ONNX exporter fixed the batch size of {type(model).__name__} to "
-                          f"{_fixed_batch(tmp)} (its forward depends on the batch size, for example by keeping the "
-                          "input's shape): the ONNX model takes that batch size only", DnnshrinkWarning, stacklevel=3)
+                          f"{fixed} (its forward depends on the batch size, for example by keeping the input's "
+                          "shape): the ONNX model takes that batch size only", DnnshrinkWarning, stacklevel=3)
             dynamic_batch = False
         error = verify_onnx(tmp, model, inputs, rtol)
         if dynamic_batch and tensors and tensors[0].shape[0] >= 1:
