@@ -17,7 +17,8 @@ What is here, by the kind of plugin that needs it:
   :func:`largest_fitting`, :func:`per_group_multiples`, :data:`DEFAULT_THRESHOLD`;
 * cost models: :class:`LayerTable`, :data:`TENSOR_KINDS` (the tensor ops a cost model that
   declares ``prices_tensor_ops`` sees as extra rows), :data:`PRODUCT_OP` (the ``op`` of a
-  row that is a product of two activations, in the table of what no channel cut changes);
+  row that is a product of two activations, in the table of what no channel cut changes),
+  :data:`PIECE_OP` (the ``op`` of the rows that follow a concatenation's: its inputs);
 * exporters: :func:`eval_graph_module` (the eval-mode graph, recorded on the example input
   where torch.fx cannot trace), :func:`normalize_inputs`, :func:`flatten_outputs`, :func:`model_mode`,
   :class:`InputShapeCheck`, :func:`atomic_write`, :func:`atomic_path`, :func:`sha256_bytes`,
@@ -42,7 +43,7 @@ from .masks import DEFAULT_THRESHOLD, Masks
 from .plugins import get_plugin_manager, hookimpl, lookup, plugin_names
 from .recording import InputShapeCheck
 from .report import LAYER_TYPES, count_macs, layer_width
-from .tensor_ops import TENSOR_KINDS
+from .tensor_ops import PIECE as PIECE_OP, TENSOR_KINDS
 from .timing import fastest_and_median, interleaved_times, onnx_latency, session
 from .tracing import eval_graph_module, flatten_outputs, model_mode, normalize_inputs
 
@@ -54,5 +55,5 @@ __all__ = [
     "layer_width", "LayerTable", "LearnContext", "LEARNING_ADVICE", "LearnResult", "log_epoch", "lookup",
     "MaskError", "Masks", "model_mode", "normalize_inputs", "onnx_latency", "OpHandler", "per_group_multiples",
     "plugin_names", "PluginError", "PRODUCT_OP", "PropagateContext", "RebuildContext", "resized", "session", "settle_branches", "sha256_bytes",
-    "TENSOR_KINDS", "TensorSpec", "TraceError", "__version__"
+    "PIECE_OP", "TENSOR_KINDS", "TensorSpec", "TraceError", "__version__"
 ]

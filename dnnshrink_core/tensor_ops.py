@@ -33,6 +33,9 @@ from torch import fx, nn
 from .graph import LayerCost
 from .handler import node_arg
 
+# the row that follows a concatenation's row for each of its inputs (its channels), so that a
+# cost model can tell whether every piece fits a runtime's block; it costs nothing itself
+PIECE = "piece"
 # what a profile may price; an activation not named here is priced as ``sigmoid`` (one
 # unfused pass through memory; see _ACTIVATION_MODULES)
 TENSOR_KINDS = ("clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu", "add", "mul", "pool", "concat",
@@ -139,7 +142,9 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
     ``op`` its kind, ``in_units`` = ``out_units`` its channels, ``out_positions`` the
     elements it writes per channel and image, ``in_positions`` the elements it reads per
     channel (every operand with those channels: an add reads two, the excitation multiply
-    one whole tensor and one value per channel). Only the first traced mode counts."""
+    one whole tensor and one value per channel). A concatenation along the channels is
+    followed by one row of op :data:`PIECE` per input (its units; no cost of its own). Only
+    the first traced mode counts."""
     from .labels import Chan
 
     trace = graph.traces[0]
@@ -168,7 +173,25 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
         found.append(LayerCost(name, "tensor", units, units, 0.0, weight="-", op=kind,
                                positions=(read or written, written),
                                rows=None if rows is None else rows * trace.per_image(node)))
+        if kind == "concat":
+            found += [LayerCost(name, "tensor", piece, piece, 0.0, weight="-", op=PIECE, positions=(0.0, 0.0))
+                      for piece in _pieces(node, out, trace, graph)]
     return found
+
+
+def _pieces(node: fx.Node, out: Any, trace: Any, graph: Any) -> List[Any]:
+    """The units of each input of a concatenation along its channels, in order (none for
+    a pad, or when an input's channels are not followed: then the pieces are not known)."""
+    tensors = node_arg(node, 0, "tensors")
+    if not isinstance(tensors, (list, tuple)) or len(tensors) < 2:
+        return []
+    pieces = []
+    for arg in tensors:
+        value = trace.values.get(arg) if isinstance(arg, fx.Node) else None
+        if value is None or getattr(value, "dim", None) != out.dim or not len(getattr(value, "labels", ())):
+            return []
+        pieces.append(graph.unit_of[value.labels])
+    return pieces if sum(len(p) for p in pieces) == len(out.labels) else []
 
 
 def _softmax_dim(node: fx.Node, module: Optional[nn.Module]) -> Any:

@@ -48,6 +48,10 @@ def synthetic_profile(multiple: int = 1, positions: bool = True) -> Profile:
     # the tensor ops compute nothing: a bandwidth each, an overhead within the fit's bound
     ops.update({kind: OpConstants.tensor_op(8.0 + 3 * i, 0.25 * (i % 5), 0.5 * p[2] * (i % 3))
                 for i, kind in enumerate(TENSOR_KINDS)})
+    if multiple > 1:  # a concatenation whose pieces miss the block runs at a third of its bandwidth
+        c = ops["concat"]
+        ops["concat"] = OpConstants.tensor_op(c.bandwidth_gbs, c.overhead_us, c.position_ns, multiple,
+                                              c.bandwidth_gbs / 3)
     return Profile({"name": "onnxruntime", "device": "cpu", "threads": 2, "batch": 1}, 0.05, ops)
 
 
@@ -67,9 +71,19 @@ def torch_cost(costs: CostModel, alive: torch.Tensor, name: str, profile: Profil
         return torch.where(dw, f64(t.weights_per_pair) * kout, f64(t.weights_per_pair) * kin * kout).sum()
     if name == "activations":
         return (f64(t.out_positions) * kout).sum()
-    c = {k: profile.ops[str(k)] for k in set(t.op)}
+    free = OpConstants.tensor_op(float("inf"), 0.0)  # a concatenation's piece costs nothing
+    c = {k: profile.ops.get(str(k), free) for k in set(t.op)}
     peak = f64([c[k].peak_gmacs * 1e9 for k in t.op])
-    bw = f64([c[k].bandwidth_gbs * 1e9 for k in t.op])
+    # a concatenation with a block: the unaligned bandwidth when a piece's kept count misses it
+    counts = kout.detach().numpy()
+    bandwidths = []
+    for i, kind in enumerate(t.op):
+        missed, j = False, i + 1
+        while j < n and t.op[j] == "piece":
+            missed |= counts[j] % c[kind].channel_multiple != 0
+            j += 1
+        bandwidths.append((c[kind].bandwidth_unaligned if missed else c[kind].bandwidth_gbs) * 1e9)
+    bw = f64(bandwidths)
     over = f64([c[k].overhead_us * 1e-6 for k in t.op]) + f64([c[k].position_ns * 1e-9 for k in t.op]) * f64(
         t.out_positions)  # (batch 1) what a layer pays per output position: constant in its widths
     kin = torch.where(dw, kout, kin)
@@ -114,23 +128,27 @@ def test_old_spellings_and_flops_default_still_work():
 
 
 def layer_multiples(profile: Profile) -> dict:
-    """The channel block of every layer kind of ``profile`` (grouped convs too)."""
-    return {k: c.channel_multiple for k, c in profile.ops.items() if k not in TENSOR_KINDS}
+    """The channel block of every layer kind of ``profile`` (grouped convs too), and of a
+    concatenation's pieces."""
+    return {k: c.channel_multiple for k, c in profile.ops.items() if k not in TENSOR_KINDS or k == "concat"}
 
 
 def synthetic_samples(truth: Profile, thin: bool) -> list:
     """The sweep's chains timed by ``truth`` itself (roofline, overheads, per-position costs)."""
-    from dnnshrink_plugins.costs.calibrate import is_aligned, op_positions
+    from dnnshrink_plugins.costs.calibrate import concat_pieces, is_aligned, op_positions
 
     multiples = layer_multiples(truth)
     samples = []
     for ops in sweep_chains(thin=thin):
         t = truth.overhead_ms * 1e-3
-        for op in ops:
+        for i, op in enumerate(ops):
             c = truth.ops[op[0]]
             macs, traffic = op_terms(op, 1)
             peak = c.peak_gmacs if is_aligned(op, multiples.get(op[0], 1)) else c.peak_unaligned_gmacs
-            t += float(roofline_seconds(macs, traffic, peak * 1e9, c.bandwidth_gbs * 1e9, c.overhead_us * 1e-6))
+            bandwidth = c.bandwidth_gbs
+            if op[0] == "concat" and any(piece % c.channel_multiple for piece in concat_pieces(ops, i)):
+                bandwidth = c.bandwidth_unaligned
+            t += float(roofline_seconds(macs, traffic, peak * 1e9, bandwidth * 1e9, c.overhead_us * 1e-6))
             t += op_positions(op, 1) * c.position_ns * 1e-9
         samples.append((ops, t))
     return samples
@@ -160,6 +178,9 @@ def test_calibration_fit_recovers_known_constants():
         assert ops[kind].channel_multiple == multiples[kind]
     for kind in TENSOR_KINDS:  # the ops between the layers: a bandwidth and an overhead each
         assert ops[kind].bandwidth_gbs == pytest.approx(truth.ops[kind].bandwidth_gbs, rel=0.05), kind
+        # and a concatenation its bandwidth when the pieces miss its block (the ghost modules')
+        assert ops[kind].bandwidth_unaligned == pytest.approx(truth.ops[kind].bandwidth_unaligned, rel=0.05), kind
+        assert ops[kind].channel_multiple == truth.ops[kind].channel_multiple
         # a fraction of a microsecond beside the chain's per-run overhead and the other ops of
         # the excitation chains (pooling, gate, multiply): seen only roughly
         assert ops[kind].overhead_us == pytest.approx(truth.ops[kind].overhead_us, abs=0.6), kind

@@ -13,7 +13,7 @@ from torch import nn
 
 import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel
-from dnnshrink_plugins.costs.calibrate import FUSION_PROBES, OnnxBackend, TorchBackend, fit, sweep_chains
+from dnnshrink_plugins.costs.calibrate import CANDIDATES, FUSION_PROBES, OnnxBackend, TorchBackend, fit, sweep_chains
 from dnnshrink_plugins.costs.latency import KINDS, TENSOR_KINDS, Profile, ProfileError, load_profile
 from test_costs import layer_multiples, synthetic_profile, synthetic_samples, torch_cost
 
@@ -99,8 +99,19 @@ def test_profile_with_tensor_kinds_round_trips_and_version_1_still_loads(tmp_pat
     profile = synthetic_profile(16)
     path = profile.save(tmp_path / "p.json")
     data = json.loads(path.read_text())
-    assert data["version"] == 2 and set(data["ops"]["silu"]) == {"bandwidth_gbs", "overhead_us", "position_ns"}
+    assert data["version"] == 3 and set(data["ops"]["silu"]) == {"bandwidth_gbs", "overhead_us", "position_ns"}
+    assert set(data["ops"]["concat"]) == {"bandwidth_gbs", "overhead_us", "position_ns", "channel_multiple",
+                                          "bandwidth_unaligned_gbs"}
     assert load_profile(path) == profile
+    for version, extra, words in ((2, {}, "ops.concat has unknown key"),  # a concatenation's block came in 3
+                                  (3, {"bandwidth_unaligned_gbs": None}, "without the other"),
+                                  (3, {"channel_multiple": 0}, "channel_multiple must be an integer > 0")):
+        bad = json.loads(path.read_text())
+        bad["version"] = version
+        bad["ops"]["concat"].update(extra)
+        bad["ops"]["concat"] = {k: v for k, v in bad["ops"]["concat"].items() if v is not None}
+        with pytest.raises(ProfileError, match=words):
+            load_profile(bad)
     bad = json.loads(path.read_text())
     bad["ops"]["silu"]["peak_gmacs"] = 1.0
     with pytest.raises(ProfileError, match="ops.silu has unknown key"):
@@ -151,6 +162,23 @@ def test_onnxruntime_fusion_probe_tells_fused_ops_from_separate_ones():
     assert TorchBackend(1, 1, "cpu").separate_kinds() == list(TENSOR_KINDS)
 
 
+def test_the_concatenation_block_is_read_from_the_graph_onnxruntime_optimises():
+    """A join of pieces that are multiples of the block stays in onnxruntime's blocked
+    layout; one whose pieces miss it takes reorders (of each piece, and back)."""
+    backend = OnnxBackend(1, 1)
+    block = backend.concat_block()
+    assert block in (1,) + CANDIDATES and TorchBackend(1, 1, "cpu").concat_block() == 1
+
+    def reorders(piece):
+        ops = [("pointwise", 32, piece, 28, 1, 1), ("depthwise", piece, piece, 28, 3, 1),
+               ("concat", 2 * piece, 2 * piece, 28, 1, 1), ("pointwise", 2 * piece, 32, 28, 1, 1)]
+        counts = backend.optimized_ops(ops)
+        return counts.get("ReorderOutput", 0) + counts.get("ReorderInput", 0)
+
+    if block > 1:  # a CPU whose onnxruntime has a blocked layout (every x86-64 one)
+        assert reorders(7 * block) < reorders(7 * block + block // 2) and reorders(7 * block) == reorders(128)
+
+
 class Dense(nn.Module):
     """DenseNet's pattern: each layer's output joins its input along the channels."""
 
@@ -171,6 +199,75 @@ def test_a_concatenation_copies_every_channel_it_joins():
     (op,) = [op for op in graph.tensor_ops() if op.op == "concat"]
     assert op.positions == (64.0, 64.0) and len(op.out_units) == 24  # each of the 24 channels read and written once
     assert set(op.out_units) == set(graph.group_of("stem.0").units) | set(graph.group_of("layer.0").units)
+    # its two inputs follow it as pieces, in order, at no cost of their own
+    rows = graph.tensor_ops()
+    at = next(i for i, row in enumerate(rows) if row.op == "concat")
+    pieces = rows[at + 1:at + 3]
+    assert [row.op for row in pieces] == ["piece", "piece"] and all(row.name == op.name for row in pieces)
+    assert [list(row.out_units) for row in pieces] == [list(graph.group_of("stem.0").units),
+                                                       list(graph.group_of("layer.0").units)]
+    assert np.array_equal(np.concatenate([row.out_units for row in pieces]), op.out_units)
+
+
+class Joins(nn.Module):
+    """A ghost module (a 1×1 conv's output joined by a depthwise conv of it: both pieces are
+    the same units), a DenseNet join of two groups, and a join along the height (no pieces)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.primary = nn.Sequential(nn.Conv2d(16, 6, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(6, 6, 3, 1, 1, groups=6, bias=False), nn.BatchNorm2d(6), nn.ReLU())
+        self.layer = nn.Sequential(nn.Conv2d(12, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(20, 4, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        p = self.primary(y)
+        g = torch.cat([p, self.cheap(p)], 1)
+        d = torch.cat([g, self.layer(g)], dim=1)
+        return self.head(torch.cat([d, d], 2))
+
+
+def test_a_concatenation_whose_pieces_miss_the_block_is_priced_at_the_unaligned_bandwidth():
+    """onnxruntime joins pieces in its blocked layout only when each fits the block; otherwise
+    it reorders them out and the result back, which the profile's unaligned bandwidth prices."""
+    model, x = Joins().eval(), torch.randn(1, 3, 8, 8)
+    graph = ds.trace(model, x)
+    rows = graph.tensor_ops()
+    assert [row.op for row in rows if row.op in ("concat", "piece")] == ["concat", "piece", "piece", "concat", "piece",
+                                                                         "piece", "concat"]
+    base = synthetic_profile(1)  # the layers without a block: smooth, so autograd can check the weights
+    c = base.ops["concat"]
+    profile = Profile(base.runtime, base.overhead_ms, {**base.ops, "concat": type(c).tensor_op(
+        c.bandwidth_gbs, c.overhead_us, c.position_ns, 4, c.bandwidth_gbs / 5)})
+    costs, flat = CostModel(graph, model, "latency", profile=profile), CostModel(graph, model, "latency", profile=base)
+    primary, layer = graph.group_of("primary.0").units, graph.group_of("layer.0").units
+    concats = [i for i, row in enumerate(costs.rows) if row.op == "concat"]
+
+    def concat_ms(keep):
+        return costs.layer_costs(keep)[concats] - flat.layer_costs(keep)[concats]
+
+    ones = np.ones(graph.num_units, dtype=bool)
+    # 6 + 6 channels miss a block of 4: the ghost join pays the unaligned bandwidth; the
+    # DenseNet join's pieces (12 + 8) fit; the join along the height has no pieces
+    extra = concat_ms(ones)
+    assert extra[1] == extra[2] == 0
+    # 4 bytes, 64 positions read and written per channel, at a fifth of the bandwidth
+    assert extra[0] == pytest.approx(1e3 * 4 * 12 * 128 * (5 - 1) / (c.bandwidth_gbs * 1e9), rel=1e-9)
+    four = ones.copy()
+    four[primary[4:]] = False  # 4 + 4 fit: every join is aligned, at its own bandwidth
+    np.testing.assert_allclose(concat_ms(four), 0.0, atol=1e-15)
+    odd = four.copy()
+    odd[layer[7:]] = False  # the DenseNet join's second piece keeps 7 channels: it alone misses
+    assert concat_ms(odd)[0] == 0 and concat_ms(odd)[1] == pytest.approx(
+        1e3 * 4 * (8 + 7) * 128 * (5 - 1) / (c.bandwidth_gbs * 1e9), rel=1e-9)
+    for alive in (ones, four, odd):  # the units' weights are the gradient at the bandwidth that applies
+        soft = torch.tensor(alive.astype(np.float64), requires_grad=True)
+        total = torch_cost(costs, soft, "latency", profile)
+        total.backward()
+        assert costs.cost(alive) == pytest.approx(total.item(), rel=1e-9)
+        np.testing.assert_allclose(costs.unit_weights(alive), soft.grad.numpy(), rtol=1e-9, atol=1e-12)
 
 
 def test_calibrate_blocks_from_keeps_a_profiles_blocks_and_refuses_another_runtimes(tmp_path, monkeypatch):

@@ -4,6 +4,8 @@
    multiples of 64, of 32, 16, 8 and 4 only, and unaligned (65); the block
    (``channel_multiple``) is the smallest multiple whose widths run as fast per MAC as the
    fully aligned ones, when the unaligned width is clearly slower (else 1: no block).
+   A concatenation's block (the widths its pieces need to be joined in the runtime's
+   blocked layout) is read from the graph the runtime optimises, not timed.
 2. **Sweep.** Short chains of conv/pointwise/depthwise/linear ops with the shapes of
    ResNets and MobileNets, aligned and unaligned, are timed (fastest of repeated runs, the
    chains taking turns so the machine's drift hits all alike).
@@ -134,10 +136,32 @@ def _tensor_chains() -> List[List[Op]]:
             width = c + i * k
             chain += [("pointwise", width, k, hw, 1, 1), ("concat", width + k, width + k, hw, 1, 1)]
         chains.append(chain + [("pointwise", c + 3 * k, c, hw, 1, 1)])
+    for c, half, hw in GHOST_MODULES:  # GhostNet: a 1×1 conv's output joined by a depthwise conv of it
+        chain = [("pointwise", c, c, hw, 1, 1)]
+        for _ in range(3):
+            chain += [("pointwise", c, half, hw, 1, 1), ("depthwise", half, half, hw, 3, 1),
+                      ("concat", 2 * half, 2 * half, hw, 1, 1), ("pointwise", 2 * half, c, hw, 1, 1)]
+        chains.append(chain)
+    for c, k, hw in ((36, 12, 56), (120, 20, 14)):  # joins whose pieces miss the block
+        chain = [("pointwise", c, c, hw, 1, 1)]
+        for _ in range(3):
+            chain += [("pointwise", c, k, hw, 1, 1), ("concat", c + k, c + k, hw, 1, 1), ("pointwise", c + k, c, hw, 1, 1)]
+        chains.append(chain)
     for c, hw in ((58, 56), (116, 28), (232, 14)):  # ShuffleNet: a shuffle after each unit's 1×1 conv
         chains.append([("pointwise", c, c, hw, 1, 1), ("transpose", c, c, hw, 1, 1)] * 3
                       + [("pointwise", c, c, hw, 1, 1)])
     return chains
+
+
+# (channels, each half, size) of the calibration's ghost modules: halves of 12, 20 and 36
+# channels miss any block of 8 or more (GhostNet's own widths), 16 and 32 fit one of 16
+GHOST_MODULES = ((32, 12, 56), (48, 20, 28), (96, 36, 14), (32, 16, 56), (64, 32, 28))
+
+
+def concat_pieces(ops: Sequence[Op], i: int) -> Tuple[int, int]:
+    """The channels of the two pieces the chain's concatenation at ``ops[i]`` joins: what the
+    op before it read and what it wrote (:func:`~.runtime.chain_model`)."""
+    return ops[i - 1][1], ops[i - 1][2]
 
 
 def _out_hw(hw: int, k: int, stride: int) -> int:
@@ -245,26 +269,50 @@ class OnnxBackend:
         feeds = {k: v[1] for k, v in prepared.items()}
         return fastest_and_median(interleaved_times(sessions, feeds, rounds, runs, budget_s=budget_s))
 
+    def optimized_ops(self, ops: Sequence[Op]) -> Dict[str, int]:
+        """How many nodes of each type onnxruntime runs for the chain ``ops``, read from the
+        graph it optimises (its fusions and layout reorders done)."""
+        import onnx
+        import onnxruntime
+
+        model, _ = chain_model(ops, self.batch)
+        with tempfile.TemporaryDirectory() as tmp:
+            options = onnxruntime.SessionOptions()
+            options.log_severity_level = 3  # its warning that the saved graph is hardware-specific
+            options.intra_op_num_threads = self.threads
+            options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+            onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            counts: Dict[str, int] = {}
+            for node in onnx.load(options.optimized_model_filepath).graph.node:
+                counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        return counts
+
     def separate_kinds(self) -> List[str]:
         """The tensor ops' kinds onnxruntime runs as ops of their own between two convs, read
         from the graph it optimises (:data:`FUSION_PROBES`); the others it fuses into the conv
         before them (an activation of the conv, an add as its sum input), where they cost
         nothing of their own."""
-        import onnx
-        import onnxruntime
+        return [kind for kind, (ops, ignore) in FUSION_PROBES.items()
+                if set(self.optimized_ops(ops)) - ignore - _LAYOUT_OPS]
 
-        separate = []
-        with tempfile.TemporaryDirectory() as tmp:
-            for kind, (ops, ignore) in FUSION_PROBES.items():
-                model, _ = chain_model(ops, self.batch)
-                options = onnxruntime.SessionOptions()
-                options.log_severity_level = 3  # its warning that the saved graph is hardware-specific
-                options.optimized_model_filepath = str(Path(tmp) / f"{kind}.onnx")
-                onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-                kept = {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
-                if kept - ignore - _LAYOUT_OPS:
-                    separate.append(kind)
-        return separate
+    def concat_block(self) -> int:
+        """The channel block a concatenation's pieces need for onnxruntime to join them in its
+        blocked layout, read from the graph it optimises: the smallest candidate whose odd
+        multiples (two pieces of 3 blocks each, then 5) join with no reorder of the pieces
+        out of the layout, when pieces that are no multiple of it are reordered (1: the
+        runtime has no such block)."""
+        def reorders(piece: int) -> int:
+            ops = [("pointwise", 32, piece, 28, 1, 1), ("depthwise", piece, piece, 28, 3, 1),
+                   ("concat", 2 * piece, 2 * piece, 28, 1, 1), ("pointwise", 2 * piece, 32, 28, 1, 1)]
+            return self.optimized_ops(ops).get("ReorderOutput", 0)
+
+        if reorders(13) <= reorders(64):  # an odd width joins like a wide aligned one: no block
+            return 1
+        least = reorders(64)
+        for block in CANDIDATES:
+            if all(reorders(n * block) <= least for n in (3, 5)):
+                return block
+        return 1
 
 
 _LAYOUT_OPS = {"Conv", "FusedConv", "ReorderInput", "ReorderOutput", "Identity"}
@@ -390,6 +438,10 @@ class TorchBackend:
         """Every tensor op's kind: eager PyTorch runs each op by itself."""
         return list(TENSOR_KINDS)
 
+    def concat_block(self) -> int:
+        """1: eager PyTorch keeps no blocked layout that a concatenation could leave."""
+        return 1
+
     def time(self, prepared: Dict[str, Tuple[Any, dict]], rounds: int, runs: int,
              budget_s: float = float("inf")) -> Dict[str, Tuple[float, float]]:
         sessions = {k: v[0] for k, v in prepared.items()}
@@ -477,9 +529,15 @@ class Terms:
     def of_chain(cls, ops: Sequence[Op], batch: int, multiples: Dict[str, int]) -> "Terms":
         """The terms of a calibration chain."""
         terms = [op_terms(op, batch) for op in ops]
+        def aligned(i: int, op: Op) -> bool:
+            block = multiples.get(op[0], 1)
+            if op[0] == "concat":
+                return all(piece % block == 0 for piece in concat_pieces(ops, i))
+            return is_aligned(op, block)
+
         return cls(tuple(op[0] for op in ops), np.array([t[0] for t in terms], dtype=np.float64),
                    np.array([t[1] for t in terms], dtype=np.float64),
-                   np.array([is_aligned(op, multiples.get(op[0], 1)) for op in ops], dtype=bool),
+                   np.array([aligned(i, op) for i, op in enumerate(ops)], dtype=bool),
                    np.array([op_positions(op, batch) for op in ops], dtype=np.float64))
 
 
@@ -517,7 +575,10 @@ def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Di
     # be unidentified and could wander), one for linear layers (streaming their weights), one
     # per tensor op kind (whether the runtime fuses it into the conv before it shows there)
     bw_of = np.array([1 if kind == "linear" else 0 for kind in layer_kinds] + list(range(2, 2 + n - nc)))
-    nb = 2 + n - nc
+    # and one more for a tensor kind whose samples have pieces that miss its block (a
+    # concatenation the runtime reorders out of its blocked layout and back)
+    blocked = [i for i in range(nc, n) if kinds[i] in has_unaligned]
+    nb = 2 + n - nc + len(blocked)
     extra = n if per_position else 0  # per-position seconds, at most a microsecond
     # an elementwise pass (activation, multiply, add, concatenation, transpose) costs per
     # element, which its bandwidth prices: a per-position term of its own is not in what it
@@ -528,16 +589,20 @@ def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Di
     def unpack(theta: np.ndarray) -> Tuple[np.ndarray, ...]:
         peak = np.r_[np.exp(theta[0:nc]), np.full(n - nc, np.inf)]  # tensor ops compute nothing
         peak_un = np.r_[np.exp(theta[nc:2 * nc]), np.full(n - nc, np.inf)]
-        bw = np.exp(theta[2 * nc:2 * nc + nb])[bw_of]
+        bandwidths = np.exp(theta[2 * nc:2 * nc + nb])
+        bw = bandwidths[bw_of]
+        bw_un = bw.copy()
+        bw_un[blocked] = bandwidths[nb - len(blocked):]
         o = 2 * nc + nb
         overhead, per_run = theta[o:o + n], theta[o + n]
         position = theta[o + n + 1:o + n + 1 + n] if per_position else np.zeros(n)
-        return peak, peak_un, bw, overhead, per_run, position
+        return peak, peak_un, bw, bw_un, overhead, per_run, position
 
     def predict(theta: np.ndarray) -> np.ndarray:
-        peak, peak_un, bw, overhead, per_run, position = unpack(theta)
+        peak, peak_un, bw, bw_un, overhead, per_run, position = unpack(theta)
         p = np.where(flat_aligned, peak[flat_kind], peak_un[flat_kind])
-        per_op = roofline_seconds(flat_macs, flat_bytes, p, bw[flat_kind], overhead[flat_kind]) \
+        b = np.where(flat_aligned, bw[flat_kind], bw_un[flat_kind])
+        per_op = roofline_seconds(flat_macs, flat_bytes, p, b, overhead[flat_kind]) \
             + flat_positions * position[flat_kind]
         return per_run + np.bincount(sample_of, weights=per_op, minlength=len(samples))
 
@@ -557,11 +622,13 @@ def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Di
         result = least_squares(residual, theta0, bounds=(lower, upper), x_scale="jac")
         if best is None or result.cost < best.cost:
             best = result
-    peak, peak_un, bw, overhead, per_run, position = unpack(best.x)
+    peak, peak_un, bw, bw_un, overhead, per_run, position = unpack(best.x)
     ops = {}
     for i, kind in enumerate(kinds):
         if kind in TENSOR_KINDS:
-            ops[kind] = OpConstants.tensor_op(float(bw[i] / 1e9), float(overhead[i] * 1e6), float(position[i] * 1e9))
+            unaligned_bw = float(bw_un[i] / 1e9) if i in blocked else None
+            ops[kind] = OpConstants.tensor_op(float(bw[i] / 1e9), float(overhead[i] * 1e6), float(position[i] * 1e9),
+                                              int(multiples.get(kind, 1)), unaligned_bw)
             continue
         unaligned = peak_un[i] if kind in has_unaligned else peak[i]
         ops[kind] = OpConstants(peak_gmacs=float(peak[i] / 1e9), peak_unaligned_gmacs=float(unaligned / 1e9),
@@ -701,6 +768,9 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     multiples = {kind: info["channel_multiple"] for kind, info in blocks.items()}
     multiples["linear"] = 1
     multiples[GROUPED] = multiples["conv"]  # in channels per group (the grouped kernels block them alike)
+    # read from the optimised graph, not timed: it does not move on a busy machine
+    multiples["concat"] = backend.concat_block()
+    blocks["concat"] = {"channel_multiple": multiples["concat"], "from": "the runtime's optimised graph"}
     log("  channel blocks: " + ", ".join(f"{k} {v}" for k, v in multiples.items())
         + (f" (from {blocks_from})" if blocks_from is not None else ""))
     unstable = unstable_blocks(blocks)

@@ -26,6 +26,15 @@ are priced too, each ``bytes / bandwidth + overhead + b · positions · per_posi
 constants per kind (version 2 profiles). A kind the profile does not hold costs nothing: the
 calibration leaves out the kinds the runtime fuses into the conv before them, and version 1
 profiles hold none.
+
+A concatenation stays in a blocked-channel layout only when each of its pieces fits the
+layout's block: onnxruntime's CPU provider otherwise reorders every piece out of the layout
+and the result back in (two more passes over the tensor; GhostNet's 12 + 12 channel halves
+pay 94 reorders, a third of its time). Version 3 profiles give such a kind its measured
+block (``channel_multiple``, read from the graph the runtime optimises) and the bandwidth it
+moves its bytes at when a piece misses it (``bandwidth_unaligned_gbs``); the pieces are the
+``"piece"`` rows that follow a concatenation's row in the table
+(:func:`dnnshrink_core.tensor_ops.find_tensor_ops`).
 """
 from __future__ import annotations
 
@@ -34,15 +43,17 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from dnnshrink_core.plugin_api import PRODUCT_OP as PRODUCT, TENSOR_KINDS, ConfigError, LayerTable
+from dnnshrink_core.plugin_api import PIECE_OP as PIECE, PRODUCT_OP as PRODUCT, TENSOR_KINDS, ConfigError, LayerTable
 
 FORMAT = "dnnshrink-latency-profile"
-VERSION = 2  # 2: the tensor ops' kinds (optional); version 1 profiles are read as they are
-READS = (1, 2)
+# 2: the tensor ops' kinds (optional); 3: a tensor kind's block and unaligned bandwidth
+# (optional); older profiles are read as they are
+VERSION = 3
+READS = (1, 2, 3)
 KINDS = ("conv", "pointwise", "depthwise", "linear")  # every profile has these
 # a grouped conv that is not depthwise: a kind of its own in profiles that measured it (its
 # speed depends on the channels per group), priced as ``conv`` by the others
@@ -60,7 +71,10 @@ class OpConstants:
     """The fitted roofline of one op kind: ``peak_gmacs`` (GMAC/s with aligned widths),
     ``peak_unaligned_gmacs`` (GMAC/s when the widths miss the block), ``bandwidth_gbs``
     (GB/s), ``overhead_us`` (per call), ``channel_multiple`` (the measured block) and
-    ``position_ns`` (per output position and image; 0 in profiles made before it was fitted)."""
+    ``position_ns`` (per output position and image; 0 in profiles made before it was fitted).
+    A tensor op's kind has no peaks; a concatenation's may have a block (``channel_multiple``)
+    and ``bandwidth_unaligned_gbs``, what it moves its bytes at when a piece misses the block
+    (None: no block)."""
 
     peak_gmacs: float
     peak_unaligned_gmacs: float
@@ -68,19 +82,33 @@ class OpConstants:
     overhead_us: float
     channel_multiple: int = 1
     position_ns: float = 0.0
+    bandwidth_unaligned_gbs: Optional[float] = None
 
     @classmethod
-    def tensor_op(cls, bandwidth_gbs: float, overhead_us: float, position_ns: float = 0.0) -> "OpConstants":
+    def tensor_op(cls, bandwidth_gbs: float, overhead_us: float, position_ns: float = 0.0, channel_multiple: int = 1,
+                  bandwidth_unaligned_gbs: Optional[float] = None) -> "OpConstants":
         """The constants of a tensor op's kind (an activation, add, multiply, pooling): it
-        computes nothing, so only its bandwidth, overhead and per-position cost count."""
-        return cls(math.inf, math.inf, bandwidth_gbs, overhead_us, 1, position_ns)
+        computes nothing, so only its bandwidth, overhead and per-position cost count, and
+        for a concatenation with a block, its bandwidth when a piece misses it."""
+        if bandwidth_unaligned_gbs is None:
+            channel_multiple = 1
+        return cls(math.inf, math.inf, bandwidth_gbs, overhead_us, channel_multiple, position_ns,
+                   bandwidth_unaligned_gbs)
+
+    @property
+    def bandwidth_unaligned(self) -> float:
+        """The bandwidth (GB/s) when the pieces miss the block (the aligned one without a block)."""
+        return self.bandwidth_gbs if self.bandwidth_unaligned_gbs is None else self.bandwidth_unaligned_gbs
 
     def to_dict(self) -> Dict[str, Any]:
-        """The JSON form (a tensor op's kind has no peaks)."""
+        """The JSON form (a tensor op's kind has no peaks, and a block only with its bandwidth)."""
         data = vars(self).copy()
+        if self.bandwidth_unaligned_gbs is None:
+            del data["bandwidth_unaligned_gbs"]
         if math.isinf(self.peak_gmacs):
-            for key in ("peak_gmacs", "peak_unaligned_gmacs", "channel_multiple"):
-                del data[key]
+            del data["peak_gmacs"], data["peak_unaligned_gmacs"]
+            if self.bandwidth_unaligned_gbs is None:
+                del data["channel_multiple"]
         return data
 
 
@@ -129,6 +157,7 @@ _RUNTIME_KEYS = {"name": str, "device": str, "threads": int, "batch": int, "vers
 _OP_KEYS = {"peak_gmacs": float, "peak_unaligned_gmacs": float, "bandwidth_gbs": float, "overhead_us": float,
             "channel_multiple": int, "position_ns": float}
 _TENSOR_OP_KEYS = {"bandwidth_gbs": float, "overhead_us": float, "position_ns": float}
+_TENSOR_BLOCK_KEYS = {"channel_multiple": int, "bandwidth_unaligned_gbs": float}  # version 3, both or neither
 
 
 def _check_number(value: Any, kind: type, where: str, minimum: float = 0.0, strict: bool = True) -> Any:
@@ -175,7 +204,14 @@ def profile_from_dict(data: Any, source: str = "profile") -> Profile:
     for kind in KINDS + tuple(k for k in optional if k in ops_data):
         entry = ops_data[kind]
         keys = _TENSOR_OP_KEYS if kind in TENSOR_KINDS else _OP_KEYS
-        _closed(entry, keys, f"{source}: ops.{kind}", optional=("position_ns",))
+        optional_keys: Tuple[str, ...] = ("position_ns",)
+        if kind in TENSOR_KINDS and data["version"] >= 3:
+            keys = {**keys, **_TENSOR_BLOCK_KEYS}
+            optional_keys += tuple(_TENSOR_BLOCK_KEYS)
+            if isinstance(entry, Mapping) and len(set(_TENSOR_BLOCK_KEYS) & set(entry)) == 1:
+                raise ProfileError(f"{source}: ops.{kind} gives one of {', '.join(_TENSOR_BLOCK_KEYS)} without "
+                                   "the other")
+        _closed(entry, keys, f"{source}: ops.{kind}", optional=optional_keys)
         values = {key: _check_number(entry[key], typ, f"{source}: ops.{kind}.{key}",
                                      strict=key not in ("overhead_us", "position_ns"))
                   for key, typ in keys.items() if key in entry}
@@ -235,6 +271,7 @@ class LatencyCost:
         self.peak, self.peak_unaligned = pick("peak_gmacs", 1e9), pick("peak_unaligned_gmacs", 1e9)
         self.bandwidth, self.overhead = pick("bandwidth_gbs", 1e9), pick("overhead_us", 1e-6)
         self.multiple = np.array([known[k].channel_multiple for k in kinds], dtype=np.int64)
+        self._pieces(kinds, pick("bandwidth_unaligned", 1e9))
         self.groups = np.asarray(table.groups, dtype=np.float64)
         self.depthwise = table.depthwise
         self.linear = np.array([k in ("linear", PRODUCT) for k in kinds], dtype=bool)
@@ -246,6 +283,32 @@ class LatencyCost:
         self.per_position = pick("position_ns", 1e-9) * b * table.rows  # seconds per layer
         self.fixed = self.profile.overhead_ms
         self.runtime = dict(self.profile.runtime)
+
+    def _pieces(self, kinds: List[str], bandwidth_unaligned: np.ndarray) -> None:
+        """Which rows are pieces of which concatenation (a piece row follows its
+        concatenation's row, or another piece of it), for the concatenations whose kind has a
+        block: their bandwidth is the unaligned one when a piece's kept count misses it."""
+        piece_rows, parents, parent = [], [], -1
+        for i, kind in enumerate(kinds):
+            if kind == PIECE:
+                if parent >= 0:
+                    piece_rows.append(i)
+                    parents.append(parent)
+            else:
+                parent = i if kind in TENSOR_KINDS and self.multiple[i] > 1 else -1
+        self.piece_rows = np.array(piece_rows, dtype=np.int64)
+        self.piece_parent = np.array(parents, dtype=np.int64)
+        self.bandwidth_unaligned = bandwidth_unaligned
+
+    def _bandwidth(self, kept_out: np.ndarray) -> np.ndarray:
+        """Each row's bandwidth at these kept counts: a concatenation with a piece that
+        misses its block moves its bytes at the unaligned one."""
+        if not len(self.piece_rows):
+            return self.bandwidth
+        parents = self.piece_parent
+        missed = np.mod(kept_out[self.piece_rows], self.multiple[parents]) != 0
+        unaligned = np.bincount(parents, weights=missed, minlength=len(self.bandwidth)) > 0
+        return np.where(unaligned, self.bandwidth_unaligned, self.bandwidth)
 
     @staticmethod
     def calibrate(**options: Any) -> Profile:
@@ -275,22 +338,23 @@ class LatencyCost:
         weights = np.where(self.depthwise, self.weight_bytes * kept_out, self.weight_bytes * kin * kept_out)
         traffic = self.in_bytes * kin + self.out_bytes * kept_out + weights
         peak = np.where(self.aligned(kept_in, kept_out), self.peak, self.peak_unaligned)
-        return kin, macs, traffic, peak
+        return kin, macs, traffic, peak, self._bandwidth(kept_out)
 
     def layer_costs(self, kept_in: np.ndarray, kept_out: np.ndarray) -> np.ndarray:
         """Each layer's predicted milliseconds."""
-        _, macs, traffic, peak = self._terms(kept_in, kept_out)
-        return 1e3 * (roofline_seconds(macs, traffic, peak, self.bandwidth, self.overhead) + self.per_position)
+        _, macs, traffic, peak, bandwidth = self._terms(kept_in, kept_out)
+        return 1e3 * (roofline_seconds(macs, traffic, peak, bandwidth, self.overhead) + self.per_position)
 
     def partials(self, kept_in: np.ndarray, kept_out: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """``(d ms / d kept_in, d ms / d kept_out)``: the bound side of the roofline (compute
-        or memory) at the current widths gives the derivative."""
-        kin, macs, traffic, peak = self._terms(kept_in, kept_out)
-        compute = macs / peak >= traffic / self.bandwidth
+        or memory) at the current widths gives the derivative (a concatenation's at the
+        bandwidth its pieces' alignment gives now)."""
+        kin, macs, traffic, peak, bandwidth = self._terms(kept_in, kept_out)
+        compute = macs / peak >= traffic / bandwidth
         d_in = np.where(compute, self.macs_coef * kept_out / peak,
-                        (self.in_bytes + self.weight_bytes * kept_out) / self.bandwidth)
+                        (self.in_bytes + self.weight_bytes * kept_out) / bandwidth)
         d_out_dense = np.where(compute, self.macs_coef * kin / peak,
-                               (self.out_bytes + self.weight_bytes * kin) / self.bandwidth)
+                               (self.out_bytes + self.weight_bytes * kin) / bandwidth)
         d_out_dw = np.where(compute, self.macs_coef / peak,
-                            (self.in_bytes + self.out_bytes + self.weight_bytes) / self.bandwidth)
+                            (self.in_bytes + self.out_bytes + self.weight_bytes) / bandwidth)
         return 1e3 * np.where(self.depthwise, 0.0, d_in), 1e3 * np.where(self.depthwise, d_out_dw, d_out_dense)
