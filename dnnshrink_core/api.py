@@ -49,6 +49,15 @@ def _fingerprint(model: nn.Module, inputs: tuple, leaf_modules: Sequence[Any]) -
     return structure, shapes, inputs_key, modes, plugins, tuple(map(repr, leaf_modules))
 
 
+def _values_key(model: nn.Module) -> tuple:
+    """What changes when a parameter or buffer's values do (in-place writes bump a tensor's
+    version; a replaced one has another identity or storage): a graph whose recorded sizes
+    came from the values (:attr:`~dnnshrink_core.tracing.TracedGraph.data_sized`) is
+    recorded again after the weights change."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return tuple((id(t), t._version, t.data_ptr()) for t in tensors)
+
+
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -69,7 +78,8 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[Any] 
     check_input_count(model, inputs)
     key = _fingerprint(model, inputs, leaf_modules)
     cached = _graphs.get(model)
-    if cached is not None and cached.fingerprint == key:
+    if cached is not None and cached.fingerprint == key and (cached.values_key is None
+                                                             or cached.values_key == _values_key(model)):
         return cached
     pm = get_plugin_manager()
     if not pm.hook.dnnshrink_op_handler.get_hookimpls():
@@ -81,6 +91,8 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[Any] 
     propagate(graphs, store, pm, frozen)
     graph = ChannelGraph(store, graphs, frozen, type(model).__name__, key)
     graph.leaf_modules = tuple(leaf_modules)
+    if any(tg.data_sized for tg in graphs):  # its sizes hold these weights' outputs
+        graph.values_key = _values_key(model)
     _graphs[model] = graph
     return graph
 
@@ -89,13 +101,27 @@ def _graph_for(model: nn.Module, example_inputs: Any, masks: Optional[Mapping[st
     graph = getattr(masks, "graph", None)
     if isinstance(graph, ChannelGraph):
         inputs = normalize_inputs(example_inputs)
-        if graph.fingerprint == _fingerprint(model, inputs, graph.leaf_modules):
+        if graph.fingerprint == _fingerprint(model, inputs, graph.leaf_modules) and \
+                (graph.values_key is None or graph.values_key == _values_key(model)):
             return graph
     return trace(model, example_inputs)
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def frozen_batchnorm_note(model: nn.Module) -> str:
+    """What to say when ``model``'s normalisations are frozen BatchNorms (torchvision's and
+    detectron2's ``FrozenBatchNorm2d``, which pretrained detection backbones are built with):
+    their scales are fixed buffers, so no training can move them; ``""`` when it has none."""
+    frozen = sorted({type(m).__name__ for m in model.modules() if "FrozenBatchNorm" in type(m).__name__})
+    if not frozen:
+        return ""
+    return (f" Its normalisations are {', '.join(frozen)}: fixed scales (buffers, not parameters), as pretrained "
+            "detection backbones are built, which no training can move. Build the model with nn.BatchNorm2d "
+            "instead (torchvision's detection builders use it with weights_backbone=None, or take "
+            "norm_layer=nn.BatchNorm2d), and load the pretrained weights into it.")
 
 
 def alive_masks(model: nn.Module, example_inputs: Any, threshold: Optional[float] = DEFAULT_THRESHOLD, *,
@@ -126,7 +152,7 @@ def alive_masks(model: nn.Module, example_inputs: Any, threshold: Optional[float
         raise NoBatchNormError(
             f"{type(model).__name__} has no BatchNorm layer. MorphNet decides which channels to drop from "
             "BatchNorm scales (gamma), so add a BatchNorm after each conv you want shrunk "
-            "(nn.Conv2d -> nn.BatchNorm2d -> activation).")
+            "(nn.Conv2d -> nn.BatchNorm2d -> activation)." + frozen_batchnorm_note(model))
     graph = trace(model, example_inputs)
     extract = lookup("mask extractor", extractor)
     masks = extract(graph, model, threshold=threshold, **options)

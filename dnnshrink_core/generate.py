@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from . import branches
-from .errors import DnnshrinkWarning, MaskError, PluginError
+from .errors import DnnshrinkWarning, GenerationError, MaskError, PluginError
 from .graph import ChannelGraph
 from .handler import RebuildContext, index_of
 from .masks import keep_flags
@@ -141,6 +141,8 @@ def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.M
         if name in vars(new_model):
             delattr(new_model, name)
     inputs = specialized[0].example_inputs
+    if graph.data_sized:
+        return _own_class(new_model, rebuilt, inputs, graph.data_sized, bool(dropped))
     if not dropped and _same_outputs(new_model, rebuilt, inputs):  # the user's class would run a dropped branch
         return new_model
     rebuilt.register_forward_pre_hook(InputShapeCheck(
@@ -149,29 +151,69 @@ def build(model: nn.Module, graph: ChannelGraph, keep_units: np.ndarray) -> nn.M
     return rebuilt
 
 
+def _other_input(inputs: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """A second, random input of the example's shapes (its floating-point tensors redrawn)."""
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(x.shape, generator=generator).to(x) if isinstance(x, torch.Tensor)
+                 and x.is_floating_point() else x for x in inputs)
+
+
+def _difference(candidate: nn.Module, reference: nn.Module, args: Tuple[Any, ...]) -> str:
+    """Why ``candidate`` does not compute what ``reference`` does on ``args`` (both in eval
+    mode, without gradients), or ``""`` when it does."""
+    with model_mode(candidate, training=False), model_mode(reference, training=False), torch.no_grad():
+        try:
+            a = flatten_outputs(candidate(*args), True)
+        except Exception as exc:  # the user's code cannot take the new widths
+            return f"{type(exc).__name__}: {str(exc)[:200]}"
+        b = flatten_outputs(reference(*args), True)
+    if len(a) != len(b):
+        return f"{len(a)} outputs instead of {len(b)}"
+    for i, (x, y) in enumerate(zip(a, b)):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor) or not isinstance(x, torch.Tensor) and x != y:
+            return f"output {i} is {x!r} instead of {y!r}"
+        if isinstance(x, torch.Tensor) and (x.shape != y.shape or not torch.allclose(
+                x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max() if y.numel() else 0.0) + 1e-12)):
+            return f"output {i} differs" + (f" (shape {tuple(x.shape)} instead of {tuple(y.shape)})"
+                                            if x.shape != y.shape else "")
+    return ""
+
+
 def _same_outputs(candidate: nn.Module, reference: nn.Module, inputs: Tuple[Any, ...]) -> bool:
     """Whether ``candidate`` computes what ``reference`` does on ``inputs`` and on a second,
     random input of the same shapes (so a branch taken on the example's values shows)."""
-    generator = torch.Generator().manual_seed(0)
-    other = tuple(torch.randn(x.shape, generator=generator).to(x) if isinstance(x, torch.Tensor)
-                  and x.is_floating_point() else x for x in inputs)
-    with model_mode(candidate, training=False), model_mode(reference, training=False), torch.no_grad():
-        for args in (inputs, other):
-            try:
-                a, b = flatten_outputs(candidate(*args), True), flatten_outputs(reference(*args), True)
-            except Exception:  # the user's code cannot take the new widths
+    for args in (inputs, _other_input(inputs)):
+        try:
+            if _difference(candidate, reference, args):
                 return False
-            if len(a) != len(b):
-                return False
-            for x, y in zip(a, b):
-                if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
-                    return False
-                if not isinstance(x, torch.Tensor):
-                    if x != y:
-                        return False
-                elif x.shape != y.shape or not torch.allclose(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max() if y.numel() else 0.0) + 1e-12):
-                    return False
+        except Exception:  # the recorded graph itself cannot take the other input
+            return False
     return True
+
+
+def _own_class(candidate: nn.Module, recorded: nn.Module, inputs: Tuple[Any, ...], data_sized: list,
+               dropped: bool) -> nn.Module:
+    """The user's own class with the resized layers, for a model whose recorded sizes came
+    from the example's values (``data_sized``): the recorded graph holds those sizes as
+    literals, so it is right for that input alone, and only the model's own code is. The
+    class must compute what the recording does on the example, and run on another input;
+    otherwise :class:`GenerationError` says why, before anything is returned."""
+    where = ", ".join(data_sized[:3]) + (f" and {len(data_sized) - 3} more" if len(data_sized) > 3 else "")
+    problem = "a residual branch is dropped whole, which your class's forward would still run" if dropped else \
+        _difference(candidate, recorded, inputs)
+    if not problem:
+        with model_mode(candidate, training=False), torch.no_grad():
+            try:
+                candidate(*_other_input(inputs))
+            except Exception as exc:
+                problem = f"it fails on another input of the example's shapes ({type(exc).__name__}: {str(exc)[:200]})"
+    if not problem:
+        return candidate
+    raise GenerationError(
+        f"dnnshrink: sizes in this model's forward depend on its input's values ({where}), so the graph recorded on "
+        f"the example holds that input's sizes and only your model's own class can be generated; with the new widths "
+        f"it cannot be ({problem}). Shrink the part of the model before those ops (e.g. a detector's backbone and "
+        "head, without its post-processing), or keep the channels that code sizes another way whole.")
 
 
 def _slice_params(model: nn.Module, graph: ChannelGraph, keep_labels: np.ndarray,

@@ -106,6 +106,9 @@ class ChannelGraph:
         self.frozen_modules = frozen_modules
         self.model_name = model_name
         self.fingerprint = fingerprint
+        # set when a recorded size came from the values: the weights it was recorded with
+        # (dnnshrink_core.api), so that new weights record it again
+        self.values_key: Any = None
         a, b = store.ties()
         self.unit_of, self.num_units = connected_components(store.size, a, b)
         for first, second, why in store.same_units:
@@ -239,6 +242,13 @@ class ChannelGraph:
                                         self.unit_of[info["out_labels"]], coef,
                                         info.get("weight", ""), info.get("params_coef")))
         return result
+
+    @property
+    def data_sized(self) -> List[str]:
+        """Where a recorded size came from the example's values (a detection head's
+        post-processing: ``nonzero``, a boolean mask, ``nms``…); empty for a graph torch.fx
+        traced. A network generated from such a graph is the model's own class."""
+        return [where for tg in self.traces for where in getattr(tg, "data_sized", ())]
 
     def tensor_ops(self) -> List["LayerCost"]:
         """The memory-bound ops between the layers that a runtime runs as passes of their own

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .api import trace
+from .api import frozen_batchnorm_note, trace
 from .algorithm import LearnContext, LearnResult
 from .branches import dropped as dropped_branches
 from .checkpoint import Checkpoints
@@ -294,7 +294,7 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
     graph = trace(work, inputs)
     if not graph.source_modules and getattr(algorithm, "needs_batchnorm", True):
         raise NoBatchNormError(f"{type(model).__name__} has no BatchNorm that scales prunable channels; "
-                               f"{opts.algorithm} learns from BatchNorm scales")
+                               f"{opts.algorithm} learns from BatchNorm scales." + frozen_batchnorm_note(model))
     goal = resolve(opts.target, opts.target_macs)
     costs = CostModel(graph, work, goal.cost_model, profile=opts.profile)
     # "auto": one multiple per group, the channel block of the profile's runtime
@@ -329,7 +329,8 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
     target = check_reachable(goal, costs.initial, minimum,
                              key="target" if opts.target is not None else "target_macs", algorithm=opts.algorithm,
                              grows=bool(getattr(algorithm, "grows_networks", False)), min_width=opts.min_width,
-                             depth=depth and bool(graph.branches), deeper=deeper, constant=costs.constant)
+                             depth=depth and bool(graph.branches), deeper=deeper, constant=costs.constant,
+                             kept_share=1.0 - float(graph.unit_removable.mean()) if graph.num_units else 0.0)
     out_dir = distributed.on_main(lambda: _prepare_out_dir(opts))
     if measured is not None and out_dir is not None:  # a resumed run works to the same budget
         distributed.on_main(lambda: _save_measured(out_dir / MEASURED_TARGET, measured), share=False)

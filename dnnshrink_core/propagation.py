@@ -52,7 +52,8 @@ def _where(ctx: PropagateContext) -> str:
     if ctx.module_name is not None:
         return f"module `{ctx.module_name}`"
     stack = ctx.node.meta.get("nn_module_stack")
-    inside = f" in `{list(stack)[-1]}`" if stack else ""
+    owner = list(stack)[-1] if stack else ""
+    inside = f" in `{owner}`" if owner else ""  # nothing to add at the top level of forward
     return f"node `{ctx.node.name}`{inside}"
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -61,6 +62,28 @@ _DATA_READS = frozenset({"__bool__", "item", "tolist", "__int__", "__float__", "
                          "__array__", "__complex__"})
 # calls that mutate their first argument and return nothing: recorded for their effect
 _EFFECTS = frozenset({"__setitem__"})
+# calls whose result's *size* depends on a tensor's values (what a detection head's
+# post-processing does: scores over a threshold, non-maximum suppression): the recorded
+# graph holds the example's sizes after them, right only for that input and those weights
+_DATA_SIZED = frozenset({"nonzero", "nonzero_static", "argwhere", "masked_select", "unique", "unique_consecutive",
+                         "_unique2", "bincount", "nms", "batched_nms"})
+
+
+def _sized_by_data(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether a call's result has a size set by its inputs' values: the ops of
+    :data:`_DATA_SIZED`, ``torch.where(condition)`` (one argument), indexing with a boolean
+    mask, and ``repeat_interleave`` by a tensor of counts."""
+    if name in _DATA_SIZED:
+        return True
+    if name == "where":
+        return len(args) + len(kwargs) == 1
+    if name == "__getitem__" and len(args) > 1:
+        index = args[1] if isinstance(args[1], (tuple, list)) else (args[1],)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+    if name == "repeat_interleave":
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        return isinstance(repeats, torch.Tensor) and repeats.numel() > 1
+    return False
 
 
 def _is_leaf(tracer: fx.Tracer, module: nn.Module, name: str) -> bool:
@@ -76,6 +99,7 @@ class _Recorder(TorchFunctionMode):
         self.specs: Dict[fx.Node, Any] = {}
         self.constants: Dict[str, torch.Tensor] = {}
         self.data_reads: List[str] = []
+        self.data_sized: List[str] = []  # where a size came from the values (see _sized_by_data)
         self.unknown_constants: List[str] = []
         self._model = model
         self._values: Dict[int, Tuple[torch.Tensor, fx.Node]] = {}  # id -> (tensor kept alive, node)
@@ -151,6 +175,10 @@ class _Recorder(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name in _DATA_READS:
             self.data_reads.append(name)
+        if _sized_by_data(name, args, kwargs):
+            where = self._stack[-1][0] if self._stack else ""
+            self.data_sized.append(f"`{'boolean mask' if name == '__getitem__' else name}`"
+                                   + (f" in `{where}`" if where else ""))
         if not _holds_tensor(result) and name not in _EFFECTS:
             return result  # sizes, dtypes, flags: plain Python values from here on (specialised)
         op, target, args = self._target(func, name, args)
@@ -303,12 +331,22 @@ def _changed(live: Any, before: Any) -> bool:
     return {id(v) for v in live} != {id(v) for v in before}
 
 
-def record(model: nn.Module, inputs: Sequence[Any], leaf_rule: fx.Tracer
-           ) -> Tuple[fx.Graph, Dict[fx.Node, Any], Dict[str, torch.Tensor], List[str]]:
-    """Trace ``model`` by running it on ``inputs``.
+@dataclass
+class Recording:
+    """What :func:`record` wrote down: the graph, the spec of every node, the constants
+    lifted out of ``forward``, notes on what the graph is specialised to, and where a size
+    came from the values (``data_sized``: then the graph is right only for the example
+    input and the weights it was recorded with)."""
 
-    Returns the graph, the spec of every node, the constants lifted out of ``forward`` and
-    notes on what the graph is specialised to (values read into Python). ``leaf_rule`` is the
+    graph: fx.Graph
+    specs: Dict[fx.Node, Any]
+    constants: Dict[str, torch.Tensor]
+    notes: List[str]
+    data_sized: List[str]
+
+
+def record(model: nn.Module, inputs: Sequence[Any], leaf_rule: fx.Tracer) -> Recording:
+    """Trace ``model`` by running it on ``inputs`` (see :class:`Recording`). ``leaf_rule`` is the
     fx tracer whose ``is_leaf_module`` says which modules are recorded whole. The model's
     buffers and the caches its modules keep (:func:`containers_kept`) are restored afterwards.
     """
@@ -328,7 +366,12 @@ def record(model: nn.Module, inputs: Sequence[Any], leaf_rule: fx.Tracer
     if recorder.unknown_constants:
         notes.append(f"{len(recorder.unknown_constants)} tensor(s) not made by a recorded op are baked in as "
                      f"constants (shapes {', '.join(recorder.unknown_constants[:4])})")
-    return recorder.graph, recorder.specs, recorder.constants, notes
+    sized = list(dict.fromkeys(recorder.data_sized))
+    if sized:
+        notes.append(f"sizes there depend on the example's values ({', '.join(sized[:4])}"
+                     + (f" and {len(sized) - 4} more" if len(sized) > 4 else "") + "), so a generated network is "
+                     "your own class, never the recorded graph")
+    return Recording(recorder.graph, recorder.specs, recorder.constants, notes, sized)
 
 
 class InputShapeCheck:

@@ -247,13 +247,16 @@ def smallest_cost(graph: Any, costs: Any, min_width: int = 1, round_to: Any = 1,
 
 def check_reachable(target: Target, baseline: float, minimum: float, *, key: str = "target",
                     algorithm: str = "morphnet", grows: bool = False, min_width: int = 1,
-                    depth: bool = False, deeper: Optional[float] = None, constant: float = 0.0) -> float:
+                    depth: bool = False, deeper: Optional[float] = None, constant: float = 0.0,
+                    kept_share: float = 0.0) -> float:
     """The target's absolute amount, or :class:`TargetError` when the model cannot meet it:
     below ``minimum`` (:func:`smallest_cost`, whole residual blocks dropped too where
     ``depth``), or above ``baseline`` unless the algorithm ``grows`` networks. ``deeper``:
     the smallest cost with blocks dropped, where depth was turned off (the message says
     that it would reach the target). ``constant``: the part of every network's cost no
-    channel cut changes (:attr:`CostModel.constant`), which the message names when it weighs."""
+    channel cut changes (:attr:`CostModel.constant`), which the message names when it weighs;
+    ``kept_share``: the share of the channel units no cut may remove, named when it is a
+    tenth or more (most often what keeps a model from a target: layers without BatchNorm)."""
     amount = target.absolute(baseline)
     unit = target.unit
     if amount < minimum * (1 - 1e-9):
@@ -263,6 +266,9 @@ def check_reachable(target: Target, baseline: float, minimum: float, *, key: str
             why = (f"every removable channel group at its minimum width ({max(min_width, 1)} unit"
                    f"{'s' if min_width > 1 else ''})" + (" and every residual block that can go dropped whole"
                                                          if depth else ""))
+            if kept_share >= 0.1:
+                why += (f"; {kept_share:.0%} of its channels cannot be removed (no BatchNorm scales them, or an op "
+                        "the graph cannot follow keeps them: `dnnshrink inspect` shows which)")
             if notable_constant(constant, baseline):
                 why += (f"; {constant / baseline:.0%} of the baseline is what no channel cut changes (attention's "
                         "matrix products, layers the graph cannot follow)")

@@ -182,8 +182,10 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
 def _pieces(node: fx.Node, out: Any, trace: Any, graph: Any) -> List[Any]:
     """The units of each input of a concatenation along its channels, in order (none for
     a pad, or when an input's channels are not followed: then the pieces are not known)."""
-    tensors = node_arg(node, 0, "tensors")
-    if not isinstance(tensors, (list, tuple)) or len(tensors) < 2:
+    tensors, dim = node_arg(node, 0, "tensors"), node_arg(node, 1, "dim", 0)
+    rank = len(getattr(trace.specs.get(node), "shape", ()))
+    if not isinstance(tensors, (list, tuple)) or len(tensors) < 2 or not isinstance(dim, int) or not rank \
+            or dim % rank != out.dim:
         return []
     pieces = []
     for arg in tensors:

@@ -174,6 +174,9 @@ class TracedGraph:
     fx_error: str = ""
     # the traced code read a training flag, so the graph holds mode["training"]
     reads_training: bool = False
+    # where a recorded size came from the values (a detection head's post-processing): the
+    # graph is then right only for the example input and the weights it was recorded with
+    data_sized: List[str] = field(default_factory=list)
     # target -> module, filled by get_submodule (the graph is cached only while the model's
     # structure is unchanged, so one table per graph serves every rebuild)
     _modules: Dict[str, nn.Module] = field(default_factory=dict, repr=False)
@@ -303,7 +306,7 @@ def _record_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any],
     tracer = _Tracer(pm, leaf_modules)
     try:
         with model_mode(model, mode["training"], attrs):  # record() puts the buffers back
-            graph, specs, constants, notes = record(model, inputs, tracer)
+            recording = record(model, inputs, tracer)
     except InputRunError as exc:
         # the model does not run on this input at all: an input problem, said as such
         raise InputRunError(f"{exc.failure} (recording it by running, after {failure.splitlines()[0][:300]})") \
@@ -311,13 +314,15 @@ def _record_one(model: nn.Module, inputs: Tuple[Any, ...], mode: Dict[str, Any],
     shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
     warnings.warn(f"dnnshrink: {failure.splitlines()[0][:300]}; traced {type(model).__name__} by running it on the "
                   f"example input instead, so the graph (and a network generated from it) is specialised to "
-                  f"input shape {shapes}" + "".join(f"; {n}" for n in notes) + " (see docs/tracing.md).",
+                  f"input shape {shapes}" + "".join(f"; {n}" for n in recording.notes) + " (see docs/tracing.md).",
                   SpecializedTraceWarning, stacklevel=4)
+    graph, constants = recording.graph, recording.constants
     module_names = {n: n.target for n in graph.nodes if n.op == "call_module"}
-    return TracedGraph(mode=dict(mode), graph=graph, root=weakref.ref(model), constants=constants, specs=specs,
-                       module_names=module_names, param_paths=_param_paths(model, graph, constants),
-                       specialized=True, example_inputs=tuple(inputs), notes=notes, fx_error=failure,
-                       reads_training=tracer.reads_training(model))
+    return TracedGraph(mode=dict(mode), graph=graph, root=weakref.ref(model), constants=constants,
+                       specs=recording.specs, module_names=module_names,
+                       param_paths=_param_paths(model, graph, constants), specialized=True,
+                       example_inputs=tuple(inputs), notes=recording.notes, fx_error=failure,
+                       reads_training=tracer.reads_training(model), data_sized=recording.data_sized)
 
 
 def _param_paths(model: nn.Module, graph: fx.Graph, constants: Dict[str, Any]) -> Dict[fx.Node, str]:
@@ -348,7 +353,9 @@ def eval_graph_module(model: nn.Module, example_inputs: Any = None) -> fx.GraphM
     Tensor constants fx lifts out of ``forward`` are copied into the GraphModule and not left
     on ``model``. When torch.fx cannot follow ``forward`` and ``example_inputs`` are given, the
     graph is recorded by running the model on them (:mod:`dnnshrink_core.recording`), so it
-    is specialised to their shapes; the GraphModule's ``dnnshrink_specialized`` says so.
+    is specialised to their shapes; the GraphModule's ``dnnshrink_specialized`` says so, and
+    its ``dnnshrink_data_sized`` lists where a size came from the example's values (then the
+    graph is right for that input alone).
     """
     pm = get_plugin_manager()
     tracer = _Tracer(pm, ())
@@ -357,18 +364,21 @@ def eval_graph_module(model: nn.Module, example_inputs: Any = None) -> fx.GraphM
             graph = tracer.trace(model)
             module = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
             module.dnnshrink_specialized = False
+            module.dnnshrink_data_sized = []
             return module
     except Exception:  # fx raises many types; all mean "cannot trace symbolically"
         if example_inputs is None:
             raise
     with model_mode(model, training=False):
-        graph, _, constants, _ = record(model, normalize_inputs(example_inputs), _Tracer(pm, ()))
-    owned: Dict[str, Any] = dict(constants)
+        recording = record(model, normalize_inputs(example_inputs), _Tracer(pm, ()))
+    graph = recording.graph
+    owned: Dict[str, Any] = dict(recording.constants)
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr") and node.target not in owned:
             owned[node.target] = _fetch(model, node.target)
     module = fx.GraphModule(owned, graph, class_name=type(model).__name__)
     module.dnnshrink_specialized = True
+    module.dnnshrink_data_sized = recording.data_sized
     return module
 
 

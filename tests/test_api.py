@@ -38,8 +38,15 @@ def test_trace_is_cached_until_the_structure_changes():
 
 def test_no_batchnorm_is_a_clear_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
-    with pytest.raises(ds.NoBatchNormError, match="has no BatchNorm layer"):
+    with pytest.raises(ds.NoBatchNormError, match="has no BatchNorm layer") as caught:
         ds.alive_masks(model, torch.randn(1, 3, 8, 8))
+    assert "Frozen" not in str(caught.value)
+    # a pretrained detection backbone's frozen BatchNorms are named, with the way out
+    from torchvision.ops import FrozenBatchNorm2d
+    frozen = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    with pytest.raises(ds.NoBatchNormError, match=r"Its normalisations are FrozenBatchNorm2d: fixed scales.*"
+                                                  r"norm_layer=nn.BatchNorm2d"):
+        ds.alive_masks(frozen, torch.randn(1, 3, 8, 8))
 
 
 def test_wrong_input_shape_is_a_clear_error():

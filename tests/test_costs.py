@@ -281,6 +281,12 @@ def test_targets_for_every_resource_and_reachability():
         assert check_reachable(target, costs.initial, minimum) == pytest.approx(target.fraction * costs.initial)
         with pytest.raises(ds.TargetError, match=costs.unit):
             check_reachable(Target(resource, amount=minimum * 0.5), costs.initial, minimum)
+    # what keeps the model from the target is named: channels no cut may remove, when they weigh
+    with pytest.raises(ds.TargetError, match=r"; 40% of its channels cannot be removed \(no BatchNorm scales them"):
+        check_reachable(Target("macs", fraction=0.1), 100.0, 50.0, kept_share=0.4)
+    with pytest.raises(ds.TargetError) as caught:
+        check_reachable(Target("macs", fraction=0.1), 100.0, 50.0, kept_share=0.05)
+    assert "cannot be removed" not in str(caught.value)
 
 
 def test_latency_target_on_the_digits_demo_is_met(tmp_path):

@@ -296,3 +296,49 @@ def test_exporting_a_model_that_caches_on_its_modules_leaves_the_model_working(t
     with torch.no_grad():  # the exporter's symbolic values did not stay on the model
         assert torch.equal(model(x), before) and model(torch.cat([x, x])).shape[0] == 2
     assert type(model.grid) is torch.Tensor and np.allclose(out, before.numpy(), atol=1e-5)
+
+
+class PairsOrOne(nn.Module):
+    """A forward that takes another path for an even batch: an export traced at batch 1
+    holds that path only, which a dynamic batch of 2 computes wrongly."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.view(2, -1) if y.shape[0] % 2 == 0 else y.view(1, -1)
+
+
+def test_a_dynamic_batch_the_export_computes_wrongly_is_exported_for_the_examples_batch(tmp_path):
+    model, x = PairsOrOne().eval(), torch.randn(1, 3, 8, 8)
+    with pytest.warns(ds.DnnshrinkWarning, match=r"computes another batch size wrongly \(an ONNX output has shape "
+                                                  r"\(1, 288\); PyTorch gives \(2, 144\)\): exported for batch 1 only"):
+        result = ds.export(model, x, "onnx", tmp_path / "m.onnx")
+    assert result["dynamic_batch"] is False and result["max_relative_error"] < 1e-4
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [d for d in session.get_inputs()[0].shape] == [1, 3, 8, 8]
+
+
+class CountedByValue(nn.Module):
+    """A size read from the values (as a detector keeps the boxes over a threshold)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y[:int(y.abs().sum() > 0)]
+
+
+def test_an_export_torch_cannot_follow_says_why_plainly(tmp_path):
+    with pytest.raises(ds.ExportError) as caught:
+        ds.export(CountedByValue().eval(), torch.randn(1, 3, 8, 8), "onnx", tmp_path / "m.onnx")
+    message = str(caught.value)
+    # torch's own error, first, without its advice boilerplate or terminal colours, then what to do
+    assert message.startswith("torch's ONNX exporter failed: TorchExportError: <class "
+                              "'torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode'>")
+    assert "\x1b[" not in message and "Next steps" not in message
+    assert "export the part of the model before them" in message and not (tmp_path / "m.onnx").exists()

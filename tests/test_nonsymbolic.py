@@ -171,3 +171,82 @@ def test_failing_model_names_both_failures():
     with pytest.raises(ds.TraceError, match=r"running the model on example_inputs failed at `forward`.*\[7, -1\]"
                                             r".*torch.fx could not trace"):
         ds.trace(Broken(), torch.randn(1, 3, 8, 8))
+
+
+class DetectionHead(nn.Module):
+    """A detector's tail in miniature: shape control flow (so torch.fx fails), then scores
+    above a threshold and the best ``min(k, n)`` of them, sizes set by the values."""
+
+    def __init__(self, select=lambda s: s[s > 0.5], literal: bool = False):
+        super().__init__()
+        self.body = conv_bn(3, 16)
+        self.head = nn.Conv2d(16, 4, 1)
+        self.select, self.literal = select, literal
+
+    def forward(self, x):
+        y = self.body(x)
+        if self.literal:  # channel counts held in the code, as LiteralChannelSplit's
+            a, b = y.split((8, 8), 1)
+            y = torch.cat([b, a], 1)
+        s = self.head(y).flatten()
+        if s.shape[0] == 0:
+            return s
+        s = self.select(s)
+        return s.topk(min(50, s.shape[0])).values
+
+
+def test_sizes_set_by_the_values_give_the_users_class_recorded_again_for_new_weights(tmp_path):
+    """torchvision's detection post-processing in miniature: the recorded graph holds the
+    example's count of boxes, right for that input and those weights alone. The graph is
+    recorded again once the weights change (a graph cached before the channels were killed
+    is not reused), and the generated network is the user's own class, right on any input."""
+    torch.manual_seed(0)
+    model, x = DetectionHead().eval(), torch.randn(1, 3, 8, 8)
+    with pytest.warns(SpecializedTraceWarning, match=r"depend on the example's values \(`boolean mask`\)"):
+        first = ds.trace(model, x)
+    assert first.data_sized == ["`boolean mask`"]
+    kill_half(model)  # as training would: the scores, and so the count of them, change
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SpecializedTraceWarning)
+        masks = ds.alive_masks(model, x)
+        assert masks.graph is not first  # recorded again for the new weights
+        small = ds.generate(model, x, masks)
+    assert type(small) is DetectionHead and n_params(small) < n_params(model)
+    with torch.no_grad():
+        for other in (x, torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))):
+            expected, got = model(other), small(other)
+            assert got.shape == expected.shape and max_relative_error(expected, got) < TOLERANCE
+    with pytest.raises(ds.ExportError, match="depend on its input's values"):
+        ds.export(small, x, "pytorch", tmp_path / "head.dnnshrink")
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.parametrize("select, words", [
+    (lambda s: s[torch.nonzero(s > 0.5).flatten()], "`nonzero`"),
+    (lambda s: s[torch.where(s > 0.5)[0]], "`where`"),
+    (lambda s: torch.masked_select(s, s > 0.5), "`masked_select`"),
+])
+def test_every_op_that_sizes_by_values_is_noticed(select, words):
+    model, x = kill_half(DetectionHead(select)).eval(), torch.randn(1, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SpecializedTraceWarning)
+        graph = ds.trace(model, x)
+    assert words in graph.data_sized[0]
+
+
+def test_a_value_sized_model_whose_class_cannot_take_the_new_widths_is_refused():
+    """Neither network would be right: the recorded graph only for the example, the user's
+    class not at all (its forward holds a channel count). A clear error, nothing returned."""
+    model, x = kill_half(DetectionHead(literal=True)).eval(), torch.randn(1, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SpecializedTraceWarning)
+        with pytest.raises(ds.GenerationError, match=r"depend on its input's values \(`boolean mask`\).*"
+                                                     r"only your model's own class can be generated.*RuntimeError"):
+            ds.generate(model, x, ds.alive_masks(model, x))
+
+
+def test_a_three_argument_where_does_not_size_by_values():
+    model, x = DetectionHead(lambda s: torch.where(s > 0.5, s, 0.0)).eval(), torch.randn(1, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SpecializedTraceWarning)
+        assert ds.trace(model, x).data_sized == []

@@ -298,20 +298,18 @@ class OnnxBackend:
     def concat_block(self) -> int:
         """The channel block a concatenation's pieces need for onnxruntime to join them in its
         blocked layout, read from the graph it optimises: the smallest candidate whose odd
-        multiples (two pieces of 3 blocks each, then 5) join with no reorder of the pieces
-        out of the layout, when pieces that are no multiple of it are reordered (1: the
-        runtime has no such block)."""
+        multiples (two pieces of 3 blocks each, then 5) join with no more reorders than
+        pieces of 64 channels do. 1 when pieces of 12 and 20 channels already do (the runtime
+        has no blocked layout, as on CPUs without onnxruntime's NCHWc kernels) or none does."""
         def reorders(piece: int) -> int:
             ops = [("pointwise", 32, piece, 28, 1, 1), ("depthwise", piece, piece, 28, 3, 1),
                    ("concat", 2 * piece, 2 * piece, 28, 1, 1), ("pointwise", 2 * piece, 32, 28, 1, 1)]
             return self.optimized_ops(ops).get("ReorderOutput", 0)
 
-        if reorders(13) <= reorders(64):  # an odd width joins like a wide aligned one: no block
-            return 1
         least = reorders(64)
         for block in CANDIDATES:
             if all(reorders(n * block) <= least for n in (3, 5)):
-                return block
+                return 1 if block == CANDIDATES[0] else block
         return 1
 
 
@@ -792,7 +790,9 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     for kind, c in ops.items():
         peaks = "" if kind in TENSOR_KINDS else \
             f"peak {c.peak_gmacs:7.1f} GMAC/s (unaligned {c.peak_unaligned_gmacs:6.1f}), "
-        log(f"  {kind:<11} {peaks}bandwidth {c.bandwidth_gbs:7.1f} GB/s, overhead {c.overhead_us:5.1f} us"
+        unaligned = "" if c.bandwidth_unaligned_gbs is None else \
+            f" (pieces off its block of {c.channel_multiple}: {c.bandwidth_unaligned_gbs:.1f} GB/s)"
+        log(f"  {kind:<11} {peaks}bandwidth {c.bandwidth_gbs:7.1f} GB/s{unaligned}, overhead {c.overhead_us:5.1f} us"
             + (f", per position {c.position_ns:5.2f} ns" if per_position else "")
             + ("" if kind in TENSOR_KINDS else f", block {c.channel_multiple}"))
     calibration: Dict[str, Any] = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(),

@@ -533,6 +533,12 @@ def save_artifact(model: nn.Module, example_inputs: Any, path: Path, sign_key: O
     key = None if sign_key is None else _key_bytes(sign_key, "sign_key")
     inputs = normalize_inputs(example_inputs)
     gm = eval_graph_module(model, inputs)  # recorded on the inputs where torch.fx cannot follow forward
+    sized = getattr(gm, "dnnshrink_data_sized", [])
+    if sized:  # the recorded graph holds the example's data-dependent sizes as numbers
+        raise ExportError(f"sizes in {type(model).__name__}'s forward depend on its input's values "
+                          f"({', '.join(sized[:3])}), so the graph recorded on the example would be right for that "
+                          "input alone; the pytorch artifact cannot hold such a model. Export the part before those "
+                          "ops (a detector's backbone and head), or save your own class with torch.save.")
     tensors: Dict[str, torch.Tensor] = {}
     nodes: List[Dict[str, Any]] = []
     modules: Dict[str, Any] = {}

@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import re
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -62,6 +63,55 @@ def verify_onnx(path: Path, model: nn.Module, inputs: tuple, rtol: float, thread
     return worst
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _torch_export(model: nn.Module, inputs: tuple, path: Path, opset: int, dynamic: Any) -> Optional[Exception]:
+    """Export a copy of ``model`` with torch's exporter; the exception it raised, or None.
+
+    The exporter runs the forward on symbolic tensors, and a forward that caches what it
+    computes on its module (ultralytics' Detect head keeps its anchors and the input shape)
+    would keep those symbolic values: every later call of the model then fails. So a copy
+    is exported; the model itself is what the export is checked against."""
+    exported = copy.deepcopy(model)
+    with model_mode(exported, training=False), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(exported, inputs, str(path), dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
+                              external_data=False, verbose=False)
+        except Exception as exc:
+            return exc
+    return None
+
+
+def _first_line(exc: Exception) -> str:
+    """An exception's type and the first line of its message, without terminal colours."""
+    text = _ANSI.sub("", str(exc)).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _data_dependent(exc: Exception) -> bool:
+    """Whether torch.export failed on a size set by the values (its guard on a data-dependent
+    symbol), which no batch setting changes."""
+    text = str(exc)
+    return "DataDependent" in type(exc).__name__ or "data-dependent" in text or "data dependent" in text
+
+
+def _export_failure(exc: Exception) -> str:
+    """What to tell the user when torch's exporter fails: its error (colours stripped, the
+    first lines), and for sizes set by the values (a detector's post-processing), what to do."""
+    lines = [line for line in _ANSI.sub("", str(exc)).strip().splitlines() if line.strip()]
+    summary = [i for i, line in enumerate(lines) if line.startswith("## Exception summary")]
+    if summary:  # torch's exporter puts its advice first and the error after this heading
+        lines = lines[summary[0] + 1:]
+    message = f"torch's ONNX exporter failed: {type(exc).__name__}: " + "\n".join(lines[:8])[:2000]
+    if _data_dependent(exc):
+        message += ("\nThe model's forward has sizes set by its values (non-maximum suppression, scores over a "
+                    "threshold), which torch.export cannot follow: export the part of the model before them (a "
+                    "detector's backbone and head) and run the post-processing outside the ONNX model.")
+    return message
+
+
 def _fixed_batch(model: Any) -> Any:
     """The batch size an ONNX model's first input is fixed to, or None when it is symbolic."""
     graph = model.graph
@@ -93,17 +143,16 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Path, opset: int = 
     # computes on its module (ultralytics' Detect head keeps its anchors and the input shape)
     # would keep those symbolic values: every later call of the model then fails. It
     # exports a copy; the model itself is what the export is checked against.
-    exported = copy.deepcopy(model)
     with atomic_path(path) as tmp:
-        with model_mode(exported, training=False), warnings.catch_warnings(), \
-                contextlib.redirect_stdout(io.StringIO()) as log:
-            warnings.simplefilter("ignore")
-            try:
-                torch.onnx.export(exported, inputs, str(tmp), dynamo=True, opset_version=opset,
-                                  dynamic_shapes=dynamic, external_data=False, verbose=False)
-            except Exception as exc:
-                hint = " Try dynamic_batch=False." if dynamic_batch else ""
-                raise ExportError(f"torch's ONNX exporter failed: {type(exc).__name__}: {exc}{hint}\n{log.getvalue()[-2000:]}") from exc
+        failure = _torch_export(model, inputs, tmp, opset, dynamic)
+        if failure is not None and dynamic is not None and not _data_dependent(failure) \
+                and _torch_export(model, inputs, tmp, opset, None) is None:
+            warnings.warn(f"dnnshrink: torch's ONNX exporter could not give {type(model).__name__} a dynamic batch "
+                          f"({_first_line(failure)}): the ONNX model takes batch {tensors[0].shape[0]} only",
+                          DnnshrinkWarning, stacklevel=3)
+            failure, dynamic_batch = None, False
+        if failure is not None:
+            raise ExportError(_export_failure(failure)) from failure
         written = onnx.load(str(tmp), load_external_data=False)  # read once for both checks
         _check_opset(written, opset)
         fixed = _fixed_batch(written) if dynamic_batch and tensors else None
@@ -115,6 +164,15 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Path, opset: int = 
         error = verify_onnx(tmp, model, inputs, rtol)
         if dynamic_batch and tensors and tensors[0].shape[0] >= 1:
             doubled = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) else x for x in inputs)
-            error = max(error, verify_onnx(tmp, model, doubled, rtol))
+            try:
+                error = max(error, verify_onnx(tmp, model, doubled, rtol))
+            except ExportError as exc:  # the exporter followed the example's batch: it holds that one only
+                if _torch_export(model, inputs, tmp, opset, None) is not None:
+                    raise
+                warnings.warn(f"dnnshrink: the ONNX model of {type(model).__name__} with a dynamic batch computes "
+                              f"another batch size wrongly ({exc}): exported for batch {tensors[0].shape[0]} only",
+                              DnnshrinkWarning, stacklevel=3)
+                dynamic_batch = False
+                error = verify_onnx(tmp, model, inputs, rtol)
     return {"path": str(path), "opset": opset, "dynamic_batch": dynamic_batch, "max_relative_error": error,
             "tolerance": rtol}
