@@ -155,6 +155,7 @@ def test_ranks_that_disagree_on_the_masks_stop_with_a_clear_error(tmp_path):
     assert not (tmp_path / "out" / "report.json").exists()
 
 
+@pytest.mark.slow  # a minute of the default suite's four; the shards it relies on are checked below
 def test_demo_under_torchrun(tmp_path):
     out = tmp_path / "demo"
     run = torchrun("demo", "--out", out, "--quiet")
@@ -165,6 +166,33 @@ def test_demo_under_torchrun(tmp_path):
     assert report["shrunk"]["macs"] <= 0.6 * report["baseline"]["macs"]
     assert report["shrunk"]["score"] >= report["baseline"]["score"] - 0.01
     assert ds.load(out / "model.dnnshrink")(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+SHARDS = """
+import json, os, sys, torch, torch.distributed as dist
+from dnnshrink_core.demo.recipe import shard
+dist.init_process_group("gloo")
+order, batch = shard(torch.randperm(1437, generator=torch.Generator().manual_seed(3)), 64)
+with open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.json"), "w") as f:
+    json.dump({"order": order.tolist(), "batch": batch}, f)
+dist.destroy_process_group()
+"""
+
+
+def test_the_demo_recipe_gives_every_rank_its_own_share_and_the_same_steps(tmp_path):
+    """What the demo's (and a user's copy of it) training needs under torchrun: disjoint
+    shares of one shuffled epoch, of equal length, each stepped in half the global batch."""
+    script = tmp_path / "shards.py"
+    script.write_text(SHARDS)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(tmp_path)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    first, second = (set(r["order"]) for r in ranks)
+    assert len(ranks[0]["order"]) == len(ranks[1]["order"]) == 1436 // 2 and not first & second
+    assert first | second == set(torch.randperm(1437, generator=torch.Generator().manual_seed(3))[:1436].tolist())
+    assert ranks[0]["batch"] == ranks[1]["batch"] == 32
 
 
 def test_single_process_helpers_are_plain():
