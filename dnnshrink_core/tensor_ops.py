@@ -3,7 +3,9 @@ own: activations it does not fuse into the convolution before them, the residual
 squeeze-excitation multiply, pooling, concatenation (a copy of every channel it joins), a
 transpose of a feature map (ShuffleNet's channel shuffle, a transformer's layout changes: the
 exported graph copies the tensor), a normalisation other than BatchNorm (LayerNorm,
-GroupNorm: ``norm``) and a softmax (attention's scores).
+GroupNorm: ``norm``), a softmax (attention's scores) and a piece of a tensor's channels
+(``slice``: a split or chunk along them, ``x[:, :c]``; GhostNet's modules, CSP and YOLO's
+C2f blocks, ShuffleNet's halves), which the exported graph copies.
 
 A latency cost that prices only conv/linear layers under-predicts networks full of them:
 onnxruntime's CPU profile of EfficientNet-B0 spends 43% of its time outside its
@@ -39,7 +41,12 @@ PIECE = "piece"
 # what a profile may price; an activation not named here is priced as ``sigmoid`` (one
 # unfused pass through memory; see _ACTIVATION_MODULES)
 TENSOR_KINDS = ("clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu", "add", "mul", "pool", "concat",
-                "transpose", "norm", "softmax")
+                "transpose", "norm", "softmax", "slice")
+# what makes a piece of a tensor along its channels: each piece is a copy of its channels on a
+# runtime that runs the exported graph (ONNX's Slice, Split and Gather write new tensors)
+_SPLITS = {torch.split, torch.chunk, torch.tensor_split, torch.unbind, "split", "chunk", "tensor_split", "unbind",
+           "split_with_sizes"}
+_SELECTIONS = {torch.narrow, torch.index_select, "narrow", "index_select"}
 
 _ACTIVATION_MODULES = (
     (nn.ReLU, None), (nn.ReLU6, "clip"), (nn.Hardtanh, "clip"), (nn.Hardswish, "hardswish"),
@@ -126,6 +133,32 @@ def tensor_op_kind(node: fx.Node, module: Optional[nn.Module],
     return None
 
 
+def _channel_selection(node: fx.Node, out: Any, values: Dict[fx.Node, Any]) -> bool:
+    """Whether ``node`` copies some of a tensor's channels into a tensor of its own: a piece
+    of a split or chunk along them, a slice of them (``x[:, a:b]``, even a whole one, which
+    the exported graph still copies), ``narrow`` or ``index_select`` on them."""
+    from .labels import Chan
+
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node):
+        return False
+    if node.op == "call_function" and node.target is operator.getitem:
+        if source.target in _SPLITS:  # a piece of a split: fewer channels than the tensor split
+            whole = values.get(source.args[0]) if source.args else None
+            return isinstance(whole, Chan) and whole.dim == out.dim and len(whole.labels) > len(out.labels)
+        whole = values.get(source)
+        index = node.args[1] if len(node.args) > 1 else None
+        index = index if isinstance(index, tuple) else (index,)
+        if not isinstance(whole, Chan) or whole.dim != out.dim or Ellipsis in index or len(index) <= out.dim:
+            return False
+        entry = index[out.dim]
+        return isinstance(entry, slice) and entry != slice(None) or isinstance(entry, (fx.Node, list))
+    if node.target in _SELECTIONS:
+        whole = values.get(source)
+        return isinstance(whole, Chan) and whole.dim == out.dim and len(whole.labels) > len(out.labels)
+    return False
+
+
 def _positions(spec: Any, dim: int) -> Optional[float]:
     """Elements per channel and row of the leading dimension of a traced tensor with channels
     at ``dim`` (:meth:`~dnnshrink_core.tracing.TracedGraph.per_image` makes it per image)."""
@@ -155,7 +188,11 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
         module = trace.get_submodule(node.target) if node.op == "call_module" else None
         kind = tensor_op_kind(node, module, trace.get_submodule)
         out = trace.values.get(node)
-        if kind is None or not isinstance(out, Chan) or not len(out.labels):
+        if not isinstance(out, Chan) or not len(out.labels):
+            continue
+        if kind is None and node.op != "call_module" and _channel_selection(node, out, trace.values):
+            kind = "slice"
+        if kind is None:
             continue
         spec = trace.specs.get(node)
         written = _positions(spec, out.dim)
@@ -165,7 +202,7 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
         read = 0.0
         for arg in node.all_input_nodes:
             value = trace.values.get(arg)
-            if isinstance(value, Chan) and len(value.labels) == len(out.labels):
+            if isinstance(value, Chan) and len(value.labels) == len(out.labels) and kind != "slice":
                 read += (_positions(trace.specs.get(arg), value.dim) or 0.0) * trace.per_image(arg)
         units = graph.unit_of[out.labels]
         name = trace.module_names.get(node, node.name)

@@ -159,6 +159,7 @@ def test_onnxruntime_fusion_probe_tells_fused_ops_from_separate_ones():
     separate = OnnxBackend(1, 1).separate_kinds()
     assert set(separate) <= set(TENSOR_KINDS)
     assert "pool" in separate and "silu" in separate and "clip" not in separate
+    assert "slice" in separate  # a piece of the channels is a copy, outside the blocked layout
     assert TorchBackend(1, 1, "cpu").separate_kinds() == list(TENSOR_KINDS)
 
 
@@ -405,3 +406,30 @@ def test_a_softmax_costs_per_row_it_normalises():
     # what the calibration fits a softmax's per-row cost to: one row per channel, or per position
     from dnnshrink_plugins.costs.calibrate import op_positions
     assert op_positions(("softmax", 16, 16, 28, 1, 1), 1) == 16 and op_positions(("softmax", 16, 16, 28, 0, 1), 1) == 784
+
+
+class Pieces(nn.Module):
+    """Pieces of a tensor's channels: a split, a slice, a chunk, a whole slice (still a
+    Slice in the exported graph); and a slice of the positions, which is not one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 32, 1), nn.BatchNorm2d(32))
+        self.halves, self.eighth, self.whole = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        p, q = y.split(16, 1)
+        z = self.halves(p) + self.halves(q) + self.eighth(y[:, :8]) + self.eighth(torch.chunk(y, 4, dim=1)[1])
+        return z + self.whole(y[:, :32]) + self.whole(y[:, :, :4].mean(2, keepdim=True))
+
+
+def test_a_piece_of_the_channels_is_a_copy_of_them():
+    model, x = Pieces().eval(), torch.randn(1, 3, 8, 8)
+    graph = ds.trace(model, x)
+    pieces = [(len(op.out_units), op.positions) for op in graph.tensor_ops() if op.op == "slice"]
+    # each copies the channels it keeps, read and written once (64 positions)
+    assert pieces == [(16, (64.0, 64.0)), (16, (64.0, 64.0)), (8, (64.0, 64.0)), (8, (64.0, 64.0)),
+                      (32, (64.0, 64.0))]
+    first = [op for op in graph.tensor_ops() if op.op == "slice"][0]
+    assert set(first.out_units) <= set(graph.group_of("a.0").units)  # the units of what it was cut from
