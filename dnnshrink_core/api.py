@@ -49,13 +49,27 @@ def _fingerprint(model: nn.Module, inputs: tuple, leaf_modules: Sequence[Any]) -
     return structure, shapes, inputs_key, modes, plugins, tuple(map(repr, leaf_modules))
 
 
-def _values_key(model: nn.Module) -> tuple:
-    """What changes when a parameter or buffer's values do (in-place writes bump a tensor's
-    version; a replaced one has another identity or storage): a graph whose recorded sizes
-    came from the values (:attr:`~dnnshrink_core.tracing.TracedGraph.data_sized`) is
-    recorded again after the weights change."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return tuple((id(t), t._version, t.data_ptr()) for t in tensors)
+def _digest(tensor: Any) -> tuple:
+    """A tensor's identity and a cheap summary of its values (a write through ``.data``
+    does not bump the version counter, so the sums are what shows it)."""
+    with torch.no_grad():
+        values = tensor.detach()
+        sums = (float(values.sum()), float(values.abs().sum())) if values.is_floating_point() else \
+            (int(values.sum()),) if values.numel() else ()
+    return id(tensor), tensor._version, tensor.data_ptr(), sums
+
+
+def _values_key(model: nn.Module, inputs: tuple) -> tuple:
+    """What a graph whose recorded sizes came from the values
+    (:attr:`~dnnshrink_core.tracing.TracedGraph.data_sized`) depends on besides its
+    structure: the parameters' and buffers' values, the example's values, and the plain
+    settings its modules hold (a detector's score threshold). It is recorded again when
+    any of them changes."""
+    tensors = [_digest(t) for t in (*model.parameters(), *model.buffers())]
+    examples = [_digest(x) for x in inputs if isinstance(x, torch.Tensor)]
+    settings = [(name, key, value) for name, module in model.named_modules() for key, value in vars(module).items()
+                if not key.startswith("_") and isinstance(value, (bool, int, float, str))]
+    return tuple(tensors), tuple(examples), tuple(settings)
 
 
 def _check_model(model: Any) -> None:
@@ -79,7 +93,7 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[Any] 
     key = _fingerprint(model, inputs, leaf_modules)
     cached = _graphs.get(model)
     if cached is not None and cached.fingerprint == key and (cached.values_key is None
-                                                             or cached.values_key == _values_key(model)):
+                                                             or cached.values_key == _values_key(model, inputs)):
         return cached
     pm = get_plugin_manager()
     if not pm.hook.dnnshrink_op_handler.get_hookimpls():
@@ -92,7 +106,7 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[Any] 
     graph = ChannelGraph(store, graphs, frozen, type(model).__name__, key)
     graph.leaf_modules = tuple(leaf_modules)
     if any(tg.data_sized for tg in graphs):  # its sizes hold these weights' outputs
-        graph.values_key = _values_key(model)
+        graph.values_key = _values_key(model, inputs)
     _graphs[model] = graph
     return graph
 
@@ -102,7 +116,7 @@ def _graph_for(model: nn.Module, example_inputs: Any, masks: Optional[Mapping[st
     if isinstance(graph, ChannelGraph):
         inputs = normalize_inputs(example_inputs)
         if graph.fingerprint == _fingerprint(model, inputs, graph.leaf_modules) and \
-                (graph.values_key is None or graph.values_key == _values_key(model)):
+                (graph.values_key is None or graph.values_key == _values_key(model, inputs)):
             return graph
     return trace(model, example_inputs)
 

@@ -243,6 +243,18 @@ class ChannelGraph:
                                         info.get("weight", ""), info.get("params_coef")))
         return result
 
+    def unremovable_share(self) -> float:
+        """The share of the channel units no cut may remove (no BatchNorm scales them, an op
+        the graph cannot follow keeps them…), leaving out the groups kept only because they
+        are the network's own input or output: what keeps a model from a small target."""
+        from .propagation import NETWORK_INPUT, NETWORK_OUTPUT
+
+        ends = {NETWORK_INPUT, NETWORK_OUTPUT}
+        inner = [g for g in self.groups if g.removable.any() or not g.frozen_reasons
+                 or not set(g.frozen_reasons) <= ends]
+        total = sum(g.size for g in inner)
+        return sum(g.size - int(g.removable.sum()) for g in inner) / total if total else 0.0
+
     @property
     def data_sized(self) -> List[str]:
         """Where a recorded size came from the example's values (a detection head's

@@ -145,9 +145,11 @@ def dnnshrink_cost_model(name: str) -> Optional[Callable[..., Any]]:
     multiple)``: the channel block the runtime's kernels need, used by ``round_to: auto``.
     A factory with ``prices_tensor_ops = True`` gets, after the layers, one more entry per
     memory-bound op between them (an activation other than ReLU, an add, a multiply,
-    pooling, a concatenation, a transpose: :mod:`dnnshrink_core.tensor_ops`), with ``op`` its
-    kind, no MACs or weights, ``depthwise`` set, and the elements it reads and writes per
-    channel as positions.
+    pooling, a concatenation, a transpose, a piece of the channels: :mod:`dnnshrink_core.tensor_ops`),
+    with ``op`` its kind, no MACs or weights, ``depthwise`` set, and the elements it reads and
+    writes per channel as positions. A concatenation's row is followed by one row per input
+    with ``op`` :data:`~dnnshrink_core.plugin_api.PIECE_OP` (its channel units, no positions),
+    so that a resource can tell whether every piece fits a block; price those at nothing.
 
     The factory is also called with a table of what no channel cut changes (products of two
     activations, with ``op`` ``"matmul"``, and layers no handler could follow:

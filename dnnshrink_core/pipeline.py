@@ -330,7 +330,7 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
                              key="target" if opts.target is not None else "target_macs", algorithm=opts.algorithm,
                              grows=bool(getattr(algorithm, "grows_networks", False)), min_width=opts.min_width,
                              depth=depth and bool(graph.branches), deeper=deeper, constant=costs.constant,
-                             kept_share=1.0 - float(graph.unit_removable.mean()) if graph.num_units else 0.0)
+                             kept_share=graph.unremovable_share())
     out_dir = distributed.on_main(lambda: _prepare_out_dir(opts))
     if measured is not None and out_dir is not None:  # a resumed run works to the same budget
         distributed.on_main(lambda: _save_measured(out_dir / MEASURED_TARGET, measured), share=False)

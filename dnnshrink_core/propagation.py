@@ -16,6 +16,9 @@ from .handler import PropagateContext, TensorSpec, frozen_chans, iter_chans, ite
 from .labels import Chan, ChanCount, LabelStore, ShapeOf
 from .tracing import TracedGraph
 
+# why the channels of the network's own input and outputs are kept (no user expects them to change)
+NETWORK_INPUT, NETWORK_OUTPUT = "network input", "network output"
+
 
 class _UnknownOps:
     """Collects ops without a handler so each kind is reported once."""
@@ -121,7 +124,7 @@ def _propagate_node(tg: TracedGraph, node: fx.Node, store: LabelStore, pm: Any,
                     frozen_modules: frozenset, unknown: _UnknownOps, claims: set) -> None:
     spec = tg.specs.get(node)
     if node.op == "placeholder":
-        tg.values[node] = frozen_chans(store, node.name, "input", spec, "network input")
+        tg.values[node] = frozen_chans(store, node.name, "input", spec, NETWORK_INPUT)
         return
     if node.op == "get_attr":
         path = tg.param_paths.get(node)
@@ -141,7 +144,7 @@ def _propagate_node(tg: TracedGraph, node: fx.Node, store: LabelStore, pm: Any,
     if node.op == "output":
         for arg in iter_nodes(node.args):
             for chan in iter_chans(tg.values.get(arg)):
-                store.freeze(chan.labels, "network output")
+                store.freeze(chan.labels, NETWORK_OUTPUT)
         return
     if _shape_read(tg, node, store):
         return

@@ -65,8 +65,8 @@ _EFFECTS = frozenset({"__setitem__"})
 # calls whose result's *size* depends on a tensor's values (what a detection head's
 # post-processing does: scores over a threshold, non-maximum suppression): the recorded
 # graph holds the example's sizes after them, right only for that input and those weights
-_DATA_SIZED = frozenset({"nonzero", "nonzero_static", "argwhere", "masked_select", "unique", "unique_consecutive",
-                         "_unique2", "bincount", "nms", "batched_nms"})
+_DATA_SIZED = frozenset({"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "_unique2",
+                         "bincount", "nms", "batched_nms"})
 
 
 def _sized_by_data(name: str, args: tuple, kwargs: dict) -> bool:
@@ -77,12 +77,12 @@ def _sized_by_data(name: str, args: tuple, kwargs: dict) -> bool:
         return True
     if name == "where":
         return len(args) + len(kwargs) == 1
-    if name == "__getitem__" and len(args) > 1:
+    if name == "__getitem__" and len(args) > 1:  # a mask of booleans (or of bytes, torch's older masks)
         index = args[1] if isinstance(args[1], (tuple, list)) else (args[1],)
-        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
-    if name == "repeat_interleave":
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in index)
+    if name == "repeat_interleave":  # by a tensor of counts, or the counts alone (torch.repeat_interleave(c))
         repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
-        return isinstance(repeats, torch.Tensor) and repeats.numel() > 1
+        return isinstance(repeats, torch.Tensor) or len(args) + len(kwargs) == 1
     return False
 
 

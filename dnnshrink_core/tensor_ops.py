@@ -217,12 +217,13 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
 
 
 def _pieces(node: fx.Node, out: Any, trace: Any, graph: Any) -> List[Any]:
-    """The units of each input of a concatenation along its channels, in order (none for
-    a pad, or when an input's channels are not followed: then the pieces are not known)."""
+    """The units of each input of a join of feature maps along their channels (dim 1 of a
+    tensor of rank 4 or more, where runtimes keep a blocked-channel layout), in order; none
+    for a pad, a join of tokens, or when an input's channels are not followed."""
     tensors, dim = node_arg(node, 0, "tensors"), node_arg(node, 1, "dim", 0)
     rank = len(getattr(trace.specs.get(node), "shape", ()))
-    if not isinstance(tensors, (list, tuple)) or len(tensors) < 2 or not isinstance(dim, int) or not rank \
-            or dim % rank != out.dim:
+    if not isinstance(tensors, (list, tuple)) or len(tensors) < 2 or not isinstance(dim, int) or rank < 4 \
+            or dim % rank != out.dim or out.dim != 1:
         return []
     pieces = []
     for arg in tensors:

@@ -583,3 +583,34 @@ def test_the_check_reports_the_error_of_the_thin_share_apart_from_the_machines_s
 
     assert share_errors(rows(0.2, 0.2)) == [pytest.approx(0.0, abs=1e-9)]
     assert share_errors(rows(0.0, -0.25)) == [pytest.approx(25.0)]
+
+
+def test_the_share_of_channels_no_cut_may_remove_leaves_the_networks_own_input_and_output_out():
+    import torchvision
+
+    resnet = torchvision.models.resnet18().eval()
+    assert ds.trace(resnet, torch.randn(1, 3, 32, 32)).unremovable_share() == 0.0  # its 1000 classes do not count
+    plain = nn.Sequential(conv_bn(3, 8, 3), nn.Conv2d(8, 24, 1), nn.ReLU(), nn.Conv2d(24, 4, 1)).eval()
+    assert ds.trace(plain, torch.randn(1, 3, 8, 8)).unremovable_share() == pytest.approx(24 / (8 + 24))
+
+
+class PaddedTokens(nn.Module):
+    """A pad (priced as a concatenation, with no pieces) on a group only linear layers read."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.out = nn.Linear(32, 24), nn.BatchNorm1d(24), nn.Linear(24, 10)
+
+    def forward(self, x):
+        y = self.norm(self.a(x).transpose(1, 2))
+        return self.out(torch.nn.functional.pad(y, (0, 1)).transpose(1, 2))
+
+
+def test_a_concatenations_block_rounds_only_joins_of_feature_maps():
+    model, x = PaddedTokens().eval(), torch.randn(1, 196, 32)
+    graph = ds.trace(model, x)
+    latency = CostModel(graph, model, "latency")  # the shipped profile: joins of pieces in blocks of 16
+    assert latency.resource.profile.ops["concat"].channel_multiple == 16
+    assert [row.op for row in latency.rows if row.kind == "tensor"].count("concat") == 1
+    multiples, _ = resolve_round_to(graph, model, "auto", latency=latency)
+    assert set(np.atleast_1d(multiples).tolist()) == {1}  # no layer here has a block, and a pad is no join

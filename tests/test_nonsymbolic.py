@@ -4,6 +4,7 @@ through the invariant like every other model (killed channels -> exact outputs, 
 model untouched)."""
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -225,6 +226,8 @@ def test_sizes_set_by_the_values_give_the_users_class_recorded_again_for_new_wei
     (lambda s: s[torch.nonzero(s > 0.5).flatten()], "`nonzero`"),
     (lambda s: s[torch.where(s > 0.5)[0]], "`where`"),
     (lambda s: torch.masked_select(s, s > 0.5), "`masked_select`"),
+    (lambda s: s.repeat_interleave((s > 0.5).long()), "`repeat_interleave`"),
+    (lambda s: s[torch.repeat_interleave((s > 0.5).long())], "`repeat_interleave`"),  # the counts alone
 ])
 def test_every_op_that_sizes_by_values_is_noticed(select, words):
     model, x = kill_half(DetectionHead(select)).eval(), torch.randn(1, 3, 8, 8)
@@ -250,3 +253,48 @@ def test_a_three_argument_where_does_not_size_by_values():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SpecializedTraceWarning)
         assert ds.trace(model, x).data_sized == []
+
+
+def test_removing_channels_whose_scales_are_small_but_not_zero_still_gives_the_users_class():
+    """MorphNet leaves small scales, not zeros: cutting them moves scores across the
+    threshold, so the recording (and its count of scores) is no reference; the user's class
+    is generated, and equals the model with exactly those channels zeroed, on any input."""
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    others = [torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in range(2, 5)]
+    for seed in range(12):
+        torch.manual_seed(seed)
+        model = DetectionHead().eval()
+        with torch.no_grad():
+            model.body[1].weight.copy_(torch.rand(16))  # scales spread over (0, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SpecializedTraceWarning)
+            masks = ds.alive_masks(model, x, threshold=0.3)
+            # (compensate would fold the mean of what the live channels carried on the example)
+            small = ds.generate(model, x, masks, compensate=False)
+        assert type(small) is DetectionHead
+        cut = ~torch.as_tensor(masks[ds.trace(model, x).group_of("body.0").name])
+        killed = copy.deepcopy(model)
+        with torch.no_grad():
+            killed.body[1].weight[cut] = 0.0
+            killed.body[1].bias[cut] = 0.0
+            for other in [x] + others:
+                expected, got = killed(other), small(other)
+                assert got.shape == expected.shape and max_relative_error(expected, got) < TOLERANCE
+
+
+def test_a_value_sized_graph_is_recorded_again_for_what_its_sizes_depend_on():
+    """Its weights (written through .data too, which bumps no version), the example's values,
+    and the plain settings its modules hold (a detector's score threshold)."""
+    model, x = kill_half(DetectionHead()).eval(), torch.randn(1, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SpecializedTraceWarning)
+        first = ds.trace(model, x)
+        assert ds.trace(model, x) is first  # nothing changed: cached
+        model.head.weight.data.mul_(-3)
+        second = ds.trace(model, x)
+        assert second is not first
+        assert ds.trace(model, x) is second
+        assert ds.trace(model, x + 1) is not second  # another example of the same shape
+        third = ds.trace(model, x)
+        model.threshold = 0.25  # a setting held on the model
+        assert ds.trace(model, x) is not third

@@ -779,8 +779,10 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     # read from the optimised graph, not timed: it does not move on a busy machine
     multiples["concat"] = backend.concat_block()
     blocks["concat"] = {"channel_multiple": multiples["concat"], "from": "the runtime's optimised graph"}
-    log("  channel blocks: " + ", ".join(f"{k} {v}" for k, v in multiples.items())
-        + (f" (from {blocks_from})" if blocks_from is not None else ""))
+    timed_blocks = {k: v for k, v in multiples.items() if k != "concat"}
+    log("  channel blocks: " + ", ".join(f"{k} {v}" for k, v in timed_blocks.items())
+        + (f" (from {blocks_from})" if blocks_from is not None else "")
+        + f"; a concatenation's pieces: {multiples['concat']} (read from the runtime's optimised graph)")
     unstable = unstable_blocks(blocks)
     if unstable:
         log(f"  warning: {unstable}")

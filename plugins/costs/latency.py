@@ -299,6 +299,12 @@ class LatencyCost:
         self.piece_rows = np.array(piece_rows, dtype=np.int64)
         self.piece_parent = np.array(parents, dtype=np.int64)
         self.bandwidth_unaligned = bandwidth_unaligned
+        # a block means something only for a join whose pieces are known (a pad priced as a
+        # concatenation has none): no other row asks round_to: auto for it
+        tensor_rows = np.array([kind in TENSOR_KINDS for kind in kinds], dtype=bool)
+        joins = np.zeros(len(kinds), dtype=bool)
+        joins[self.piece_parent] = True
+        self.multiple[tensor_rows & ~joins] = 1
 
     def _bandwidth(self, kept_out: np.ndarray) -> np.ndarray:
         """Each row's bandwidth at these kept counts: a concatenation with a piece that

@@ -145,14 +145,18 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Path, opset: int = 
     # exports a copy; the model itself is what the export is checked against.
     with atomic_path(path) as tmp:
         failure = _torch_export(model, inputs, tmp, opset, dynamic)
-        if failure is not None and dynamic is not None and not _data_dependent(failure) \
-                and _torch_export(model, inputs, tmp, opset, None) is None:
-            warnings.warn(f"dnnshrink: torch's ONNX exporter could not give {type(model).__name__} a dynamic batch "
-                          f"({_first_line(failure)}): the ONNX model takes batch {tensors[0].shape[0]} only",
-                          DnnshrinkWarning, stacklevel=3)
-            failure, dynamic_batch = None, False
+        also = ""
+        if failure is not None and dynamic is not None and not _data_dependent(failure):
+            fixed = _torch_export(model, inputs, tmp, opset, None)
+            if fixed is None:
+                warnings.warn(f"dnnshrink: torch's ONNX exporter could not give {type(model).__name__} a dynamic "
+                              f"batch ({_first_line(failure)}): the ONNX model takes batch {tensors[0].shape[0]} only",
+                              DnnshrinkWarning, stacklevel=3)
+                dynamic_batch = False
+            also = f"\n(With a dynamic batch it failed first: {_first_line(failure)})"
+            failure = fixed
         if failure is not None:
-            raise ExportError(_export_failure(failure)) from failure
+            raise ExportError(_export_failure(failure) + also) from failure
         written = onnx.load(str(tmp), load_external_data=False)  # read once for both checks
         _check_opset(written, opset)
         fixed = _fixed_batch(written) if dynamic_batch and tensors else None
