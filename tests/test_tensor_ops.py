@@ -433,3 +433,18 @@ def test_a_piece_of_the_channels_is_a_copy_of_them():
                       (32, (64.0, 64.0))]
     first = [op for op in graph.tensor_ops() if op.op == "slice"][0]
     assert set(first.out_units) <= set(graph.group_of("a.0").units)  # the units of what it was cut from
+
+
+def test_a_split_of_what_a_reshape_wrote_is_not_priced():
+    """ShuffleNet splits what its channel shuffle wrote, already in a plain layout: a contiguous
+    copy that onnxruntime's profile shows next to free (its transpose is priced instead)."""
+    class ShuffledSplit(Shuffle):
+        def forward(self, x):
+            y = self.a(x)
+            n, c, h, w = y.shape
+            y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+            p, q = y.chunk(2, dim=1)
+            return self.b(torch.cat([p, q * 2], 1))
+
+    graph = ds.trace(ShuffledSplit().eval(), torch.randn(1, 3, 6, 6))
+    assert [op.op for op in graph.tensor_ops() if op.op in ("slice", "transpose")] == ["transpose"]
