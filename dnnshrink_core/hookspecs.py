@@ -145,7 +145,7 @@ def dnnshrink_cost_model(name: str) -> Optional[Callable[..., Any]]:
     multiple)``: the channel block the runtime's kernels need, used by ``round_to: auto``.
     A factory with ``prices_tensor_ops = True`` gets, after the layers, one more entry per
     memory-bound op between them (an activation other than ReLU, an add, a multiply,
-    pooling, a concatenation, a transpose, a piece of the channels: :mod:`dnnshrink_core.tensor_ops`),
+    pooling, a concatenation, a transpose: :mod:`dnnshrink_core.tensor_ops`),
     with ``op`` its kind, no MACs or weights, ``depthwise`` set, and the elements it reads and
     writes per channel as positions. A concatenation's row is followed by one row per input
     with ``op`` :data:`~dnnshrink_core.plugin_api.PIECE_OP` (its channel units, no positions),

@@ -3,9 +3,7 @@ own: activations it does not fuse into the convolution before them, the residual
 squeeze-excitation multiply, pooling, concatenation (a copy of every channel it joins), a
 transpose of a feature map (ShuffleNet's channel shuffle, a transformer's layout changes: the
 exported graph copies the tensor), a normalisation other than BatchNorm (LayerNorm,
-GroupNorm: ``norm``), a softmax (attention's scores) and a piece of a tensor's channels
-(``slice``: a split or chunk along them, ``x[:, :c]``; GhostNet's modules, CSP and YOLO's
-C2f blocks, ShuffleNet's halves), which the exported graph copies.
+GroupNorm: ``norm``) and a softmax (attention's scores).
 
 A latency cost that prices only conv/linear layers under-predicts networks full of them:
 onnxruntime's CPU profile of EfficientNet-B0 spends 43% of its time outside its
@@ -35,25 +33,17 @@ from torch import fx, nn
 from .graph import LayerCost
 from .handler import node_arg
 
+_JOINS = {torch.cat, torch.concat, torch.concatenate}
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "transpose", "permute", "contiguous", "view_as",
+             torch.reshape, torch.flatten, torch.transpose, torch.permute, torch.channel_shuffle}
+_SHAPE_READS = {"size", "dim", getattr}  # what reads a tensor's shape, not its data
 # the row that follows a concatenation's row for each of its inputs (its channels), so that a
 # cost model can tell whether every piece fits a runtime's block; it costs nothing itself
 PIECE = "piece"
 # what a profile may price; an activation not named here is priced as ``sigmoid`` (one
 # unfused pass through memory; see _ACTIVATION_MODULES)
 TENSOR_KINDS = ("clip", "hardswish", "hardsigmoid", "sigmoid", "silu", "gelu", "add", "mul", "pool", "concat",
-                "transpose", "norm", "softmax", "slice")
-_JOINS = {torch.cat, torch.concat, torch.concatenate}
-# what makes a piece of a tensor along its channels: each piece is a copy of its channels on a
-# runtime that runs the exported graph (ONNX's Slice, Split and Gather write new tensors)
-_SPLITS = {torch.split, torch.chunk, torch.tensor_split, torch.unbind, "split", "chunk", "tensor_split", "unbind",
-           "split_with_sizes"}
-_SELECTIONS = {torch.narrow, torch.index_select, "narrow", "index_select"}
-# what leaves a tensor in the plain layout a reshape writes: a piece cut from it is a plain,
-# contiguous copy, which onnxruntime's profile of ShuffleNetV2 shows next to free (its 13
-# splits of what the channel shuffle wrote: 4% of its time); pricing them as a copy out of
-# the blocked layout put it 22% (whole) and 52% (at a quarter of its widths) over
-_RESHAPES = {"view", "reshape", "flatten", "unflatten", "transpose", "permute", "contiguous", "view_as",
-             torch.reshape, torch.flatten, torch.transpose, torch.permute, torch.channel_shuffle}
+                "transpose", "norm", "softmax")
 
 _ACTIVATION_MODULES = (
     (nn.ReLU, None), (nn.ReLU6, "clip"), (nn.Hardtanh, "clip"), (nn.Hardswish, "hardswish"),
@@ -140,42 +130,6 @@ def tensor_op_kind(node: fx.Node, module: Optional[nn.Module],
     return None
 
 
-def _cut_from_reshape(node: fx.Node) -> bool:
-    """Whether the tensor a channel selection cuts from was written by a reshape (ShuffleNet
-    splits what its channel shuffle wrote): not priced, see :data:`_RESHAPES`."""
-    source = node.args[0] if node.args else None
-    if isinstance(source, fx.Node) and source.target in _SPLITS:
-        source = source.args[0] if source.args else None
-    return isinstance(source, fx.Node) and source.op in ("call_function", "call_method") \
-        and source.target in _RESHAPES
-
-
-def _channel_selection(node: fx.Node, out: Any, values: Dict[fx.Node, Any]) -> bool:
-    """Whether ``node`` copies some of a tensor's channels into a tensor of its own: a piece
-    of a split or chunk along them, a slice of them (``x[:, a:b]``, even a whole one, which
-    the exported graph still copies), ``narrow`` or ``index_select`` on them."""
-    from .labels import Chan
-
-    source = node.args[0] if node.args else None
-    if not isinstance(source, fx.Node):
-        return False
-    if node.op == "call_function" and node.target is operator.getitem:
-        if source.target in _SPLITS:  # a piece of a split: fewer channels than the tensor split
-            whole = values.get(source.args[0]) if source.args else None
-            return isinstance(whole, Chan) and whole.dim == out.dim and len(whole.labels) > len(out.labels)
-        whole = values.get(source)
-        index = node.args[1] if len(node.args) > 1 else None
-        index = index if isinstance(index, tuple) else (index,)
-        if not isinstance(whole, Chan) or whole.dim != out.dim or Ellipsis in index or len(index) <= out.dim:
-            return False
-        entry = index[out.dim]
-        return isinstance(entry, slice) and entry != slice(None) or isinstance(entry, (fx.Node, list))
-    if node.target in _SELECTIONS:
-        whole = values.get(source)
-        return isinstance(whole, Chan) and whole.dim == out.dim and len(whole.labels) > len(out.labels)
-    return False
-
-
 def _positions(spec: Any, dim: int) -> Optional[float]:
     """Elements per channel and row of the leading dimension of a traced tensor with channels
     at ``dim`` (:meth:`~dnnshrink_core.tracing.TracedGraph.per_image` makes it per image)."""
@@ -205,12 +159,7 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
         module = trace.get_submodule(node.target) if node.op == "call_module" else None
         kind = tensor_op_kind(node, module, trace.get_submodule)
         out = trace.values.get(node)
-        if not isinstance(out, Chan) or not len(out.labels):
-            continue
-        selection = kind is None and node.op != "call_module" and _channel_selection(node, out, trace.values)
-        if selection and not _cut_from_reshape(node):
-            kind = "slice"
-        if kind is None:
+        if kind is None or not isinstance(out, Chan) or not len(out.labels):
             continue
         spec = trace.specs.get(node)
         written = _positions(spec, out.dim)
@@ -220,7 +169,7 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
         read = 0.0
         for arg in node.all_input_nodes:
             value = trace.values.get(arg)
-            if isinstance(value, Chan) and len(value.labels) == len(out.labels) and not selection:
+            if isinstance(value, Chan) and len(value.labels) == len(out.labels):
                 read += (_positions(trace.specs.get(arg), value.dim) or 0.0) * trace.per_image(arg)
         units = graph.unit_of[out.labels]
         name = trace.module_names.get(node, node.name)
@@ -228,10 +177,20 @@ def find_tensor_ops(graph: Any) -> List[LayerCost]:
         found.append(LayerCost(name, "tensor", units, units, 0.0, weight="-", op=kind,
                                positions=(read or written, written),
                                rows=None if rows is None else rows * trace.per_image(node)))
-        if kind == "concat" and node.target in _JOINS:
+        if kind == "concat" and node.target in _JOINS and not _into_reshape(node):
             found += [LayerCost(name, "tensor", piece, piece, 0.0, weight="-", op=PIECE, positions=(0.0, 0.0))
                       for piece in _pieces(node, out, trace, graph)]
     return found
+
+
+def _into_reshape(node: fx.Node) -> bool:
+    """Whether everything that reads a join's output is a reshape or a read of its shape
+    (ShuffleNet shuffles what it joined): the output leaves a blocked layout anyway, so the
+    pieces' widths do not matter and none are given (priced as one of its block, they put the
+    quarter-width ShuffleNetV2 50% over in one timing)."""
+    return bool(node.users) and all(user.op in ("call_function", "call_method")
+                                    and (user.target in _RESHAPES or user.target in _SHAPE_READS)
+                                    for user in node.users)
 
 
 def _pieces(node: fx.Node, out: Any, trace: Any, graph: Any) -> List[Any]:

@@ -147,13 +147,6 @@ def _tensor_chains() -> List[List[Op]]:
         for _ in range(3):
             chain += [("pointwise", c, k, hw, 1, 1), ("concat", c + k, c + k, hw, 1, 1), ("pointwise", c + k, c, hw, 1, 1)]
         chains.append(chain)
-    for c, hw in ((32, 56), (64, 28), (128, 14), (48, 28)):  # a piece of the channels: CSP's and C2f's splits
-        chains.append([("pointwise", c, 2 * c, hw, 1, 1), ("slice", 2 * c, c, hw, 1, 1)] * 3
-                      + [("pointwise", c, c, hw, 1, 1)])
-    for c, half, hw in ((64, 32, 56), (96, 48, 28)):  # GhostNet's slice of its whole join (still a copy)
-        chains.append([("pointwise", c, half, hw, 1, 1), ("depthwise", half, half, hw, 3, 1),
-                       ("concat", 2 * half, 2 * half, hw, 1, 1), ("slice", 2 * half, 2 * half, hw, 1, 1),
-                       ("pointwise", 2 * half, c, hw, 1, 1)] * 2)
     for c, hw in ((58, 56), (116, 28), (232, 14)):  # ShuffleNet: a shuffle after each unit's 1×1 conv
         chains.append([("pointwise", c, c, hw, 1, 1), ("transpose", c, c, hw, 1, 1)] * 3
                       + [("pointwise", c, c, hw, 1, 1)])
@@ -339,7 +332,6 @@ FUSION_PROBES: Dict[str, Tuple[List[Op], set]] = {
                 ("pointwise", 48, 32, 28, 1, 1)], set()),
     "transpose": ([("pointwise", 32, 32, 28, 1, 1), ("transpose", 32, 32, 28, 1, 1), ("pointwise", 32, 32, 28, 1, 1)],
                   {"Reshape"}),
-    "slice": ([("pointwise", 32, 64, 28, 1, 1), ("slice", 64, 32, 28, 1, 1), ("pointwise", 32, 32, 28, 1, 1)], set()),
 }
 
 
@@ -369,7 +361,7 @@ def torch_chain(ops: Sequence[Op]) -> Any:
                     layers.append(nn.Softmax(dim=-1))
                 elif kind == "pool":
                     layers.append(nn.AdaptiveAvgPool2d(1) if k == 0 else nn.MaxPool2d(k, stride, k // 2))
-                elif kind in ("add", "mul", "concat", "transpose", "slice"):
+                elif kind in ("add", "mul", "concat", "transpose"):
                     layers.append(nn.Identity())
                 else:  # eager PyTorch runs a network's BatchNorm as an op of its own (onnx folds it)
                     groups = cin if kind == "depthwise" else op_groups(op)
@@ -379,11 +371,9 @@ def torch_chain(ops: Sequence[Op]) -> Any:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             before = pooled_from = x
-            for (kind, _, cout, _, op_k, *_), layer in zip(self.ops, self.layers):
+            for (kind, _, _, _, op_k, *_), layer in zip(self.ops, self.layers):
                 if kind == "add":
                     y = x + before
-                elif kind == "slice":  # a copy, as the exported graph makes it
-                    y = x[:, :cout].contiguous()
                 elif kind == "concat":
                     y = torch.cat([before, x], 1)
                 elif kind == "transpose":  # a channel shuffle in two groups

@@ -27,8 +27,7 @@ def op_groups(op: Op) -> int:
 # the passes over a tensor that are not activations: a LayerNorm and a softmax, each over the
 # last dimension as a transformer runs them on tokens and on attention scores
 PASSES = ("norm", "softmax")
-ACTIVATIONS = tuple(k for k in TENSOR_KINDS if k not in ("add", "mul", "pool", "concat", "transpose", "slice")
-                    + PASSES)
+ACTIVATIONS = tuple(k for k in TENSOR_KINDS if k not in ("add", "mul", "pool", "concat", "transpose") + PASSES)
 
 
 def conv_has_relu(ops: Sequence[Op], i: int) -> bool:
@@ -59,7 +58,6 @@ def chain_model(ops: Sequence[Op], batch: int) -> Tuple[bytes, Tuple[int, ...]]:
     many short rows), ``add`` the tensor plus the one the
     op before it read, ``concat`` that one
     joined by the tensor along the channels, ``transpose`` a channel shuffle in two groups,
-    ``slice`` the first of its input's channels (a Slice, as torch exports ``x[:, :c]``),
     ``pool`` kernel 0 a
     global average pool else a max pool, ``mul`` the last global pool's input times the
     current tensor)."""
@@ -119,11 +117,6 @@ def chain_model(ops: Sequence[Op], batch: int) -> Tuple[bytes, Tuple[int, ...]]:
             nodes.append(helper.make_node("Add", [name, before], [out]))
         elif kind == "concat":  # what the op before read, joined by what it wrote (DenseNet's pattern)
             nodes.append(helper.make_node("Concat", [before, name], [out], axis=1))
-        elif kind == "slice":  # the first ``cout`` of the ``cin`` channels, as torch exports x[:, :c]
-            inits += [numpy_helper.from_array(np.array([0], dtype=np.int64), f"start{i}"),
-                      numpy_helper.from_array(np.array([cout], dtype=np.int64), f"end{i}"),
-                      numpy_helper.from_array(np.array([1], dtype=np.int64), f"axis{i}")]
-            nodes.append(helper.make_node("Slice", [name, f"start{i}", f"end{i}", f"axis{i}"], [out]))
         elif kind == "transpose":  # ShuffleNet's channel shuffle in two groups, as torch exports it
             split = numpy_helper.from_array(np.array([batch, 2, cout // 2, hw, hw], dtype=np.int64), f"split{i}")
             whole = numpy_helper.from_array(np.array([batch, cout, hw, hw], dtype=np.int64), f"whole{i}")
