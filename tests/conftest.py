@@ -1,8 +1,8 @@
 """Shared test settings.
 
 The suite runs on two pytest-xdist workers (``-n 2`` in pyproject.toml): each worker's torch
-gets one thread, so the two workers share the machine's two cores instead of fighting over
-them. Tests marked ``heavy`` are started first, so the long ones do not end up last on a
+gets one thread, and so do the commands a worker runs, so the two workers share the
+machine's two cores instead of fighting over them. Tests marked ``heavy`` are started first, so the long ones do not end up last on a
 single worker while the other idles.
 """
 import os
@@ -11,6 +11,8 @@ import pytest
 import torch
 
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the commands tests run (the demo) share the cores alike
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):
