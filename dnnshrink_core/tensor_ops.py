@@ -197,7 +197,8 @@ def _pieces(node: fx.Node, out: Any, trace: Any, graph: Any) -> List[Any]:
     """The units of each input of a join of feature maps along their channels (dim 1 of a
     tensor of rank 4 or more, where runtimes keep a blocked-channel layout), in order; none
     for a pad, a join of tokens, or when an input's channels are not followed."""
-    tensors, dim = node_arg(node, 0, "tensors"), node_arg(node, 1, "dim", 0)
+    tensors, dim = node_arg(node, 0, "tensors"), node_arg(node, 1, "dim", None)
+    dim = node_arg(node, 1, "axis", 0) if dim is None else dim  # torch.concatenate names it axis
     rank = len(getattr(trace.specs.get(node), "shape", ()))
     if not isinstance(tensors, (list, tuple)) or len(tensors) < 2 or not isinstance(dim, int) or rank < 4 \
             or dim % rank != out.dim or out.dim != 1:

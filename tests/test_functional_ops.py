@@ -134,7 +134,8 @@ class StackUnbindNet(nn.Module):
 
 
 class ChunkNet(nn.Module):
-    """``chunk`` on the channel dim: the two halves are tied position by position."""
+    """``chunk`` on the channel dim: the two halves are tied position by position; joined
+    again by ``torch.concatenate``, which names its dim ``axis``."""
 
     def __init__(self):
         super().__init__()
@@ -144,7 +145,7 @@ class ChunkNet(nn.Module):
 
     def forward(self, x):
         a, b = torch.chunk(self.stem(x), 2, dim=1)
-        return self.head(self.conv(torch.cat([b, a], 1)) + a[:, :8])
+        return self.head(self.conv(torch.concatenate([b, a], axis=1)) + a[:, :8])
 
 
 class ShuffleUpsampleNet(nn.Module):

@@ -25,7 +25,8 @@ class CatHandler(OpHandler):
         if any(c is None for c in chans) or not isinstance(out, TensorSpec):
             ctx.unknown(f"{ctx.describe()} joins tensors it cannot follow", warn=False)
             return
-        dim = ctx.arg(1, "dim", 0) % out.ndim
+        dim = ctx.arg(1, "dim", None)
+        dim = (ctx.arg(1, "axis", 0) if dim is None else dim) % out.ndim  # torch.concatenate names it axis
         if dim == 1:
             ctx.output(Chan(np.concatenate([c.labels for c in chans]), np.concatenate([c.guard for c in chans])))
             return
