@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Tuple
 
 import yaml
 
-from .errors import ConfigError, DnnshrinkError, UnknownOptionError
+from .errors import ConfigError, DnnshrinkError, InputRunError, UnknownOptionError
 from .pipeline import OPTION_HINTS, ShrinkOptions, get_algorithm
 from .userspec import build_model, load_object, parse_shape
 from .validation import check_epochs, check_exporters, check_options
@@ -140,5 +140,11 @@ def run_config(data: Dict[str, Any], out: Any = None, force: bool = False, resum
     out_path = Path(out)
     if not out_path.is_absolute() and out is data.get("out"):
         out_path = Path(base) / out_path
-    return shrink(model, torch.zeros(shape), train_one_epoch=train_one_epoch, train=train, test=test,
-                  out_dir=str(out_path), force=force, resume=resume, **options)
+    try:
+        return shrink(model, torch.zeros(shape), train_one_epoch=train_one_epoch, train=train, test=test,
+                      out_dir=str(out_path), force=force, resume=resume, **options)
+    except InputRunError as exc:  # the input came from the config: say which key to fix
+        raise DnnshrinkError(
+            f"the model cannot run on input_shape {list(shape)} from {data.get('_path', 'the config')}: it failed at "
+            f"{exc.failure}. Give input_shape as one batch of the model's input, batch first (e.g. [1, 3, 224, 224] "
+            "for one RGB image, [1, 2, 16] for one 2-channel signal).") from exc

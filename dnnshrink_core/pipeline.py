@@ -213,6 +213,11 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
     goal = resolve(options.get("target"), options.get("target_macs"))
     if "regularizer" not in options and goal.resource != "macs":
         options = {**options, "regularizer": f"morphnet_{goal.cost_model}"}  # learn with the target's own cost
+    elif str(options.get("regularizer", "")).startswith("morphnet_") and \
+            options["regularizer"] != f"morphnet_{goal.cost_model}":
+        warnings.warn(f"dnnshrink: regularizer {options['regularizer']!r} prices channels by another cost than the "
+                      f"target's ({goal.resource}): structure learning aims at the wrong resource. Leave "
+                      f"`regularizer` out to learn with morphnet_{goal.cost_model}.", DnnshrinkWarning, stacklevel=3)
     opts = ShrinkOptions(**options)
     if opts.finetune and train is None:
         raise TypeError("shrink needs train(model) to fine-tune the shrunk model (or finetune=False)")
@@ -296,12 +301,17 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
         raise NoBatchNormError(f"{type(model).__name__} has no BatchNorm that scales prunable channels; "
                                f"{opts.algorithm} learns from BatchNorm scales." + frozen_batchnorm_note(model))
     goal = resolve(opts.target, opts.target_macs)
+    identity = _identity(opts, goal)
+    if opts.resume and opts.out_dir is not None:  # before any work: a resumed run is the run it continues
+        distributed.on_main(lambda: _check_resumable(Path(opts.out_dir), identity))
     costs = CostModel(graph, work, goal.cost_model, profile=opts.profile)
     # "auto": one multiple per group, the channel block of the profile's runtime
     round_to, round_notes = resolve_round_to(graph, work, opts.round_to, opts.profile,
                                              latency=costs if costs.kind == "latency" else None)
     for note in round_notes:
         _step(f"round_to {opts.round_to}: {note}")
+    if isinstance(opts.round_to, int) and opts.round_to > 1:
+        _warn_off_block(graph, work, opts.round_to, opts.profile, costs)
     chooses_depth = bool(getattr(algorithm, "chooses_depth", False))
     depth = opts.depth is not False and chooses_depth
     user_goal, measured = goal, None
@@ -332,6 +342,8 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
                              depth=depth and bool(graph.branches), deeper=deeper, constant=costs.constant,
                              kept_share=graph.unremovable_share())
     out_dir = distributed.on_main(lambda: _prepare_out_dir(opts))
+    if out_dir is not None and not opts.resume:
+        distributed.on_main(lambda: _save_identity(out_dir, identity), share=False)
     if measured is not None and out_dir is not None:  # a resumed run works to the same budget
         distributed.on_main(lambda: _save_measured(out_dir / MEASURED_TARGET, measured), share=False)
     checkpoints = Checkpoints(out_dir / "checkpoints") if out_dir is not None and main else None
@@ -640,6 +652,62 @@ def _resume(work: nn.Module, checkpoints: Optional[Checkpoints], out_dir: Option
     epoch = int(checkpoints.load(latest)["epoch"])
     _step(f"resuming after epoch {epoch} ({latest})")
     return epoch + 1, float(base["score"])
+
+
+def _warn_off_block(graph: Any, work: nn.Module, round_to: int, profile: Any, costs: CostModel) -> None:
+    """Warn when an integer ``round_to`` is no multiple of the channel block the latency
+    profile measured for the runtime's kernels: its widths then miss the block, and the
+    shrunk network can run slower than the baseline (round_to 3 did, in a user's first hour)."""
+    try:
+        blocks, _ = resolve_round_to(graph, work, "auto", profile, latency=costs if costs.kind == "latency" else None)
+    except DnnshrinkError:  # no latency cost model loaded, or no profile: nothing to compare with
+        return
+    off = sorted({int(b) for b in np.atleast_1d(blocks) if b > 1 and round_to % int(b)})
+    if off:
+        warnings.warn(f"dnnshrink: round_to {round_to} is no multiple of the channel block{'s' if len(off) > 1 else ''} "
+                      f"{', '.join(map(str, off))} the latency profile measured for this runtime's kernels: widths "
+                      "that miss it run on slower kernels, and the shrunk network may run slower than the baseline. "
+                      "round_to: auto (the default) rounds to the block.", DnnshrinkWarning, stacklevel=4)
+
+
+RUN_IDENTITY = "run.json"  # in the checkpoints folder: what a resumed run must ask for again
+# the options that decide what structure learning aims at: a resumed run must give the same
+_IDENTITY_OPTIONS = ("algorithm", "regularizer", "round_to", "min_width", "depth", "threshold", "strength",
+                     "strength_scale", "expand", "trust", "anneal", "profile", "measure_target")
+
+
+def _identity(opts: ShrinkOptions, goal: Target) -> Dict[str, Any]:
+    """The run's target and the options that decide its structure, as plain JSON values."""
+    return {"target": str(goal), **{key: json.loads(json.dumps(getattr(opts, key), default=str))
+                                    for key in _IDENTITY_OPTIONS}}
+
+
+def _save_identity(out_dir: Path, identity: Dict[str, Any]) -> None:
+    folder = out_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_write(folder / RUN_IDENTITY, "w") as f:
+        json.dump(identity, f, indent=2)
+
+
+def _check_resumable(out_dir: Path, identity: Dict[str, Any]) -> None:
+    """A resumed run continues the run in ``out_dir`` as it was (a finished one goes on from
+    its learned structure, or learns on where this run allows more epochs): refused, before
+    any work, when it asks for another target or structure than that run had."""
+    saved = out_dir / "checkpoints" / RUN_IDENTITY
+    if not saved.is_file():  # a run from before this record was kept: nothing to compare with
+        return
+    try:
+        before = json.loads(saved.read_text()) if saved.stat().st_size < 1 << 16 else None
+    except (ValueError, UnicodeDecodeError):
+        before = None
+    if not isinstance(before, dict):
+        raise DnnshrinkError(f"{saved} is not a run record written by dnnshrink; delete it to resume anyway")
+    changed = [key for key in identity if key in before and before[key] != identity[key]]
+    if changed:
+        said = "; ".join(f"{key} {before[key]!r} then, {identity[key]!r} now" for key in changed)
+        raise DnnshrinkError(f"--resume continues the run in {out_dir} as it was, and this one asks for another "
+                             f"structure ({said}). Resume with the options it had, or start a new run (another "
+                             "--out, or --force).")
 
 
 def _prepare_out_dir(opts: ShrinkOptions) -> Optional[Path]:

@@ -220,7 +220,7 @@ def test_checkpoints_and_resume(tmp_path):
     with pytest.warns(ds.DnnshrinkWarning):
         shrink(Tiny(), X[:1], max_epochs=2, **options)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
-        "baseline.pt", "epoch-0001.pt", "epoch-0002.pt", "learned.pt"]
+        "baseline.pt", "epoch-0001.pt", "epoch-0002.pt", "learned.pt", "run.json"]
     calls.clear()
     with pytest.warns(ds.DnnshrinkWarning):
         result = shrink(Tiny(), X[:1], max_epochs=4, resume=True, **options)
@@ -228,6 +228,14 @@ def test_checkpoints_and_resume(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "epoch-0004.pt").is_file()
     with pytest.raises(ds.DnnshrinkError, match="nothing to resume"):
         shrink(Tiny(), X[:1], max_epochs=4, **{**options, "out_dir": str(tmp_path / "empty"), "resume": True})
+    # another target (or structure) is another run: refused before any work, naming what changed
+    calls.clear()
+    before = (tmp_path / "run" / "report.json").read_text()
+    with pytest.raises(ds.DnnshrinkError, match=r"asks for another structure \(target \"1% of the baseline's MACs\" "
+                                                 r"then, \"30% of the baseline's MACs\" now; round_to 'auto' then, 8 "
+                                                 r"now\)"):
+        shrink(Tiny(), X[:1], max_epochs=4, resume=True, **{**options, "target_macs": 0.3, "round_to": 8})
+    assert calls == [] and (tmp_path / "run" / "report.json").read_text() == before
 
 
 def test_resume_after_structure_learning_goes_straight_to_generation(tmp_path):
@@ -307,3 +315,27 @@ def test_an_epoch_without_an_optimizer_step_is_an_error():
     with pytest.raises(ds.DnnshrinkError, match="made no step of a torch.optim optimizer in epoch 1"):
         shrink(Tiny(), X[:1], train_one_epoch=lambda m, lr: m(X).sum().backward(), test=lambda m: 1.0,
                finetune=False, device="cpu", progress=False, latency_runs=1)
+
+
+def test_options_at_odds_with_the_target_or_the_runtime_are_warned_about(tmp_path):
+    """A demo config copied with its MACs regularizer for a latency target; a round_to that
+    misses the runtime's block (16 for the shipped profile's convolutions); a profile whose
+    block probes disagreed when it was made."""
+    from dnnshrink_plugins.costs.latency import Profile, load_profile
+
+    options = dict(train_one_epoch=regularizer_only_epoch, train=lambda m: None, test=lambda m: 0.5,
+                   algorithm="magnitude", device="cpu", progress=False, latency_runs=1, exporters=[],
+                   onnx_latency=False, tensorboard=False)
+    with pytest.warns(ds.DnnshrinkWarning, match=r"regularizer 'morphnet_flops' prices channels by another cost "
+                                                  r"than the target's \(latency\).*morphnet_latency"):
+        shrink(Tiny(), X[:1], target={"resource": "latency", "value": 0.95}, regularizer="morphnet_flops", **options)
+    with pytest.warns(ds.DnnshrinkWarning, match=r"round_to 3 is no multiple of the channel block 16 .*slower"):
+        shrink(Tiny(), X[:1], target_macs=0.5, round_to=3, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ds.DnnshrinkWarning)  # the matching ones say nothing
+        shrink(Tiny(), X[:1], target={"resource": "latency", "value": 0.97}, round_to=16, **options)
+    shipped = load_profile(None)
+    shaky = Profile(shipped.runtime, shipped.overhead_ms, shipped.ops, {**shipped.calibration, "blocks_stable": False})
+    shaky.save(tmp_path / "shaky.json")
+    with pytest.warns(ds.DnnshrinkWarning, match="channel blocks changed between timings"):
+        shrink(Tiny(), X[:1], target_macs=0.5, profile=str(tmp_path / "shaky.json"), **options)

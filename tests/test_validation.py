@@ -236,3 +236,11 @@ def test_warning_formatter_is_restored():
     before = warnings.showwarning
     assert cli.main(["plugins"]) == 0
     assert warnings.showwarning is before
+
+
+def test_a_wrong_input_shape_in_a_config_names_the_key_to_fix(tmp_path, capsys):
+    config = write_config(tmp_path, input_shape=[2, 16])  # the batch dimension left out
+    status, err = run_cli(capsys, config, "--out", tmp_path / "out")
+    assert status == 1 and err.startswith("dnnshrink: error: the model cannot run on input_shape [2, 16] from ")
+    assert "Give input_shape as one batch of the model's input, batch first" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 """A template for your own model: a BatchNorm CNN on scikit-learn's digits (8×8, 10 classes).
 
-Copy this file and ``recipe.py`` (the training loop), and replace the model and the data.
+Copy this file (it imports the training loop, ``recipe.py``, from dnnshrink; copy that too to
+change it), and replace the model and the data.
 dnnshrink needs three functions of yours (the manual's ``necessary_function.py``):
 
 * ``train_one_epoch(model, lr)`` — train one epoch at learning rate ``lr`` (plain SGD works
@@ -21,7 +22,8 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from .recipe import Recipe
+# absolute, so that a copy of this file outside the package works as it is (recipe.py stays here)
+from dnnshrink_core.demo.recipe import Recipe
 
 
 def conv_bn(cin: int, cout: int) -> nn.Sequential:

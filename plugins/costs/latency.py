@@ -41,13 +41,15 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from dnnshrink_core.plugin_api import PIECE_OP as PIECE, PRODUCT_OP as PRODUCT, TENSOR_KINDS, ConfigError, LayerTable
+from dnnshrink_core.plugin_api import (PIECE_OP as PIECE, PRODUCT_OP as PRODUCT, TENSOR_KINDS, ConfigError,
+                                      DnnshrinkWarning, LayerTable)
 
 FORMAT = "dnnshrink-latency-profile"
 # 2: the tensor ops' kinds (optional); 3: a tensor kind's block and unaligned bandwidth
@@ -325,7 +327,14 @@ class LatencyCost:
 
     def channel_multiples(self) -> Tuple[np.ndarray, np.ndarray]:
         """Per layer, the channel block of its input and output sides (``round_to: auto``).
-        A linear layer's runtime kernel has no block (its multiple is what was measured)."""
+        A linear layer's runtime kernel has no block (its multiple is what was measured). A
+        profile whose block probes disagreed between timings says so here, where the blocks
+        are relied on."""
+        if self.profile.calibration.get("blocks_stable") is False:
+            warnings.warn("dnnshrink: the latency profile's channel blocks changed between timings of the same "
+                          f"probes when it was made ({self.profile.describe()}): round_to: auto rounds to blocks that "
+                          "may be wrong. Calibrate again on an idle machine (--blocks-from a steadier profile keeps "
+                          "its blocks), or give round_to an integer.", DnnshrinkWarning, stacklevel=3)
         return self.multiple.copy(), self.multiple.copy()
 
     def aligned(self, kept_in: np.ndarray, kept_out: np.ndarray) -> np.ndarray:
