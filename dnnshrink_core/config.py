@@ -15,7 +15,7 @@ import yaml
 
 from .errors import ConfigError, DnnshrinkError, InputRunError, UnknownOptionError
 from .pipeline import OPTION_HINTS, ShrinkOptions, get_algorithm
-from .userspec import build_model, load_object, parse_shape
+from .userspec import SpecError, build_model, load_object, parse_shape
 from .validation import check_epochs, check_exporters, check_options
 
 __all__ = ["ConfigError", "load_config", "load_functions", "run_config"]  # ConfigError lives in errors.py
@@ -97,10 +97,17 @@ def _resolve(base: str, spec: str) -> str:
 
 def load_functions(base: str, spec: str) -> Tuple[Callable, Callable, Callable]:
     """``train_one_epoch``, ``train`` and ``test`` from a module name or a ``.py`` file."""
-    spec = _resolve(base, spec)
+    given, spec = spec, _resolve(base, spec)
     functions = []
     for name in FUNCTION_NAMES:
-        fn = load_object(f"{spec}:{name}", "function")
+        try:
+            fn = load_object(f"{spec}:{name}", "function")
+        except SpecError as exc:
+            beside = Path(base) / (given.replace(".", "/") + ".py")
+            if given.endswith(".py") or not beside.is_file():
+                raise
+            raise SpecError(f"{exc}. `functions: {given}` is read as a module on Python's path; the file "
+                            f"{beside.name} next to the config is given as `functions: {beside.name}`") from exc
         if not callable(fn):
             raise ConfigError(f"{name} in {spec} is not a function")
         functions.append(fn)

@@ -299,7 +299,8 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
     graph = trace(work, inputs)
     if not graph.source_modules and getattr(algorithm, "needs_batchnorm", True):
         raise NoBatchNormError(f"{type(model).__name__} has no BatchNorm that scales prunable channels; "
-                               f"{opts.algorithm} learns from BatchNorm scales." + frozen_batchnorm_note(model))
+                               f"{opts.algorithm} learns from BatchNorm scales: add a BatchNorm after each conv you "
+                               "want shrunk (nn.Conv2d -> nn.BatchNorm2d -> activation)." + frozen_batchnorm_note(model))
     goal = resolve(opts.target, opts.target_macs)
     identity = _identity(opts, goal)
     if opts.resume and opts.out_dir is not None:  # before any work: a resumed run is the run it continues
@@ -473,13 +474,18 @@ def _generate(run: _Run, learned: LearnResult, test: Callable) -> tuple:
 
     def generate() -> nn.Module:
         if writer is not None:  # with the score after generation, this shows what generation changed
-            writer.add_scalar("score/after_structure_learning", _score(test(work), "test(model)"), epochs)
+            learned_score = _score(test(work), "test(model)")
+            writer.add_scalar("score/after_structure_learning", learned_score, epochs)
+            # said, not only drawn: a structure that learning left near chance shows here first
+            _step(f"test score after structure learning: {learned_score:.4g} (baseline {run.baseline_score:.4g})")
         model = build(work, run.graph, keep)
         if run.opts.compensate:
             fold_removed_channels(work, model, run.graph, keep, run.inputs,
                                   max_gamma=run.opts.threshold or DEFAULT_THRESHOLD)
         if writer is not None:
-            writer.add_scalar("score/after_generation", _score(test(model), "test(model)"), epochs)
+            generated_score = _score(test(model), "test(model)")
+            writer.add_scalar("score/after_generation", generated_score, epochs)
+            _step(f"test score of the generated network, before fine-tuning: {generated_score:.4g}")
         # sent to the other ranks from the CPU, so that each puts it on its own device
         return model.cpu() if distributed.active() else model
 

@@ -50,7 +50,7 @@ def test_nan_loss_stops_with_the_epoch_and_the_last_good_checkpoint(tmp_path):
         shrink(Tiny(), X[:1], train_one_epoch=nan_loss_from_epoch(2), train=lambda m: None,
                out_dir=str(tmp_path / "run"), strength_scale=1e-6, **OPTIONS)
     # the diverged epoch left no checkpoint behind: --resume continues from the good one
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["baseline.pt", "epoch-0001.pt"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.pt")) == ["baseline.pt", "epoch-0001.pt"]
 
 
 def test_skipped_mixed_precision_steps_are_allowed():

@@ -244,3 +244,18 @@ def test_a_wrong_input_shape_in_a_config_names_the_key_to_fix(tmp_path, capsys):
     assert status == 1 and err.startswith("dnnshrink: error: the model cannot run on input_shape [2, 16] from ")
     assert "Give input_shape as one batch of the model's input, batch first" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_functions_file_named_as_a_module_says_how_to_name_it(tmp_path, capsys):
+    config = write_config(tmp_path, functions="funcs")  # funcs.py is next to the config
+    status, err = run_cli(capsys, config, "--out", tmp_path / "out")
+    assert status == 1 and "cannot import module 'funcs'" in err
+    assert "the file funcs.py next to the config is given as `functions: funcs.py`" in err
+
+
+def test_a_model_without_batchnorm_is_told_what_to_add(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 8, 3), torch.nn.ReLU(), torch.nn.Conv1d(8, 2, 3))
+    with pytest.raises(ds.NoBatchNormError, match=r"add a BatchNorm after each conv you want shrunk"):
+        shrink(model, X1, train_one_epoch=NS["train_one_epoch"], train=NS["train"], test=NS["test"],
+               out_dir=str(tmp_path / "out"), progress=False, **BASE)
+    assert not (tmp_path / "out").exists()

@@ -774,8 +774,7 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
         + (f" (from {blocks_from})" if blocks_from is not None else "")
         + f"; a concatenation's pieces: {multiples['concat']} (read from the runtime's optimised graph)")
     unstable = unstable_blocks(blocks)
-    if unstable:
-        log(f"  warning: {unstable}")
+    if unstable:  # (a warning, not a log line too: the command line prints it once)
         warnings.warn(f"dnnshrink calibrate: {unstable}", DnnshrinkWarning, stacklevel=2)
     separate = backend.separate_kinds()
     fused = [k for k in TENSOR_KINDS if k not in separate]
