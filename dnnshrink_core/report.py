@@ -221,12 +221,25 @@ def summary_table(report: Report) -> str:
             ("MACs", f"{b['macs']:,}", f"{s['macs']:,}", f"{s['macs'] / max(b['macs'], 1):.2f}"),
             ("params", f"{b['params']:,}", f"{s['params']:,}", f"{s['params'] / max(b['params'], 1):.2f}"),
             ("score", f"{b['score']:.4f}", f"{s['score']:.4f}", f"{s['score'] - b['score']:+.4f}"),
-            ("latency ms", f"{b['latency_ms']:.3f}", f"{s['latency_ms']:.3f}",
+            ("PyTorch ms", f"{b['latency_ms']:.3f}", f"{s['latency_ms']:.3f}",
              f"{s['latency_ms'] / max(b['latency_ms'], 1e-12):.2f}")]
     rows += _resource_rows(report.extra)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    table = "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                      for r in rows)
+    return table + _legend({r[0] for r in rows}, "\n")
+
+
+# what each latency row of the summary measures: three ways of timing, which differ
+LATENCY_ROWS = (("PyTorch ms", "PyTorch ms: the model as trained, eager, on this machine"),
+                ("predicted ms", "predicted ms: the latency profile's estimate for its runtime"),
+                ("onnxruntime ms", "onnxruntime ms: the exported ONNX, timed as the profile was measured"))
+
+
+def _legend(labels: set, before: str) -> str:
+    """What the latency rows among ``labels`` measure, when there is more than one to tell apart."""
+    said = [text for label, text in LATENCY_ROWS if label in labels]
+    return before + "; ".join(said) + "." if len(said) > 1 else ""
 
 
 def _resource_rows(extra: Dict[str, Any]) -> list:
@@ -240,7 +253,7 @@ def _resource_rows(extra: Dict[str, Any]) -> list:
                          f"{a:,.3f}" if key == "latency_ms" else f"{a:,.0f}", f"{a / max(b, 1e-12):.2f}"))
     onnx = extra.get("onnx_latency", {})
     if "baseline_ms" in onnx:
-        rows.append(("ONNX ms", f"{onnx['baseline_ms']:.3f}", f"{onnx['shrunk_ms']:.3f}",
+        rows.append(("onnxruntime ms", f"{onnx['baseline_ms']:.3f}", f"{onnx['shrunk_ms']:.3f}",
                      f"{onnx['shrunk_ms'] / max(onnx['baseline_ms'], 1e-12):.2f}"))
     return rows
 
@@ -273,8 +286,9 @@ def _markdown_table(report: Report) -> str:
     b, s = report.extra["baseline"], report.extra["shrunk"]
     lines = ["| | baseline | shrunk | ratio |", "|---|---:|---:|---:|"]
     for key, label, fmt in (("macs", "MACs", "{:,}"), ("params", "parameters", "{:,}"), ("score", "score", "{:.4f}"),
-                            ("latency_ms", "latency (ms)", "{:.3f}")):
+                            ("latency_ms", "PyTorch ms", "{:.3f}")):
         ratio = s[key] / b[key] if b[key] else float("nan")
         lines.append(f"| {label} | {fmt.format(b[key])} | {fmt.format(s[key])} | {ratio:.3f} |")
-    lines += [f"| {label} | {b} | {s} | {ratio} |" for label, b, s, ratio in _resource_rows(report.extra)]
-    return "\n".join(lines)
+    extra = _resource_rows(report.extra)
+    lines += [f"| {label} | {b} | {s} | {ratio} |" for label, b, s, ratio in extra]
+    return "\n".join(lines) + _legend({"PyTorch ms"} | {row[0] for row in extra}, "\n\n")

@@ -307,7 +307,8 @@ def test_latency_target_on_the_digits_demo_is_met(tmp_path):
     onnx = extra["onnx_latency"]
     assert onnx["baseline_ms"] > 0 and onnx["shrunk_ms"] > 0  # measured next to the predicted
     assert extra["structure_learning"]["target"] == {"resource": "latency", "fraction": 0.95}
-    assert "ONNX ms" in (tmp_path / "run" / "report.md").read_text()
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "onnxruntime ms" in text and "predicted ms: the latency profile's estimate" in text
 
 
 def test_the_calibration_checks_thin_networks_at_a_quarter_of_their_widths():
