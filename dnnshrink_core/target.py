@@ -116,8 +116,11 @@ class Target:
     def _parse_mapping(cls, value: Mapping, key: str) -> "Target":
         unknown = set(value) - {"resource", "fraction", "amount", "value"}
         if unknown:
+            # YAML reads {resource:latency,value:0.5} as one key: a colon needs a space after it
+            spacing = " (YAML needs a space after each colon: {resource: latency, value: 0.5})" \
+                if any(":" in str(k) for k in unknown) else ""
             raise TargetError(f"{key} has unknown field(s) {', '.join(sorted(map(str, unknown)))}; it takes "
-                              "`resource` and one of `fraction`, `amount` or `value`")
+                              f"`resource` and one of `fraction`, `amount` or `value`{spacing}")
         resource = value.get("resource", "macs")
         resource = RESOURCE_ALIASES.get(resource, resource) if isinstance(resource, str) else resource
         if resource not in RESOURCES:

@@ -62,6 +62,9 @@ BAD = [  # (option(s), error class from shrink(), words the message must hold (C
     ({"target_macs": "5K"}, ds.TargetError, ["target_macs", "above the baseline's 3,856 MACs"]),
     ({"target": {"resource": "macs", "amount": 1e9}}, ds.TargetError, ["target", "above the baseline"]),
     ({"target": {"resource": "energy", "value": 0.5}}, ds.TargetError, ["target", "'energy'", "macs", "latency"]),
+    # what YAML makes of {resource:latency,value:0.5}: one key
+    ({"target": {"resource:latency,value:0.5": None}}, ds.TargetError,
+     ["unknown field(s) resource:latency,value:0.5", "YAML needs a space after each colon"]),
     ({"target": 0.5, "target_macs": 0.5}, ds.TargetError, ["target", "target_macs", "not both"]),
     ({"lr": -1}, ds.ConfigError, ["'lr'", "> 0", "-1"]),
     ({"lr": float("nan")}, ds.ConfigError, ["'lr'", "> 0", "nan"]),
