@@ -227,7 +227,7 @@ def summary_table(report: Report) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     table = "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                       for r in rows)
-    return table + _legend({r[0] for r in rows}, "\n")
+    return table + _legend({r[0] for r in rows}, "\n", ";\n")
 
 
 # what each latency row of the summary measures: three ways of timing, which differ
@@ -236,10 +236,10 @@ LATENCY_ROWS = (("PyTorch ms", "PyTorch ms: the model as trained, eager, on this
                 ("onnxruntime ms", "onnxruntime ms: the exported ONNX, timed as the profile was measured"))
 
 
-def _legend(labels: set, before: str) -> str:
+def _legend(labels: set, before: str, between: str = "; ") -> str:
     """What the latency rows among ``labels`` measure, when there is more than one to tell apart."""
     said = [text for label, text in LATENCY_ROWS if label in labels]
-    return before + "; ".join(said) + "." if len(said) > 1 else ""
+    return before + between.join(said) + "." if len(said) > 1 else ""
 
 
 def _resource_rows(extra: Dict[str, Any]) -> list:
