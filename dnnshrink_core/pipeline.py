@@ -450,8 +450,8 @@ def _learn(run: _Run, train_one_epoch: Callable) -> LearnResult:
         learned = run.algorithm.learn(context)
     except KeyboardInterrupt:
         if checkpoints is not None and checkpoints.latest() is not None:
-            print(f"\ndnnshrink: interrupted. The last checkpoint is {checkpoints.latest()}; continue with "
-                  "`dnnshrink run CONFIG --resume` (or shrink(..., resume=True)).")
+            print(f"\ndnnshrink: stopped during structure learning. The last checkpoint is {checkpoints.latest()}; "
+                  "continue with `dnnshrink run CONFIG --resume` (or shrink(..., resume=True)).")
         raise
     cost = run.costs.cost(learned.keep)
     if cost > run.target * (1 + 1e-6):  # any algorithm's, ours or a plugin's: said, and kept in the report
