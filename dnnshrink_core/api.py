@@ -72,6 +72,12 @@ def _values_key(model: nn.Module, inputs: tuple) -> tuple:
     return tuple(tensors), tuple(examples), tuple(settings)
 
 
+def _still_valid(graph: ChannelGraph, model: nn.Module, inputs: tuple, key: tuple) -> bool:
+    """Whether a traced ``graph`` still describes ``model`` on ``inputs``: the same fingerprint,
+    and for a graph whose recorded sizes came from the values, the same values too."""
+    return graph.fingerprint == key and (graph.values_key is None or graph.values_key == _values_key(model, inputs))
+
+
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -92,8 +98,7 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[Any] 
     check_input_count(model, inputs)
     key = _fingerprint(model, inputs, leaf_modules)
     cached = _graphs.get(model)
-    if cached is not None and cached.fingerprint == key and (cached.values_key is None
-                                                             or cached.values_key == _values_key(model, inputs)):
+    if cached is not None and _still_valid(cached, model, inputs, key):
         return cached
     pm = get_plugin_manager()
     if not pm.hook.dnnshrink_op_handler.get_hookimpls():
@@ -115,8 +120,7 @@ def _graph_for(model: nn.Module, example_inputs: Any, masks: Optional[Mapping[st
     graph = getattr(masks, "graph", None)
     if isinstance(graph, ChannelGraph):
         inputs = normalize_inputs(example_inputs)
-        if graph.fingerprint == _fingerprint(model, inputs, graph.leaf_modules) and \
-                (graph.values_key is None or graph.values_key == _values_key(model, inputs)):
+        if _still_valid(graph, model, inputs, _fingerprint(model, inputs, graph.leaf_modules)):
             return graph
     return trace(model, example_inputs)
 

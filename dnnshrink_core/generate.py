@@ -158,36 +158,25 @@ def _other_input(inputs: Tuple[Any, ...]) -> Tuple[Any, ...]:
                  and x.is_floating_point() else x for x in inputs)
 
 
-def _difference(candidate: nn.Module, reference: nn.Module, args: Tuple[Any, ...]) -> str:
-    """Why ``candidate`` does not compute what ``reference`` does on ``args`` (both in eval
-    mode, without gradients), or ``""`` when it does."""
-    with model_mode(candidate, training=False), model_mode(reference, training=False), torch.no_grad():
-        try:
-            a = flatten_outputs(candidate(*args), True)
-        except Exception as exc:  # the user's code cannot take the new widths
-            return f"{type(exc).__name__}: {str(exc)[:200]}"
-        b = flatten_outputs(reference(*args), True)
-    if len(a) != len(b):
-        return f"{len(a)} outputs instead of {len(b)}"
-    for i, (x, y) in enumerate(zip(a, b)):
-        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor) or not isinstance(x, torch.Tensor) and x != y:
-            return f"output {i} is {x!r} instead of {y!r}"
-        if isinstance(x, torch.Tensor) and (x.shape != y.shape or not torch.allclose(
-                x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max() if y.numel() else 0.0) + 1e-12)):
-            return f"output {i} differs" + (f" (shape {tuple(x.shape)} instead of {tuple(y.shape)})"
-                                            if x.shape != y.shape else "")
-    return ""
-
-
 def _same_outputs(candidate: nn.Module, reference: nn.Module, inputs: Tuple[Any, ...]) -> bool:
     """Whether ``candidate`` computes what ``reference`` does on ``inputs`` and on a second,
     random input of the same shapes (so a branch taken on the example's values shows)."""
-    for args in (inputs, _other_input(inputs)):
-        try:
-            if _difference(candidate, reference, args):
+    with model_mode(candidate, training=False), model_mode(reference, training=False), torch.no_grad():
+        for args in (inputs, _other_input(inputs)):
+            try:
+                a, b = flatten_outputs(candidate(*args), True), flatten_outputs(reference(*args), True)
+            except Exception:  # the user's code cannot take the new widths
                 return False
-        except Exception:  # the recorded graph itself cannot take the other input
-            return False
+            if len(a) != len(b):
+                return False
+            for x, y in zip(a, b):
+                if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+                    return False
+                if not isinstance(x, torch.Tensor):
+                    if x != y:
+                        return False
+                elif x.shape != y.shape or not torch.allclose(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max() if y.numel() else 0.0) + 1e-12):
+                    return False
     return True
 
 
@@ -201,14 +190,15 @@ def _own_class(candidate: nn.Module, inputs: Tuple[Any, ...], data_sized: list, 
     anything is returned."""
     where = ", ".join(data_sized[:3]) + (f" and {len(data_sized) - 3} more" if len(data_sized) > 3 else "")
     problem = "a residual branch is dropped whole, which your class's forward would still run" if dropped else ""
-    with model_mode(candidate, training=False), torch.no_grad():
-        for args, which in ((inputs, "the example"), (_other_input(inputs), "another input of the example's shapes")):
-            if problem:
-                break
-            try:
-                candidate(*args)
-            except Exception as exc:
-                problem = f"it fails on {which}: {type(exc).__name__}: {str(exc)[:200]}"
+    if not problem:
+        with model_mode(candidate, training=False), torch.no_grad():
+            for args, which in ((inputs, "the example"),
+                                (_other_input(inputs), "another input of the example's shapes")):
+                try:
+                    candidate(*args)
+                except Exception as exc:
+                    problem = f"it fails on {which}: {type(exc).__name__}: {str(exc)[:200]}"
+                    break
     if not problem:
         return candidate
     raise GenerationError(

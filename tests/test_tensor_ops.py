@@ -13,7 +13,8 @@ from torch import nn
 
 import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel
-from dnnshrink_plugins.costs.calibrate import CANDIDATES, FUSION_PROBES, OnnxBackend, TorchBackend, fit, sweep_chains
+from dnnshrink_plugins.costs.calibrate import (CANDIDATES, FUSION_PROBES, OnnxBackend, TorchBackend, fit,
+                                               ghost_probe, sweep_chains)
 from dnnshrink_plugins.costs.latency import KINDS, TENSOR_KINDS, Profile, ProfileError, load_profile
 from test_costs import layer_multiples, synthetic_profile, synthetic_samples, torch_cost
 
@@ -170,9 +171,7 @@ def test_the_concatenation_block_is_read_from_the_graph_onnxruntime_optimises():
     assert block in (1,) + CANDIDATES and TorchBackend(1, 1, "cpu").concat_block() == 1
 
     def reorders(piece):
-        ops = [("pointwise", 32, piece, 28, 1, 1), ("depthwise", piece, piece, 28, 3, 1),
-               ("concat", 2 * piece, 2 * piece, 28, 1, 1), ("pointwise", 2 * piece, 32, 28, 1, 1)]
-        counts = backend.optimized_ops(ops)
+        counts = backend.optimized_ops(ghost_probe(piece))
         return counts.get("ReorderOutput", 0) + counts.get("ReorderInput", 0)
 
     if block > 1:  # a CPU whose onnxruntime has a blocked layout (every x86-64 one)

@@ -158,6 +158,13 @@ def _tensor_chains() -> List[List[Op]]:
 GHOST_MODULES = ((32, 12, 56), (48, 20, 28), (96, 36, 14), (32, 16, 56), (64, 32, 28))
 
 
+def ghost_probe(piece: int) -> List[Op]:
+    """A ghost module whose two halves have ``piece`` channels each, between two convs: what
+    :meth:`OnnxBackend.concat_block` asks the runtime to lay out."""
+    return [("pointwise", 32, piece, 28, 1, 1), ("depthwise", piece, piece, 28, 3, 1),
+            ("concat", 2 * piece, 2 * piece, 28, 1, 1), ("pointwise", 2 * piece, 32, 28, 1, 1)]
+
+
 def concat_pieces(ops: Sequence[Op], i: int) -> Tuple[int, int]:
     """The channels of the two pieces the chain's concatenation at ``ops[i]`` joins: what the
     op before it read and what it wrote (:func:`~.runtime.chain_model`)."""
@@ -302,9 +309,7 @@ class OnnxBackend:
         pieces of 64 channels do. 1 when pieces of 12 and 20 channels already do (the runtime
         has no blocked layout, as on CPUs without onnxruntime's NCHWc kernels) or none does."""
         def reorders(piece: int) -> int:
-            ops = [("pointwise", 32, piece, 28, 1, 1), ("depthwise", piece, piece, 28, 3, 1),
-                   ("concat", 2 * piece, 2 * piece, 28, 1, 1), ("pointwise", 2 * piece, 32, 28, 1, 1)]
-            return self.optimized_ops(ops).get("ReorderOutput", 0)
+            return self.optimized_ops(ghost_probe(piece)).get("ReorderOutput", 0)
 
         least = reorders(64)
         for block in CANDIDATES:

@@ -139,22 +139,18 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: Path, opset: int = 
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1)
         dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) else None for x in inputs)
-    # the exporter runs the forward on symbolic tensors, and a forward that caches what it
-    # computes on its module (ultralytics' Detect head keeps its anchors and the input shape)
-    # would keep those symbolic values: every later call of the model then fails. It
-    # exports a copy; the model itself is what the export is checked against.
     with atomic_path(path) as tmp:
         failure = _torch_export(model, inputs, tmp, opset, dynamic)
         also = ""
         if failure is not None and dynamic is not None and not _data_dependent(failure):
-            fixed = _torch_export(model, inputs, tmp, opset, None)
-            if fixed is None:
+            fixed_failure = _torch_export(model, inputs, tmp, opset, None)
+            if fixed_failure is None:
                 warnings.warn(f"dnnshrink: torch's ONNX exporter could not give {type(model).__name__} a dynamic "
                               f"batch ({_first_line(failure)}): the ONNX model takes batch {tensors[0].shape[0]} only",
                               DnnshrinkWarning, stacklevel=3)
                 dynamic_batch = False
             also = f"\n(With a dynamic batch it failed first: {_first_line(failure)})"
-            failure = fixed
+            failure = fixed_failure
         if failure is not None:
             raise ExportError(_export_failure(failure) + also) from failure
         written = onnx.load(str(tmp), load_external_data=False)  # read once for both checks
