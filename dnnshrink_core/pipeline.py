@@ -665,7 +665,10 @@ def _warn_off_block(graph: Any, work: nn.Module, round_to: int, profile: Any, co
     profile measured for the runtime's kernels: its widths then miss the block, and the
     shrunk network can run slower than the baseline (round_to 3 did, in a user's first hour)."""
     try:
-        blocks, _ = resolve_round_to(graph, work, "auto", profile, latency=costs if costs.kind == "latency" else None)
+        with warnings.catch_warnings():  # the blocks are only compared here: what auto would warn of is not said
+            warnings.simplefilter("ignore", DnnshrinkWarning)
+            blocks, _ = resolve_round_to(graph, work, "auto", profile,
+                                         latency=costs if costs.kind == "latency" else None)
     except DnnshrinkError:  # no latency cost model loaded, or no profile: nothing to compare with
         return
     off = sorted({int(b) for b in np.atleast_1d(blocks) if b > 1 and round_to % int(b)})

@@ -339,3 +339,6 @@ def test_options_at_odds_with_the_target_or_the_runtime_are_warned_about(tmp_pat
     shaky.save(tmp_path / "shaky.json")
     with pytest.warns(ds.DnnshrinkWarning, match="channel blocks changed between timings"):
         shrink(Tiny(), X[:1], target_macs=0.5, profile=str(tmp_path / "shaky.json"), **options)
+    with warnings.catch_warnings():  # an integer round_to does not rely on them: nothing to say
+        warnings.simplefilter("error", ds.DnnshrinkWarning)
+        shrink(Tiny(), X[:1], target_macs=0.7, round_to=16, profile=str(tmp_path / "shaky.json"), **options)
