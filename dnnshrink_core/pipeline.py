@@ -407,7 +407,9 @@ def _baseline(run: _Run, train: Optional[Callable], test: Callable) -> None:
                                                    and opts.max_epochs > learned_before["epochs"]):
                 work.load_state_dict(learned_before.pop("state"))
                 return start, score, learned_before
-            work.load_state_dict(checkpoints.load(checkpoints.latest())["state"])
+            latest = checkpoints.latest()
+            if latest is not None:  # else learning starts from the baseline loaded above
+                work.load_state_dict(checkpoints.load(latest)["state"])
             return start, score, None
 
         run.start_epoch, run.baseline_score, run.finished = distributed.on_main(resume)
@@ -449,8 +451,9 @@ def _learn(run: _Run, train_one_epoch: Callable) -> LearnResult:
     try:
         learned = run.algorithm.learn(context)
     except KeyboardInterrupt:
-        if checkpoints is not None and checkpoints.latest() is not None:
-            print(f"\ndnnshrink: stopped during structure learning. The last checkpoint is {checkpoints.latest()}; "
+        if checkpoints is not None:  # the baseline's checkpoint is there: an epoch's is not needed to resume
+            last = checkpoints.latest() or checkpoints.folder / "baseline.pt"
+            print(f"\ndnnshrink: stopped during structure learning. The last checkpoint is {last}; "
                   "continue with `dnnshrink run CONFIG --resume` (or shrink(..., resume=True)).")
         raise
     cost = run.costs.cost(learned.keep)
@@ -527,6 +530,18 @@ def _finish(run: _Run, learned: LearnResult, shrunk: nn.Module, masks: Masks, di
     return result
 
 
+def _learning_summary(run: _Run, learned: LearnResult) -> Dict[str, Any]:
+    """``report.json``'s ``structure_learning``: costs (``target_cost``, an algorithm's
+    ``learned_cost``…) in the target resource's unit, named by ``cost_unit``. A MACs target
+    also gives them under the ``*_macs`` names reports had before other resources existed."""
+    summary = {"algorithm": run.opts.algorithm, "epochs": learned.epochs, "target_cost": run.target,
+               "cost_unit": run.costs.unit, "target": run.goal.to_dict(), "reinit": run.opts.reinit, **learned.info}
+    if run.goal.resource == "macs":
+        summary.update({key[:-len("_cost")] + "_macs": value for key, value in list(summary.items())
+                        if key.endswith("_cost") and isinstance(value, (int, float))})
+    return summary
+
+
 def _report(run: _Run, learned: LearnResult, shrunk: nn.Module, score: float, digests: List[str]) -> Report:
     """Every figure of the run: the layer table plus the baseline and shrunk totals, the
     structure learning, widths, resources, rounding, device and ranks."""
@@ -538,8 +553,7 @@ def _report(run: _Run, learned: LearnResult, shrunk: nn.Module, score: float, di
                      "latency_ms": 1e3 * measure_latency(baseline, inputs, opts.latency_runs)},
         "shrunk": {"macs": t["macs_after"], "params": t["params_after"], "score": score,
                    "latency_ms": 1e3 * measure_latency(shrunk, inputs, opts.latency_runs)},
-        "structure_learning": {"algorithm": opts.algorithm, "epochs": learned.epochs, "target_macs": run.target,
-                               "target": run.goal.to_dict(), "reinit": opts.reinit, **learned.info},
+        "structure_learning": _learning_summary(run, learned),
         "widths": widths_against_uniform(run.graph, run.costs, keep, run.target, opts.min_width,
                                          _one_multiple(opts.round_to)),
         "resources": resource_table(run.graph, run.work, keep, opts.profile),
@@ -648,13 +662,18 @@ def _step(text: str) -> None:
 
 
 def _resume(work: nn.Module, checkpoints: Optional[Checkpoints], out_dir: Optional[Path]) -> tuple:
-    """Load the baseline into ``work``; return the epoch to continue from and the baseline score."""
-    latest = checkpoints.latest() if checkpoints is not None else None
-    if latest is None or not (checkpoints.folder / "baseline.pt").is_file():
+    """Load the baseline into ``work``; return the epoch to continue from and the baseline score.
+    A run stopped before its first epoch finished resumes from its trained and tested baseline
+    (the baseline's training, which can be the longest step, is not lost)."""
+    if checkpoints is None or not (checkpoints.folder / "baseline.pt").is_file():
         where = out_dir / "checkpoints" if out_dir is not None else "(no output folder given)"
         raise DnnshrinkError(f"nothing to resume: no checkpoints in {where}. Start the run without --resume.")
     base = checkpoints.load(checkpoints.folder / "baseline.pt")
     work.load_state_dict(base["state"])
+    latest = checkpoints.latest()
+    if latest is None:
+        _step(f"resuming from the baseline ({checkpoints.folder / 'baseline.pt'}): no epoch had finished")
+        return 1, float(base["score"])
     epoch = int(checkpoints.load(latest)["epoch"])
     _step(f"resuming after epoch {epoch} ({latest})")
     return epoch + 1, float(base["score"])

@@ -262,7 +262,8 @@ def report_markdown(result: Any) -> str:
     """``report.md`` of a shrink run (a :class:`~dnnshrink_core.pipeline.ShrinkResult`)."""
     learn = result.report.extra["structure_learning"]
     details = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in learn.items()
-                        if k not in ("algorithm", "epochs", "target_macs", "learned_widths", "widths_per_epoch"))
+                        if k not in ("algorithm", "epochs", "target_cost", "cost_unit", "learned_widths", "widths_per_epoch")
+                        and not k.endswith("_macs"))
     widths = result.report.extra.get("widths")
     width_table = ("## Widths per group, against a uniform width multiplier at the same budget\n\n"
                    f"{widths_markdown(widths)}\n\n") if widths else ""
@@ -272,7 +273,7 @@ def report_markdown(result: Any) -> str:
     depth = (f"## Whole residual blocks dropped (depth: {dropped.get('depth')})\n\n{blocks}\n") if blocks else ""
     return (f"# dnnshrink report\n\n{_markdown_table(result.report)}\n\n"
             f"Structure learning: `{learn['algorithm']}`, {learn['epochs']} epoch(s), target "
-            f"{learn['target_macs']:,.4g} {_target_unit(learn)}" + (f" ({details})" if details else "") + ".\n\n"
+            f"{learn['target_cost']:,.4g} {_target_unit(learn)}" + (f" ({details})" if details else "") + ".\n\n"
             f"{width_table}{depth}## Layers\n\n```\n{result.report.table()}\n```\n")
 
 

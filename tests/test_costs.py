@@ -306,9 +306,14 @@ def test_latency_target_on_the_digits_demo_is_met(tmp_path):
     assert extra["resources"]["macs"]["after"] == extra["shrunk"]["macs"]
     onnx = extra["onnx_latency"]
     assert onnx["baseline_ms"] > 0 and onnx["shrunk_ms"] > 0  # measured next to the predicted
-    assert extra["structure_learning"]["target"] == {"resource": "latency", "fraction": 0.95}
+    learning = extra["structure_learning"]
+    assert learning["target"] == {"resource": "latency", "fraction": 0.95}
+    # the target's cost is in its own unit, named as such (it was filed under target_macs)
+    assert learning["cost_unit"] == "ms" and not any(key.endswith("_macs") for key in learning)
+    assert learning["target_cost"] == pytest.approx(0.95 * latency["before"])
     text = (tmp_path / "run" / "report.md").read_text()
     assert "onnxruntime ms" in text and "predicted ms: the latency profile's estimate" in text
+    assert f"target {learning['target_cost']:,.4g} ms" in text
 
 
 def test_the_calibration_checks_thin_networks_at_a_quarter_of_their_widths():

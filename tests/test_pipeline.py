@@ -51,6 +51,7 @@ def test_target_loop_stops_at_the_target_and_expands_back():
     assert learn["learned_macs"] <= learn["target_macs"]
     shrunk_macs = result.report.extra["shrunk"]["macs"]
     assert learn["learned_macs"] <= shrunk_macs <= learn["target_macs"]  # the expand step grows it back
+    assert learn["cost_unit"] == "MACs" and learn["target_cost"] == learn["target_macs"]  # MACs: both names
     assert calls == ["train"]  # fine-tuning only: no baseline training by default
     assert states_equal(before, state_copy(model))
     assert isinstance(result.model, Tiny) and result.model(X).shape == (4, 4)
@@ -236,6 +237,40 @@ def test_checkpoints_and_resume(tmp_path):
                                                  r"now\)"):
         shrink(Tiny(), X[:1], max_epochs=4, resume=True, **{**options, "target_macs": 0.3, "round_to": 8})
     assert calls == [] and (tmp_path / "run" / "report.json").read_text() == before
+
+
+def test_a_run_stopped_in_its_first_epoch_resumes_from_its_trained_baseline(tmp_path, capsys):
+    """The baseline's training can be the longest step: a Ctrl-C before the first epoch's
+    checkpoint kept nothing to resume from, so the baseline was trained again."""
+    trained, epochs = [], []
+
+    def train(model):
+        trained.append(1)
+        with torch.no_grad():
+            model.body[0][0].weight.mul_(0.5)  # what training changed: the resumed run must start from it
+
+    def stopped_in_epoch_1(model, lr):
+        raise KeyboardInterrupt
+
+    options = dict(train=train, test=lambda m: 0.5, target_macs=0.7, train_baseline=True, max_epochs=2,
+                   strength_scale=20.0, lr=0.01, device="cpu", progress=False, latency_runs=1, exporters=[],
+                   out_dir=str(tmp_path / "run"), tensorboard=False)
+    torch.manual_seed(0)
+    model = Tiny()
+    with pytest.raises(KeyboardInterrupt):
+        shrink(model, X[:1], train_one_epoch=stopped_in_epoch_1, **options)
+    assert trained == [1]
+    assert f"The last checkpoint is {tmp_path / 'run' / 'checkpoints' / 'baseline.pt'}" in capsys.readouterr().out
+
+    def first_epoch(m, lr):
+        if not epochs:  # learning starts from the trained baseline, not the user's untrained model
+            assert torch.equal(m.body[0][0].weight, 0.5 * model.body[0][0].weight)
+        epochs.append(lr)
+        regularizer_only_epoch(m, lr)
+
+    result = shrink(model, X[:1], train_one_epoch=first_epoch, resume=True, **options)
+    assert trained == [1, 1]  # the fine-tuning only: the baseline was not trained again
+    assert len(epochs) == result.epochs >= 1 and "resuming from the baseline" in capsys.readouterr().out
 
 
 def test_resume_after_structure_learning_goes_straight_to_generation(tmp_path):

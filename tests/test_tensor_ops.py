@@ -5,6 +5,7 @@ fusion on onnxruntime."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -278,8 +279,17 @@ def test_calibrate_blocks_from_keeps_a_profiles_blocks_and_refuses_another_runti
     # the sweep's timings, made up (the fit's quality is not what this checks): a chain's ops at 1 us each
     monkeypatch.setattr(cal.OnnxBackend, "time", lambda self, prepared, *a, **k: {
         key: (1e-6 * (1 + int(key) % 7), 2e-6) for key in prepared})
+    lines = []
     profile = cal.calibrate(out=tmp_path / "new.json", check=False, blocks_from=tmp_path / "given.json",
-                            log=lambda line: None)
+                            log=lines.append)
+    logged = {line.split()[0]: line for line in lines if line.startswith("  ") and line.split()[0] in profile.ops}
+    assert set(logged) == set(profile.ops)
+    unmeasured = cal.UNMEASURED_SHARE * cal.MOST_BYTES_PER_S / 1e9
+    for kind, c in profile.ops.items():  # a bandwidth the fit left at its bound is not shown as a number
+        shown = "none measured" if c.bandwidth_gbs >= unmeasured else f"{c.bandwidth_gbs:7.1f} GB/s"
+        assert f"bandwidth {shown}" in logged[kind]
+    assert any(c.bandwidth_gbs >= unmeasured for c in profile.ops.values())  # made-up timings: some are
+    assert re.search(r"a concatenation's pieces: \d+ \(read from the runtime's optimised graph\)", "\n".join(lines))
     assert {k: profile.ops[k].channel_multiple for k in ("pointwise", "depthwise", "conv", "grouped")} == \
         {"pointwise": 8, "depthwise": 8, "conv": 8, "grouped": 8}
     assert load_profile(tmp_path / "new.json").calibration["blocks"]["conv"]["channel_multiple"] == 8

@@ -51,6 +51,11 @@ POSITION_KINDS = ("pool",) + PASSES  # the tensor kinds whose cost per output po
 # left free the fit put it all in a 180 us overhead per call, which priced RegNetX-400MF at
 # twice its time; bounded, the unaligned peak and the per-position cost carry it
 GROUPED_OVERHEAD_S = 20e-6
+# the fit's bounds on rates, far above any device's (a GPU's tensor cores reach about 1e15
+# MACs/s, its memory 1e13 bytes/s) so that none is clipped; a rate fitted within a factor of
+# two of its bound is no rate the sweep measured (see _rate)
+MOST_MACS_PER_S, MOST_BYTES_PER_S = 1e17, 1e14
+UNMEASURED_SHARE = 0.5
 
 
 def _pairs(kind: str, shapes: Sequence[tuple], reps: int = 2) -> List[List[Op]]:
@@ -243,6 +248,7 @@ class OnnxBackend:
 
     tensor_overhead_s = TENSOR_OVERHEAD_S  # its cost per call is about a microsecond
     grouped_overhead_s = GROUPED_OVERHEAD_S
+    concat_block_source = "read from the runtime's optimised graph"
 
     def __init__(self, threads: int, batch: int):
         import onnxruntime
@@ -418,6 +424,7 @@ class TorchBackend:
     """Times op chains and networks as eager PyTorch modules (``--runtime torch``)."""
 
     tensor_overhead_s = grouped_overhead_s = 1e-2  # eager dispatch per op: no tighter bound than the layers'
+    concat_block_source = "eager PyTorch keeps no blocked layout"
 
     def __init__(self, threads: int, batch: int, device: str):
         import torch
@@ -619,7 +626,8 @@ def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Di
                        np.full(extra, 1e-9)]
         lower = np.r_[np.full(2 * nc + nb, math.log(1e6)), np.zeros(n + 1 + extra)]
         layer_bounds = [grouped_overhead_s if k == GROUPED else 1e-2 for k in layer_kinds]
-        upper = np.r_[np.full(2 * nc + nb, math.log(1e14)), layer_bounds, np.full(n - nc, tensor_overhead_s), 1e-2,
+        upper = np.r_[np.full(2 * nc, math.log(MOST_MACS_PER_S)), np.full(nb, math.log(MOST_BYTES_PER_S)),
+                      layer_bounds, np.full(n - nc, tensor_overhead_s), 1e-2,
                       np.where(no_position, 1e-15, 1e-6)[:extra]]
         theta0[len(theta0) - extra:] = np.minimum(theta0[len(theta0) - extra:], upper[len(upper) - extra:] / 2)
         result = least_squares(residual, theta0, bounds=(lower, upper), x_scale="jac")
@@ -640,6 +648,12 @@ def fit(samples: Sequence[Tuple[Sequence[Op], float]], batch: int, multiples: Di
     errors = 100 * np.abs(predict(best.x) / measured - 1)
     return ops, float(per_run * 1e3), {"sweep_mean_abs_error_pct": float(errors.mean()),
                                        "sweep_max_abs_error_pct": float(errors.max())}
+
+
+def _rate(value: float, bound: float, unit: str) -> str:
+    """A fitted rate for the log: ``none measured`` where the fit left it near its bound (the
+    kind's time is its overhead, or too small for the sweep to see: no real rate is that high)."""
+    return f"{value:7.1f} {unit}" if value < UNMEASURED_SHARE * bound else "none measured"
 
 
 def predict_network(model: Any, x: Any, profile: Profile) -> float:
@@ -773,11 +787,11 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     multiples[GROUPED] = multiples["conv"]  # in channels per group (the grouped kernels block them alike)
     # read from the optimised graph, not timed: it does not move on a busy machine
     multiples["concat"] = backend.concat_block()
-    blocks["concat"] = {"channel_multiple": multiples["concat"], "from": "the runtime's optimised graph"}
+    blocks["concat"] = {"channel_multiple": multiples["concat"], "from": backend.concat_block_source}
     timed_blocks = {k: v for k, v in multiples.items() if k != "concat"}
     log("  channel blocks: " + ", ".join(f"{k} {v}" for k, v in timed_blocks.items())
         + (f" (from {blocks_from})" if blocks_from is not None else "")
-        + f"; a concatenation's pieces: {multiples['concat']} (read from the runtime's optimised graph)")
+        + f"; a concatenation's pieces: {multiples['concat']} ({backend.concat_block_source})")
     unstable = unstable_blocks(blocks)
     if unstable:  # (a warning, not a log line too: the command line prints it once)
         warnings.warn(f"dnnshrink calibrate: {unstable}", DnnshrinkWarning, stacklevel=2)
@@ -795,10 +809,13 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     log(f"  fitted {len(samples)} chains in {sweep_s:.0f} s: mean error {stats['sweep_mean_abs_error_pct']:.1f}%")
     for kind, c in ops.items():
         peaks = "" if kind in TENSOR_KINDS else \
-            f"peak {c.peak_gmacs:7.1f} GMAC/s (unaligned {c.peak_unaligned_gmacs:6.1f}), "
+            (f"peak {_rate(c.peak_gmacs, MOST_MACS_PER_S / 1e9, 'GMAC/s')} (unaligned "
+             f"{_rate(c.peak_unaligned_gmacs, MOST_MACS_PER_S / 1e9, 'GMAC/s').strip()}), ")
         unaligned = "" if c.bandwidth_unaligned_gbs is None else \
-            f" (pieces off its block of {c.channel_multiple}: {c.bandwidth_unaligned_gbs:.1f} GB/s)"
-        log(f"  {kind:<11} {peaks}bandwidth {c.bandwidth_gbs:7.1f} GB/s{unaligned}, overhead {c.overhead_us:5.1f} us"
+            f" (pieces off its block of {c.channel_multiple}: " \
+            f"{_rate(c.bandwidth_unaligned_gbs, MOST_BYTES_PER_S / 1e9, 'GB/s').strip()})"
+        log(f"  {kind:<11} {peaks}bandwidth {_rate(c.bandwidth_gbs, MOST_BYTES_PER_S / 1e9, 'GB/s')}{unaligned}, "
+            f"overhead {c.overhead_us:5.1f} us"
             + (f", per position {c.position_ns:5.2f} ns" if per_position else "")
             + ("" if kind in TENSOR_KINDS else f", block {c.channel_multiple}"))
     calibration: Dict[str, Any] = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(),

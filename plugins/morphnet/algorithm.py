@@ -198,8 +198,8 @@ class MorphNet:
                 if revived:
                     info["revived"] = revived
         return LearnResult(keep, epochs, {"regularizer": opts.regularizer, "strength": reg.strength,
-                                          "threshold": opts.threshold, "learned_macs": learned_cost,
-                                          "learned_at_macs": learn_at,
+                                          "threshold": opts.threshold, "learned_cost": learned_cost,
+                                          "learned_at_cost": learn_at,
                                           "learned_widths": {g.name: int(learned[g.units].sum())
                                                              for g in ctx.graph.groups},
                                           "widths_per_epoch": history, **info})
