@@ -15,6 +15,8 @@ blocks with ``auto``), with the floor at half the uniform width as in ``morphnet
   latency (``round_to: auto``), MACs kept reported, and the capacity bound: the most MACs
   the same procedure keeps at that latency when units are ranked by MACs per predicted
   millisecond alone (:func:`capacity_bound`);
+* ``scale: capacity``: the whole network cut one block of channels at a time where the MACs
+  cost the most predicted time (floors at half the uniform width), at both budgets;
 * depth: the latency cost's structure with whole residual branches dropped
   (``drop_branches``) while that keeps more MACs at the budget, at both budgets.
 
@@ -31,7 +33,8 @@ import numpy as np
 
 import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel, resolve_round_to
-from dnnshrink_plugins.morphnet.structure import drop_branches, scale_to_budget, uniform_fraction, width_floors
+from dnnshrink_plugins.morphnet.structure import (capacity_to_budget, drop_branches, scale_to_budget, uniform_fraction,
+                                                  width_floors)
 
 from common import (finish, imagenet_setup, latency_row, print_rows, time_networks, timing_options,
                     torchvision_models)
@@ -116,6 +119,15 @@ def main() -> None:
                 graph, scores, chooser, latency, args.latency * latency.initial, auto)
         variants["capacity bound, round_to auto @latency"] = capacity_bound(
             graph, flops, latency, args.latency * latency.initial, auto)
+        # the pipeline's scale: capacity (as the magnitude algorithm takes it): the whole network
+        # cut one block at a time where MACs cost the most predicted time, floors at half the
+        # uniform width
+        for budget_name, budget_costs, budget in (("MACs", flops, args.macs * flops.initial),
+                                                  ("latency", latency, args.latency * latency.initial)):
+            floors = width_floors(graph, budget_costs.cost, budget, ~graph.unit_frozen, 0.5)
+            variants[f"scale: capacity, round_to auto @{budget_name}"] = capacity_to_budget(
+                graph, np.ones(graph.num_units, dtype=bool), scores, budget_costs.cost, budget, latency.cost,
+                flops.cost, 1, auto, floors, grow=True)
         # depth: whole residual branches dropped where that keeps more MACs at the budget
         macs_value = flops.unit_weights(np.ones(graph.num_units, dtype=bool))
         for budget_name, budget_costs, budget in (("MACs", flops, args.macs * flops.initial),

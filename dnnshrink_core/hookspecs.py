@@ -89,9 +89,10 @@ def dnnshrink_algorithm(name: str) -> Optional[Any]:
     Optional attributes tell the core what the algorithm needs: ``learns_over_epochs``
     (default True; False lets ``max_epochs`` be 0), ``needs_batchnorm`` (default True: it
     learns from BatchNorm scales), ``grows_networks`` (default False: a target above the
-    baseline is then an error) and ``chooses_depth`` (default False; True: its structure
+    baseline is then an error), ``chooses_depth`` (default False; True: its structure
     may drop whole residual blocks, so the reachability check counts them, as the ``depth``
-    option allows).
+    option allows) and ``scales_by_capacity`` (default False; True: its step to the budget
+    honours the ``scale: capacity`` option).
     """
 
 

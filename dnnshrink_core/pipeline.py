@@ -43,7 +43,7 @@ from .plugins import lookup
 from .report import Report, layer_report, report_markdown, summary_table, widths_against_uniform, widths_text
 from .target import Target, check_reachable, resolve, smallest_cost
 from .tracing import normalize_inputs
-from .validation import check_epochs, check_exporters, check_options
+from .validation import check_epochs, check_exporters, check_options, check_scale
 
 
 
@@ -83,6 +83,14 @@ class ShrinkOptions:
     what the algorithm values at the target; ``false``: channels only (a block whose
     channels all died still goes). For algorithms that choose depth (``chooses_depth``:
     ``morphnet``, ``slimming``, ``magnitude``).
+    ``scale``: how the structure is brought to the budget. ``"multiplier"`` (the default):
+    MorphNet's width multiplier, every group scaled alike, which keeps the learned
+    proportions; ``"capacity"``: one block of channels at a time, cut from the group where
+    the MACs cost the most predicted time (the latency profile; grown the other way to fill
+    the budget), no group under half the uniform multiplier's width: the most MACs a
+    latency budget buys, and the least time a MACs budget costs (MobileNetV2 at 40% of its
+    latency: 34% more MACs, measured faster; docs/benchmarks.md). For algorithms with
+    ``scales_by_capacity`` (``morphnet``, ``magnitude``).
     ``max_score_drop``: when the shrunk model scores more than this below the
     baseline, :func:`shrink` raises :class:`~dnnshrink_core.errors.ScoreDropError` after
     writing its report (the CLI exits with 1).
@@ -103,6 +111,7 @@ class ShrinkOptions:
     trust: Union[float, str] = "auto"
     anneal: bool = True
     depth: Union[bool, str] = "auto"
+    scale: str = "multiplier"
     profile: Optional[str] = None
     measure_target: bool = False
     onnx_latency: bool = True
@@ -226,6 +235,7 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
                           "so it needs finetune=True")
     algorithm = get_algorithm(opts.algorithm)
     check_epochs(opts.max_epochs, algorithm, "shrink(): ")
+    check_scale(opts.scale, algorithm, "shrink(): ")
     check_exporters(opts.exporters, "shrink(): ")
     owns_group = distributed.init_from_env(opts.device)
     try:
@@ -700,7 +710,7 @@ def _warn_off_block(graph: Any, work: nn.Module, round_to: int, profile: Any, co
 
 RUN_IDENTITY = "run.json"  # in the checkpoints folder: what a resumed run must ask for again
 # the options that decide what structure learning aims at: a resumed run must give the same
-_IDENTITY_OPTIONS = ("algorithm", "regularizer", "round_to", "min_width", "depth", "threshold", "strength",
+_IDENTITY_OPTIONS = ("algorithm", "regularizer", "round_to", "min_width", "depth", "scale", "threshold", "strength",
                      "strength_scale", "expand", "trust", "anneal", "profile", "measure_target")
 
 

@@ -35,6 +35,9 @@ RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "depth": (lambda v: v == "auto" if isinstance(v, str) else True,
               "true, false or 'auto' (whether whole residual blocks may go; auto: where channels alone cannot "
               "reach the target)"),
+    "scale": (lambda v: v in ("multiplier", "capacity"),
+              "'multiplier' (one width multiplier to the budget, the learned proportions kept) or 'capacity' "
+              "(blocks of channels cut where the MACs cost the most predicted time)"),
     "latency_runs": (lambda v: v >= 1, "an integer >= 1"),
     "max_score_drop": (lambda v: v >= 0, "a number >= 0 (how far below the baseline's score the shrunk "
                                          "model may score), or null for no limit"),
@@ -109,6 +112,17 @@ def check_epochs(max_epochs: int, algorithm: Any, where: str = "", noun: str = "
         raise ConfigError(f"{where}{noun} 'max_epochs' must be at least 1 for the {name} algorithm, which "
                           f"learns the structure over training epochs, not {max_epochs!r} (one-shot algorithms "
                           "such as `magnitude` run none)")
+
+
+def check_scale(scale: str, algorithm: Any, where: str = "", noun: str = "option") -> None:
+    """``scale: capacity`` needs an algorithm whose structure step offers it (one whose
+    ``scales_by_capacity`` attribute is True); an algorithm that ignored it would hand back
+    a structure the user did not ask for, found out only after training."""
+    if scale == "capacity" and not getattr(algorithm, "scales_by_capacity", False):
+        name = getattr(algorithm, "name", type(algorithm).__name__)
+        raise ConfigError(f"{where}{noun} 'scale': the {name} algorithm has no capacity step (it brings its "
+                          "structure to the budget its own way); use scale: multiplier, or an algorithm that "
+                          "offers it (morphnet, magnitude)")
 
 
 def check_exporters(names: Any, where: str = "", noun: str = "option") -> None:

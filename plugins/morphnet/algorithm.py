@@ -19,14 +19,34 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 from torch import nn
 
-from dnnshrink_core.plugin_api import (divergence, DnnshrinkError, DnnshrinkWarning, LearnContext, LEARNING_ADVICE,
-    LearnResult, log_epoch)
+from dnnshrink_core.plugin_api import (CostModel, divergence, DnnshrinkError, DnnshrinkWarning, LearnContext,
+    LEARNING_ADVICE, LearnResult, log_epoch)
 
 from .regularizer import GammaRegularizer, HeldScales, morphnet_flops, morphnet_size, slimming_l1
-from .structure import (choose_depth, fill_to_budget, round_within_budget, scale_to_budget, toward_uniform,
-                        uniform_fraction, width_floors)
+from .structure import (capacity_to_budget, choose_depth, fill_to_budget, round_within_budget, scale_to_budget,
+                        toward_uniform, uniform_fraction, width_floors)
 
 REGULARIZERS = {"morphnet_flops": morphnet_flops, "morphnet_size": morphnet_size, "slimming_l1": slimming_l1}
+# the share of the uniform width multiplier's widths no group goes under (MorphNet's floor;
+# magnitude's too under ``scale: capacity``)
+MIN_SHARE = 0.5
+
+
+def capacity_fit(ctx: LearnContext, grow: bool) -> Callable[..., np.ndarray]:
+    """``scale: capacity``'s step to a budget, with :func:`round_within_budget`'s signature:
+    :func:`capacity_to_budget` pricing time with the latency cost (the run's profile) and
+    capacity in MACs, whatever the target's resource (the run's own cost model where it is
+    one of them). ``grow``: spend what is left of the budget too (the expand step)."""
+    costs, profile = ctx.costs, getattr(ctx.options, "profile", None)
+    time = costs if costs.kind == "latency" else CostModel(ctx.graph, ctx.model, "latency", profile=profile)
+    capacity = costs if costs.kind == "flops" else CostModel(ctx.graph, ctx.model, "flops")
+
+    def fit(graph: Any, seed: np.ndarray, gammas: np.ndarray, cost: Callable[[np.ndarray], float], budget: float,
+            min_width: int = 1, round_to: Any = 1, floors: Optional[np.ndarray] = None) -> np.ndarray:
+        return capacity_to_budget(graph, seed, gammas, cost, budget, time.cost, capacity.cost, min_width, round_to,
+                                  floors, grow)
+
+    return fit
 
 
 def train_regularized(ctx: LearnContext, reg: GammaRegularizer, stop_at_target: bool,
@@ -135,8 +155,9 @@ class MorphNet:
 
     name = "morphnet"
     chooses_depth = True  # its structure step may drop whole residual blocks (the ``depth`` option)
+    scales_by_capacity = True  # its step to the budget honours scale: capacity
 
-    def __init__(self, regularizers: Callable[[str], Any], learn_exponent: float = 0.5, min_share: float = 0.5,
+    def __init__(self, regularizers: Callable[[str], Any], learn_exponent: float = 0.5, min_share: float = MIN_SHARE,
                  price_at_target: bool = True, trust: Union[float, str] = "auto", anneal: Optional[bool] = None,
                  anneal_start: float = 0.5, anneal_power: float = 1.0, anneal_strength: float = 1.0):
         self._regularizers = regularizers
@@ -254,8 +275,12 @@ class MorphNet:
         if trust < 1 and learned_cost > budget:
             start, used = toward_uniform(ctx.graph, learned, gammas, uniform, trust), trust
         # rounded up and scaled down by the multiplier only if that went past the budget; or
-        # scaled to the budget by the multiplier in both directions (the expand step)
-        fit = round_within_budget if not expand else scale_to_budget
+        # scaled to the budget by the multiplier in both directions (the expand step); or,
+        # with scale: capacity, cut (and grown) where the capacity is dearest in time
+        if getattr(opts, "scale", "multiplier") == "capacity":
+            fit = capacity_fit(ctx, expand)
+        else:
+            fit = round_within_budget if not expand else scale_to_budget
 
         def structure(seed: np.ndarray) -> np.ndarray:
             return fit(ctx.graph, seed, gammas, ctx.costs.cost, budget, opts.min_width, round_to, floors)
@@ -346,18 +371,27 @@ class Magnitude:
 
     name = "magnitude"
     chooses_depth = True
+    scales_by_capacity = True  # honours scale: capacity
     learns_over_epochs = False  # one shot: max_epochs may be 0
     needs_batchnorm = False  # ranks conv filters, not BatchNorm scales
 
     def learn(self, ctx: LearnContext) -> LearnResult:
         opts = ctx.options
         scores = filter_l1(ctx.model, ctx)
-        keep = uniform_fraction(ctx.graph, scores, ctx.costs.cost, ctx.target, ~ctx.graph.unit_frozen,
-                                opts.min_width, opts.round_to)
-        keep = fill_to_budget(ctx.graph, keep, scores, ctx.costs.cost, ctx.target, opts.round_to)
+        if getattr(opts, "scale", "multiplier") == "capacity":  # the whole network cut where MACs cost most time
+            floors = width_floors(ctx.graph, ctx.costs.cost, ctx.target, ~ctx.graph.unit_frozen, MIN_SHARE,
+                                  opts.min_width)
+            keep = capacity_fit(ctx, grow=True)(ctx.graph, np.ones(ctx.graph.num_units, dtype=bool), scores,
+                                                ctx.costs.cost, ctx.target, opts.min_width, opts.round_to, floors)
+            ranking = "filter L1 norm within each group; groups cut where the MACs cost the most predicted time"
+        else:
+            keep = uniform_fraction(ctx.graph, scores, ctx.costs.cost, ctx.target, ~ctx.graph.unit_frozen,
+                                    opts.min_width, opts.round_to)
+            keep = fill_to_budget(ctx.graph, keep, scores, ctx.costs.cost, ctx.target, opts.round_to)
+            ranking = "filter L1 norm, the same share cut in every group"
         keep = _with_depth(ctx, keep, scores)
         log_epoch(ctx, 0, keep)
-        return LearnResult(keep, 0, {"ranking": "filter L1 norm, the same share cut in every group"})
+        return LearnResult(keep, 0, {"ranking": ranking})
 
 
 def _with_depth(ctx: LearnContext, keep: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -366,8 +400,10 @@ def _with_depth(ctx: LearnContext, keep: np.ndarray, scores: np.ndarray) -> np.n
     multiplier over the algorithm's own widths."""
     opts = ctx.options
 
+    fit = capacity_fit(ctx, grow=True) if getattr(opts, "scale", "multiplier") == "capacity" else scale_to_budget
+
     def structure(seed: np.ndarray) -> np.ndarray:
-        return scale_to_budget(ctx.graph, seed, scores, ctx.costs.cost, ctx.target, opts.min_width, opts.round_to)
+        return fit(ctx.graph, seed, scores, ctx.costs.cost, ctx.target, opts.min_width, opts.round_to)
 
     return choose_depth(ctx.graph, keep, scores, ctx.costs.cost, ctx.target, structure, getattr(opts, "depth", "auto"))
 
