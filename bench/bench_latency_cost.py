@@ -33,8 +33,8 @@ import numpy as np
 
 import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel, resolve_round_to
-from dnnshrink_plugins.morphnet.structure import (capacity_to_budget, drop_branches, scale_to_budget, uniform_fraction,
-                                                  width_floors)
+from dnnshrink_core.capacity import capacity_to_budget
+from dnnshrink_plugins.morphnet.structure import drop_branches, scale_to_budget, uniform_fraction, width_floors
 
 from common import (finish, imagenet_setup, latency_row, print_rows, time_networks, timing_options,
                     torchvision_models)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from .errors import TargetError
 from .target import Target
 from .timing import TIMED_RTOL, exported_session, interleaved_times, runs_for
@@ -157,13 +159,17 @@ class OnnxRatio:
 
 def measured_budget(graph: Any, model: Any, inputs: tuple, costs: Any, goal: Target, round_to: Any,
                     min_width: int, minimum: float, threads: int, log: Callable[[str], None] = lambda _: None,
-                    timer: Any = None) -> MeasuredTarget:
+                    timer: Any = None, probe: Optional[Tuple[str, Callable[[float], np.ndarray]]] = None
+                    ) -> MeasuredTarget:
     """The predicted budget (a share of ``costs.initial``) at which the uniform width
     multiplier measures the latency target ``goal`` (a share of the baseline's latency, or an
     amount in ms), timed with onnxruntime; ``minimum`` is the smallest predicted cost the run
     can reach. ``timer``: another runtime with :class:`OnnxRatio`'s interface (called with a
-    network, it returns its latency over the baseline's; ``baseline_s``; ``close()``). Raises
-    :class:`TargetError` when the smallest network measured is still above the target."""
+    network, it returns its latency over the baseline's; ``baseline_s``; ``close()``).
+    ``probe``: another family of structures to time instead of the uniform multiplier's, as
+    ``(its name, budget → keep flags)`` (``scale: capacity``'s step: the run builds those,
+    and they run at another share of their prediction). Raises :class:`TargetError` when the
+    smallest network measured is still above the target."""
     import copy
 
     from .cost import uniform_keep
@@ -179,13 +185,16 @@ def measured_budget(graph: Any, model: Any, inputs: tuple, costs: Any, goal: Tar
                 raise TargetError(f"target: {goal.amount:g} ms is at or above the baseline's measured latency "
                                   f"({1e3 * timer.baseline_s:.3g} ms with onnxruntime, {threads} threads)")
 
+        name, structure = probe if probe is not None else (
+            "the uniform multiplier", lambda budget: uniform_keep(graph, costs.cost, budget, min_width, round_to))
+
         def measure(share: float) -> Tuple[float, float]:
-            keep = uniform_keep(graph, costs.cost, share * costs.initial, min_width, round_to)
+            keep = structure(share * costs.initial)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 net = build(model, graph, keep).cpu().eval()  # the weights do not matter to its time
             predicted, measured = costs.cost(keep) / costs.initial, timer(net)
-            log(f"measured target: the uniform multiplier at {predicted:.3f} of the predicted latency runs at "
+            log(f"measured target: {name} at {predicted:.3f} of the predicted latency runs at "
                 f"{measured:.3f} of the baseline's")
             return predicted, measured
 

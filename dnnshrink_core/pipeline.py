@@ -390,8 +390,15 @@ def _measure_target(opts: ShrinkOptions, graph: Any, work: nn.Module, inputs: tu
     minimum = smallest_cost(graph, costs, opts.min_width, round_to)
     threads = int(runtime.get("threads", 2))
     _step(f"measure_target: timing the network with onnxruntime ({threads} threads) to set the budget")
+    probe = None
+    if opts.scale == "capacity":  # the probes are the structures the run will build, not the uniform multiplier's
+        from .capacity import capacity_to_budget
+
+        macs, whole, flat = CostModel(graph, work, "flops"), np.ones(graph.num_units, dtype=bool), np.zeros(graph.num_units)
+        probe = ("the capacity step", lambda budget: capacity_to_budget(
+            graph, whole, flat, costs.cost, budget, costs.cost, macs.cost, opts.min_width, round_to))
     measured = measured_budget(graph, work, inputs, costs, goal, round_to, opts.min_width, minimum, threads,
-                               log=_step)
+                               log=_step, probe=probe)
     _step(f"measure_target: {measured.target:.3f} of the baseline's measured latency ({measured.baseline_ms:.3g} "
           f"ms) is {measured.budget:.3f} of its predicted latency")
     return measured

@@ -14,7 +14,9 @@ What is here, by the kind of plugin that needs it:
 * algorithms, regularizers and mask extractors: :class:`ChannelGraph`, :class:`Masks`,
   :class:`LearnContext`, :class:`LearnResult`, :func:`log_epoch`, :class:`CostModel`,
   :func:`cost_model_names`, :func:`divergence` and :data:`LEARNING_ADVICE`; their width rules:
-  :func:`largest_fitting`, :func:`per_group_multiples`, :data:`DEFAULT_THRESHOLD`;
+  :func:`largest_fitting`, :func:`per_group_multiples`, :data:`DEFAULT_THRESHOLD`,
+  :func:`group_orders`, :func:`rounded_width`, :func:`dropped_groups` and the ``scale:
+  capacity`` step, :func:`capacity_to_budget`;
 * cost models: :class:`LayerTable`, :data:`TENSOR_KINDS` (the tensor ops a cost model that
   declares ``prices_tensor_ops`` sees as extra rows), :data:`PRODUCT_OP` (the ``op`` of a
   row that is a product of two activations, in the table of what no channel cut changes),
@@ -37,6 +39,7 @@ from .fixed import PRODUCT as PRODUCT_OP
 from .fileio import atomic_path, atomic_write, sha256_bytes
 from .graph import ChannelGraph, Group
 from .guard import LEARNING_ADVICE, divergence
+from .capacity import capacity_to_budget, dropped_groups, group_orders, rounded_width
 from .handler import OpHandler, PropagateContext, RebuildContext, TensorSpec, conv_terms, index_of, resized
 from .labels import Chan
 from .masks import DEFAULT_THRESHOLD, Masks
@@ -48,12 +51,12 @@ from .timing import fastest_and_median, interleaved_times, onnx_latency, session
 from .tracing import eval_graph_module, flatten_outputs, model_mode, normalize_inputs
 
 __all__ = [
-    "ArtifactError", "atomic_path", "Branch", "atomic_write", "Chan", "ChannelGraph", "ConfigError", "cost_model_names",
+    "ArtifactError", "atomic_path", "Branch", "atomic_write", "capacity_to_budget", "Chan", "ChannelGraph", "ConfigError", "cost_model_names",
     "conv_terms", "CostModel", "count_macs", "DEFAULT_THRESHOLD", "divergence", "DnnshrinkError", "DnnshrinkWarning",
-    "emptiable_groups", "eval_graph_module", "export", "ExportError", "fastest_and_median", "flatten_outputs", "get_plugin_manager",
-    "Group", "hookimpl", "index_of", "InputShapeCheck", "interleaved_times", "largest_fitting", "LAYER_TYPES",
+    "dropped_groups", "emptiable_groups", "eval_graph_module", "export", "ExportError", "fastest_and_median", "flatten_outputs", "get_plugin_manager",
+    "Group", "group_orders", "hookimpl", "index_of", "InputShapeCheck", "interleaved_times", "largest_fitting", "LAYER_TYPES",
     "layer_width", "LayerTable", "LearnContext", "LEARNING_ADVICE", "LearnResult", "log_epoch", "lookup",
     "MaskError", "Masks", "model_mode", "normalize_inputs", "onnx_latency", "OpHandler", "per_group_multiples",
-    "plugin_names", "PluginError", "PRODUCT_OP", "PropagateContext", "RebuildContext", "resized", "session", "settle_branches", "sha256_bytes",
+    "plugin_names", "PluginError", "PRODUCT_OP", "PropagateContext", "RebuildContext", "resized", "rounded_width", "session", "settle_branches", "sha256_bytes",
     "PIECE_OP", "TENSOR_KINDS", "TensorSpec", "TraceError", "__version__"
 ]

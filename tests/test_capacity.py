@@ -13,7 +13,8 @@ from torch import nn
 import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel, per_group_multiples, resolve_round_to
 from dnnshrink_core.pipeline import shrink
-from dnnshrink_plugins.morphnet.structure import capacity_to_budget, scale_to_budget, uniform_fraction, width_floors
+from dnnshrink_core.capacity import capacity_to_budget
+from dnnshrink_plugins.morphnet.structure import scale_to_budget, uniform_fraction, width_floors
 from models import conv_bn
 
 X224 = torch.randn(1, 3, 224, 224)
@@ -178,3 +179,22 @@ def test_an_algorithm_without_a_capacity_step_refuses_it_before_any_work(tmp_pat
     with pytest.raises(ds.ConfigError, match=r"option 'scale' must be 'multiplier' .* or 'capacity'"):
         shrink(Tiny(), torch.randn(1, 3, 8, 8), train_one_epoch=lambda m, lr: None, train=lambda m: None,
                test=lambda m: 1.0, scale="even", device="cpu", progress=False)
+
+
+def test_measure_target_times_the_capacity_steps_structures_when_the_run_builds_them(tmp_path, capsys):
+    """The probes of ``measure_target`` are the structures the run builds: the capacity
+    step's (they run at another share of their prediction than the uniform multiplier's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(conv_bn(3, 32, 3), conv_bn(32, 64, 3, stride=2), conv_bn(64, 64, 3),
+                          conv_bn(64, 128, 3, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(128, 10)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    result = shrink(model, x, train_one_epoch=lambda m, lr: None, train=None, test=lambda m: 1.0,
+                    algorithm="magnitude", max_epochs=0, target={"resource": "latency", "value": 0.6},
+                    scale="capacity", measure_target=True, finetune=False, device="cpu", progress=False,
+                    latency_runs=1, exporters=(), onnx_latency=False, tensorboard=False)
+    out = capsys.readouterr().out
+    assert "measured target: the capacity step at" in out and "the uniform multiplier at" not in out
+    measured = result.report.extra["structure_learning"]["measured_target"]
+    latency = result.report.extra["resources"]["latency_ms"]
+    assert latency["after"] <= measured["predicted_budget"] * latency["before"] * (1 + 1e-9)

@@ -9,33 +9,8 @@ import numpy as np
 # a channel multiple for every group (``round_to: auto`` gives one per group) or one for all
 Multiple = Union[int, np.ndarray]
 
-from dnnshrink_core.plugin_api import (ChannelGraph, emptiable_groups, largest_fitting, per_group_multiples,
-                                       settle_branches)
-
-
-def _group_orders(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray) -> List[np.ndarray]:
-    """Per group, its units in the order they are worth keeping: frozen units, units that
-    cannot be removed exactly, then alive units, then the rest, each by falling ``|gamma|``."""
-    orders = []
-    for group in graph.groups:
-        units = group.units
-        rank = np.lexsort((-gammas[units], ~keep[units], graph.unit_removable[units], ~graph.unit_frozen[units]))
-        orders.append(units[rank])
-    return orders
-
-
-def _dropped_groups(graph: ChannelGraph, counts: np.ndarray) -> np.ndarray:
-    """Per group, whether it keeps no unit and may stay so (a dropped residual branch's own
-    group); the graph's branches are looked for only when some group is empty."""
-    empty = counts == 0
-    return empty & emptiable_groups(graph) if empty.any() else empty
-
-
-def _target(n: float, size: int, min_width: int, multiple: int) -> int:
-    t = max(int(math.ceil(n - 1e-9)), min_width, 1)
-    if multiple > 1:
-        t = int(math.ceil(t / multiple) * multiple)
-    return min(t, size)
+from dnnshrink_core.plugin_api import (ChannelGraph, dropped_groups, group_orders, largest_fitting, per_group_multiples,
+                                       rounded_width, settle_branches)
 
 
 def enforce_widths(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, min_width: int = 1,
@@ -47,12 +22,12 @@ def enforce_widths(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, mi
     keep = keep.copy()
     multiples = per_group_multiples(graph, multiple)
     counts = np.array([keep[g.units].sum() for g in graph.groups])
-    gone = _dropped_groups(graph, counts)
-    for group, order, m, n, empty in zip(graph.groups, _group_orders(graph, keep, gammas), multiples, counts, gone):
+    gone = dropped_groups(graph, counts)
+    for group, order, m, n, empty in zip(graph.groups, group_orders(graph, keep, gammas), multiples, counts, gone):
         if empty:
             continue
         n = int(n)
-        t = _target(n, group.size, min_width, int(m))
+        t = rounded_width(n, group.size, min_width, int(m))
         if t > n:
             keep[order[:t]] = True
     return settle_branches(graph, keep) if gone.any() else keep
@@ -128,10 +103,10 @@ def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, c
     # frozen units (a network output, an op that couples channels) are never cut
     frozen = np.array([int(graph.unit_frozen[g.units].sum()) for g in graph.groups], dtype=np.int64)
     floors = np.maximum(floors, frozen)
-    orders = _group_orders(graph, keep, gammas)
+    orders = group_orders(graph, keep, gammas)
     counts = np.array([keep[g.units].sum() for g in graph.groups], dtype=np.float64)
     sizes = np.array([g.size for g in graph.groups])
-    gone = _dropped_groups(graph, counts)  # a residual branch the structure drops stays dropped
+    gone = dropped_groups(graph, counts)  # a residual branch the structure drops stays dropped
 
     multiples = per_group_multiples(graph, multiple)
 
@@ -143,7 +118,7 @@ def scale_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray, c
                 continue
             # the floor is rounded like any width: a floor off the multiple would put the
             # group back on the runtime's slow kernels (the groups at their floor are many)
-            width = _target(max(n * mult, min(int(floor), size)), size, min_width, int(m))
+            width = rounded_width(max(n * mult, min(int(floor), size)), size, min_width, int(m))
             out[order[:width]] = True
         return out
 
@@ -193,129 +168,6 @@ def _fill(graph: ChannelGraph, keep: np.ndarray, orders: List[np.ndarray], count
     return keep
 
 
-def _neighbours(graph: ChannelGraph) -> List[np.ndarray]:
-    """Per group, the groups (itself included) that share a layer or a tensor op with it:
-    the only groups whose next step's price a step in it can change (a cost is a sum over
-    the rows of what each keeps on its input and output)."""
-    group_of = np.full(graph.num_units, -1, dtype=np.int64)
-    for i, group in enumerate(graph.groups):
-        group_of[group.units] = i
-    near = [{i} for i in range(len(graph.groups))]
-    for row in list(graph.layers()) + list(graph.tensor_ops()):
-        touched = {int(g) for g in group_of[np.r_[row.in_units, row.out_units].astype(np.int64)] if g >= 0}
-        for g in touched:
-            near[g] |= touched
-    return [np.array(sorted(n), dtype=np.int64) for n in near]
-
-
-def _tie(gain: float, loss: float) -> float:
-    """``gain / loss`` to nine significant digits: identical layers (MobileNetV2's repeated
-    blocks) price alike, and the rounding of the totals their prices are taken from must not
-    decide between them (the group that comes first does)."""
-    return float(f"{gain / max(loss, 1e-12):.9g}")
-
-
-def capacity_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray,
-                       cost: Callable[[np.ndarray], float], budget: float, time: Callable[[np.ndarray], float],
-                       capacity: Callable[[np.ndarray], float], min_width: int = 1, multiple: Multiple = 1,
-                       floors: Optional[np.ndarray] = None, grow: bool = False) -> np.ndarray:
-    """``keep`` brought to ``budget`` (by ``cost``) one block of channels at a time, where the
-    capacity is dearest in time: the ``scale: capacity`` option.
-
-    Every group is first rounded like :func:`enforce_widths` and raised to its floor. While
-    the structure costs more than the budget, one multiple of a group's channels (its
-    smallest ``|gamma|`` first) goes from the group whose step saves the most ``time`` per
-    unit of ``capacity`` lost (predicted ms per MAC), among the steps that lower the cost;
-    with ``grow``, the budget left is then spent the other way, one block at a time where it
-    buys the most capacity per unit of time. Every step is priced at the structure it acts
-    on, so a layer that stops getting faster as it thins (a per-call cost, a memory-bound
-    pass) stops being cut. A width multiplier (:func:`scale_to_budget`) keeps the learned
-    proportions instead; on MobileNetV2 at 40% of its predicted latency this keeps 34% more
-    MACs and runs faster when measured (docs/benchmarks.md, "The efficiency goal is a
-    question of structure"). Floors that stop the budget from being met are let go, down to
-    ``min_width``."""
-    orders = _group_orders(graph, keep, gammas)
-    multiples = per_group_multiples(graph, multiple)
-    sizes = np.array([g.size for g in graph.groups], dtype=np.int64)
-    counts = np.array([keep[g.units].sum() for g in graph.groups], dtype=np.int64)
-    gone = _dropped_groups(graph, counts)  # a residual branch the structure drops stays dropped
-    frozen = np.array([int((graph.unit_frozen[g.units] | ~graph.unit_removable[g.units]).sum())
-                       for g in graph.groups], dtype=np.int64)
-
-    def lowest(floor: np.ndarray) -> np.ndarray:
-        return np.array([_target(max(int(f), int(fz)), int(size), min_width, int(m))
-                         for f, fz, size, m in zip(floor, frozen, sizes, multiples)], dtype=np.int64)
-
-    low = lowest(np.ones(len(sizes), dtype=np.int64) if floors is None else floors)
-    widths = np.where(gone, 0, np.maximum([_target(int(c), int(size), min_width, int(m))
-                                           for c, size, m in zip(counts, sizes, multiples)], low))
-
-    def build(w: np.ndarray) -> np.ndarray:
-        out = np.zeros_like(keep)
-        for order, n in zip(orders, w):
-            out[order[:n]] = True
-        return out
-
-    def step(i: int, down: bool) -> int:
-        """Group ``i``'s next width down (or up) on its multiple; its own width if none."""
-        w, m, size = int(widths[i]), int(multiples[i]), int(sizes[i])
-        if gone[i] or size <= m:  # a group no wider than its block keeps its width
-            return w
-        if down:
-            fewer = (w - 1) // m * m if w % m else w - m
-            return fewer if fewer >= low[i] and fewer >= 1 else w
-        return min(size, (w // m + 1) * m)
-
-    near = _neighbours(graph)
-    now = build(widths)
-    state = [cost(now), time(now), capacity(now)]
-
-    def price(i: int, down: bool) -> Optional[Tuple[float, int]]:
-        to = step(i, down)
-        if to == widths[i]:
-            return None
-        trial = widths.copy()
-        trial[i] = to
-        structure = build(trial)
-        c, t, cap = cost(structure), time(structure), capacity(structure)
-        if down:
-            if c >= state[0]:
-                return None  # the target's cost does not fall: no step toward the budget
-            return _tie(state[1] - t, state[2] - cap), to
-        if c > budget:
-            return None
-        return _tie(cap - state[2], t - state[1]), to
-
-    def run(down: bool) -> bool:
-        """Steps down to the budget (or up while they fit); False when none is left first."""
-        nonlocal now, state
-        prices = {i: price(i, down) for i in range(len(sizes))}
-        while state[0] > budget if down else True:
-            while True:  # the best cached price, checked afresh before it is taken
-                best = max((i for i in prices if prices[i] is not None), key=lambda i: (prices[i][0], -i),
-                           default=None)
-                if best is None:
-                    return not down
-                fresh = price(best, down)
-                if fresh == prices[best]:
-                    break
-                prices[best] = fresh
-            widths[best] = prices[best][1]
-            now = build(widths)
-            state = [cost(now), time(now), capacity(now)]
-            for j in near[best]:  # the only prices the step can have changed
-                prices[int(j)] = price(int(j), down)
-        return True
-
-    if not run(True) and floors is not None:
-        low = lowest(np.ones(len(sizes), dtype=np.int64))  # the floors give way to the budget
-        run(True)
-    if grow and state[0] <= budget:
-        run(False)
-    keep = build(widths)
-    return settle_branches(graph, keep) if gone.any() else keep
-
-
 def fill_to_budget(graph: ChannelGraph, keep: np.ndarray, scores: np.ndarray, cost: Callable[[np.ndarray], float],
                    budget: float, multiple: Multiple = 1) -> np.ndarray:
     """``keep`` grown toward ``budget`` a multiple's worth of units at a time (the best by
@@ -323,7 +175,7 @@ def fill_to_budget(graph: ChannelGraph, keep: np.ndarray, scores: np.ndarray, co
     cost fits: what a uniform fraction rounded to the runtime's blocks left of the budget
     (DenseNet-121's 58 groups of 32 at a block of 16 kept 6.4% of the MACs for a 10%
     target) is spent instead of lost."""
-    orders = _group_orders(graph, keep, scores)
+    orders = group_orders(graph, keep, scores)
     sizes = np.array([g.size for g in graph.groups], dtype=np.float64)
     return _fill(graph, keep, orders, sizes, per_group_multiples(graph, multiple), cost, budget)
 
@@ -346,7 +198,7 @@ def uniform_fraction(graph: ChannelGraph, scores: np.ndarray, cost: Callable[[np
         for (fixed, free), m in zip(orders, multiples):
             keep[fixed] = True
             size = len(fixed) + len(free)
-            n = _target(len(free) * fraction + len(fixed), size, min_width, int(m)) - len(fixed)
+            n = rounded_width(len(free) * fraction + len(fixed), size, min_width, int(m)) - len(fixed)
             keep[free[:max(n, 0)]] = True
         return keep
 
@@ -363,7 +215,7 @@ def toward_uniform(graph: ChannelGraph, learned: np.ndarray, gammas: np.ndarray,
     (1 - trust)`` units (a geometric blend; the largest ``|gamma|`` first), for the width
     multiplier to scale to the budget after."""
     out = learned.copy()
-    for group, order in zip(graph.groups, _group_orders(graph, learned, gammas)):
+    for group, order in zip(graph.groups, group_orders(graph, learned, gammas)):
         n, u = int(learned[group.units].sum()), int(uniform[group.units].sum())
         if n and u and graph.unit_removable[group.units].any():
             width = min(group.size, max(1, int(round(n ** trust * u ** (1 - trust)))))
