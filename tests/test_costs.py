@@ -314,6 +314,14 @@ def test_latency_target_on_the_digits_demo_is_met(tmp_path):
     text = (tmp_path / "run" / "report.md").read_text()
     assert "onnxruntime ms" in text and "predicted ms: the latency profile's estimate" in text
     assert f"target {learning['target_cost']:,.4g} ms" in text
+    # the profile's prediction for the baseline against the measured: a note past 1.5x either way
+    off = latency["before"] / onnx["baseline_ms"]
+    assert ("note: the latency profile predicts the baseline" in text) == (not 1 / 1.5 <= off <= 1.5)
+    from dnnshrink_core.report import profile_note
+    for measured, said in ((latency["before"], ""), (latency["before"] / 2, "2.0x slower"),
+                           (latency["before"] * 2, "2.0x faster")):
+        note = profile_note({**extra, "onnx_latency": {**onnx, "baseline_ms": measured}}, "\n")
+        assert (said in note and "dnnshrink calibrate --out" in note) if said else note == ""
 
 
 def test_the_calibration_checks_thin_networks_at_a_quarter_of_their_widths():
