@@ -76,7 +76,8 @@ def capacity_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray
     Every group is first rounded like :func:`enforce_widths` and raised to its floor. While
     the structure costs more than the budget, one multiple of a group's channels (its
     smallest ``|gamma|`` first) goes from the group whose step saves the most ``time`` per
-    unit of ``capacity`` lost (predicted ms per MAC), among the steps that lower the cost;
+    unit of ``capacity`` lost (predicted ms per MAC), among the steps that lower the cost (any
+    step where none does: a width only falls, so this ends);
     with ``grow``, the budget left is then spent the other way, one block at a time where it
     buys the most capacity per unit of time. Every step is priced at the structure it acts
     on, so a layer that stops getting faster as it thins (a per-call cost, a memory-bound
@@ -121,7 +122,9 @@ def capacity_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray
     now = build(widths)
     state = [cost(now), time(now), capacity(now)]
 
-    def price(i: int, down: bool) -> Optional[Tuple[float, int]]:
+    def price(i: int, down: bool) -> Optional[Tuple[Tuple[bool, float], int]]:
+        """Group ``i``'s next step and its price: (whether it lowers the cost, time per
+        capacity), the steps that lower the cost first; None where there is no step."""
         to = step(i, down)
         if to == widths[i]:
             return None
@@ -130,12 +133,12 @@ def capacity_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray
         structure = build(trial)
         c, t, cap = cost(structure), time(structure), capacity(structure)
         if down:
-            if c >= state[0]:
-                return None  # the target's cost does not fall: no step toward the budget
-            return _tie(state[1] - t, state[2] - cap), to
+            # a step that does not lower the cost (a concatenation whose pieces leave the
+            # runtime's block) is taken only when no step does: the next ones may
+            return (c < state[0], _tie(state[1] - t, state[2] - cap)), to
         if c > budget:
             return None
-        return _tie(cap - state[2], t - state[1]), to
+        return (True, _tie(cap - state[2], t - state[1])), to
 
     def run(down: bool) -> bool:
         """Steps down to the budget (or up while they fit); False when none is left first."""

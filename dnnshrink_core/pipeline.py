@@ -87,10 +87,11 @@ class ShrinkOptions:
     MorphNet's width multiplier, every group scaled alike, which keeps the learned
     proportions; ``"capacity"``: one block of channels at a time, cut from the group where
     the MACs cost the most predicted time (the latency profile; grown the other way to fill
-    the budget), no group under half the uniform multiplier's width: the most MACs a
-    latency budget buys, and the least time a MACs budget costs (MobileNetV2 at 40% of its
-    latency: 34% more MACs, measured faster; docs/benchmarks.md). For algorithms with
-    ``scales_by_capacity`` (``morphnet``, ``magnitude``).
+    the budget), no group under half the uniform multiplier's width, or the multiplier's
+    structure where that one has more MACs per predicted ms: more MACs for a latency budget,
+    less time for a MACs budget (MobileNetV2 at 40% of its latency: 34% more MACs, measured
+    faster; docs/benchmarks.md). For algorithms with ``scales_by_capacity`` (``morphnet``,
+    ``magnitude``).
     ``max_score_drop``: when the shrunk model scores more than this below the
     baseline, :func:`shrink` raises :class:`~dnnshrink_core.errors.ScoreDropError` after
     writing its report (the CLI exits with 1).

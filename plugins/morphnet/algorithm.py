@@ -36,15 +36,26 @@ def capacity_fit(ctx: LearnContext, grow: bool) -> Callable[..., np.ndarray]:
     """``scale: capacity``'s step to a budget, with :func:`round_within_budget`'s signature:
     :func:`capacity_to_budget` pricing time with the latency cost (the run's profile) and
     capacity in MACs, whatever the target's resource (the run's own cost model where it is
-    one of them). ``grow``: spend what is left of the budget too (the expand step)."""
+    one of them). ``grow``: spend what is left of the budget too (the expand step).
+
+    The width multiplier's structure from the same seed is built too, and kept instead where
+    it has more capacity per predicted millisecond within the budget: a step at a time can
+    miss what an even cut finds where a layer's cost falls with both of its widths (VGG-11
+    and GhostNet at 30% of their MACs predicted 8–11% slower by the steps alone)."""
     costs, profile = ctx.costs, getattr(ctx.options, "profile", None)
     time = costs if costs.kind == "latency" else CostModel(ctx.graph, ctx.model, "latency", profile=profile)
     capacity = costs if costs.kind == "flops" else CostModel(ctx.graph, ctx.model, "flops")
+    even = scale_to_budget if grow else round_within_budget
 
     def fit(graph: Any, seed: np.ndarray, gammas: np.ndarray, cost: Callable[[np.ndarray], float], budget: float,
             min_width: int = 1, round_to: Any = 1, floors: Optional[np.ndarray] = None) -> np.ndarray:
-        return capacity_to_budget(graph, seed, gammas, cost, budget, time.cost, capacity.cost, min_width, round_to,
-                                  floors, grow)
+        stepped = capacity_to_budget(graph, seed, gammas, cost, budget, time.cost, capacity.cost, min_width, round_to,
+                                     floors, grow)
+        scaled = even(graph, seed, gammas, cost, budget, min_width, round_to, floors)
+        within = [k for k in (stepped, scaled) if cost(k) <= budget * (1 + 1e-9)]
+        if not within:  # neither meets the budget: the nearer (the caller's check says so)
+            return min((stepped, scaled), key=cost)
+        return max(within, key=lambda k: capacity.cost(k) / max(time.cost(k), 1e-18))
 
     return fit
 
