@@ -10,7 +10,8 @@ per-op cost dominates this small network, so its channels alone cannot get there
 fine-tunes ``--finetune`` epochs with the same data order. The naive rows keep every
 channel of the blocks that stay and scale the widths to the budget with one multiplier.
 
-    python bench/bench_depth_quality.py [--seeds 0 1 2] [--latency 0.6] [--json rows.json]
+    python bench/bench_depth_quality.py [--seeds 0 1 2] [--latency 0.6] [--scales multiplier capacity]
+        [--json rows.json]
 """
 from __future__ import annotations
 
@@ -86,6 +87,9 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.6)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--finetune", type=int, default=15)
+    parser.add_argument("--scales", nargs="+", default=["multiplier"], choices=["multiplier", "capacity"],
+                        help="the pipeline's scale option for morphnet and magnitude: each is a row of its own "
+                             "(the naive rows come with multiplier)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -102,15 +106,20 @@ def main() -> None:
         print(f"seed {seed}: baseline accuracy {task.test(base):.4f}; channels alone reach {floor:.3f} of the "
               f"predicted latency; target {args.latency}", flush=True)
         dropped = {}
-        for method in ("morphnet", "magnitude", "last blocks", "first blocks"):
+        methods = [f"{m}" if scale == "multiplier" else f"{m} ({scale})" for scale in args.scales
+                   for m in ("morphnet", "magnitude")]
+        methods += ["last blocks", "first blocks"] if "multiplier" in args.scales else []
+        for method in methods:
             started = time.perf_counter()
             model = copy.deepcopy(base)
             task._seed[0] = 1000 * seed + 200
-            if method in ("morphnet", "magnitude"):
+            algorithm, _, scale = method.partition(" (")
+            if algorithm in ("morphnet", "magnitude"):
                 with contextlib.redirect_stdout(io.StringIO()):
-                    result = shrink(model, x, train_one_epoch=task.train_one_epoch, test=task.test, algorithm=method,
+                    result = shrink(model, x, train_one_epoch=task.train_one_epoch, test=task.test, algorithm=algorithm,
                                     target={"resource": "latency", "value": args.latency},
-                                    max_epochs=20 if method == "morphnet" else 0, finetune=False, device="cpu",
+                                    scale=scale.rstrip(")") or "multiplier",
+                                    max_epochs=20 if algorithm == "morphnet" else 0, finetune=False, device="cpu",
                                     progress=False, latency_runs=1, exporters=())
                 small = result.model
                 dropped[method] = [b["join"] for b in result.report.extra["blocks_dropped"]["blocks"]]
