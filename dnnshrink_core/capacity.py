@@ -73,7 +73,7 @@ def capacity_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray
     """``keep`` brought to ``budget`` (by ``cost``) one block of channels at a time, where the
     capacity is dearest in time: the ``scale: capacity`` option.
 
-    Every group is first rounded like :func:`enforce_widths` and raised to its floor. While
+    Every group is first rounded (:func:`rounded_width`) and raised to its floor. While
     the structure costs more than the budget, one multiple of a group's channels (its
     smallest ``|gamma|`` first) goes from the group whose step saves the most ``time`` per
     unit of ``capacity`` lost (predicted ms per MAC), among the steps that lower the cost (any
@@ -81,8 +81,8 @@ def capacity_to_budget(graph: ChannelGraph, keep: np.ndarray, gammas: np.ndarray
     with ``grow``, the budget left is then spent the other way, one block at a time where it
     buys the most capacity per unit of time. Every step is priced at the structure it acts
     on, so a layer that stops getting faster as it thins (a per-call cost, a memory-bound
-    pass) stops being cut. A width multiplier (:func:`scale_to_budget`) keeps the learned
-    proportions instead; on MobileNetV2 at 40% of its predicted latency this keeps 34% more
+    pass) stops being cut. A width multiplier (MorphNet's, the ``multiplier`` option) keeps
+    the learned proportions instead; on MobileNetV2 at 40% of its predicted latency this keeps 34% more
     MACs and runs faster when measured (docs/benchmarks.md, "The efficiency goal is a
     question of structure"). Floors that stop the budget from being met are let go, down to
     ``min_width``."""

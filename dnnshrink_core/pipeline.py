@@ -395,9 +395,10 @@ def _measure_target(opts: ShrinkOptions, graph: Any, work: nn.Module, inputs: tu
     if opts.scale == "capacity":  # the probes are the structures the run will build, not the uniform multiplier's
         from .capacity import capacity_to_budget
 
-        macs, whole, flat = CostModel(graph, work, "flops"), np.ones(graph.num_units, dtype=bool), np.zeros(graph.num_units)
+        macs, whole = CostModel(graph, work, "flops"), np.ones(graph.num_units, dtype=bool)
         probe = ("the capacity step", lambda budget: capacity_to_budget(
-            graph, whole, flat, costs.cost, budget, costs.cost, macs.cost, opts.min_width, round_to))
+            graph, whole, np.zeros(graph.num_units), costs.cost, budget, costs.cost, macs.cost, opts.min_width,
+            round_to))
     measured = measured_budget(graph, work, inputs, costs, goal, round_to, opts.min_width, minimum, threads,
                                log=_step, probe=probe)
     _step(f"measure_target: {measured.target:.3f} of the baseline's measured latency ({measured.baseline_ms:.3g} "
@@ -718,8 +719,8 @@ def _warn_off_block(graph: Any, work: nn.Module, round_to: int, profile: Any, co
 
 RUN_IDENTITY = "run.json"  # in the checkpoints folder: what a resumed run must ask for again
 # the options that decide what structure learning aims at: a resumed run must give the same
-_IDENTITY_OPTIONS = ("algorithm", "regularizer", "round_to", "min_width", "depth", "scale", "threshold", "strength",
-                     "strength_scale", "expand", "trust", "anneal", "profile", "measure_target")
+_IDENTITY_OPTIONS = ("algorithm", "regularizer", "round_to", "min_width", "depth", "scale", "threshold",
+                     "strength", "strength_scale", "expand", "trust", "anneal", "profile", "measure_target")
 
 
 def _identity(opts: ShrinkOptions, goal: Target) -> Dict[str, Any]:

@@ -286,8 +286,8 @@ def report_markdown(result: Any) -> str:
     """``report.md`` of a shrink run (a :class:`~dnnshrink_core.pipeline.ShrinkResult`)."""
     learn = result.report.extra["structure_learning"]
     details = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in learn.items()
-                        if k not in ("algorithm", "epochs", "target_cost", "cost_unit", "learned_widths", "widths_per_epoch")
-                        and not k.endswith("_macs"))
+                        if k not in ("algorithm", "epochs", "target_cost", "cost_unit", "learned_widths",
+                                     "widths_per_epoch") and not k.endswith("_macs"))
     widths = result.report.extra.get("widths")
     width_table = ("## Widths per group, against a uniform width multiplier at the same budget\n\n"
                    f"{widths_markdown(widths)}\n\n") if widths else ""

@@ -19,12 +19,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 from torch import nn
 
-from dnnshrink_core.plugin_api import (capacity_to_budget, CostModel, divergence, DnnshrinkError, DnnshrinkWarning, LearnContext,
-    LEARNING_ADVICE, LearnResult, log_epoch)
+from dnnshrink_core.plugin_api import (capacity_to_budget, CostModel, divergence, DnnshrinkError, DnnshrinkWarning,
+    LearnContext, LEARNING_ADVICE, LearnResult, log_epoch)
 
 from .regularizer import GammaRegularizer, HeldScales, morphnet_flops, morphnet_size, slimming_l1
-from .structure import (choose_depth, fill_to_budget, round_within_budget, scale_to_budget,
-                        toward_uniform, uniform_fraction, width_floors)
+from .structure import (choose_depth, fill_to_budget, round_within_budget, scale_to_budget, toward_uniform,
+                        uniform_fraction, width_floors)
 
 REGULARIZERS = {"morphnet_flops": morphnet_flops, "morphnet_size": morphnet_size, "slimming_l1": slimming_l1}
 # the share of the uniform width multiplier's widths no group goes under (MorphNet's floor;
