@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dnnshrink_core.plugin_api import DnnshrinkWarning
+from dnnshrink_core.plugin_api import ConfigError, DnnshrinkWarning
 
 from .latency import (BYTES_PER_ELEMENT, GROUPED, KINDS, TENSOR_KINDS, OpConstants, Profile, load_profile,
                       roofline_seconds)
@@ -429,7 +429,18 @@ class TorchBackend:
     def __init__(self, threads: int, batch: int, device: str):
         import torch
 
-        self.torch, self.batch, self.device = torch, batch, torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"--device {device!r} is not a device torch knows ({exc}); give cpu, cuda or cuda:N") \
+                from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: torch sees no CUDA device on this machine "
+                              "(torch.cuda.is_available() is False). Calibrate on the machine the network will run "
+                              "on, or use --device cpu.")
+        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        self.torch, self.batch = torch, batch
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         self.runtime = {"name": "torch", "device": str(self.device), "threads": threads, "batch": batch,
@@ -760,12 +771,13 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     start = time.perf_counter()
     if runtime == "onnxruntime":
         if device != "cpu":
-            raise ValueError("--runtime onnxruntime measures the CPU provider; use --device cpu")
+            raise ConfigError("--runtime onnxruntime measures the CPU provider; use --device cpu (or --runtime torch "
+                              "for a GPU)")
         backend: Any = OnnxBackend(threads, batch)
     elif runtime == "torch":
         backend = TorchBackend(threads, batch, device)
     else:
-        raise ValueError(f"runtime must be 'onnxruntime' or 'torch', not {runtime!r}")
+        raise ConfigError(f"runtime must be 'onnxruntime' or 'torch', not {runtime!r}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     log(f"dnnshrink calibrate: {runtime} {device}, {threads} threads, batch {batch} (1-minute load average "
         f"{load:.2f})")
@@ -776,7 +788,7 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     if blocks_from is not None:  # measured before (on a quieter machine): kept, the rest is fitted again
         kept = load_profile(blocks_from)
         if any(kept.runtime.get(key) != backend.runtime[key] for key in ("name", "device")):
-            raise ValueError(f"--blocks-from {blocks_from}: that profile is of {kept.describe()}, not of "
+            raise ConfigError(f"--blocks-from {blocks_from}: that profile is of {kept.describe()}, not of "
                              f"{backend.runtime['name']} {backend.runtime['device']}")
         blocks = {kind: {"channel_multiple": kept.ops[kind].channel_multiple, "from": str(blocks_from)}
                   for kind in ("pointwise", "depthwise", "conv")}
