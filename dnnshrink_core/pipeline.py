@@ -163,11 +163,28 @@ def _score(value: Any, what: str) -> float:
 
 
 def pick_device(requested: Optional[str], quiet: bool = False) -> torch.device:
-    """The requested device, else CUDA when available (the manual's default), else CPU."""
+    """The requested device, else CUDA when available (the manual's default), else CPU. A
+    CUDA device always has its index (``cuda`` is the current one: ``torch.cuda.set_device``,
+    which the run calls, refuses a CUDA device without one); one this machine lacks is a
+    :class:`ConfigError`, raised before any work."""
     if requested:
-        return torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"device {requested!r} is not a device torch knows ({exc}); give cpu, cuda or "
+                              "cuda:N") from None
+        if device.type != "cuda":
+            return device
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {requested!r}: torch sees no CUDA device on this machine "
+                              "(torch.cuda.is_available() is False); give device: cpu, or leave it out to run on "
+                              "CUDA where there is one")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", torch.cuda.current_device())
     if not quiet:
         print("dnnshrink: CUDA is not available; running on the CPU.")
     return torch.device("cpu")

@@ -377,3 +377,23 @@ def test_options_at_odds_with_the_target_or_the_runtime_are_warned_about(tmp_pat
     with warnings.catch_warnings():  # an integer round_to does not rely on them: nothing to say
         warnings.simplefilter("error", ds.DnnshrinkWarning)
         shrink(Tiny(), X[:1], target_macs=0.7, round_to=16, profile=str(tmp_path / "shaky.json"), **options)
+
+
+def test_a_cuda_device_gets_its_index_and_one_this_machine_lacks_is_refused(monkeypatch):
+    """torch.cuda.set_device, which a run on CUDA calls, refuses a CUDA device without an
+    index: every run on a GPU, the default where there is one, stopped there."""
+    from dnnshrink_core.pipeline import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ds.ConfigError, match=r"device 'gpu' is not a device torch knows"):
+        pick_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ds.ConfigError, match=r"device 'cuda': torch sees no CUDA device on this machine"):
+        pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda") == torch.device("cuda", 1) and pick_device(None) == torch.device("cuda", 1)
+    assert pick_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ds.ConfigError, match=r"device 'cuda:2': this machine has 2 CUDA device"):
+        pick_device("cuda:2")
