@@ -98,6 +98,9 @@ def init_from_env(device: Optional[str] = None, timeout_s: Optional[float] = Non
     device = local_device(device)
     backend = "nccl" if device is not None and device.startswith("cuda") else "gloo"
     if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise DistributedError(f"device {device!r}: torch sees no CUDA device on this machine; give device: cpu "
+                                   "(the ranks then talk over gloo)")
         torch.cuda.set_device(torch.device(device))
     try:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))

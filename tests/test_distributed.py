@@ -244,3 +244,14 @@ def test_every_rank_stops_when_one_rank_s_loss_diverges(tmp_path):
     assert run.stderr.count("structure learning diverged in epoch 1: the loss became NaN or infinite: all 3 "
                             "backward passes gave non-finite gradients") == 1
     assert "[rank0]: Traceback" not in run.stderr and "[rank1]: Traceback" not in run.stderr
+
+
+def test_torchrun_with_cuda_on_a_machine_without_it_is_refused_before_joining(monkeypatch):
+    """Under torchrun ``device: cuda`` where torch sees no GPU reached torch.cuda.set_device
+    with a device it refuses (a traceback); it is a DistributedError saying what to give."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(distributed.DistributedError, match=r"device 'cuda': torch sees no CUDA device on this machine"):
+        distributed.init_from_env("cuda")
+    assert not distributed.active()
