@@ -145,6 +145,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     with resources.as_file(resources.files("dnnshrink_core.demo") / "digits.yaml") as path:
         data = load_config(path)
     _check_target(args)
+    if args.amp:
+        from .demo import digits
+
+        digits.mixed_precision(True)
     with _process_group(args.device or data.get("device")):
         result = run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
                             algorithm=args.algorithm, target=args.target, max_score_drop=args.max_score_drop,
@@ -222,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="shrink the model a YAML config names")
     run.add_argument("config", help="the YAML config (see dnnshrink_core/demo/digits.yaml)")
     demo = sub.add_parser("demo", parents=[common], help="shrink a small CNN on scikit-learn's digits (a few minutes on a CPU)")
+    demo.add_argument("--amp", action="store_true",
+                      help="train in mixed precision (autocast: float16 with a GradScaler on CUDA, bfloat16 on the CPU)")
     for p in (run, demo):
         p.add_argument("--out", required=p is demo, help="output folder" + (" (default: the config's `out`)" if p is run else ""))
         p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")

@@ -397,3 +397,25 @@ def test_a_cuda_device_gets_its_index_and_one_this_machine_lacks_is_refused(monk
     assert pick_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(ds.ConfigError, match=r"device 'cuda:2': this machine has 2 CUDA device"):
         pick_device("cuda:2")
+
+
+def test_the_demo_recipe_trains_in_mixed_precision_and_morphnet_learns_through_it():
+    """``dnnshrink demo --amp``: the forward pass under autocast (bfloat16 on the CPU; float16
+    with a GradScaler on CUDA), and MorphNet's penalty still moves the scales."""
+    from dnnshrink_core.demo import digits
+    from dnnshrink_core.demo.recipe import Recipe
+
+    recipe = Recipe(digits._data, batch=64, amp=True)
+    torch.manual_seed(0)
+    model = digits.build_model()
+    seen = []
+    hook = model.features[0][0].register_forward_hook(lambda m, i, o: seen.append(o.dtype) if m.training else None)
+    result = shrink(model, digits.example_input(), train_one_epoch=recipe.train_one_epoch, train=None,
+                    test=recipe.test, target_macs=0.5, max_epochs=2, finetune=False, device="cpu", progress=False,
+                    latency_runs=1, exporters=(), onnx_latency=False, tensorboard=False)
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert result.report.extra["shrunk"]["macs"] <= 0.5 * result.report.extra["baseline"]["macs"]
+    assert result.report.extra["structure_learning"]["epochs"] >= 1
+    run = dnnshrink("demo", "--help")
+    assert "--amp" in run.stdout and "mixed precision" in run.stdout

@@ -75,6 +75,12 @@ _recipe = Recipe(_data, batch=64)
 _seed = _recipe.seed  # where the shuffling seeds start (bench/bench_quality.py sets it per run)
 
 
+def mixed_precision(on: bool = True) -> None:
+    """Train (``train_one_epoch`` and ``train``) in mixed precision from now on: autocast,
+    and a GradScaler on CUDA (``dnnshrink demo --amp``; see :class:`Recipe`)."""
+    _recipe.amp = on
+
+
 # the three functions dnnshrink asks for (see recipe.py for what they do)
 train_one_epoch = _recipe.train_one_epoch
 train = _recipe.train

@@ -40,10 +40,16 @@ def shard(order: torch.Tensor, batch: int) -> Tuple[torch.Tensor, int]:
 class Recipe:
     """SGD with momentum on ``data()`` (train inputs, train labels, test inputs, test labels)
     in batches of ``batch``; ``seed[0]`` is where the shuffling seeds start (a benchmark sets
-    it per run), and each training call draws the next one."""
+    it per run), and each training call draws the next one.
 
-    def __init__(self, data: Data, batch: int):
-        self.data, self.batch = data, batch
+    ``amp``: train in mixed precision, the usual way: the forward pass and the loss under
+    ``torch.autocast`` (float16 on CUDA, bfloat16 on the CPU) and, on CUDA, a ``GradScaler``
+    that scales the loss and unscales the gradients before ``optimizer.step()``, where the
+    MorphNet penalty is added (so it is never scaled; a step the scaler skips for an
+    overflow is allowed by the run's divergence check)."""
+
+    def __init__(self, data: Data, batch: int, amp: bool = False):
+        self.data, self.batch, self.amp = data, batch, amp
         self.seed: List[int] = [0]
 
     def _generator(self) -> torch.Generator:
@@ -55,15 +61,20 @@ class Recipe:
         x, y, _, _ = self.data()
         device = device_of(model)
         model.train()
+        half = torch.float16 if device.type == "cuda" else torch.bfloat16  # the CPU's autocast takes bfloat16
+        # float16's narrow range needs the loss scaled; bfloat16 has float32's range
+        scaler = torch.amp.GradScaler(device.type, enabled=self.amp and half == torch.float16)
         order, batch = shard(torch.randperm(len(y), generator=generator), self.batch)
         for start in range(0, len(order), batch):
             idx = order[start:start + batch]
             if len(idx) < 2:  # BatchNorm needs two samples; the same on every rank
                 continue
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
-            loss.backward()
-            optimizer.step()
+            with torch.autocast(device.type, dtype=half, enabled=self.amp):
+                loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # unscales first: the penalty added at the step is never scaled
+            scaler.update()
 
     def train_one_epoch(self, model: nn.Module, lr: float) -> None:
         """One epoch of SGD with momentum at a fixed learning rate."""
