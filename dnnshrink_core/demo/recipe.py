@@ -37,6 +37,13 @@ def shard(order: torch.Tensor, batch: int) -> Tuple[torch.Tensor, int]:
     return order[: len(order) - len(order) % world][rank::world], max(1, batch // world)
 
 
+def _grad_scaler() -> "torch.amp.GradScaler":
+    """A CUDA GradScaler (``torch.amp`` since PyTorch 2.3, ``torch.cuda.amp`` before)."""
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
+
+
 class Recipe:
     """SGD with momentum on ``data()`` (train inputs, train labels, test inputs, test labels)
     in batches of ``batch``; ``seed[0]`` is where the shuffling seeds start (a benchmark sets
@@ -63,7 +70,7 @@ class Recipe:
         model.train()
         half = torch.float16 if device.type == "cuda" else torch.bfloat16  # the CPU's autocast takes bfloat16
         # float16's narrow range needs the loss scaled; bfloat16 has float32's range
-        scaler = torch.amp.GradScaler(device.type, enabled=self.amp and half == torch.float16)
+        scaler = _grad_scaler() if self.amp and half == torch.float16 else None
         order, batch = shard(torch.randperm(len(y), generator=generator), self.batch)
         for start in range(0, len(order), batch):
             idx = order[start:start + batch]
@@ -72,9 +79,13 @@ class Recipe:
             optimizer.zero_grad()
             with torch.autocast(device.type, dtype=half, enabled=self.amp):
                 loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)  # unscales first: the penalty added at the step is never scaled
-            scaler.update()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)  # unscales first: the penalty added at the step is never scaled
+                scaler.update()
 
     def train_one_epoch(self, model: nn.Module, lr: float) -> None:
         """One epoch of SGD with momentum at a fixed learning rate."""
