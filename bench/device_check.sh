@@ -7,7 +7,8 @@
 # The logs, the CUDA profile and a summary (seven files) go to $OUT (the device tool's
 # folder that comes back, at most eight files), else /tmp/device-check; the demos' own output
 # folders stay in /tmp. The machine needs torch, torchvision, onnx, onnxruntime, onnxscript,
-# pluggy, pyyaml, scikit-learn and pytest already installed: nothing is downloaded.
+# pluggy, pyyaml, scikit-learn, pytest and pytest-xdist (pyproject's addopts use it) already
+# installed: nothing is downloaded.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/device-check}"

@@ -351,8 +351,9 @@ RESOURCE_COSTS = (("macs", "flops"), ("params", "params"), ("activations", "acti
 
 def resource_table(graph: ChannelGraph, model: nn.Module, keep: np.ndarray, profile: Any = None) -> dict:
     """Every resource before (all units kept) and after (``keep``): MACs, parameters and
-    activations of the conv/linear layers, and the latency the profile predicts (ms).
-    A cost model that is not loaded is left out."""
+    activations of the conv/linear layers, and the latency the profile predicts (ms, with the
+    ``runtime`` the profile describes where its cost model says). A cost model that is not
+    loaded is left out."""
     table = {}
     for key, name in RESOURCE_COSTS:
         try:
@@ -360,6 +361,9 @@ def resource_table(graph: ChannelGraph, model: nn.Module, keep: np.ndarray, prof
         except PluginError:
             continue
         table[key] = {"before": costs.initial, "after": costs.cost(keep), "unit": costs.unit}
+        runtime = getattr(getattr(costs.resource, "profile", None), "runtime", None)
+        if isinstance(runtime, dict):
+            table[key]["runtime"] = {k: runtime[k] for k in ("name", "device", "threads", "batch") if k in runtime}
     return table
 
 

@@ -200,7 +200,7 @@ def measure_latency(model: nn.Module, inputs: tuple, runs: int) -> float:
             start = time.perf_counter()
             model(*inputs)
             if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].is_cuda:
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(inputs[0].device)
             if i >= 3:
                 times.append(time.perf_counter() - start)
     model.train(was_training)
@@ -345,7 +345,8 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
     depth = opts.depth is not False and chooses_depth
     user_goal, measured = goal, None
     if opts.measure_target:  # the predicted budget whose measured latency is the target
-        measured = distributed.on_main(lambda: _measure_target(opts, graph, work, inputs, costs, goal, round_to))
+        measured = distributed.on_main(lambda: _measure_target(opts, graph, work, inputs, costs, goal, round_to,
+                                                               algorithm))
         goal = Target("latency", fraction=measured.budget)
     minimum = None
     if opts.round_to == "auto" and not isinstance(round_to, int):
@@ -381,7 +382,7 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
 
 
 def _measure_target(opts: ShrinkOptions, graph: Any, work: nn.Module, inputs: tuple, costs: CostModel,
-                    goal: Target, round_to: Any) -> Any:
+                    goal: Target, round_to: Any, algorithm: Any = None) -> Any:
     """``measure_target``: the predicted latency budget whose measured onnxruntime latency is
     the target (:mod:`dnnshrink_core.feedback`), or, when resuming, the one the run measured."""
     from .feedback import MeasuredTarget, measured_budget
@@ -409,13 +410,10 @@ def _measure_target(opts: ShrinkOptions, graph: Any, work: nn.Module, inputs: tu
     threads = int(runtime.get("threads", 2))
     _step(f"measure_target: timing the network with onnxruntime ({threads} threads) to set the budget")
     probe = None
-    if opts.scale == "capacity":  # the probes are the structures the run will build, not the uniform multiplier's
-        from .capacity import capacity_to_budget
-
-        macs, whole = CostModel(graph, work, "flops"), np.ones(graph.num_units, dtype=bool)
-        probe = ("the capacity step", lambda budget: capacity_to_budget(
-            graph, whole, np.zeros(graph.num_units), costs.cost, budget, costs.cost, macs.cost, opts.min_width,
-            round_to))
+    structure = getattr(algorithm, "capacity_probe", None)
+    if opts.scale == "capacity" and structure is not None:
+        # the structures the algorithm builds with it from the whole network, not the uniform multiplier's
+        probe = ("the capacity step", structure(graph, work, costs, opts.profile, opts.min_width, round_to))
     measured = measured_budget(graph, work, inputs, costs, goal, round_to, opts.min_width, minimum, threads,
                                log=_step, probe=probe)
     _step(f"measure_target: {measured.target:.3f} of the baseline's measured latency ({measured.baseline_ms:.3g} "

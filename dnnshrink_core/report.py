@@ -247,14 +247,18 @@ PROFILE_OFF = 1.5
 
 
 def profile_note(extra: Dict[str, Any], before: str) -> str:
-    """A line when the latency profile's prediction for the baseline is off its measured
-    onnxruntime latency by more than :data:`PROFILE_OFF` (a profile made on another machine,
+    """A line when an onnxruntime CPU profile's prediction for the baseline is off the
+    measured onnxruntime latency by more than :data:`PROFILE_OFF` (a profile made on another machine,
     or under another load: the shipped one read 1.3-2.1x slow on 32 networks on a host that
     ran faster than the one it was made on), saying what still holds and how to measure this
     machine's; empty otherwise."""
     onnx, predicted = extra.get("onnx_latency", {}), extra.get("resources", {}).get("latency_ms", {})
     if not onnx.get("baseline_ms") or not predicted.get("before"):
         return ""
+    runtime = predicted.get("runtime", {})
+    if runtime.get("name") != "onnxruntime" or runtime.get("device", "cpu") != "cpu" \
+            or runtime.get("threads", onnx.get("threads")) != onnx.get("threads"):
+        return ""  # a profile of another runtime (a GPU's, say) predicts what onnxruntime on this CPU does not run
     ratio = predicted["before"] / onnx["baseline_ms"]
     if 1 / PROFILE_OFF <= ratio <= PROFILE_OFF:
         return ""

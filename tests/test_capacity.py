@@ -238,3 +238,50 @@ def test_scale_capacity_never_keeps_less_capacity_per_millisecond_than_the_multi
         assert resources["macs" if target["resource"] == "macs" else "latency_ms"]["after"] <= budget * (1 + 1e-9)
         density[scale] = resources["macs"]["after"] / resources["latency_ms"]["after"]
     assert density["capacity"] >= density["multiplier"] * (1 - 1e-9)
+
+
+def test_measure_target_probes_are_the_structures_magnitude_builds():
+    """The probe of ``measure_target`` under ``scale: capacity`` is what ``magnitude`` builds
+    at that budget (the same widths; it timed the capacity step without its floors or the
+    even structure it may keep instead)."""
+    from dnnshrink_plugins.morphnet.algorithm import Magnitude
+
+    torch.manual_seed(0)
+    model = nn.Sequential(conv_bn(3, 32, 3), conv_bn(32, 64, 3, stride=2), conv_bn(64, 64, 3),
+                          conv_bn(64, 128, 3, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(128, 10)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    graph = ds.trace(model, x)
+    latency = CostModel(graph, model, "latency")
+    round_to, _ = resolve_round_to(graph, model, "auto", latency=latency)
+    probe = Magnitude.capacity_probe(graph, model, latency, None, 1, round_to)
+    for share in (0.5, 0.7):
+        result = shrink(model, x, train_one_epoch=lambda m, lr: None, train=None, test=lambda m: 1.0,
+                        algorithm="magnitude", max_epochs=0, target={"resource": "latency", "value": share},
+                        scale="capacity", finetune=False, device="cpu", progress=False, latency_runs=1, exporters=(),
+                        onnx_latency=False, tensorboard=False)
+        timed = probe(share * latency.initial)
+        for group in graph.groups:
+            assert int(timed[group.units].sum()) == int(result.masks[group.name].sum()), (share, group.name)
+
+
+def test_where_blocks_must_go_capacity_keeps_no_fewer_macs_per_millisecond_than_the_multiplier():
+    """Below what channels alone reach, the blocks dropped after the capacity step rescale
+    an already squeezed structure (0.49 against 0.60 MACs per ms on this ResNet at 60% of
+    its latency): the even structure with its blocks dropped is kept where it is denser."""
+    from models import ChannelPadResNet
+
+    torch.manual_seed(0)
+    model = ChannelPadResNet().eval()
+    x = torch.randn(1, 3, 32, 32)
+    density = {}
+    for scale in ("multiplier", "capacity"):
+        result = shrink(model, x, train_one_epoch=lambda m, lr: None, train=None, test=lambda m: 1.0,
+                        algorithm="magnitude", max_epochs=0, target={"resource": "latency", "value": 0.6},
+                        scale=scale, finetune=False, device="cpu", progress=False, latency_runs=1, exporters=(),
+                        onnx_latency=False, tensorboard=False)
+        resources = result.report.extra["resources"]
+        assert resources["latency_ms"]["after"] <= 0.6 * resources["latency_ms"]["before"] * (1 + 1e-9)
+        assert result.report.extra["blocks_dropped"]["blocks"]  # the target needs blocks to go
+        density[scale] = resources["macs"]["after"] / resources["latency_ms"]["after"]
+    assert density["capacity"] >= density["multiplier"] * (1 - 1e-9)

@@ -322,6 +322,11 @@ def test_latency_target_on_the_digits_demo_is_met(tmp_path):
                            (latency["before"] * 2, "2.0x faster")):
         note = profile_note({**extra, "onnx_latency": {**onnx, "baseline_ms": measured}}, "\n")
         assert (said in note and "dnnshrink calibrate --out" in note) if said else note == ""
+    # a profile of another runtime (a GPU's) is not judged by onnxruntime on this CPU
+    gpu = {**latency, "runtime": {"name": "torch", "device": "cuda:0", "threads": 2, "batch": 1}}
+    assert latency["runtime"]["name"] == "onnxruntime"
+    assert profile_note({**extra, "resources": {**extra["resources"], "latency_ms": gpu},
+                         "onnx_latency": {**onnx, "baseline_ms": latency["before"] / 10}}, "\n") == ""
 
 
 def test_the_calibration_checks_thin_networks_at_a_quarter_of_their_widths():

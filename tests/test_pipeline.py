@@ -419,3 +419,5 @@ def test_the_demo_recipe_trains_in_mixed_precision_and_morphnet_learns_through_i
     assert result.report.extra["structure_learning"]["epochs"] >= 1
     run = dnnshrink("demo", "--help")
     assert "--amp" in run.stdout and "mixed precision" in run.stdout
+    # without amp, a device autocast does not know still trains (autocast refuses it even when off)
+    Recipe(digits._data, batch=64).train_one_epoch(digits.build_model().to("meta"), 0.1)

@@ -9,6 +9,7 @@ at each optimizer step).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, List, Tuple
 
 import torch
@@ -77,7 +78,8 @@ class Recipe:
             if len(idx) < 2:  # BatchNorm needs two samples; the same on every rank
                 continue
             optimizer.zero_grad()
-            with torch.autocast(device.type, dtype=half, enabled=self.amp):
+            # autocast refuses device types it does not know even when off: entered only with amp
+            with torch.autocast(device.type, dtype=half) if self.amp else contextlib.nullcontext():
                 loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
             if scaler is None:
                 loss.backward()

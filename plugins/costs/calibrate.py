@@ -417,7 +417,7 @@ class _TorchRunner:
         with torch.no_grad():
             self.module(self.x)
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)  # its own GPU, which need not be the current one
 
 
 class TorchBackend:

@@ -32,32 +32,68 @@ REGULARIZERS = {"morphnet_flops": morphnet_flops, "morphnet_size": morphnet_size
 MIN_SHARE = 0.5
 
 
-def capacity_fit(ctx: LearnContext, grow: bool) -> Callable[..., np.ndarray]:
-    """``scale: capacity``'s step to a budget, with :func:`round_within_budget`'s signature:
-    :func:`capacity_to_budget` pricing time with the latency cost (the run's profile) and
-    capacity in MACs, whatever the target's resource (the run's own cost model where it is
-    one of them). ``grow``: spend what is left of the budget too (the expand step).
+class Capacity:
+    """``scale: capacity``'s pricing: time by the latency cost (the run's ``profile``),
+    capacity in MACs, whatever the target's resource (``costs``, the run's own cost model,
+    is used where it is one of them)."""
 
-    The width multiplier's structure from the same seed is built too, and kept instead where
-    it has more capacity per predicted millisecond within the budget: a step at a time can
-    miss what an even cut finds where a layer's cost falls with both of its widths (VGG-11
-    and GhostNet at 30% of their MACs predicted 8–11% slower by the steps alone)."""
-    costs, profile = ctx.costs, getattr(ctx.options, "profile", None)
-    time = costs if costs.kind == "latency" else CostModel(ctx.graph, ctx.model, "latency", profile=profile)
-    capacity = costs if costs.kind == "flops" else CostModel(ctx.graph, ctx.model, "flops")
-    even = scale_to_budget if grow else round_within_budget
+    def __init__(self, graph: Any, model: nn.Module, costs: CostModel, profile: Any = None):
+        self.time = costs if costs.kind == "latency" else CostModel(graph, model, "latency", profile=profile)
+        self.capacity = costs if costs.kind == "flops" else CostModel(graph, model, "flops")
 
-    def fit(graph: Any, seed: np.ndarray, gammas: np.ndarray, cost: Callable[[np.ndarray], float], budget: float,
-            min_width: int = 1, round_to: Any = 1, floors: Optional[np.ndarray] = None) -> np.ndarray:
-        stepped = capacity_to_budget(graph, seed, gammas, cost, budget, time.cost, capacity.cost, min_width, round_to,
-                                     floors, grow)
-        scaled = even(graph, seed, gammas, cost, budget, min_width, round_to, floors)
-        within = [k for k in (stepped, scaled) if cost(k) <= budget * (1 + 1e-9)]
-        if not within:  # neither meets the budget: the nearer (the caller's check says so)
-            return min((stepped, scaled), key=cost)
-        return max(within, key=lambda k: capacity.cost(k) / max(time.cost(k), 1e-18))
+    def density(self, keep: np.ndarray) -> float:
+        """MACs per predicted millisecond."""
+        return self.capacity.cost(keep) / max(self.time.cost(keep), 1e-18)
 
-    return fit
+    def best(self, candidates: List[np.ndarray], cost: Callable[[np.ndarray], float], budget: float) -> np.ndarray:
+        """The candidate with the most MACs per predicted ms within ``budget``; where none is
+        within it, the cheapest (the caller's check says the target was missed)."""
+        within = [k for k in candidates if cost(k) <= budget * (1 + 1e-9)]
+        return max(within, key=self.density) if within else min(candidates, key=cost)
+
+    def fit(self, grow: bool) -> Callable[..., np.ndarray]:
+        """The step to a budget, with :func:`round_within_budget`'s signature:
+        :func:`capacity_to_budget` (``grow``: spend what is left of the budget too, the
+        expand step), or the width multiplier's structure from the same seed where that has
+        more MACs per predicted ms: a step at a time can miss what an even cut finds where a
+        layer's cost falls with both of its widths (VGG-11 and GhostNet at 30% of their MACs
+        predicted 8–11% slower by the steps alone)."""
+        even = scale_to_budget if grow else round_within_budget
+
+        def fit(graph: Any, seed: np.ndarray, gammas: np.ndarray, cost: Callable[[np.ndarray], float], budget: float,
+                min_width: int = 1, round_to: Any = 1, floors: Optional[np.ndarray] = None) -> np.ndarray:
+            stepped = capacity_to_budget(graph, seed, gammas, cost, budget, self.time.cost, self.capacity.cost,
+                                         min_width, round_to, floors, grow)
+            return self.best([stepped, even(graph, seed, gammas, cost, budget, min_width, round_to, floors)], cost,
+                             budget)
+
+        return fit
+
+    def stepped(self, graph: Any, scores: np.ndarray, cost: Callable[[np.ndarray], float], budget: float,
+                min_width: int, round_to: Any) -> np.ndarray:
+        """The whole network brought to ``budget`` by :func:`capacity_to_budget` alone (floors
+        at :data:`MIN_SHARE` of the uniform width, the budget left spent again)."""
+        floors = width_floors(graph, cost, budget, ~graph.unit_frozen, MIN_SHARE, min_width)
+        return capacity_to_budget(graph, np.ones(graph.num_units, dtype=bool), scores, cost, budget, self.time.cost,
+                                  self.capacity.cost, min_width, round_to, floors, True)
+
+    def whole(self, graph: Any, scores: np.ndarray, cost: Callable[[np.ndarray], float], budget: float,
+              min_width: int, round_to: Any) -> np.ndarray:
+        """What ``magnitude`` builds with ``scale: capacity`` where no residual block need go:
+        the better of :meth:`stepped` and its even structure (the same share of every group,
+        filled to the budget). ``measure_target`` times it for either algorithm (MorphNet
+        starts from its learned structure, unknown before training)."""
+        even = fill_to_budget(graph, uniform_fraction(graph, scores, cost, budget, ~graph.unit_frozen, min_width,
+                                                      round_to), scores, cost, budget, round_to)
+        return self.best([self.stepped(graph, scores, cost, budget, min_width, round_to), even], cost, budget)
+
+
+def capacity_probe(graph: Any, model: nn.Module, costs: CostModel, profile: Any, min_width: int,
+                   round_to: Any) -> Callable[[float], np.ndarray]:
+    """``measure_target``'s structures under ``scale: capacity`` (the algorithms'
+    ``capacity_probe``): budget → the whole network brought there by :meth:`Capacity.whole`."""
+    capacity = Capacity(graph, model, costs, profile)
+    return lambda budget: capacity.whole(graph, np.zeros(graph.num_units), costs.cost, budget, min_width, round_to)
 
 
 def train_regularized(ctx: LearnContext, reg: GammaRegularizer, stop_at_target: bool,
@@ -167,6 +203,7 @@ class MorphNet:
     name = "morphnet"
     chooses_depth = True  # its structure step may drop whole residual blocks (the ``depth`` option)
     scales_by_capacity = True  # its step to the budget honours scale: capacity
+    capacity_probe = staticmethod(capacity_probe)
 
     def __init__(self, regularizers: Callable[[str], Any], learn_exponent: float = 0.5, min_share: float = MIN_SHARE,
                  price_at_target: bool = True, trust: Union[float, str] = "auto", anneal: Optional[bool] = None,
@@ -289,7 +326,7 @@ class MorphNet:
         # scaled to the budget by the multiplier in both directions (the expand step); or,
         # with scale: capacity, cut (and grown) where the capacity is dearest in time
         if getattr(opts, "scale", "multiplier") == "capacity":
-            fit = capacity_fit(ctx, expand)
+            fit = Capacity(ctx.graph, ctx.model, ctx.costs, getattr(opts, "profile", None)).fit(expand)
         else:
             fit = round_within_budget if not expand else scale_to_budget
 
@@ -389,29 +426,30 @@ class Magnitude:
     def learn(self, ctx: LearnContext) -> LearnResult:
         opts = ctx.options
         scores = filter_l1(ctx.model, ctx)
+        keep = uniform_fraction(ctx.graph, scores, ctx.costs.cost, ctx.target, ~ctx.graph.unit_frozen,
+                                opts.min_width, opts.round_to)
+        keep = _with_depth(ctx, fill_to_budget(ctx.graph, keep, scores, ctx.costs.cost, ctx.target, opts.round_to),
+                           scores)
+        ranking = "filter L1 norm, the same share cut in every group"
         if getattr(opts, "scale", "multiplier") == "capacity":  # the whole network cut where MACs cost most time
-            floors = width_floors(ctx.graph, ctx.costs.cost, ctx.target, ~ctx.graph.unit_frozen, MIN_SHARE,
-                                  opts.min_width)
-            keep = capacity_fit(ctx, grow=True)(ctx.graph, np.ones(ctx.graph.num_units, dtype=bool), scores,
-                                                ctx.costs.cost, ctx.target, opts.min_width, opts.round_to, floors)
+            capacity = Capacity(ctx.graph, ctx.model, ctx.costs, getattr(opts, "profile", None))
+            stepped = capacity.stepped(ctx.graph, scores, ctx.costs.cost, ctx.target, opts.min_width, opts.round_to)
+            stepped = _with_depth(ctx, stepped, scores, capacity.fit(grow=True))
+            # the better of both, blocks dropped or not (Capacity.whole where none go)
+            keep = capacity.best([stepped, keep], ctx.costs.cost, ctx.target)
             ranking = "filter L1 norm within each group; groups cut where the MACs cost the most predicted time"
-        else:
-            keep = uniform_fraction(ctx.graph, scores, ctx.costs.cost, ctx.target, ~ctx.graph.unit_frozen,
-                                    opts.min_width, opts.round_to)
-            keep = fill_to_budget(ctx.graph, keep, scores, ctx.costs.cost, ctx.target, opts.round_to)
-            ranking = "filter L1 norm, the same share cut in every group"
-        keep = _with_depth(ctx, keep, scores)
         log_epoch(ctx, 0, keep)
         return LearnResult(keep, 0, {"ranking": ranking})
 
+    capacity_probe = staticmethod(capacity_probe)
 
-def _with_depth(ctx: LearnContext, keep: np.ndarray, scores: np.ndarray) -> np.ndarray:
+
+def _with_depth(ctx: LearnContext, keep: np.ndarray, scores: np.ndarray,
+                fit: Callable[..., np.ndarray] = scale_to_budget) -> np.ndarray:
     """``keep`` at the target with whole residual blocks dropped where the ``depth`` option
-    lets them go and that helps (:func:`choose_depth`), the rest re-scaled by one width
-    multiplier over the algorithm's own widths."""
+    lets them go and that helps (:func:`choose_depth`), the rest re-scaled by ``fit`` (one
+    width multiplier over the algorithm's own widths, or :class:`Capacity`'s step)."""
     opts = ctx.options
-
-    fit = capacity_fit(ctx, grow=True) if getattr(opts, "scale", "multiplier") == "capacity" else scale_to_budget
 
     def structure(seed: np.ndarray) -> np.ndarray:
         return fit(ctx.graph, seed, scores, ctx.costs.cost, ctx.target, opts.min_width, opts.round_to)
