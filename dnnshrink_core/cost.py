@@ -24,7 +24,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from torch import nn
 
-from .errors import PluginError
+from .errors import ConfigError, PluginError
 from .graph import ChannelGraph, LayerCost
 
 # old and alternative spellings of the cost models' names
@@ -358,7 +358,7 @@ def resource_table(graph: ChannelGraph, model: nn.Module, keep: np.ndarray, prof
     for key, name in RESOURCE_COSTS:
         try:
             costs = CostModel(graph, model, name, profile=profile)
-        except PluginError:
+        except (PluginError, ConfigError):  # a cost model not loaded, or a profile it cannot read: the run is done
             continue
         table[key] = {"before": costs.initial, "after": costs.cost(keep), "unit": costs.unit}
         runtime = getattr(getattr(costs.resource, "profile", None), "runtime", None)

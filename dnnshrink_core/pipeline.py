@@ -334,6 +334,10 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
     if opts.resume and opts.out_dir is not None:  # before any work: a resumed run is the run it continues
         distributed.on_main(lambda: _check_resumable(Path(opts.out_dir), identity))
     costs = CostModel(graph, work, goal.cost_model, profile=opts.profile)
+    if costs.kind != "latency" and (opts.profile is not None or opts.scale == "capacity"):
+        # the profile is read after training otherwise (scale: capacity's step, the report's
+        # predicted latency): a wrong path must stop the run before any work, not after it
+        CostModel(graph, work, "latency", profile=opts.profile)
     # "auto": one multiple per group, the channel block of the profile's runtime
     round_to, round_notes = resolve_round_to(graph, work, opts.round_to, opts.profile,
                                              latency=costs if costs.kind == "latency" else None)

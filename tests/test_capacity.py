@@ -285,3 +285,17 @@ def test_where_blocks_must_go_capacity_keeps_no_fewer_macs_per_millisecond_than_
         assert result.report.extra["blocks_dropped"]["blocks"]  # the target needs blocks to go
         density[scale] = resources["macs"]["after"] / resources["latency_ms"]["after"]
     assert density["capacity"] >= density["multiplier"] * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("scale", ["multiplier", "capacity"])
+def test_a_profile_that_cannot_be_read_stops_the_run_before_any_work(tmp_path, scale):
+    """A params target with an integer round_to read the profile only after training (the
+    capacity step, the report's predicted latency): a wrong path must stop the run first."""
+    calls = []
+    with pytest.raises(ds.ConfigError, match="does not exist"):
+        shrink(Tiny(), torch.randn(1, 3, 8, 8), train_one_epoch=lambda m, lr: calls.append(lr),
+               train=lambda m: calls.append("train"), test=lambda m: 1.0,
+               target={"resource": "params", "value": 0.5}, round_to=16, scale=scale,
+               profile=str(tmp_path / "no-such-profile.json"), max_epochs=2, device="cpu", progress=False,
+               out_dir=str(tmp_path / "run"), exporters=())
+    assert calls == [] and not (tmp_path / "run").exists()
