@@ -171,6 +171,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         options["blocks_from"] = args.blocks_from
     if args.check_model:
         options["check_models"], options["check_input"] = _check_models(args)
+    if args.dtype != "float32":  # (a plugin's calibrate need not take it)
+        options["dtype"] = args.dtype
     calibrate(runtime=args.runtime, threads=args.threads, batch=args.batch, device=args.device, out=args.out,
               check=not args.no_check, **options)
     return 0
@@ -255,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     cal.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     cal.add_argument("--device", default="cpu", help="cpu, or cuda with --runtime torch")
+    cal.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                     help="with --runtime torch: the number format the network runs in (model.half() for float16; "
+                          "default float32)")
     cal.add_argument("--out", default="latency-profile.json", help="where to write the profile (JSON)")
     cal.add_argument("--no-check", action="store_true",
                      help="skip timing the five torchvision networks the fit did not see")

@@ -69,19 +69,21 @@ def test_magnitude_with_scale_capacity_at_a_latency_target_on_cuda():
         assert np.array_equal(gpu.masks[group.name], cpu.masks[group.name]), group.name
 
 
-def test_calibrate_on_cuda_writes_a_profile_that_prices_a_network(tmp_path):
-    """``dnnshrink calibrate --runtime torch --device cuda``, short: a profile of this GPU that
-    loads, says so, and predicts a positive latency for ResNet-18."""
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_calibrate_on_cuda_writes_a_profile_that_prices_a_network(tmp_path, dtype):
+    """``dnnshrink calibrate --runtime torch --device cuda [--dtype float16]``, short: a
+    profile of this GPU that loads, says so, and predicts a positive latency for ResNet-18."""
     import torchvision
 
     from dnnshrink_plugins.costs import calibrate as cal
     from dnnshrink_plugins.costs.latency import load_profile
 
     lines = []
-    cal.calibrate(runtime="torch", device="cuda", out=tmp_path / "cuda.json", check=False, rounds=2,
+    cal.calibrate(runtime="torch", device="cuda", out=tmp_path / "cuda.json", check=False, rounds=2, dtype=dtype,
                   log=lines.append)
     profile = load_profile(tmp_path / "cuda.json")
     assert profile.runtime["name"] == "torch" and profile.runtime["device"].startswith("cuda")
+    assert profile.runtime["dtype"] == dtype
     model = torchvision.models.resnet18(weights=None).eval()
     x = torch.randn(1, 3, 224, 224)
     assert CostModel(ds.trace(model, x), model, "latency", profile=profile).initial > 0

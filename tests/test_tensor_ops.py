@@ -448,3 +448,31 @@ def test_a_join_that_a_reshape_reads_gives_no_pieces():
     graph = ds.trace(shuffled, torch.randn(1, 3, 6, 6))
     assert [op.op for op in graph.tensor_ops() if op.op in ("concat", "piece")] == ["concat"]
     assert [op.op for op in ds.trace(dense, torch.randn(1, 3, 8, 8)).tensor_ops()].count("piece") == 2
+
+
+def test_a_torch_profile_can_be_timed_in_half_precision():
+    """``dnnshrink calibrate --runtime torch --dtype bfloat16|float16``: chains and networks
+    run in that format (model.half() is how a GPU network is often deployed), the profile
+    says so, and the onnxruntime profile, which times float32 ONNX, refuses it."""
+    from dnnshrink_core.errors import ConfigError
+    from dnnshrink_plugins.costs import calibrate as cal
+
+    backend = cal.TorchBackend(1, 1, "cpu", "bfloat16")
+    assert backend.runtime["dtype"] == "bfloat16"
+    runner, _ = backend.prepare(cal.sweep_chains()[0])
+    assert runner.x.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in runner.module.parameters())
+    runner.run()
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    runner, _ = backend.prepare_network(net, torch.randn(1, 3, 16, 16), None, "net")
+    assert runner.x.dtype == torch.bfloat16
+    runner.run()
+    profile = synthetic_profile(8)
+    profile.runtime.update(name="torch", dtype="bfloat16")
+    again = load_profile(profile.to_dict())
+    assert again.runtime["dtype"] == "bfloat16" and again.describe().endswith(", bfloat16")
+    with pytest.raises(ValueError, match=r"runtime.dtype must be one of float32, float16, bfloat16, not 'int8'"):
+        load_profile({**profile.to_dict(), "runtime": {**profile.runtime, "dtype": "int8"}})
+    with pytest.raises(ConfigError, match=r"--dtype 'int8': give one of"):
+        cal.TorchBackend(1, 1, "cpu", "int8")
+    with pytest.raises(ConfigError, match="--dtype is for --runtime torch"):
+        cal.calibrate(runtime="onnxruntime", dtype="float16", out=None, check=False, log=lambda line: None)

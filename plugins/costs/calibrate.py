@@ -33,7 +33,7 @@ import numpy as np
 
 from dnnshrink_core.plugin_api import ConfigError, DnnshrinkWarning
 
-from .latency import (BYTES_PER_ELEMENT, GROUPED, KINDS, TENSOR_KINDS, OpConstants, Profile, load_profile,
+from .latency import (BYTES_PER_ELEMENT, DTYPES, GROUPED, KINDS, TENSOR_KINDS, OpConstants, Profile, load_profile,
                       roofline_seconds)
 from .runtime import (ACTIVATIONS, PASSES, Op, chain_input_shape, chain_model, conv_has_relu, fastest_and_median,
                       interleaved_times, op_groups, session)
@@ -426,9 +426,11 @@ class TorchBackend:
     tensor_overhead_s = grouped_overhead_s = 1e-2  # eager dispatch per op: no tighter bound than the layers'
     concat_block_source = "eager PyTorch keeps no blocked layout"
 
-    def __init__(self, threads: int, batch: int, device: str):
+    def __init__(self, threads: int, batch: int, device: str, dtype: str = "float32"):
         import torch
 
+        if dtype not in DTYPES:
+            raise ConfigError(f"--dtype {dtype!r}: give one of {', '.join(DTYPES)}")
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError) as exc:
@@ -440,20 +442,23 @@ class TorchBackend:
                               "on, or use --device cpu.")
         if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
             raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        self.torch, self.batch = torch, batch
+        self.torch, self.batch, self.dtype = torch, batch, getattr(torch, dtype)
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
+        # the number format the network is deployed in (model.half() and its inputs): its
+        # bytes per element differ, which the fitted bandwidths take in (a profile prices
+        # traffic at 4 bytes an element whatever it was timed in)
         self.runtime = {"name": "torch", "device": str(self.device), "threads": threads, "batch": batch,
-                        "version": torch.__version__}
+                        "version": torch.__version__, "dtype": dtype}
 
     def prepare(self, ops: Sequence[Op]) -> Tuple[Any, dict]:
         kind, cin, _, hw = ops[0][:4]
         shape = chain_input_shape(ops, self.batch)
-        module = torch_chain(ops).eval().to(self.device)
-        return _TorchRunner(module, self.torch.randn(shape, device=self.device), self.device), {}
+        module = torch_chain(ops).eval().to(self.device, self.dtype)
+        return _TorchRunner(module, self.torch.randn(shape, device=self.device, dtype=self.dtype), self.device), {}
 
     def prepare_network(self, model: Any, x: Any, folder: Path, name: str) -> Tuple[Any, dict]:
-        return _TorchRunner(model.eval().to(self.device), x.to(self.device), self.device), {}
+        return _TorchRunner(model.eval().to(self.device, self.dtype), x.to(self.device, self.dtype), self.device), {}
 
     def separate_kinds(self) -> List[str]:
         """Every tensor op's kind: eager PyTorch runs each op by itself."""
@@ -756,7 +761,7 @@ def share_errors(rows: Sequence[Mapping[str, Any]]) -> List[float]:
 
 
 def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, device: str = "cpu",
-              out: Optional[Any] = None, check: bool = True, rounds: int = 12,
+              out: Optional[Any] = None, check: bool = True, rounds: int = 12, dtype: str = "float32",
               log: Callable[[str], None] = print, per_position: bool = True,
               blocks_from: Optional[Any] = None, check_models: Optional[Mapping[str, Any]] = None,
               check_input: Sequence[int] = (3, 224, 224)) -> Profile:
@@ -770,12 +775,15 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     (on one batch of ``check_input``: channels, height, width)."""
     start = time.perf_counter()
     if runtime == "onnxruntime":
+        if dtype != "float32":
+            raise ConfigError(f"--dtype {dtype}: the onnxruntime profile times the float32 ONNX dnnshrink exports; "
+                              "--dtype is for --runtime torch (a network deployed with model.half(), say)")
         if device != "cpu":
             raise ConfigError("--runtime onnxruntime measures the CPU provider; use --device cpu (or --runtime torch "
                               "for a GPU)")
         backend: Any = OnnxBackend(threads, batch)
     elif runtime == "torch":
-        backend = TorchBackend(threads, batch, device)
+        backend = TorchBackend(threads, batch, device, dtype)
     else:
         raise ConfigError(f"runtime must be 'onnxruntime' or 'torch', not {runtime!r}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

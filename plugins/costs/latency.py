@@ -137,7 +137,8 @@ class Profile:
     def describe(self) -> str:
         """``onnxruntime cpu, 2 threads, batch 1``."""
         r = self.runtime
-        return f"{r.get('name')} {r.get('device')}, {r.get('threads')} threads, batch {r.get('batch')}"
+        dtype = "" if r.get("dtype", "float32") == "float32" else f", {r['dtype']}"
+        return f"{r.get('name')} {r.get('device')}, {r.get('threads')} threads, batch {r.get('batch')}{dtype}"
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON form (see :func:`load_profile`)."""
@@ -155,7 +156,9 @@ class Profile:
         return path
 
 
-_RUNTIME_KEYS = {"name": str, "device": str, "threads": int, "batch": int, "version": str}
+_RUNTIME_KEYS = {"name": str, "device": str, "threads": int, "batch": int, "version": str, "dtype": str}
+# the number formats a profile may be timed in (``dnnshrink calibrate --dtype``, eager PyTorch)
+DTYPES = ("float32", "float16", "bfloat16")
 _OP_KEYS = {"peak_gmacs": float, "peak_unaligned_gmacs": float, "bandwidth_gbs": float, "overhead_us": float,
             "channel_multiple": int, "position_ns": float}
 _TENSOR_OP_KEYS = {"bandwidth_gbs": float, "overhead_us": float, "position_ns": float}
@@ -193,10 +196,12 @@ def profile_from_dict(data: Any, source: str = "profile") -> Profile:
         raise ProfileError(f"{source}: version {data['version']!r} is not supported (this dnnshrink reads versions "
                            f"{', '.join(map(str, READS))}); make a new one with `dnnshrink calibrate`")
     runtime = data["runtime"]
-    _closed(runtime, _RUNTIME_KEYS, f"{source}: runtime", optional=("version",))
-    for key in ("name", "device", "version"):
+    _closed(runtime, _RUNTIME_KEYS, f"{source}: runtime", optional=("version", "dtype"))
+    for key in ("name", "device", "version", "dtype"):
         if key in runtime and not isinstance(runtime[key], str):
             raise ProfileError(f"{source}: runtime.{key} must be a string, not {runtime[key]!r}")
+    if runtime.get("dtype", "float32") not in DTYPES:
+        raise ProfileError(f"{source}: runtime.dtype must be one of {', '.join(DTYPES)}, not {runtime['dtype']!r}")
     for key in ("threads", "batch"):
         _check_number(runtime[key], int, f"{source}: runtime.{key}")
     ops_data = data["ops"]
