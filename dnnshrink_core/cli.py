@@ -116,7 +116,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
                    algorithm=args.algorithm, resume=args.resume, target=args.target,
                    max_score_drop=args.max_score_drop, profile=args.profile,
-                   measure_target=args.measure_target or None)
+                   measure_target=args.measure_target or None, scale=args.scale)
     return 0
 
 
@@ -152,7 +152,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     with _process_group(args.device or data.get("device")):
         result = run_config(data, out=args.out, force=args.force, device=args.device, progress=not args.quiet,
                             algorithm=args.algorithm, target=args.target, max_score_drop=args.max_score_drop,
-                            profile=args.profile, measure_target=args.measure_target or None)
+                            profile=args.profile, measure_target=args.measure_target or None, scale=args.scale)
         if distributed.is_main():
             print(f"\nwrote {len(result.files)} files to {args.out}: "
                   + ", ".join(sorted(Path(p).name for p in result.files.values())))
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--measure-target", action="store_true",
                        help="with a latency target: time the network with onnxruntime at a few widths before "
                             "training and meet the target as measured, not only as the profile predicts")
+        p.add_argument("--scale", choices=["multiplier", "capacity"],
+                       help="how the structure is brought to the budget: one width multiplier (the default), or "
+                            "capacity: blocks of channels cut where the MACs cost the most predicted time")
         p.add_argument("--max-score-drop", type=float, metavar="DROP",
                        help="exit with 1 (after writing the report) if the shrunk model scores more than DROP "
                             "below the baseline")

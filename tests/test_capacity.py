@@ -4,6 +4,8 @@ takes, on the runtime's blocks and the floors, meeting the budget, and keeping m
 than the width multiplier at equal predicted latency."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -299,3 +301,21 @@ def test_a_profile_that_cannot_be_read_stops_the_run_before_any_work(tmp_path, s
                profile=str(tmp_path / "no-such-profile.json"), max_epochs=2, device="cpu", progress=False,
                out_dir=str(tmp_path / "run"), exporters=())
     assert calls == [] and not (tmp_path / "run").exists()
+
+
+def test_the_command_line_scale_flag(tmp_path, capsys):
+    """``--scale`` on ``run`` (and ``demo``): checked with the config before any work, and
+    recorded in the run."""
+    from dnnshrink_core import cli
+    from test_pipeline import write_config
+
+    config = write_config(tmp_path, device="cpu", exporters=[], max_epochs=1, finetune=False,
+                          target_macs=0.5)
+    assert cli.main(["run", str(config), "--out", str(tmp_path / "a"), "--quiet", "--algorithm", "slimming",
+                     "--scale", "capacity"]) == 1
+    assert "the slimming algorithm has no capacity step" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert cli.main(["run", str(config), "--out", str(tmp_path / "b"), "--quiet", "--algorithm", "magnitude",
+                     "--scale", "capacity"]) == 0
+    identity = json.loads((tmp_path / "b" / "checkpoints" / "run.json").read_text())
+    assert identity["scale"] == "capacity"
