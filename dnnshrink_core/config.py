@@ -16,7 +16,7 @@ import yaml
 from .errors import ConfigError, DnnshrinkError, InputRunError, UnknownOptionError
 from .pipeline import OPTION_HINTS, ShrinkOptions, get_algorithm
 from .userspec import SpecError, build_model, load_object, parse_shape
-from .validation import check_epochs, check_exporters, check_options, check_scale
+from .validation import check_algorithm, check_exporters, check_options
 
 __all__ = ["ConfigError", "load_config", "load_functions", "run_config"]  # ConfigError lives in errors.py
 
@@ -75,13 +75,12 @@ def load_config(path: Any) -> Dict[str, Any]:
     for key in ("model", "functions", "input_shape"):
         if key not in data:
             raise ConfigError(f"{path}: key {key!r} is missing ({GENERAL_KEYS[key]})")
-    algorithm = data.get("algorithm", "morphnet")
     try:
-        get_algorithm(algorithm)
+        algorithm = get_algorithm(data.get("algorithm", "morphnet"))
     except DnnshrinkError as exc:
         raise ConfigError(f"{path}: key 'algorithm': {exc}") from exc
-    check_epochs(data.get("max_epochs", ShrinkOptions.max_epochs), get_algorithm(algorithm), f"{path}: ", "key")
-    check_scale(data.get("scale", ShrinkOptions.scale), get_algorithm(algorithm), f"{path}: ", "key")
+    check_algorithm(algorithm, data.get("max_epochs", ShrinkOptions.max_epochs),
+                    data.get("scale", ShrinkOptions.scale), f"{path}: ", "key")
     check_exporters(data.get("exporters", ShrinkOptions.exporters), f"{path}: ", "key")
     data["_base"] = str(path.parent.resolve())
     data["_path"] = str(path)
@@ -140,9 +139,9 @@ def run_config(data: Dict[str, Any], out: Any = None, force: bool = False, resum
     # the command line's overrides, checked like config keys (before the model is built)
     where = f"{data.get('_path', 'config')} with the command-line options: "
     check_options(options, HINTS, where, "key")
-    algorithm = get_algorithm(options.get("algorithm", ShrinkOptions.algorithm))
-    check_epochs(options.get("max_epochs", ShrinkOptions.max_epochs), algorithm, where, "key")
-    check_scale(options.get("scale", ShrinkOptions.scale), algorithm, where, "key")
+    check_algorithm(get_algorithm(options.get("algorithm", ShrinkOptions.algorithm)),
+                    options.get("max_epochs", ShrinkOptions.max_epochs), options.get("scale", ShrinkOptions.scale),
+                    where, "key")
     out = out or data.get("out")
     if out is None:
         raise ConfigError("no output folder: give `out:` in the config or --out on the command line")

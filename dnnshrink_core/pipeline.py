@@ -43,7 +43,7 @@ from .plugins import lookup
 from .report import Report, layer_report, report_markdown, summary_table, widths_against_uniform, widths_text
 from .target import Target, check_reachable, resolve, smallest_cost
 from .tracing import normalize_inputs
-from .validation import check_epochs, check_exporters, check_options, check_scale
+from .validation import check_algorithm, check_exporters, check_options
 
 
 
@@ -252,8 +252,7 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
         raise ConfigError("shrink(): reinit=True trains the learned structure from scratch with train(model), "
                           "so it needs finetune=True")
     algorithm = get_algorithm(opts.algorithm)
-    check_epochs(opts.max_epochs, algorithm, "shrink(): ")
-    check_scale(opts.scale, algorithm, "shrink(): ")
+    check_algorithm(algorithm, opts.max_epochs, opts.scale, "shrink(): ")
     check_exporters(opts.exporters, "shrink(): ")
     owns_group = distributed.init_from_env(opts.device)
     try:

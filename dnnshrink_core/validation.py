@@ -104,22 +104,18 @@ def check_options(options: Mapping[str, Any], hints: Mapping[str, Any], where: s
                           "target: {resource: latency, value: ...}")
 
 
-def check_epochs(max_epochs: int, algorithm: Any, where: str = "", noun: str = "option") -> None:
-    """``max_epochs`` must be at least 1 for an algorithm that learns over epochs (one whose
-    ``learns_over_epochs`` attribute is not False)."""
+def check_algorithm(algorithm: Any, max_epochs: int, scale: str, where: str = "", noun: str = "option") -> None:
+    """The options an algorithm must support, from its attributes: ``max_epochs`` at least 1
+    for one that learns over epochs (``learns_over_epochs`` not False), and ``scale:
+    capacity`` only for one whose structure step offers it (``scales_by_capacity``; one that
+    ignored it would hand back a structure the user did not ask for, found out only after
+    training)."""
+    name = getattr(algorithm, "name", type(algorithm).__name__)
     if max_epochs < 1 and getattr(algorithm, "learns_over_epochs", True):
-        name = getattr(algorithm, "name", type(algorithm).__name__)
         raise ConfigError(f"{where}{noun} 'max_epochs' must be at least 1 for the {name} algorithm, which "
                           f"learns the structure over training epochs, not {max_epochs!r} (one-shot algorithms "
                           "such as `magnitude` run none)")
-
-
-def check_scale(scale: str, algorithm: Any, where: str = "", noun: str = "option") -> None:
-    """``scale: capacity`` needs an algorithm whose structure step offers it (one whose
-    ``scales_by_capacity`` attribute is True); an algorithm that ignored it would hand back
-    a structure the user did not ask for, found out only after training."""
     if scale == "capacity" and not getattr(algorithm, "scales_by_capacity", False):
-        name = getattr(algorithm, "name", type(algorithm).__name__)
         raise ConfigError(f"{where}{noun} 'scale': the {name} algorithm has no capacity step (it brings its "
                           "structure to the budget its own way); use scale: multiplier, or an algorithm that "
                           "offers it (morphnet, magnitude)")
