@@ -33,6 +33,7 @@ from .branches import dropped as dropped_branches
 from .checkpoint import Checkpoints
 from .compensate import compensate as fold_removed_channels
 from .cost import CostModel, resolve_round_to, resource_table
+from .devices import checked_device
 from .errors import (ConfigError, DnnshrinkError, DnnshrinkWarning, NoBatchNormError, OutputExistsError, ScoreDropError, UnknownOptionError)
 from .export import export, get_exporter
 from .fileio import atomic_write
@@ -163,26 +164,13 @@ def _score(value: Any, what: str) -> float:
 
 
 def pick_device(requested: Optional[str], quiet: bool = False) -> torch.device:
-    """The requested device, else CUDA when available (the manual's default), else CPU. A
-    CUDA device always has its index (``cuda`` is the current one: ``torch.cuda.set_device``,
-    which the run calls, refuses a CUDA device without one); one this machine lacks is a
-    :class:`ConfigError`, raised before any work."""
+    """The requested device (:func:`~dnnshrink_core.devices.checked_device`: a CUDA one with
+    its index, which ``torch.cuda.set_device`` needs; one this machine lacks is a
+    :class:`ConfigError`, raised before any work), else CUDA when available (the manual's
+    default), else CPU."""
     if requested:
-        try:
-            device = torch.device(requested)
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigError(f"device {requested!r} is not a device torch knows ({exc}); give cpu, cuda or "
-                              "cuda:N") from None
-        if device.type != "cuda":
-            return device
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {requested!r}: torch sees no CUDA device on this machine "
-                              "(torch.cuda.is_available() is False); give device: cpu, or leave it out to run on "
-                              "CUDA where there is one")
-        index = torch.cuda.current_device() if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return torch.device("cuda", index)
+        return checked_device(requested, "device",
+                              "give device: cpu, or leave it out to run on CUDA where there is one")
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     if not quiet:

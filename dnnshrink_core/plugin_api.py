@@ -26,7 +26,8 @@ What is here, by the kind of plugin that needs it:
   :class:`InputShapeCheck`, :func:`atomic_write`, :func:`atomic_path`, :func:`sha256_bytes`,
   :func:`count_macs`, :func:`layer_width`, :data:`LAYER_TYPES`, :func:`export`;
 * latency measurement: :func:`session`, :func:`onnx_latency`, :func:`interleaved_times`,
-  :func:`fastest_and_median`.
+  :func:`fastest_and_median`, :func:`checked_device` (a device the user names, checked as
+  the run checks its own).
 """
 from . import __version__
 from .algorithm import LearnContext, LearnResult, log_epoch
@@ -40,6 +41,7 @@ from .fileio import atomic_path, atomic_write, sha256_bytes
 from .graph import ChannelGraph, Group
 from .guard import LEARNING_ADVICE, divergence
 from .capacity import capacity_to_budget, dropped_groups, group_orders, rounded_width
+from .devices import checked_device
 from .handler import OpHandler, PropagateContext, RebuildContext, TensorSpec, conv_terms, index_of, resized
 from .labels import Chan
 from .masks import DEFAULT_THRESHOLD, Masks
@@ -51,7 +53,8 @@ from .timing import fastest_and_median, interleaved_times, onnx_latency, session
 from .tracing import eval_graph_module, flatten_outputs, model_mode, normalize_inputs
 
 __all__ = [
-    "ArtifactError", "atomic_path", "Branch", "atomic_write", "capacity_to_budget", "Chan", "ChannelGraph", "ConfigError", "cost_model_names",
+    "ArtifactError", "atomic_path", "Branch", "atomic_write", "capacity_to_budget", "Chan", "ChannelGraph",
+    "checked_device", "ConfigError", "cost_model_names",
     "conv_terms", "CostModel", "count_macs", "DEFAULT_THRESHOLD", "divergence", "DnnshrinkError", "DnnshrinkWarning",
     "dropped_groups", "emptiable_groups", "eval_graph_module", "export", "ExportError", "fastest_and_median", "flatten_outputs", "get_plugin_manager",
     "Group", "group_orders", "hookimpl", "index_of", "InputShapeCheck", "interleaved_times", "largest_fitting", "LAYER_TYPES",

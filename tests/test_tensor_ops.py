@@ -306,10 +306,10 @@ def test_calibrate_refuses_a_device_torch_cannot_use_before_any_work():
     with pytest.raises(ConfigError, match=r"--device 'gpu0' is not a device torch knows .* give cpu, cuda or cuda:N"):
         cal.calibrate(runtime="torch", device="gpu0", out=None, check=False, log=lines.append)
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match=r"--device cuda: torch sees no CUDA device on this machine"):
+        with pytest.raises(ConfigError, match=r"--device 'cuda': torch sees no CUDA device on this machine"):
             cal.calibrate(runtime="torch", device="cuda", out=None, check=False, log=lines.append)
     else:
-        with pytest.raises(ConfigError, match=r"--device cuda:99: this machine has \d+ CUDA device"):
+        with pytest.raises(ConfigError, match=r"--device 'cuda:99': this machine has \d+ CUDA device"):
             cal.calibrate(runtime="torch", device="cuda:99", out=None, check=False, log=lines.append)
     with pytest.raises(ConfigError, match="measures the CPU provider; use --device cpu"):
         cal.calibrate(runtime="onnxruntime", device="cuda", out=None, check=False, log=lines.append)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dnnshrink_core.plugin_api import ConfigError, DnnshrinkWarning
+from dnnshrink_core.plugin_api import checked_device, ConfigError, DnnshrinkWarning
 
 from .latency import (BYTES_PER_ELEMENT, DTYPES, GROUPED, KINDS, TENSOR_KINDS, OpConstants, Profile, load_profile,
                       roofline_seconds)
@@ -431,17 +431,8 @@ class TorchBackend:
 
         if dtype not in DTYPES:
             raise ConfigError(f"--dtype {dtype!r}: give one of {', '.join(DTYPES)}")
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ConfigError(f"--device {device!r} is not a device torch knows ({exc}); give cpu, cuda or cuda:N") \
-                from None
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: torch sees no CUDA device on this machine "
-                              "(torch.cuda.is_available() is False). Calibrate on the machine the network will run "
-                              "on, or use --device cpu.")
-        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        self.device = checked_device(device, "--device", "calibrate on the machine the network will run on, or "
+                                     "use --device cpu")
         self.torch, self.batch, self.dtype = torch, batch, getattr(torch, dtype)
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
