@@ -83,9 +83,16 @@ class Capacity:
         the better of :meth:`stepped` and its even structure (the same share of every group,
         filled to the budget). ``measure_target`` times it for either algorithm (MorphNet
         starts from its learned structure, unknown before training)."""
-        even = fill_to_budget(graph, uniform_fraction(graph, scores, cost, budget, ~graph.unit_frozen, min_width,
-                                                      round_to), scores, cost, budget, round_to)
-        return self.best([self.stepped(graph, scores, cost, budget, min_width, round_to), even], cost, budget)
+        return self.best([self.stepped(graph, scores, cost, budget, min_width, round_to),
+                          even_share(graph, scores, cost, budget, min_width, round_to)], cost, budget)
+
+
+def even_share(graph: Any, scores: np.ndarray, cost: Callable[[np.ndarray], float], budget: float, min_width: int,
+               round_to: Any) -> np.ndarray:
+    """``magnitude``'s structure: the same share of every group (its best units by
+    ``scores``), what rounding left of ``budget`` spent again."""
+    keep = uniform_fraction(graph, scores, cost, budget, ~graph.unit_frozen, min_width, round_to)
+    return fill_to_budget(graph, keep, scores, cost, budget, round_to)
 
 
 def capacity_probe(graph: Any, model: nn.Module, costs: CostModel, profile: Any, min_width: int,
@@ -426,10 +433,8 @@ class Magnitude:
     def learn(self, ctx: LearnContext) -> LearnResult:
         opts = ctx.options
         scores = filter_l1(ctx.model, ctx)
-        keep = uniform_fraction(ctx.graph, scores, ctx.costs.cost, ctx.target, ~ctx.graph.unit_frozen,
-                                opts.min_width, opts.round_to)
-        keep = _with_depth(ctx, fill_to_budget(ctx.graph, keep, scores, ctx.costs.cost, ctx.target, opts.round_to),
-                           scores)
+        keep = _with_depth(ctx, even_share(ctx.graph, scores, ctx.costs.cost, ctx.target, opts.min_width,
+                                           opts.round_to), scores)
         ranking = "filter L1 norm, the same share cut in every group"
         if getattr(opts, "scale", "multiplier") == "capacity":  # the whole network cut where MACs cost most time
             capacity = Capacity(ctx.graph, ctx.model, ctx.costs, getattr(opts, "profile", None))
