@@ -34,7 +34,8 @@ from typing import Dict, Optional
 import numpy as np
 
 import dnnshrink_core as ds
-from dnnshrink_core.cost import CostModel, per_group_multiples, resolve_round_to
+from dnnshrink_core.capacity import capacity_to_budget
+from dnnshrink_core.cost import CostModel, resolve_round_to
 from dnnshrink_plugins.morphnet.structure import enforce_widths, scale_to_budget, uniform_fraction, width_floors
 
 from bench_latency_cost import macs_per_ms, magnitude, midpoint_then_multiplier, structure
@@ -44,38 +45,13 @@ from common import finish, imagenet_setup, latency_row, print_rows, time_network
 
 def group_steps(graph, flops: CostModel, latency: CostModel, scores: np.ndarray, budget: float, multiples,
                 floors: Optional[np.ndarray] = None, in_latency: bool = False) -> np.ndarray:
-    """Greedy block removal: while the MACs (``in_latency``: the predicted latency) exceed
-    ``budget``, take one multiple of channels (the worst by ``scores``) out of the group where
-    that saves the most predicted time per MAC removed, every step priced at the structure it
-    changes. ``floors``: per group, the fewest units it may keep."""
-    removable = graph.unit_removable
-    keep = np.ones(graph.num_units, dtype=bool)
-    order = []  # per group, its removable units best first: a step drops the worst kept ones
-    for group in graph.groups:
-        free = group.units[removable[group.units]]
-        order.append(free[np.argsort(-scores[free], kind="stable")])
-    kept = [len(o) for o in order]
-    fixed = [len(g.units) - len(o) for g, o in zip(graph.groups, order)]
-    step = [max(int(m), 1) for m in per_group_multiples(graph, multiples)]
-    macs, ms = flops.cost(keep), latency.cost(keep)
-    while (ms if in_latency else macs) > budget:
-        best = None
-        for i, units in enumerate(order):
-            n = kept[i]
-            fewer = (n - 1) // step[i] * step[i] if n % step[i] else n - step[i]  # the next multiple down
-            lowest = max(step[i] - fixed[i], 1, int(floors[i]) - fixed[i] if floors is not None else 0)
-            if fewer < lowest:
-                continue
-            trial = keep.copy()
-            trial[units[fewer:n]] = False
-            trial_macs, trial_ms = flops.cost(trial), latency.cost(trial)
-            saved = (ms - trial_ms) / max(macs - trial_macs, 1e-9)
-            if best is None or saved > best[0]:
-                best = (saved, i, fewer, trial, trial_macs, trial_ms)
-        if best is None:  # every group at its floor: the budget cannot be met this way
-            break
-        _, i, kept[i], keep, macs, ms = best
-    return keep
+    """The whole network brought to ``budget`` in MACs (``in_latency``: in predicted latency)
+    by the pipeline's capacity step alone (:func:`~dnnshrink_core.capacity.capacity_to_budget`:
+    one multiple of channels at a time, the worst by ``scores``, from the group where that
+    saves the most predicted time per MAC removed), with no group under ``floors``."""
+    cost = latency if in_latency else flops
+    return capacity_to_budget(graph, np.ones(graph.num_units, dtype=bool), scores, cost.cost, budget, latency.cost,
+                              flops.cost, 1, multiples, floors)
 
 
 def main() -> None:
