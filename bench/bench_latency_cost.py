@@ -16,7 +16,8 @@ blocks with ``auto``), with the floor at half the uniform width as in ``morphnet
   the same procedure keeps at that latency when units are ranked by MACs per predicted
   millisecond alone (:func:`capacity_bound`);
 * ``scale: capacity``: the whole network cut one block of channels at a time where the MACs
-  cost the most predicted time (floors at half the uniform width), at both budgets;
+  cost the most predicted time (floors at half the uniform width), at both budgets: what
+  ``magnitude`` builds at a latency target with the defaults (``scale: auto``);
 * depth: the latency cost's structure with whole residual branches dropped
   (``drop_branches``) while that keeps more MACs at the budget, at both budgets.
 

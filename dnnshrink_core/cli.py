@@ -244,9 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--measure-target", action="store_true",
                        help="with a latency target: time the network with onnxruntime at a few widths before "
                             "training and meet the target as measured, not only as the profile predicts")
-        p.add_argument("--scale", choices=["multiplier", "capacity"],
-                       help="how the structure is brought to the budget: one width multiplier (the default), or "
-                            "capacity: blocks of channels cut where the MACs cost the most predicted time")
+        p.add_argument("--scale", choices=["auto", "multiplier", "capacity"],
+                       help="how the structure is brought to the budget: one width multiplier, or capacity: "
+                            "blocks of channels cut where the MACs cost the most predicted time (default auto: "
+                            "capacity for a latency target, the multiplier otherwise)")
         p.add_argument("--max-score-drop", type=float, metavar="DROP",
                        help="exit with 1 (after writing the report) if the shrunk model scores more than DROP "
                             "below the baseline")

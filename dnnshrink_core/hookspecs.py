@@ -92,8 +92,8 @@ def dnnshrink_algorithm(name: str) -> Optional[Any]:
     baseline is then an error), ``chooses_depth`` (default False; True: its structure
     may drop whole residual blocks, so the reachability check counts them, as the ``depth``
     option allows) and ``scales_by_capacity`` (default False; True: its step to the budget
-    honours the ``scale: capacity`` option; a ``capacity_probe(graph, model, costs, profile,
-    min_width, round_to)`` returning ``budget -> keep flags`` gives ``measure_target`` the
+    honours the ``scale: capacity`` option, which ``scale: auto`` picks at latency targets; a
+    ``capacity_probe(graph, model, costs, profile, min_width, round_to)`` returning ``budget -> keep flags`` gives ``measure_target`` the
     structures it builds, else the uniform multiplier's are timed).
     """
 

@@ -44,7 +44,7 @@ from .plugins import lookup
 from .report import Report, layer_report, report_markdown, summary_table, widths_against_uniform, widths_text
 from .target import Target, check_reachable, resolve, smallest_cost
 from .tracing import normalize_inputs
-from .validation import check_algorithm, check_exporters, check_options
+from .validation import check_algorithm, check_exporters, check_options, resolved_scale
 
 
 
@@ -84,7 +84,11 @@ class ShrinkOptions:
     what the algorithm values at the target; ``false``: channels only (a block whose
     channels all died still goes). For algorithms that choose depth (``chooses_depth``:
     ``morphnet``, ``slimming``, ``magnitude``).
-    ``scale``: how the structure is brought to the budget. ``"multiplier"`` (the default):
+    ``scale``: how the structure is brought to the budget. ``"auto"`` (the default):
+    ``"capacity"`` for a latency target with an algorithm that offers it (the user asked
+    for time, and capacity per millisecond is what a latency budget should buy), otherwise
+    ``"multiplier"`` (a MACs, parameter or activation target is met in the unit the user
+    named, with the learned proportions). ``"multiplier"``:
     MorphNet's width multiplier, every group scaled alike, which keeps the learned
     proportions; ``"capacity"``: one block of channels at a time, cut from the group where
     the MACs cost the most predicted time (the latency profile; grown the other way to fill
@@ -113,7 +117,7 @@ class ShrinkOptions:
     trust: Union[float, str] = "auto"
     anneal: bool = True
     depth: Union[bool, str] = "auto"
-    scale: str = "multiplier"
+    scale: str = "auto"
     profile: Optional[str] = None
     measure_target: bool = False
     onnx_latency: bool = True
@@ -241,6 +245,10 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
                           "so it needs finetune=True")
     algorithm = get_algorithm(opts.algorithm)
     check_algorithm(algorithm, opts.max_epochs, opts.scale, "shrink(): ")
+    opts = dataclasses.replace(opts, scale=resolved_scale(opts.scale, goal, algorithm))
+    if options.get("scale") in (None, "auto") and opts.scale == "capacity":
+        _step("scale auto: capacity for a latency target (the most MACs per predicted ms at the budget; "
+              "scale: multiplier keeps the learned proportions instead)")
     check_exporters(opts.exporters, "shrink(): ")
     owns_group = distributed.init_from_env(opts.device)
     try:
@@ -560,7 +568,8 @@ def _learning_summary(run: _Run, learned: LearnResult) -> Dict[str, Any]:
     ``learned_cost``…) in the target resource's unit, named by ``cost_unit``. A MACs target
     also gives them under the ``*_macs`` names reports had before other resources existed."""
     summary = {"algorithm": run.opts.algorithm, "epochs": learned.epochs, "target_cost": run.target,
-               "cost_unit": run.costs.unit, "target": run.goal.to_dict(), "reinit": run.opts.reinit, **learned.info}
+               "cost_unit": run.costs.unit, "target": run.goal.to_dict(), "scale": run.opts.scale, "reinit": run.opts.reinit,
+               **learned.info}
     if run.goal.resource == "macs":
         summary.update({key[:-len("_cost")] + "_macs": value for key, value in list(summary.items())
                         if key.endswith("_cost") and isinstance(value, (int, float))})

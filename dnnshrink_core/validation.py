@@ -35,9 +35,10 @@ RANGES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "depth": (lambda v: v == "auto" if isinstance(v, str) else True,
               "true, false or 'auto' (whether whole residual blocks may go; auto: where channels alone cannot "
               "reach the target)"),
-    "scale": (lambda v: v in ("multiplier", "capacity"),
-              "'multiplier' (one width multiplier to the budget, the learned proportions kept) or 'capacity' "
-              "(blocks of channels cut where the MACs cost the most predicted time)"),
+    "scale": (lambda v: v in ("auto", "multiplier", "capacity"),
+              "'auto' (capacity for a latency target, multiplier otherwise), 'multiplier' (one width multiplier "
+              "to the budget, the learned proportions kept) or 'capacity' (blocks of channels cut where the MACs "
+              "cost the most predicted time)"),
     "latency_runs": (lambda v: v >= 1, "an integer >= 1"),
     "max_score_drop": (lambda v: v >= 0, "a number >= 0 (how far below the baseline's score the shrunk "
                                          "model may score), or null for no limit"),
@@ -119,6 +120,20 @@ def check_algorithm(algorithm: Any, max_epochs: int, scale: str, where: str = ""
         raise ConfigError(f"{where}{noun} 'scale': the {name} algorithm has no capacity step (it brings its "
                           "structure to the budget its own way); use scale: multiplier, or an algorithm that "
                           "offers it (morphnet, magnitude)")
+
+
+def resolved_scale(scale: str, goal: Any, algorithm: Any) -> str:
+    """The ``scale`` a run uses: ``"auto"`` is ``"capacity"`` for a latency target where the
+    algorithm offers it (``scales_by_capacity``), ``"multiplier"`` otherwise; an explicit
+    value is itself. Why latency only: a user who names time gets the structure with the
+    most MACs per predicted millisecond at that time (MobileNetV2 at 40% of its latency: 34%
+    more MACs, and faster as measured; docs/benchmarks.md), while a MACs, parameter or
+    activation target is met in the unit the user chose, where the learned proportions are
+    the algorithm's answer."""
+    if scale != "auto":
+        return scale
+    latency = getattr(goal, "resource", None) == "latency"
+    return "capacity" if latency and getattr(algorithm, "scales_by_capacity", False) else "multiplier"
 
 
 def check_exporters(names: Any, where: str = "", noun: str = "option") -> None:

@@ -129,8 +129,11 @@ def test_magnitude_with_scale_capacity_at_a_latency_target(tmp_path):
                    max_epochs=0, target={"resource": "latency", "value": 0.4}, finetune=False, device="cpu",
                    progress=False, latency_runs=1, exporters=(), onnx_latency=False, tensorboard=False)
     kept = {}
-    for scale in ("multiplier", "capacity"):
+    for scale in ("multiplier", "capacity", "auto"):
         result = shrink(model, X224, scale=scale, **options)
+        # auto, the default, is the capacity step at a latency target
+        assert result.report.extra["structure_learning"]["scale"] == ("multiplier" if scale == "multiplier"
+                                                                      else "capacity")
         resources = result.report.extra["resources"]
         assert resources["latency_ms"]["after"] <= 0.4 * resources["latency_ms"]["before"] * (1 + 1e-9)
         kept[scale] = resources["macs"]["after"] / resources["macs"]["before"]
@@ -138,6 +141,26 @@ def test_magnitude_with_scale_capacity_at_a_latency_target(tmp_path):
             assert result.model(X224).shape == (1, 1000)
         assert resources["macs"]["after"] == CostModel(ds.trace(result.model, X224), result.model, "flops").initial
     assert kept["capacity"] > 1.15 * kept["multiplier"]
+    assert kept["auto"] == kept["capacity"]
+
+
+def test_scale_auto_is_the_capacity_step_for_latency_targets_only():
+    """``resolved_scale``: capacity where the user named time and the algorithm offers it;
+    the multiplier for the other resources and for algorithms without a capacity step; an
+    explicit value stays."""
+    from dnnshrink_core.pipeline import get_algorithm
+    from dnnshrink_core.target import resolve
+    from dnnshrink_core.validation import resolved_scale
+
+    latency, macs = resolve({"resource": "latency", "value": 0.5}, None), resolve(None, 0.5)
+    params = resolve({"resource": "params", "value": 0.5}, None)
+    morphnet, slimming = get_algorithm("morphnet"), get_algorithm("slimming")
+    assert resolved_scale("auto", latency, morphnet) == "capacity"
+    assert resolved_scale("auto", macs, morphnet) == "multiplier"
+    assert resolved_scale("auto", params, morphnet) == "multiplier"
+    assert resolved_scale("auto", latency, slimming) == "multiplier"
+    assert resolved_scale("multiplier", latency, morphnet) == "multiplier"
+    assert resolved_scale("capacity", macs, morphnet) == "capacity"
 
 
 class Tiny(nn.Module):
@@ -177,7 +200,7 @@ def test_an_algorithm_without_a_capacity_step_refuses_it_before_any_work(tmp_pat
 
     with pytest.raises(ds.ConfigError, match=r"key 'scale': the slimming algorithm has no capacity step"):
         load_config(path)
-    with pytest.raises(ds.ConfigError, match=r"option 'scale' must be 'multiplier' .* or 'capacity'"):
+    with pytest.raises(ds.ConfigError, match=r"option 'scale' must be 'auto' .* 'multiplier' .* or 'capacity'"):
         shrink(Tiny(), torch.randn(1, 3, 8, 8), train_one_epoch=lambda m, lr: None, train=lambda m: None,
                test=lambda m: 1.0, scale="even", device="cpu", progress=False)
 
