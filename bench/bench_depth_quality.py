@@ -11,7 +11,7 @@ fine-tunes ``--finetune`` epochs with the same data order. The naive rows keep e
 channel of the blocks that stay and scale the widths to the budget with one multiplier.
 
     python bench/bench_depth_quality.py [--seeds 0 1 2] [--latency 0.6] [--scales multiplier capacity]
-        [--json rows.json]
+        [--network resdigits|mobilenet_v2] [--json rows.json]
 """
 from __future__ import annotations
 
@@ -66,6 +66,20 @@ class ResDigits(nn.Module):
         return self.classifier(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+def digits_mobilenet_v2() -> nn.Module:
+    """torchvision's MobileNetV2 (width 0.5) for the digits: the 8×8 image upsampled to
+    32×32 and a one-channel stem of stride 1, so that its depthwise stages see 32×32 to 2×2
+    (a network whose layers differ in time per MAC, as MobileNetV2's do at 224×224)."""
+    import torchvision
+
+    net = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.5)
+    net.features[0][0] = nn.Conv2d(1, net.features[0][0].out_channels, 3, 1, 1, bias=False)
+    return nn.Sequential(nn.Upsample(scale_factor=4, mode="bilinear"), net)
+
+
+NETWORKS = {"resdigits": ResDigits, "mobilenet_v2": digits_mobilenet_v2}
+
+
 def naive(model: nn.Module, x: torch.Tensor, k: int, from_end: bool, fraction: float) -> nn.Module:
     """``model`` with ``k`` blocks dropped from its end (or start) and every other group
     scaled by one multiplier to ``fraction`` of the predicted latency."""
@@ -90,6 +104,8 @@ def main() -> None:
     parser.add_argument("--scales", nargs="+", default=["multiplier"], choices=["multiplier", "capacity"],
                         help="the pipeline's scale option for morphnet and magnitude: each is a row of its own "
                              "(the naive rows come with multiplier)")
+    parser.add_argument("--network", choices=sorted(NETWORKS), default="resdigits",
+                        help="ResDigits (six basic blocks) or MobileNetV2 at 32×32 (digits_mobilenet_v2)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -98,7 +114,7 @@ def main() -> None:
     for seed in args.seeds:
         torch.manual_seed(seed)
         task._seed[0] = 1000 * seed
-        base = ResDigits()
+        base = NETWORKS[args.network]()
         task.train(base, args.epochs)
         graph = ds.trace(base, x)
         latency = CostModel(graph, base, "latency")

@@ -59,15 +59,36 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _reach(model: Any, graph: Any, profile: Optional[str]) -> str:
     """The smallest each target resource can go (every removable group at one block of
     channels, ``round_to: auto``), by channels alone and with the droppable residual blocks
-    gone: what a target below is refused for; and the share no channel cut changes."""
+    gone: what a target below is refused for; again for ``magnitude`` where it can remove
+    channels no BatchNorm scales; and the share no channel cut changes."""
+    view = graph.for_weight_ranking()
+    extra = int(view.unit_removable.sum() - graph.unit_removable.sum())
+    if not view.unit_removable.any():
+        return "no removable channel: no target below the baseline can be met"
+    lines = []
+    if graph.unit_removable.any():
+        lines += _smallest(model, graph, profile, "smallest network (every removable group at one channel block, "
+                                                  "round_to: auto):")
+    else:
+        lines.append("no channel a BatchNorm scales: morphnet and slimming cannot shrink this model")
+    if extra:
+        lines += _smallest(model, view, profile, f"with magnitude, which also removes the {extra} channels no "
+                                                 "BatchNorm scales (morphnet and slimming do not):")
+    if graph.fixed():
+        lines.append("  (what no channel cut changes: attention's matrix products and the layers the graph cannot "
+                     "follow, priced at their full size)")
+    return "\n".join(lines)
+
+
+def _smallest(model: Any, graph: Any, profile: Optional[str], title: str) -> List[str]:
+    """``title``, then per resource the smallest share of the baseline ``graph``'s removable
+    channels reach, alone and with the droppable residual blocks gone."""
     from .cost import CostModel, resolve_round_to
     from .target import notable_constant, smallest_cost
 
-    if not graph.unit_removable.any():
-        return "no removable channel: no target below the baseline can be met"
     latency = CostModel(graph, model, "latency", profile=profile)
     multiples, _ = resolve_round_to(graph, model, "auto", profile, latency=latency)
-    lines = ["smallest network (every removable group at one channel block, round_to: auto):"]
+    lines = [title]
     for name, label in (("flops", "MACs"), ("params", "parameters"), ("latency", "latency")):
         costs = latency if name == "latency" else CostModel(graph, model, name, profile=profile)
         alone = smallest_cost(graph, costs, 1, multiples) / costs.initial
@@ -80,10 +101,7 @@ def _reach(model: Any, graph: Any, profile: Optional[str]) -> str:
         if name == "latency":
             line += f"; predicted {costs.initial:.3g} ms, {costs.resource.profile.describe()}"
         lines.append(line)
-    if graph.fixed():
-        lines.append("  (what no channel cut changes: attention's matrix products and the layers the graph cannot "
-                     "follow, priced at their full size)")
-    return "\n".join(lines)
+    return lines
 
 
 def _graph_head(graph, top: int) -> str:

@@ -101,7 +101,8 @@ def bias_shifts(model: nn.Module, graph: ChannelGraph, keep: np.ndarray, inputs:
                 max_gamma: float = DEFAULT_THRESHOLD) -> Dict[str, torch.Tensor]:
     """Per layer name, the shift of every kept output that removing the dropped near-constant
     input channels causes; layers whose shift is exactly zero are left out."""
-    folded = ~keep & (graph.unit_gammas(model) <= max_gamma)
+    # a unit no BatchNorm scales (which only a weight ranking removes) is live: nothing to fold
+    folded = ~keep & graph.unit_has_source & (graph.unit_gammas(model) <= max_gamma)
     chosen = _candidates(model, graph, folded)
     if not chosen or _exactly_zero(model, graph, folded):
         return {}
@@ -168,7 +169,8 @@ def _dropped_constants(original: nn.Module, shrunk: nn.Module, graph: ChannelGra
     settled = branches.settle(graph, keep)
     gammas = graph.unit_gammas(original)
     chosen = [b for b in hit if hasattr(shrunk, branches.parameter_name(b))
-              and any((gammas[graph.groups[g].units] <= max_gamma).all() for g in b.own)]
+              and any(graph.unit_has_source[graph.groups[g].units].all()
+                      and (gammas[graph.groups[g].units] <= max_gamma).all() for g in b.own)]
     if not chosen:
         return []
     values, _ = branches.constants(graph, original, settled, zero=False)

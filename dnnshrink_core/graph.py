@@ -8,6 +8,8 @@ output channels of every block's last conv and of the downsample conv are one gr
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -22,7 +24,9 @@ class Group:
     """Channel units that share layers. ``size`` units; a mask has one boolean per unit.
 
     ``removable[i]`` says whether unit ``i`` may be removed at all: it has a BatchNorm
-    source, is not frozen, and reaches every channel-mixing op through such a source.
+    source, is not frozen, and reaches every channel-mixing op through such a source (for
+    an algorithm that ranks by weights, :meth:`ChannelGraph.for_weight_ranking`: it is not
+    frozen).
     """
 
     index: int
@@ -242,6 +246,22 @@ class ChannelGraph:
                                         self.unit_of[info["out_labels"]], coef,
                                         info.get("weight", ""), info.get("params_coef")))
         return result
+
+    def for_weight_ranking(self) -> "ChannelGraph":
+        """This graph as an algorithm that ranks channels by their weights sees it (one with
+        ``needs_batchnorm = False``, such as ``magnitude``): every unit that is not frozen may
+        go, those no BatchNorm scales included (the hidden channels of a transformer's or
+        ConvNeXt's MLP, between two Linear layers; a conv without BatchNorm). The BatchNorm
+        that :attr:`unit_removable` asks for otherwise is what makes a removal *exact* once
+        its scale is zero (MorphNet's, network slimming's); removing a live channel changes
+        the output with or without it, and the generator slices every op of a unit that is
+        not frozen. A copy: the traced graph, cached for the model, is left as it was."""
+        view = copy.copy(self)
+        view.unit_removable = ~self.unit_frozen
+        view.groups = [dataclasses.replace(g, removable=view.unit_removable[g.units]) for g in self.groups]
+        view._by_name = {g.name: g for g in view.groups}
+        view.__dict__.pop("_branches", None)  # a branch is droppable when its own groups are removable
+        return view
 
     def unremovable_share(self) -> float:
         """The share of the channel units no cut may remove (no BatchNorm scales them, an op

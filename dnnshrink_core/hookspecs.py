@@ -88,13 +88,16 @@ def dnnshrink_algorithm(name: str) -> Optional[Any]:
     and returns which channel units to keep. The generator, exporters and report are shared.
     Optional attributes tell the core what the algorithm needs: ``learns_over_epochs``
     (default True; False lets ``max_epochs`` be 0), ``needs_batchnorm`` (default True: it
-    learns from BatchNorm scales), ``grows_networks`` (default False: a target above the
+    learns from BatchNorm scales; False: it ranks channels by something else, so a model
+    without BatchNorm is let through and every channel that is not frozen is removable to it,
+    :meth:`~dnnshrink_core.graph.ChannelGraph.for_weight_ranking`), ``grows_networks`` (default False: a target above the
     baseline is then an error), ``chooses_depth`` (default False; True: its structure
     may drop whole residual blocks, so the reachability check counts them, as the ``depth``
     option allows) and ``scales_by_capacity`` (default False; True: its step to the budget
     honours the ``scale: capacity`` option, which ``scale: auto`` picks at latency targets; a
-    ``capacity_probe(graph, model, costs, profile, min_width, round_to)`` returning ``budget -> keep flags`` gives ``measure_target`` the
-    structures it builds, else the uniform multiplier's are timed).
+    ``capacity_probe(graph, model, costs, profile, min_width, round_to)`` returning ``budget
+    -> keep flags`` gives ``measure_target`` the structures it builds, else the uniform
+    multiplier's are timed).
     """
 
 

@@ -323,7 +323,11 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
     if not graph.source_modules and getattr(algorithm, "needs_batchnorm", True):
         raise NoBatchNormError(f"{type(model).__name__} has no BatchNorm that scales prunable channels; "
                                f"{opts.algorithm} learns from BatchNorm scales: add a BatchNorm after each conv you "
-                               "want shrunk (nn.Conv2d -> nn.BatchNorm2d -> activation)." + frozen_batchnorm_note(model))
+                               "want shrunk (nn.Conv2d -> nn.BatchNorm2d -> activation), or use algorithm: magnitude, "
+                               "which ranks channels by their weights (a LayerNorm network's MLP channels too)."
+                               + frozen_batchnorm_note(model))
+    if not getattr(algorithm, "needs_batchnorm", True):  # it may remove channels no BatchNorm scales too
+        graph = graph.for_weight_ranking()
     goal = resolve(opts.target, opts.target_macs)
     identity = _identity(opts, goal)
     if opts.resume and opts.out_dir is not None:  # before any work: a resumed run is the run it continues
@@ -568,8 +572,8 @@ def _learning_summary(run: _Run, learned: LearnResult) -> Dict[str, Any]:
     ``learned_cost``…) in the target resource's unit, named by ``cost_unit``. A MACs target
     also gives them under the ``*_macs`` names reports had before other resources existed."""
     summary = {"algorithm": run.opts.algorithm, "epochs": learned.epochs, "target_cost": run.target,
-               "cost_unit": run.costs.unit, "target": run.goal.to_dict(), "scale": run.opts.scale, "reinit": run.opts.reinit,
-               **learned.info}
+               "cost_unit": run.costs.unit, "target": run.goal.to_dict(), "scale": run.opts.scale,
+               "reinit": run.opts.reinit, **learned.info}
     if run.goal.resource == "macs":
         summary.update({key[:-len("_cost")] + "_macs": value for key, value in list(summary.items())
                         if key.endswith("_cost") and isinstance(value, (int, float))})

@@ -1,0 +1,125 @@
+"""Channels no BatchNorm scales (the MLPs of LayerNorm networks such as ConvNeXt and the
+vision transformers, convs without BatchNorm): removable for an algorithm that ranks
+channels by their weights (``magnitude``), still not for those that learn from BatchNorm
+scales."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dnnshrink_core as ds
+from dnnshrink_core.pipeline import shrink
+
+
+class Block(nn.Module):
+    """ConvNeXt's block: a depthwise conv, a LayerNorm over the channels (channels last), an
+    MLP of two Linear layers and a layer scale, added to the input."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.scale = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x):
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.fc2(nn.functional.gelu(self.fc1(y))) * self.scale
+        return x + y.permute(0, 3, 1, 2)
+
+
+class TinyConvNeXt(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 4, stride=4)
+        self.blocks = nn.Sequential(Block(32), Block(32))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+X = torch.randn(2, 3, 32, 32)
+RUN = dict(train_one_epoch=lambda m, lr: None, train=None, test=lambda m: 1.0, algorithm="magnitude", max_epochs=0,
+           finetune=False, device="cpu", progress=False, latency_runs=1, onnx_latency=False, tensorboard=False)
+
+
+def hidden_groups(graph):
+    return [g for g in graph.groups if any(s.owner.endswith("fc1") for s in g.spaces if s.role == "out")]
+
+
+def zeroed(model: nn.Module, masks) -> nn.Module:
+    """``model`` with every removed MLP unit silenced where it is made (its fc1 row and bias):
+    GELU(0) = 0, so fc2 reads zeros from it, which is what removing it means."""
+    reference = copy.deepcopy(model)
+    for i, block in enumerate(reference.blocks):
+        keep = torch.as_tensor(masks[f"blocks.{i}.fc1"], dtype=torch.bool)
+        with torch.no_grad():
+            block.fc1.weight[~keep] = 0
+            block.fc1.bias[~keep] = 0
+    return reference.eval()
+
+
+def test_the_weight_ranking_view_frees_the_mlp_and_leaves_the_traced_graph_alone():
+    torch.manual_seed(0)
+    model = TinyConvNeXt().eval()
+    graph = ds.trace(model, X)
+    assert not graph.unit_removable.any()  # no BatchNorm: nothing MorphNet could remove exactly
+    view = graph.for_weight_ranking()
+    hidden = hidden_groups(view)
+    assert len(hidden) == 2 and all(g.size == 128 and g.removable.all() for g in hidden)
+    # the residual stream is normalised over its channels by the LayerNorms: kept whole
+    assert not view.unit_removable[view.unit_frozen].any() and view.unit_frozen.any()
+    assert view.unit_removable.sum() == 256
+    # the graph traced (and cached for the model) is unchanged
+    assert not graph.unit_removable.any() and not ds.trace(model, X).unit_removable.any()
+    assert all(not g.removable.any() for g in graph.groups)
+
+
+def test_magnitude_shrinks_a_layernorm_network_and_the_result_is_the_mlp_cut(tmp_path):
+    torch.manual_seed(0)
+    model = TinyConvNeXt().eval()
+    before = copy.deepcopy(model.state_dict())
+    result = shrink(model, X, target_macs=0.6, exporters=("onnx",), out_dir=str(tmp_path / "run"), **RUN)
+    macs = result.report.extra["resources"]["macs"]
+    assert macs["after"] <= 0.6 * macs["before"]
+    assert set(result.masks) >= {"blocks.0.fc1", "blocks.1.fc1"}
+    kept = [int(torch.as_tensor(result.masks[f"blocks.{i}.fc1"]).sum()) for i in range(2)]
+    assert all(0 < k < 128 for k in kept)
+    assert [b.fc1.out_features for b in result.model.blocks] == kept
+    # nothing folded into fc2's bias: a live channel's mean on one example is no constant
+    with torch.no_grad():
+        np.testing.assert_allclose(result.model(X).numpy(), zeroed(model, result.masks)(X).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model untouched
+    assert (tmp_path / "run" / "model.onnx").is_file()
+
+
+def test_learning_from_batchnorm_scales_still_needs_them():
+    with pytest.raises(ds.NoBatchNormError, match="has no BatchNorm"):
+        shrink(TinyConvNeXt(), X, **{**RUN, "algorithm": "morphnet", "max_epochs": 1}, target_macs=0.6)
+
+
+def test_only_channels_a_zero_batchnorm_scale_made_constant_are_folded():
+    """Removing a channel whose BatchNorm scale is zero folds its constant into the next
+    layer's bias; a live channel no BatchNorm scales, removed in the same cut, is not folded
+    (its mean on the example inputs is no constant)."""
+    from dnnshrink_core.compensate import bias_shifts
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.ReLU(),
+                          nn.Conv2d(16, 4, 1)).eval()
+    with torch.no_grad():
+        model[1].weight[0], model[1].bias[0] = 0.0, 1.0  # channel 0 carries relu(1) = 1 everywhere
+    graph = ds.trace(model, X).for_weight_ranking()
+    bn, hidden = graph["0"], graph["3"]
+    assert hidden.removable.all() and not graph.unit_has_source[hidden.units].any()
+    keep = np.ones(graph.num_units, dtype=bool)
+    keep[bn.units[0]] = False
+    keep[hidden.units[:8]] = False
+    shifts = bias_shifts(model, graph, keep, (X,))
+    assert set(shifts) == {"3"}  # conv 3 reads the constant channel; conv 5 reads live ones only
+    expected = model[3].weight.detach().double()[:, 0].flatten(1).sum(1)[torch.from_numpy(keep[hidden.units])]
+    torch.testing.assert_close(shifts["3"], expected)
