@@ -123,3 +123,15 @@ def test_only_channels_a_zero_batchnorm_scale_made_constant_are_folded():
     assert set(shifts) == {"3"}  # conv 3 reads the constant channel; conv 5 reads live ones only
     expected = model[3].weight.detach().double()[:, 0].flatten(1).sum(1)[torch.from_numpy(keep[hidden.units])]
     torch.testing.assert_close(shifts["3"], expected)
+
+
+def test_inspect_says_which_algorithm_can_shrink_a_layernorm_network(tmp_path, capsys):
+    from dnnshrink_core import cli
+
+    status = cli.main(["inspect", "test_unscaled:TinyConvNeXt", "--input-shape", "1,3,32,32",
+                       "--out", str(tmp_path / "g.svg")])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "no channel a BatchNorm scales: morphnet and slimming cannot shrink this model" in out
+    assert "with magnitude, which also removes the 256 channels no BatchNorm scales" in out
+    assert "no target below the baseline can be met" not in out
