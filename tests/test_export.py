@@ -342,3 +342,27 @@ def test_an_export_torch_cannot_follow_says_why_plainly(tmp_path):
                               "'torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode'>")
     assert "\x1b[" not in message and "Next steps" not in message
     assert "export the part of the model before them" in message and not (tmp_path / "m.onnx").exists()
+
+
+def test_a_dynamic_batch_torch_cannot_export_falls_back_in_one_warning_not_pages_of_logs(tmp_path, capfd):
+    """Two of torchvision's ConvNeXt blocks in a row: torch.export cannot give them a dynamic
+    batch, and logs every failed guard with its traceback (some 150 lines) before raising.
+    The user gets the fixed-batch file and one warning; the level ``logging.disable`` had
+    is restored."""
+    import logging
+
+    from torchvision.models.convnext import CNBlock
+
+    torch.manual_seed(0)
+    net = nn.Sequential(CNBlock(8, 1e-6, 0.0), CNBlock(8, 1e-6, 0.0)).eval()
+    x = torch.randn(1, 8, 8, 8)
+    logging.disable(logging.DEBUG)
+    try:
+        with pytest.warns(ds.DnnshrinkWarning, match="could not give Sequential a dynamic batch"):
+            result = ds.export(net, x, "onnx", tmp_path / "m.onnx")
+        assert logging.root.manager.disable == logging.DEBUG
+    finally:
+        logging.disable(logging.NOTSET)
+    assert result["dynamic_batch"] is False and result["max_relative_error"] < 1e-4
+    err = capfd.readouterr().err
+    assert "Error while creating guard" not in err and "Traceback" not in err, err[:2000]

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -66,6 +67,20 @@ def verify_onnx(path: Path, model: nn.Module, inputs: tuple, rtol: float, thread
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+@contextlib.contextmanager
+def _torch_logs_silenced() -> Iterator[None]:
+    """No log records while torch's exporter runs: where a dynamic batch fails (two of
+    torchvision's ConvNeXt blocks in a row), torch logs each failed guard with its traceback
+    at ERROR level, some 150 lines on stderr, before raising the error this module reports
+    in one line and falls back from. The level set by ``logging.disable`` before is restored."""
+    before = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(before)
+
+
 def _torch_export(model: nn.Module, inputs: tuple, path: Path, opset: int, dynamic: Any) -> Optional[Exception]:
     """Export a copy of ``model`` with torch's exporter; the exception it raised, or None.
 
@@ -74,7 +89,8 @@ def _torch_export(model: nn.Module, inputs: tuple, path: Path, opset: int, dynam
     would keep those symbolic values: every later call of the model then fails. So a copy
     is exported; the model itself is what the export is checked against."""
     exported = copy.deepcopy(model)
-    with model_mode(exported, training=False), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with model_mode(exported, training=False), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            _torch_logs_silenced():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(exported, inputs, str(path), dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
