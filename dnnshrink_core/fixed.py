@@ -74,8 +74,13 @@ def attention_terms(q: Sequence[int], k: Sequence[int], v: Sequence[int]) -> Lis
 
 
 def einsum_terms(equation: Any, shapes: Sequence[Sequence[int]]) -> Optional[Gemm]:
-    """A two-operand ``einsum`` as a matrix product with one output column per element it
-    writes and the product of its summed indices as the inner width."""
+    """A two-operand ``einsum`` as the batched matrix product it runs: the indices in both
+    operands and the output are its batch, those of one operand and the output its rows or
+    its columns (the columns: the operand that holds the output's last index, as ``a @ b``
+    has them), the summed ones its inner width. Its MACs are the product of every index's
+    size either way; the shape matters to a latency profile, which priced each output
+    element as a product of its own (one column) 30–50× above what MaxViT's window attention
+    ("BGHID,BGHJD->BGHIJ") measures."""
     if not isinstance(equation, str) or "->" not in equation or "..." in equation or len(shapes) != 2:
         return None
     lhs, out = equation.replace(" ", "").split("->")
@@ -86,9 +91,16 @@ def einsum_terms(equation: Any, shapes: Sequence[Sequence[int]]) -> Optional[Gem
     for subs, shape in zip(inputs, shapes):
         for letter, n in zip(subs, shape):
             sizes[letter] = max(sizes.get(letter, 1), int(n))
+    a, b = (set(subs) for subs in inputs)
+    kept = set(out)
+    own_a, own_b = (a - b) & kept, (b - a) & kept
+    if out and out[-1] in own_a:
+        own_a, own_b = own_b, own_a
+    size = lambda letters: math.prod(sizes[letter] for letter in letters)  # noqa: E731
+    rows = size((a & b & kept) | own_a)
     written = math.prod(sizes.get(letter, 1) for letter in out)
-    inner = math.prod(n for letter, n in sizes.items() if letter not in out)
-    return float(written), float(inner), 1.0, float(sum(math.prod(s) for s in shapes)), float(written)
+    return float(rows), float(size(set(sizes) - kept)), float(size(own_b)), \
+        float(sum(math.prod(s) for s in shapes)), float(written)
 
 
 def _gemms(trace: Any, node: fx.Node) -> List[Gemm]:
