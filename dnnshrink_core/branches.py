@@ -338,7 +338,10 @@ def constant_of(values: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def zeroed_sources(graph: Any, model: Any, units: np.ndarray) -> Optional[Dict[str, torch.Tensor]]:
     """Copies of the BatchNorm scales and shifts of ``units``' sources with those channels
-    zeroed (``{path: tensor}``), or None when a source has no module with both."""
+    zeroed (``{path: tensor}``), and, for units no BatchNorm scales (which only an
+    algorithm ranking by weights removes), of the conv/linear weight rows and biases that
+    make them; None when a source has no module with both, or a layer's weight has no row
+    per output channel (a transposed conv)."""
     chosen = np.isin(graph.src_unit, units)
     result: Dict[str, torch.Tensor] = {}
     for idx in np.unique(graph.src_module[chosen]):
@@ -356,6 +359,35 @@ def zeroed_sources(graph: Any, model: Any, units: np.ndarray) -> Optional[Dict[s
             value = result.get(path, tensor.detach()).clone()
             value[torch.as_tensor(channels, dtype=torch.long, device=value.device)] = 0.0
             result[path] = value
+    units = np.asarray(units, dtype=np.int64)
+    unscaled = units[~graph.unit_has_source[units]]
+    return _zeroed_layers(graph, model, unscaled, result) if len(unscaled) else result
+
+
+def _zeroed_layers(graph: Any, model: Any, units: np.ndarray,
+                   result: Dict[str, torch.Tensor]) -> Optional[Dict[str, torch.Tensor]]:
+    """``result`` with the weight rows and biases that make ``units`` zeroed, so that those
+    channels carry zeros as a zero BatchNorm scale and shift would make them."""
+    for layer in graph.layers():
+        rows = np.isin(layer.out_units, units)
+        if not rows.any():
+            continue
+        owner, _, attr = layer.weight.rpartition(".")
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            return None
+        weight = getattr(module, attr, None)
+        if not isinstance(weight, torch.Tensor) or getattr(module, "transposed", False) \
+                or weight.shape[0] != len(layer.out_units):
+            return None
+        index = torch.as_tensor(np.flatnonzero(rows), dtype=torch.long, device=weight.device)
+        bias = getattr(module, "bias", None) if attr == "weight" else None
+        for path, tensor in ((layer.weight, weight), (f"{owner}.bias" if owner else "bias", bias)):
+            if isinstance(tensor, torch.Tensor):
+                value = result.get(path, tensor.detach()).clone()
+                value[index] = 0.0
+                result[path] = value
     return result
 
 

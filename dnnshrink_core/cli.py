@@ -72,8 +72,9 @@ def _reach(model: Any, graph: Any, profile: Optional[str]) -> str:
     else:
         lines.append("no channel a BatchNorm scales: morphnet and slimming cannot shrink this model")
     if extra:
-        lines += _smallest(model, view, profile, f"with magnitude, which also removes the {extra} channels no "
-                                                 "BatchNorm scales (morphnet and slimming do not):")
+        lines += _smallest(model, view, profile, f"with magnitude, which can also remove {extra} channels that "
+                                                 "morphnet and slimming cannot (no BatchNorm makes their removal "
+                                                 "exact):")
     if graph.fixed():
         lines.append("  (what no channel cut changes: attention's matrix products and the layers the graph cannot "
                      "follow, priced at their full size)")

@@ -101,8 +101,9 @@ def bias_shifts(model: nn.Module, graph: ChannelGraph, keep: np.ndarray, inputs:
                 max_gamma: float = DEFAULT_THRESHOLD) -> Dict[str, torch.Tensor]:
     """Per layer name, the shift of every kept output that removing the dropped near-constant
     input channels causes; layers whose shift is exactly zero are left out."""
-    # a unit no BatchNorm scales (which only a weight ranking removes) is live: nothing to fold
-    folded = ~keep & graph.unit_has_source & (graph.unit_gammas(model) <= max_gamma)
+    # a unit no BatchNorm scales, or one a layer reads before its BatchNorm (which only a
+    # weight ranking removes), is live where it is read: nothing to fold
+    folded = ~keep & graph.unit_has_source & ~graph.unit_unguarded & (graph.unit_gammas(model) <= max_gamma)
     chosen = _candidates(model, graph, folded)
     if not chosen or _exactly_zero(model, graph, folded):
         return {}

@@ -316,6 +316,13 @@ def _clone_memo(model: nn.Module, replacements: Dict[str, nn.Module],
     return memo
 
 
+def settled(model: nn.Module, graph: ChannelGraph, keep: np.ndarray) -> np.ndarray:
+    """``keep`` as :func:`build` builds it: every group inside a dropped residual branch
+    emptied, and a branch whose output is not constant once emptied given back the best
+    unit of its emptied groups (with a warning). The same flags give the same network."""
+    return _droppable(model, graph, keep)[0]
+
+
 def _droppable(model: nn.Module, graph: ChannelGraph, keep: np.ndarray) -> Tuple[np.ndarray, Dict[Any, torch.Tensor]]:
     """``keep`` settled for the branches it drops, and each dropped branch's constant. A branch
     whose output turns out not to be constant keeps the best unit of its emptied groups."""

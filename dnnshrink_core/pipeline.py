@@ -38,7 +38,7 @@ from .errors import (ConfigError, DnnshrinkError, DnnshrinkWarning, NoBatchNormE
 from .export import export, get_exporter
 from .fileio import atomic_write
 from .guard import LEARNING_ADVICE, FiniteGuard
-from .generate import build
+from .generate import build, settled
 from .masks import DEFAULT_THRESHOLD, Masks
 from .plugins import lookup
 from .report import Report, layer_report, report_markdown, summary_table, widths_against_uniform, widths_text
@@ -246,11 +246,11 @@ def shrink(model: nn.Module, example_inputs: Any, *, train_one_epoch: Callable[[
     algorithm = get_algorithm(opts.algorithm)
     check_algorithm(algorithm, opts.max_epochs, opts.scale, "shrink(): ")
     opts = dataclasses.replace(opts, scale=resolved_scale(opts.scale, goal, algorithm))
-    if options.get("scale") in (None, "auto") and opts.scale == "capacity":
-        _step("scale auto: capacity for a latency target (the most MACs per predicted ms at the budget; "
-              "scale: multiplier keeps the learned proportions instead)")
     check_exporters(opts.exporters, "shrink(): ")
     owns_group = distributed.init_from_env(opts.device)
+    if options.get("scale") in (None, "auto") and opts.scale == "capacity":  # (said by rank 0 only)
+        _step("scale auto: capacity for a latency target (the most MACs per predicted ms at the budget; "
+              "scale: multiplier keeps the learned proportions instead)")
     try:
         with warnings.catch_warnings():
             if not distributed.is_main():  # the same warnings would come from every rank
@@ -299,6 +299,9 @@ def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, te
     run = _prepare(model, example_inputs, opts, algorithm)
     _baseline(run, train, test)
     learned = _learn(run, train_one_epoch)
+    # the structure as the generator builds it (a residual block that would not reduce to a
+    # constant keeps a unit), so that the masks and the report count what is built
+    learned = dataclasses.replace(learned, keep=settled(run.work, run.graph, learned.keep))
     shrunk, masks, digests = _generate(run, learned, test)
     if run.opts.reinit:
         # MorphNet's own procedure: the learned structure, trained from a fresh start
@@ -572,8 +575,9 @@ def _learning_summary(run: _Run, learned: LearnResult) -> Dict[str, Any]:
     ``learned_cost``…) in the target resource's unit, named by ``cost_unit``. A MACs target
     also gives them under the ``*_macs`` names reports had before other resources existed."""
     summary = {"algorithm": run.opts.algorithm, "epochs": learned.epochs, "target_cost": run.target,
-               "cost_unit": run.costs.unit, "target": run.goal.to_dict(), "scale": run.opts.scale,
-               "reinit": run.opts.reinit, **learned.info}
+               "cost_unit": run.costs.unit, "target": run.goal.to_dict(), "reinit": run.opts.reinit, **learned.info}
+    if getattr(run.algorithm, "scales_by_capacity", False):  # (the others bring it to the budget their own way)
+        summary["scale"] = run.opts.scale
     if run.goal.resource == "macs":
         summary.update({key[:-len("_cost")] + "_macs": value for key, value in list(summary.items())
                         if key.endswith("_cost") and isinstance(value, (int, float))})
@@ -771,9 +775,13 @@ def _check_resumable(out_dir: Path, identity: Dict[str, Any]) -> None:
     changed = [key for key in identity if key in before and before[key] != identity[key]]
     if changed:
         said = "; ".join(f"{key} {before[key]!r} then, {identity[key]!r} now" for key in changed)
+        had = ", ".join(f"{key}: {before[key]}" for key in changed)
+        why = (" (the default scale, auto, is capacity at a latency target; runs made before it took the "
+               "multiplier)" if "scale" in changed and (before["scale"], identity["scale"]) == ("multiplier", "capacity")
+               else "")
         raise DnnshrinkError(f"--resume continues the run in {out_dir} as it was, and this one asks for another "
-                             f"structure ({said}). Resume with the options it had, or start a new run (another "
-                             "--out, or --force).")
+                             f"structure ({said}){why}. Resume with the options it had ({had}), or start a new run "
+                             "(another --out, or --force).")
 
 
 def _prepare_out_dir(opts: ShrinkOptions) -> Optional[Path]:

@@ -160,6 +160,15 @@ def test_a_branch_whose_output_is_not_constant_keeps_a_unit():
     keep[graph.group_of("a.0").units[int(np.argmax(graph.unit_gammas(model)[graph.group_of("a.0").units]))]] = True
     with torch.no_grad():
         assert max_relative_error(masked_reference(model, graph, keep)(x), small(x)) < 1e-5
+    # the pipeline counts what is built: settled() gives the flags build() used
+    from dnnshrink_core.generate import settled
+
+    with pytest.warns(DnnshrinkWarning, match="do not reduce to a constant"):
+        built = settled(model, graph, graph.units_from_masks(masks))
+    assert built[graph.group_of("a.0").units].sum() == 1
+    flops = CostModel(graph, model, "flops")
+    assert flops.cost(built) == CostModel(ds.trace(small, x), small, "flops").initial
+    assert flops.cost(built) > flops.cost(graph.units_from_masks(masks))
 
 
 def test_alive_masks_drop_a_block_whose_channels_all_died():

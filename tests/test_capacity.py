@@ -192,6 +192,30 @@ def test_morphnet_with_scale_capacity_meets_its_target_and_records_the_option(tm
         shrink(Tiny(), x[:1], resume=True, **{**options, "scale": "multiplier"})
 
 
+def test_a_latency_run_made_with_the_multiplier_resumes_only_with_it_and_says_why(tmp_path):
+    """Runs before ``scale: auto`` took the multiplier at a latency target; resuming one with
+    the new default would change its structure: refused, naming the default and the option
+    to pass."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+
+    def epoch(model, lr):
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    options = dict(train_one_epoch=epoch, train=lambda m: None, test=lambda m: 0.5, max_epochs=2,
+                   target={"resource": "latency", "value": 0.8}, device="cpu", progress=False, latency_runs=1,
+                   exporters=[], tensorboard=False, onnx_latency=False, out_dir=str(tmp_path / "run"))
+    shrink(Tiny(), x[:1], scale="multiplier", **options)
+    with pytest.raises(ds.DnnshrinkError, match=r"scale 'multiplier' then, 'capacity' now\) \(the default scale, "
+                                                r"auto, is capacity at a latency target.*options it had \(scale: "
+                                                r"multiplier\)"):
+        shrink(Tiny(), x[:1], resume=True, **options)
+    shrink(Tiny(), x[:1], resume=True, scale="multiplier", **options)  # as it was: continues
+
+
 def test_an_algorithm_without_a_capacity_step_refuses_it_before_any_work(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("model: m.py:build\nfunctions: f.py\ninput_shape: [1, 3, 8, 8]\nalgorithm: slimming\n"

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import dnnshrink_core as ds
+from dnnshrink_core.cost import CostModel
 from dnnshrink_core.pipeline import shrink
 
 
@@ -50,16 +51,24 @@ def hidden_groups(graph):
     return [g for g in graph.groups if any(s.owner.endswith("fc1") for s in g.spaces if s.role == "out")]
 
 
-def zeroed(model: nn.Module, masks) -> nn.Module:
-    """``model`` with every removed MLP unit silenced where it is made (its fc1 row and bias):
-    GELU(0) = 0, so fc2 reads zeros from it, which is what removing it means."""
-    reference = copy.deepcopy(model)
-    for i, block in enumerate(reference.blocks):
-        keep = torch.as_tensor(masks[f"blocks.{i}.fc1"], dtype=torch.bool)
+def silenced(model: nn.Module, x: torch.Tensor, masks) -> nn.Module:
+    """``model`` with every removed unit silenced where it is made (the conv/linear weight
+    rows and biases that produce it): what removing it means, since every activation here
+    keeps a zero at zero, so the generated network must compute exactly this."""
+    graph = ds.trace(model, x).for_weight_ranking()
+    keep = np.ones(graph.num_units, dtype=bool)
+    for group in graph.groups:
+        if group.name in masks:
+            keep[group.units] = torch.as_tensor(masks[group.name], dtype=torch.bool).numpy()
+    reference = copy.deepcopy(model).eval()
+    for layer in graph.layers():
+        module = reference.get_submodule(layer.name)
+        cut = torch.from_numpy(~keep[layer.out_units])
         with torch.no_grad():
-            block.fc1.weight[~keep] = 0
-            block.fc1.bias[~keep] = 0
-    return reference.eval()
+            module.weight[cut] = 0
+            if module.bias is not None:
+                module.bias[cut] = 0
+    return reference
 
 
 def test_the_weight_ranking_view_frees_the_mlp_and_leaves_the_traced_graph_alone():
@@ -71,7 +80,8 @@ def test_the_weight_ranking_view_frees_the_mlp_and_leaves_the_traced_graph_alone
     hidden = hidden_groups(view)
     assert len(hidden) == 2 and all(g.size == 128 and g.removable.all() for g in hidden)
     # the residual stream is normalised over its channels by the LayerNorms: kept whole
-    assert not view.unit_removable[view.unit_frozen].any() and view.unit_frozen.any()
+    stream = view.group_of("stem")
+    assert not stream.removable.any() and any("normalises over the channels" in r for r in stream.frozen_reasons)
     assert view.unit_removable.sum() == 256
     # the graph traced (and cached for the model) is unchanged
     assert not graph.unit_removable.any() and not ds.trace(model, X).unit_removable.any()
@@ -91,7 +101,7 @@ def test_magnitude_shrinks_a_layernorm_network_and_the_result_is_the_mlp_cut(tmp
     assert [b.fc1.out_features for b in result.model.blocks] == kept
     # nothing folded into fc2's bias: a live channel's mean on one example is no constant
     with torch.no_grad():
-        np.testing.assert_allclose(result.model(X).numpy(), zeroed(model, result.masks)(X).numpy(),
+        np.testing.assert_allclose(result.model(X).numpy(), silenced(model, X, result.masks)(X).numpy(),
                                    rtol=1e-5, atol=1e-5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model untouched
     assert (tmp_path / "run" / "model.onnx").is_file()
@@ -133,5 +143,78 @@ def test_inspect_says_which_algorithm_can_shrink_a_layernorm_network(tmp_path, c
     out = capsys.readouterr().out
     assert status == 0
     assert "no channel a BatchNorm scales: morphnet and slimming cannot shrink this model" in out
-    assert "with magnitude, which also removes the 256 channels no BatchNorm scales" in out
+    assert "with magnitude, which can also remove 256 channels that morphnet and slimming cannot" in out
     assert "no target below the baseline can be met" not in out
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(c, 2 * c, 3, padding=1), nn.Conv2d(2 * c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.c2(torch.relu(self.c1(x)))
+
+
+class PlainResNet(nn.Module):
+    """Six residual blocks of two convs and no BatchNorm anywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.Sequential(*[Residual(16) for _ in range(6)])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.blocks(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_residual_blocks_without_batchnorm_are_dropped_whole_as_the_report_says(recwarn):
+    """Below what channels alone reach, whole blocks go: a block whose hidden channels no
+    BatchNorm scales reduces to its constant once the conv rows that make them are zeroed,
+    so the blocks the report lists are gone from the network, its figures are the built
+    network's, and it computes the model with every removed channel silenced."""
+    torch.manual_seed(0)
+    model, x = PlainResNet().eval(), torch.randn(1, 3, 16, 16)
+    result = shrink(model, x, target={"resource": "latency", "value": 0.3}, exporters=(), **RUN)
+    assert not [w for w in recwarn if "do not reduce to a constant" in str(w.message)]
+    gone = result.report.extra["blocks_dropped"]["blocks"]
+    assert len(gone) >= 2
+    names = {name for name, _ in result.model.named_modules()}
+    assert not any(layer in names for block in gone for layer in block["layers"])
+    resources = result.report.extra["resources"]
+    graph = ds.trace(result.model, x)
+    assert resources["macs"]["after"] == pytest.approx(CostModel(graph, result.model, "flops").initial)
+    assert resources["latency_ms"]["after"] == pytest.approx(CostModel(graph, result.model, "latency").initial)
+    assert resources["latency_ms"]["after"] <= 0.3 * resources["latency_ms"]["before"] * (1 + 1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), silenced(model, x, result.masks)(x), rtol=1e-5, atol=1e-5)
+
+
+class ReadBeforeItsBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.c3 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        return self.c2(torch.relu(self.bn(y))) + self.c3(y)  # c3 reads c1's channels before the BatchNorm
+
+
+def test_a_channel_read_before_its_batchnorm_is_not_folded():
+    """A zero BatchNorm scale makes a channel constant only after the BatchNorm: a layer that
+    reads it before (removable only to a weight ranking) reads it live, so nothing is folded."""
+    from dnnshrink_core.compensate import bias_shifts
+
+    torch.manual_seed(0)
+    model = ReadBeforeItsBatchNorm().eval()
+    with torch.no_grad():
+        model.bn.weight[0], model.bn.bias[0] = 0.0, 1.0
+    graph = ds.trace(model, X)
+    view = graph.for_weight_ranking()
+    unit = view["c1"].units[0]
+    assert not graph.unit_removable[unit] and view.unit_removable[unit] and graph.unit_unguarded[unit]
+    keep = np.ones(view.num_units, dtype=bool)
+    keep[unit] = False
+    assert bias_shifts(model, view, keep, (X,)) == {}
