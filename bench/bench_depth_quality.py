@@ -10,7 +10,7 @@ per-op cost dominates this small network, so its channels alone cannot get there
 fine-tunes ``--finetune`` epochs with the same data order. The naive rows keep every
 channel of the blocks that stay and scale the widths to the budget with one multiplier.
 
-    python bench/bench_depth_quality.py [--seeds 0 1 2] [--latency 0.6] [--scales multiplier capacity]
+    python bench/bench_depth_quality.py [--seeds 0 1 2] [--latency 0.6 | --macs 0.3] [--scales multiplier capacity]
         [--network resdigits|mobilenet_v2] [--json rows.json]
 """
 from __future__ import annotations
@@ -99,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--latency", type=float, default=0.6)
+    parser.add_argument("--macs", type=float, help="a MACs target instead of the latency one (no naive rows)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--finetune", type=int, default=15)
     parser.add_argument("--scales", nargs="+", default=["multiplier"], choices=["multiplier", "capacity"],
@@ -120,11 +121,11 @@ def main() -> None:
         latency = CostModel(graph, base, "latency")
         floor = smallest_cost(graph, latency, 1, 16) / latency.initial
         print(f"seed {seed}: baseline accuracy {task.test(base):.4f}; channels alone reach {floor:.3f} of the "
-              f"predicted latency; target {args.latency}", flush=True)
+              f"predicted latency; target {args.latency if args.macs is None else f'MACs {args.macs}'}", flush=True)
         dropped = {}
         methods = [f"{m}" if scale == "multiplier" else f"{m} ({scale})" for scale in args.scales
                    for m in ("morphnet", "magnitude")]
-        methods += ["last blocks", "first blocks"] if "multiplier" in args.scales else []
+        methods += ["last blocks", "first blocks"] if "multiplier" in args.scales and args.macs is None else []
         for method in methods:
             started = time.perf_counter()
             model = copy.deepcopy(base)
@@ -133,7 +134,8 @@ def main() -> None:
             if algorithm in ("morphnet", "magnitude"):
                 with contextlib.redirect_stdout(io.StringIO()):
                     result = shrink(model, x, train_one_epoch=task.train_one_epoch, test=task.test, algorithm=algorithm,
-                                    target={"resource": "latency", "value": args.latency},
+                                    target={"resource": "latency", "value": args.latency} if args.macs is None
+                                    else {"resource": "macs", "value": args.macs},
                                     scale=scale.rstrip(")") or "multiplier",
                                     max_epochs=20 if algorithm == "morphnet" else 0, finetune=False, device="cpu",
                                     progress=False, latency_runs=1, exporters=())
