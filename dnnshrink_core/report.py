@@ -227,7 +227,8 @@ def summary_table(report: Report) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     table = "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                       for r in rows)
-    return table + _legend({r[0] for r in rows}, "\n", ";\n") + profile_note(report.extra, "\n")
+    return table + _legend({r[0] for r in rows}, "\n", ";\n") + profile_note(report.extra, "\n") \
+        + speed_note(report.extra, "\n")
 
 
 # what each latency row of the summary measures: three ways of timing, which differ
@@ -268,6 +269,38 @@ def profile_note(extra: Dict[str, Any], before: str) -> str:
             "was fitted on (a network this small is mostly the runtime's per-run cost). Targets given as a share of "
             "the baseline rest on its ratios; for this machine's milliseconds, `dnnshrink calibrate --out "
             "my-profile.json` (under a minute) and `profile: my-profile.json`.")
+
+
+# a cut to at most this share of the MACs that leaves at least SLOW_TIME of the time bought nothing
+CUT_MACS, SLOW_TIME = 0.9, 0.95
+
+
+def speed_note(extra: Dict[str, Any], before: str) -> str:
+    """A line when the shrunk network has at most :data:`CUT_MACS` of the baseline's MACs
+    but takes at least :data:`SLOW_TIME` of its time (onnxruntime's measurement where the run
+    made one, else the profile's prediction): an even cut can leave channel counts off the
+    runtime's blocks (RegNetX-400MF at half its MACs measured 0.98 of its baseline's time,
+    RegNetY-800MF 1.2, where the capacity step's structures ran at 0.52 and 0.56). Says what
+    builds a faster network; empty otherwise."""
+    macs = extra.get("shrunk", {}).get("macs", 0) / max(extra.get("baseline", {}).get("macs", 0), 1)
+    onnx, predicted = extra.get("onnx_latency", {}), extra.get("resources", {}).get("latency_ms", {})
+    if onnx.get("baseline_ms") and onnx.get("shrunk_ms"):
+        time, how = onnx["shrunk_ms"] / onnx["baseline_ms"], "as onnxruntime measured it"
+    elif predicted.get("before") and predicted.get("after") is not None:
+        time, how = predicted["after"] / predicted["before"], "as the latency profile predicts it"
+    else:
+        return ""
+    if macs > CUT_MACS or time < SLOW_TIME:
+        return ""
+    if extra.get("structure_learning", {}).get("scale") == "capacity":
+        fix = ("a latency target with measure_target: true meets the time itself, measured (target: {resource: "
+               "latency, value: ...})")
+    else:
+        fix = ("`scale: capacity` (`--scale capacity`) builds the structure that runs fastest at this target, as a "
+               "latency target (target: {resource: latency, value: ...}) does by default")
+    return (f"{before}note: the shrunk network has {macs:.0%} of the baseline's MACs but takes {time:.0%} of its "
+            f"time {how}: a cut can leave channel counts off the runtime's fast kernels (grouped convolutions "
+            f"most of all) and buy no time; {fix}.")
 
 
 def _resource_rows(extra: Dict[str, Any]) -> list:
@@ -321,4 +354,4 @@ def _markdown_table(report: Report) -> str:
     extra = _resource_rows(report.extra)
     lines += [f"| {label} | {b} | {s} | {ratio} |" for label, b, s, ratio in extra]
     return "\n".join(lines) + _legend({"PyTorch ms"} | {row[0] for row in extra}, "\n\n") \
-        + profile_note(report.extra, "\n\n")
+        + profile_note(report.extra, "\n\n") + speed_note(report.extra, "\n\n")

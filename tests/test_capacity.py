@@ -366,3 +366,29 @@ def test_the_command_line_scale_flag(tmp_path, capsys):
                      "--scale", "capacity"]) == 0
     identity = json.loads((tmp_path / "b" / "checkpoints" / "run.json").read_text())
     assert identity["scale"] == "capacity"
+
+
+def test_a_cut_that_buys_no_time_says_so_and_what_builds_a_faster_network(tmp_path, capsys):
+    """RegNetX-400MF cut evenly to half its MACs: its grouped convolutions leave the runtime's
+    channel block and the profile predicts it slower than the baseline (measured: no faster).
+    The summary and report.md say so and name the capacity step, which builds a faster one."""
+    from dnnshrink_core.report import speed_note
+
+    model = torchvision.models.regnet_x_400mf(weights=None).eval()
+    options = dict(train_one_epoch=lambda m, lr: None, train=None, test=lambda m: 1.0, algorithm="magnitude",
+                   max_epochs=0, target_macs=0.5, finetune=False, device="cpu", progress=False, latency_runs=1,
+                   exporters=(), onnx_latency=False, tensorboard=False)
+    result = shrink(model, X224, out_dir=str(tmp_path / "even"), **options)
+    latency = result.report.extra["resources"]["latency_ms"]
+    assert latency["after"] >= 0.95 * latency["before"]
+    said = "of its time as the latency profile predicts it"
+    assert said in capsys.readouterr().out and said in (tmp_path / "even" / "report.md").read_text()
+    assert "`scale: capacity` (`--scale capacity`) builds the structure that runs fastest" in \
+        speed_note(result.report.extra, "")
+    faster = shrink(model, X224, scale="capacity", **options)
+    latency = faster.report.extra["resources"]["latency_ms"]
+    assert latency["after"] < 0.8 * latency["before"] and speed_note(faster.report.extra, "") == ""
+    # measured beats predicted where the run timed the ONNX, and a real speed-up says nothing
+    extra = {**result.report.extra, "onnx_latency": {"baseline_ms": 3.5, "shrunk_ms": 3.4}}
+    assert "of its time as onnxruntime measured it" in speed_note(extra, "")
+    assert speed_note({**extra, "onnx_latency": {"baseline_ms": 3.5, "shrunk_ms": 2.0}}, "") == ""
