@@ -90,8 +90,8 @@ def dnnshrink_algorithm(name: str) -> Optional[Any]:
     (default True; False lets ``max_epochs`` be 0), ``needs_batchnorm`` (default True: it
     learns from BatchNorm scales; False: it ranks channels by something else, so a model
     without BatchNorm is let through and every channel that is not frozen is removable to it,
-    :meth:`~dnnshrink_core.graph.ChannelGraph.for_weight_ranking`), ``grows_networks`` (default False: a target above the
-    baseline is then an error), ``chooses_depth`` (default False; True: its structure
+    :meth:`~dnnshrink_core.graph.ChannelGraph.for_weight_ranking`), ``grows_networks``
+    (default False: a target above the baseline is then an error), ``chooses_depth`` (default False; True: its structure
     may drop whole residual blocks, so the reachability check counts them, as the ``depth``
     option allows) and ``scales_by_capacity`` (default False; True: its step to the budget
     honours the ``scale: capacity`` option, which ``scale: auto`` picks at latency targets; a

@@ -129,7 +129,8 @@ def resolved_scale(scale: str, goal: Any, algorithm: Any) -> str:
     most MACs per predicted millisecond at that time (MobileNetV2 at 40% of its latency: 34%
     more MACs, and faster as measured; docs/benchmarks.md), while a MACs, parameter or
     activation target is met in the unit the user chose, where the learned proportions are
-    the algorithm's answer."""
+    the algorithm's answer (the capacity step there cost the demo its accuracy goal, and a
+    note says when the multiplier's cut buys no time: :func:`~dnnshrink_core.report.speed_note`)."""
     if scale != "auto":
         return scale
     latency = getattr(goal, "resource", None) == "latency"
