@@ -173,7 +173,8 @@ class Tiny(nn.Module):
         return self.fc(self.body(x).mean((2, 3)))
 
 
-def test_morphnet_with_scale_capacity_meets_its_target_and_records_the_option(tmp_path):
+def tiny_task():
+    """A batch for :class:`Tiny` and a ``train_one_epoch`` of one SGD step on it."""
     torch.manual_seed(0)
     x = torch.randn(8, 3, 8, 8)
 
@@ -182,6 +183,12 @@ def test_morphnet_with_scale_capacity_meets_its_target_and_records_the_option(tm
         opt.zero_grad()
         model(x).pow(2).mean().backward()
         opt.step()
+
+    return x, epoch
+
+
+def test_morphnet_with_scale_capacity_meets_its_target_and_records_the_option(tmp_path):
+    x, epoch = tiny_task()
 
     options = dict(train_one_epoch=epoch, train=lambda m: None, test=lambda m: 0.5, target_macs=0.4, max_epochs=3,
                    scale="capacity", device="cpu", progress=False, latency_runs=1, exporters=[], tensorboard=False,
@@ -196,14 +203,7 @@ def test_a_latency_run_made_with_the_multiplier_resumes_only_with_it_and_says_wh
     """Runs before ``scale: auto`` took the multiplier at a latency target; resuming one with
     the new default would change its structure: refused, naming the default and the option
     to pass."""
-    torch.manual_seed(0)
-    x = torch.randn(8, 3, 8, 8)
-
-    def epoch(model, lr):
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
-        opt.zero_grad()
-        model(x).pow(2).mean().backward()
-        opt.step()
+    x, epoch = tiny_task()
 
     options = dict(train_one_epoch=epoch, train=lambda m: None, test=lambda m: 0.5, max_epochs=2,
                    target={"resource": "latency", "value": 0.8}, device="cpu", progress=False, latency_runs=1,
