@@ -263,6 +263,18 @@ class ChannelGraph:
         view.__dict__.pop("_branches", None)  # a branch is droppable when its own groups are removable
         return view
 
+    def commonest_reason(self) -> str:
+        """Why most of the frozen channel units are kept (the reason that covers the most of
+        them), leaving out the network's own input and output; empty when none is."""
+        from .propagation import NETWORK_INPUT, NETWORK_OUTPUT
+
+        reasons = self.unit_reason[self.unit_frozen]
+        counts = np.bincount(reasons, minlength=len(self.reasons)) if len(reasons) else np.zeros(0, dtype=np.int64)
+        for index in np.argsort(-counts, kind="stable"):
+            if counts[index] and self.reasons[index] not in (NETWORK_INPUT, NETWORK_OUTPUT):
+                return self.reasons[index]
+        return ""
+
     def unremovable_share(self) -> float:
         """The share of the channel units no cut may remove (no BatchNorm scales them, an op
         the graph cannot follow keeps them…), leaving out the groups kept only because they

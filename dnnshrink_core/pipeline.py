@@ -376,7 +376,8 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
                              key="target" if opts.target is not None else "target_macs", algorithm=opts.algorithm,
                              grows=bool(getattr(algorithm, "grows_networks", False)), min_width=opts.min_width,
                              depth=depth and bool(graph.branches), deeper=deeper, constant=costs.constant,
-                             kept_share=graph.unremovable_share())
+                             kept_share=graph.unremovable_share(), kept_by=graph.commonest_reason(),
+                             needs_batchnorm=bool(getattr(algorithm, "needs_batchnorm", True)))
     out_dir = distributed.on_main(lambda: _prepare_out_dir(opts))
     if out_dir is not None and not opts.resume:
         distributed.on_main(lambda: _save_identity(out_dir, identity), share=False)

@@ -251,7 +251,7 @@ def smallest_cost(graph: Any, costs: Any, min_width: int = 1, round_to: Any = 1,
 def check_reachable(target: Target, baseline: float, minimum: float, *, key: str = "target",
                     algorithm: str = "morphnet", grows: bool = False, min_width: int = 1,
                     depth: bool = False, deeper: Optional[float] = None, constant: float = 0.0,
-                    kept_share: float = 0.0) -> float:
+                    kept_share: float = 0.0, kept_by: str = "", needs_batchnorm: bool = True) -> float:
     """The target's absolute amount, or :class:`TargetError` when the model cannot meet it:
     below ``minimum`` (:func:`smallest_cost`, whole residual blocks dropped too where
     ``depth``), or above ``baseline`` unless the algorithm ``grows`` networks. ``deeper``:
@@ -259,12 +259,16 @@ def check_reachable(target: Target, baseline: float, minimum: float, *, key: str
     that it would reach the target). ``constant``: the part of every network's cost no
     channel cut changes (:attr:`CostModel.constant`), which the message names when it weighs;
     ``kept_share``: the share of the channel units no cut may remove, named when it is a
-    tenth or more (most often what keeps a model from a target: layers without BatchNorm)."""
+    tenth or more (most often what keeps a model from a target: layers without BatchNorm);
+    ``kept_by``: why most of the kept units are kept (:meth:`ChannelGraph.commonest_reason`),
+    named when no channel is removable; ``needs_batchnorm``: whether the advice is to add
+    BatchNorms (the algorithm removes only the channels they scale)."""
     amount = target.absolute(baseline)
     unit = target.unit
     if amount < minimum * (1 - 1e-9):
         if minimum >= baseline * (1 - 1e-9):
-            why = "no removable channel: this model cannot get smaller than its baseline"
+            why = "no removable channel: this model cannot get smaller than its baseline" + \
+                (f" (most of its channels are kept because {kept_by})" if kept_by else "")
         else:
             why = (f"every removable channel group at its minimum width ({max(min_width, 1)} unit"
                    f"{'s' if min_width > 1 else ''})" + (" and every residual block that can go dropped whole"
@@ -277,8 +281,9 @@ def check_reachable(target: Target, baseline: float, minimum: float, *, key: str
                         "matrix products, layers the graph cannot follow)")
         asked = f"{target}" if target.amount is not None else f"{target} ({_fmt(amount)} {unit})"
         if minimum >= baseline * (1 - 1e-9):
-            advice = ("Give the fraction 1, or make channels removable (a BatchNorm after each conv; "
-                      "`dnnshrink inspect` shows the groups).")
+            advice = ("Give the fraction 1, or make channels removable (" +
+                      ("a BatchNorm after each conv; " if needs_batchnorm else "") +
+                      "`dnnshrink inspect` shows each group and what keeps it).")
         else:
             smallest = min(math.ceil(minimum / baseline * 1000) / 1000, 1.0)
             suggestion = _writable(minimum, unit, "up")

@@ -218,3 +218,23 @@ def test_a_channel_read_before_its_batchnorm_is_not_folded():
     keep = np.ones(view.num_units, dtype=bool)
     keep[unit] = False
     assert bias_shifts(model, view, keep, (X,)) == {}
+
+
+class AllCoupled(nn.Module):
+    """Every inner channel normalised over by a LayerNorm: nothing any algorithm may remove."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.norm, self.head = nn.Conv2d(3, 16, 3), nn.LayerNorm(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.norm(self.stem(x).mean((2, 3))))
+
+
+def test_a_model_with_nothing_removable_says_what_keeps_it_and_no_batchnorm_advice_for_magnitude():
+    with pytest.raises(ds.TargetError) as info:
+        shrink(AllCoupled().eval(), X, target_macs=0.5, exporters=(), **RUN)
+    message = str(info.value)
+    assert "no removable channel" in message
+    assert "most of its channels are kept because" in message and "normalises over the channels" in message
+    assert "a BatchNorm after each conv" not in message and "`dnnshrink inspect` shows each group" in message
