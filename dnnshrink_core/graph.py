@@ -268,8 +268,7 @@ class ChannelGraph:
         them), leaving out the network's own input and output; empty when none is."""
         from .propagation import NETWORK_INPUT, NETWORK_OUTPUT
 
-        reasons = self.unit_reason[self.unit_frozen]
-        counts = np.bincount(reasons, minlength=len(self.reasons)) if len(reasons) else np.zeros(0, dtype=np.int64)
+        counts = np.bincount(self.unit_reason[self.unit_frozen], minlength=len(self.reasons))
         for index in np.argsort(-counts, kind="stable"):
             if counts[index] and self.reasons[index] not in (NETWORK_INPUT, NETWORK_OUTPUT):
                 return self.reasons[index]
