@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--macs", type=float, help="a MACs target instead of the latency one (no naive rows)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--finetune", type=int, default=15)
-    parser.add_argument("--scales", nargs="+", default=["multiplier"], choices=["multiplier", "capacity"],
+    parser.add_argument("--scales", nargs="+", default=["multiplier"], choices=["multiplier", "capacity", "auto"],
                         help="the pipeline's scale option for morphnet and magnitude: each is a row of its own "
                              "(the naive rows come with multiplier)")
     parser.add_argument("--network", choices=sorted(NETWORKS), default="resdigits",
@@ -141,8 +141,11 @@ def main() -> None:
                                     progress=False, latency_runs=1, exporters=())
                 small = result.model
                 dropped[method] = [b["join"] for b in result.report.extra["blocks_dropped"]["blocks"]]
+                learning = result.report.extra["structure_learning"]
+                chosen = {"scale": learning.get("scale"), "capacity_gain": learning.get("capacity_gain")}
             else:
                 small = naive(model, x, len(dropped["morphnet"]), method == "last blocks", args.latency)
+                chosen = {}
             task._seed[0] = 1000 * seed + 500
             task.train(small, args.finetune)
             g = ds.trace(small, x)
@@ -150,10 +153,12 @@ def main() -> None:
                    "predicted_latency": CostModel(g, small, "latency").initial / latency.initial,
                    "macs": CostModel(g, small, "flops").initial / CostModel(graph, base, "flops").initial,
                    "blocks_dropped": len(graph.branches) - len(g.branches), "joins": dropped.get(method),
-                   "seconds": time.perf_counter() - started}
+                   "seconds": time.perf_counter() - started, **chosen}
             rows.append(row)
             print(f"  {method:<13} accuracy {row['accuracy']:.4f}  latency {row['predicted_latency']:.3f}  "
-                  f"MACs {row['macs']:.3f}  blocks dropped {row['blocks_dropped']} {row['joins'] or ''}", flush=True)
+                  f"MACs {row['macs']:.3f}  blocks dropped {row['blocks_dropped']} {row['joins'] or ''}"
+                  + (f"  auto chose {chosen['scale']} (gain {chosen['capacity_gain']:.3f})"
+                     if chosen.get("capacity_gain") is not None else ""), flush=True)
     print(f"\n{'method':<14}{'accuracy':>18}{'MACs kept':>11}{'blocks':>8}")
     for method in dict.fromkeys(r["method"] for r in rows):
         sel = [r for r in rows if r["method"] == method]

@@ -44,6 +44,39 @@ def rounded_width(n: float, size: int, min_width: int, multiple: int) -> int:
     return min(t, size)
 
 
+#: ``scale: auto`` at a target that is not latency takes the capacity step's structure only
+#: when it needs at least this share less predicted time per MAC than the width multiplier's:
+#: the multiplier keeps the learned proportions, which the demo's accuracy goal needed (its
+#: capacity structure needed 8% less predicted time per MAC and scored 0.018 lower), while MobileNetV2 at
+#: 30% of its MACs (11% faster predicted, 8 trained seeds: no loss) and the grouped-conv
+#: networks (RegNetX-400MF at half its MACs: 48%) gain more than that (docs/benchmarks.md).
+AUTO_CAPACITY_GAIN = 0.10
+
+
+def capacity_gain(multiplier: np.ndarray, capacity: np.ndarray, time: Callable[[np.ndarray], float],
+                  macs: Callable[[np.ndarray], float]) -> float:
+    """The share less predicted ``time`` per MAC that the ``capacity`` structure needs than
+    the ``multiplier`` one (0.1: a tenth less; negative where it needs more)."""
+    per_mac = [time(keep) / max(macs(keep), 1e-18) for keep in (multiplier, capacity)]
+    return 1.0 - per_mac[1] / max(per_mac[0], 1e-30)
+
+
+def auto_scaled(multiplier: np.ndarray, capacity: np.ndarray, time: Callable[[np.ndarray], float],
+                macs: Callable[[np.ndarray], float], cost: Callable[[np.ndarray], float],
+                budget: float) -> Tuple[np.ndarray, float]:
+    """What ``scale: auto`` builds at a target that is not latency, from the two structures
+    at ``budget`` (by ``cost``): the width ``multiplier``'s (the learned proportions) unless
+    the ``capacity`` step's needs at least :data:`AUTO_CAPACITY_GAIN` less predicted time per
+    MAC, or only it meets the budget. Returns the structure and :func:`capacity_gain`."""
+    if np.array_equal(multiplier, capacity):  # (the capacity step's best may be the multiplier's own)
+        return multiplier, 0.0
+    gain = capacity_gain(multiplier, capacity, time, macs)
+    within = [cost(keep) <= budget * (1 + 1e-9) for keep in (multiplier, capacity)]
+    if within[1] and (gain >= AUTO_CAPACITY_GAIN - 1e-12 or not within[0]):
+        return capacity, gain
+    return multiplier, gain
+
+
 def _neighbours(graph: ChannelGraph) -> List[np.ndarray]:
     """Per group, the groups (itself included) that share a layer or a tensor op with it:
     the only groups whose next step's price a step in it can change (a cost is a sum over

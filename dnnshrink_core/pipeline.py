@@ -30,6 +30,7 @@ from . import distributed
 from .api import frozen_batchnorm_note, trace
 from .algorithm import LearnContext, LearnResult
 from .branches import dropped as dropped_branches
+from .capacity import AUTO_CAPACITY_GAIN
 from .checkpoint import Checkpoints
 from .compensate import compensate as fold_removed_channels
 from .cost import CostModel, resolve_round_to, resource_table
@@ -336,7 +337,7 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
     if opts.resume and opts.out_dir is not None:  # before any work: a resumed run is the run it continues
         distributed.on_main(lambda: _check_resumable(Path(opts.out_dir), identity))
     costs = CostModel(graph, work, goal.cost_model, profile=opts.profile)
-    if costs.kind != "latency" and (opts.profile is not None or opts.scale == "capacity"):
+    if costs.kind != "latency" and (opts.profile is not None or opts.scale in ("capacity", "auto")):
         # the profile is read after training otherwise (scale: capacity's step, the report's
         # predicted latency): a wrong path must stop the run before any work, not after it
         CostModel(graph, work, "latency", profile=opts.profile)
@@ -497,6 +498,8 @@ def _learn(run: _Run, train_one_epoch: Callable) -> LearnResult:
             print(f"\ndnnshrink: stopped during structure learning. The last checkpoint is {last}; "
                   "continue with `dnnshrink run CONFIG --resume` (or shrink(..., resume=True)).")
         raise
+    if opts.scale == "auto" and "capacity_gain" in learned.info:
+        _step(_auto_scale_line(learned.info))
     cost = run.costs.cost(learned.keep)
     if cost > run.target * (1 + 1e-6):  # any algorithm's, ours or a plugin's: said, and kept in the report
         learned.info["target_met"] = False
@@ -507,6 +510,18 @@ def _learn(run: _Run, train_one_epoch: Callable) -> LearnResult:
     if checkpoints is not None:
         checkpoints.save_learned(learned.keep, learned.epochs, opts.max_epochs, learned.info, run.work.state_dict())
     return learned
+
+
+def _auto_scale_line(info: Dict[str, Any]) -> str:
+    """What ``scale: auto`` chose at a target that is not latency, and why."""
+    gain = float(info["capacity_gain"])
+    than = f"{gain:.0%} less" if gain >= 0 else f"{-gain:.0%} more"
+    if info.get("scale") == "capacity":
+        return (f"scale auto: the capacity step's structure, which needs {than} predicted time per MAC than the "
+                "width multiplier's (scale: multiplier keeps the learned proportions instead)")
+    return (f"scale auto: the width multiplier's structure (the learned proportions); the capacity step's needs "
+            f"{than} predicted time per MAC, and auto gives the proportions up from {AUTO_CAPACITY_GAIN:.0%} "
+            "(scale: capacity takes it anyway)")
 
 
 def _generate(run: _Run, learned: LearnResult, test: Callable) -> tuple:
@@ -578,7 +593,11 @@ def _learning_summary(run: _Run, learned: LearnResult) -> Dict[str, Any]:
     summary = {"algorithm": run.opts.algorithm, "epochs": learned.epochs, "target_cost": run.target,
                "cost_unit": run.costs.unit, "target": run.goal.to_dict(), "reinit": run.opts.reinit, **learned.info}
     if getattr(run.algorithm, "scales_by_capacity", False):  # (the others bring it to the budget their own way)
-        summary["scale"] = run.opts.scale
+        # what ran; scale: auto away from a latency target says which of the two it chose, and why
+        chose = learned.info.get("scale")
+        summary["scale"] = chose if run.opts.scale == "auto" and chose else run.opts.scale
+        if run.opts.scale == "auto":
+            summary["scale_option"] = "auto"
     if run.goal.resource == "macs":
         summary.update({key[:-len("_cost")] + "_macs": value for key, value in list(summary.items())
                         if key.endswith("_cost") and isinstance(value, (int, float))})
@@ -777,9 +796,10 @@ def _check_resumable(out_dir: Path, identity: Dict[str, Any]) -> None:
     if changed:
         said = "; ".join(f"{key} {before[key]!r} then, {identity[key]!r} now" for key in changed)
         had = ", ".join(f"{key}: {before[key]}" for key in changed)
-        why = (" (the default scale, auto, is capacity at a latency target; runs made before it took the "
-               "multiplier)" if "scale" in changed and (before["scale"], identity["scale"]) == ("multiplier", "capacity")
-               else "")
+        why = (" (the default scale, auto, chooses the capacity step at a latency target, and where it needs "
+               f"{AUTO_CAPACITY_GAIN:.0%} less predicted time per MAC at other targets; runs made before it took the "
+               "multiplier)" if "scale" in changed and before["scale"] == "multiplier" and
+               identity["scale"] in ("capacity", "auto") else "")
         raise DnnshrinkError(f"--resume continues the run in {out_dir} as it was, and this one asks for another "
                              f"structure ({said}){why}. Resume with the options it had ({had}), or start a new run "
                              "(another --out, or --force).")

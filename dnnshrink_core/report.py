@@ -292,9 +292,14 @@ def speed_note(extra: Dict[str, Any], before: str) -> str:
         return ""
     if macs > CUT_MACS or time < SLOW_TIME:
         return ""
-    if extra.get("structure_learning", {}).get("scale") == "capacity":
-        fix = ("a latency target with measure_target: true meets the time itself, measured (target: {resource: "
-               "latency, value: ...})")
+    learning = extra.get("structure_learning", {})
+    latency_target = ("a latency target with measure_target: true meets the time itself, measured (target: "
+                      "{resource: latency, value: ...})")
+    if learning.get("scale") == "capacity":
+        fix = latency_target
+    elif "capacity_gain" in learning:  # scale: auto weighed the capacity step's structure and kept the multiplier's
+        fix = (f"the capacity step's structure was predicted to need only {learning['capacity_gain']:.0%} less time "
+               f"per MAC (`scale: capacity` takes it anyway); {latency_target}")
     else:
         fix = ("`scale: capacity` (`--scale capacity`) builds the structure that runs fastest at this target, as a "
                "latency target (target: {resource: latency, value: ...}) does by default")

@@ -123,18 +123,20 @@ def check_algorithm(algorithm: Any, max_epochs: int, scale: str, where: str = ""
 
 
 def resolved_scale(scale: str, goal: Any, algorithm: Any) -> str:
-    """The ``scale`` a run uses: ``"auto"`` is ``"capacity"`` for a latency target where the
-    algorithm offers it (``scales_by_capacity``), ``"multiplier"`` otherwise; an explicit
-    value is itself. Why latency only: a user who names time gets the structure with the
-    most MACs per predicted millisecond at that time (MobileNetV2 at 40% of its latency: 34%
-    more MACs, and faster as measured; docs/benchmarks.md), while a MACs, parameter or
-    activation target is met in the unit the user chose, where the learned proportions are
-    the algorithm's answer (the capacity step there cost the demo its accuracy goal, and a
-    note says when the multiplier's cut buys no time: :func:`~dnnshrink_core.report.speed_note`)."""
+    """The ``scale`` a run uses. For an algorithm that offers the capacity step
+    (``scales_by_capacity``), ``"auto"`` is ``"capacity"`` at a latency target (a user who
+    names time gets the most MACs per predicted millisecond at that time: MobileNetV2 at 40%
+    of its latency kept 34% more MACs and measured faster; docs/benchmarks.md) and stays
+    ``"auto"`` at a MACs, parameter or activation target, where the algorithm builds both
+    structures and keeps the width multiplier's learned proportions unless the capacity
+    step's needs :data:`~dnnshrink_core.capacity.AUTO_CAPACITY_GAIN` less predicted time per
+    MAC (:func:`~dnnshrink_core.capacity.auto_scaled`). For any other algorithm ``"auto"``
+    is ``"multiplier"``; an explicit value is itself."""
     if scale != "auto":
         return scale
-    latency = getattr(goal, "resource", None) == "latency"
-    return "capacity" if latency and getattr(algorithm, "scales_by_capacity", False) else "multiplier"
+    if not getattr(algorithm, "scales_by_capacity", False):
+        return "multiplier"
+    return "capacity" if getattr(goal, "resource", None) == "latency" else "auto"
 
 
 def check_exporters(names: Any, where: str = "", noun: str = "option") -> None:

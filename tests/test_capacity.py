@@ -144,10 +144,10 @@ def test_magnitude_with_scale_capacity_at_a_latency_target(tmp_path):
     assert kept["auto"] == kept["capacity"]
 
 
-def test_scale_auto_is_the_capacity_step_for_latency_targets_only():
+def test_scale_auto_resolves_by_target_and_algorithm():
     """``resolved_scale``: capacity where the user named time and the algorithm offers it;
-    the multiplier for the other resources and for algorithms without a capacity step; an
-    explicit value stays."""
+    auto (the algorithm weighs both structures) at the other resources; the multiplier for
+    algorithms without a capacity step; an explicit value stays."""
     from dnnshrink_core.pipeline import get_algorithm
     from dnnshrink_core.target import resolve
     from dnnshrink_core.validation import resolved_scale
@@ -156,11 +156,42 @@ def test_scale_auto_is_the_capacity_step_for_latency_targets_only():
     params = resolve({"resource": "params", "value": 0.5}, None)
     morphnet, slimming = get_algorithm("morphnet"), get_algorithm("slimming")
     assert resolved_scale("auto", latency, morphnet) == "capacity"
-    assert resolved_scale("auto", macs, morphnet) == "multiplier"
-    assert resolved_scale("auto", params, morphnet) == "multiplier"
+    assert resolved_scale("auto", macs, morphnet) == "auto"
+    assert resolved_scale("auto", params, get_algorithm("magnitude")) == "auto"
     assert resolved_scale("auto", latency, slimming) == "multiplier"
+    assert resolved_scale("auto", macs, slimming) == "multiplier"
     assert resolved_scale("multiplier", latency, morphnet) == "multiplier"
     assert resolved_scale("capacity", macs, morphnet) == "capacity"
+
+
+def test_auto_scaled_gives_the_learned_proportions_up_only_for_enough_time():
+    """The rule: the multiplier's structure unless the capacity step's needs at least
+    AUTO_CAPACITY_GAIN less predicted time per MAC, or only the capacity step's meets the
+    budget; the gain is measured per MAC, so structures of other sizes compare fairly."""
+    from dnnshrink_core.plugin_api import AUTO_CAPACITY_GAIN, auto_scaled, capacity_gain
+
+    multiplier, capacity = np.array([True, False]), np.array([False, True])
+    macs = {0: 100.0, 1: 100.0}
+    for per_mac, chosen in ((1.0 - AUTO_CAPACITY_GAIN, capacity), (1.0 - AUTO_CAPACITY_GAIN / 2, multiplier),
+                            (1.2, multiplier)):
+        times = {0: 10.0, 1: 10.0 * per_mac}
+
+        def time(keep):
+            return times[int(np.argmax(keep))]
+
+        def count(keep):
+            return macs[int(np.argmax(keep))]
+
+        keep, gain = auto_scaled(multiplier, capacity, time, count, count, 100.0)
+        assert keep is chosen and gain == pytest.approx(1.0 - per_mac)
+    # more MACs in the same time is less time per MAC
+    assert capacity_gain(multiplier, capacity, lambda k: 10.0, lambda k: 100.0 if k[0] else 125.0) == \
+        pytest.approx(0.2)
+    # only the capacity step's within the budget: taken whatever it gains
+    over = {0: 120.0, 1: 100.0}
+    keep, _ = auto_scaled(multiplier, capacity, lambda k: 10.0, lambda k: 100.0,
+                          lambda k: over[int(np.argmax(k))], 100.0)
+    assert keep is capacity
 
 
 class Tiny(nn.Module):
@@ -199,8 +230,50 @@ def test_morphnet_with_scale_capacity_meets_its_target_and_records_the_option(tm
         shrink(Tiny(), x[:1], resume=True, **{**options, "scale": "multiplier"})
 
 
-def test_a_latency_run_made_with_the_multiplier_resumes_only_with_it_and_says_why(tmp_path):
-    """Runs before ``scale: auto`` took the multiplier at a latency target; resuming one with
+@pytest.mark.parametrize("anneal", [True, False])
+def test_morphnet_with_scale_auto_at_a_macs_target_builds_the_structure_it_names(anneal, monkeypatch):
+    """At a MACs target the default weighs the multiplier's structure against the capacity
+    step's (at every annealed cut, the last one reported; or at the step after learning),
+    builds the one it names in the report, and reports the gain that decided it: with the
+    threshold out of reach it is the multiplier's run, with any gain enough the capacity
+    step's, and with the real threshold whichever the gain says."""
+    from dnnshrink_core import capacity
+    from models import DepthwiseNet
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 64, 64)
+
+    def epoch(model, lr):
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    model = DepthwiseNet()  # (shrink leaves it as it is: every run starts from the same weights)
+    for module in model.modules():  # scales far apart: no tie for float noise between runs to break
+        if isinstance(module, nn.BatchNorm2d):
+            module.weight.data.uniform_(0.5, 1.5)
+    options = dict(train_one_epoch=epoch, train=lambda m: None, test=lambda m: 0.5, target_macs=0.5, max_epochs=3,
+                   anneal=anneal, strength_scale=1e-6, device="cpu", progress=False, latency_runs=1, exporters=[],
+                   tensorboard=False, onnx_latency=False)
+    runs = {scale: shrink(model, x[:1], scale=scale, **options) for scale in ("multiplier", "capacity")}
+    assert any(not np.array_equal(runs["multiplier"].masks[g], runs["capacity"].masks[g]) for g in runs["capacity"].masks)
+    for threshold in (2.0, -2.0, capacity.AUTO_CAPACITY_GAIN):
+        monkeypatch.setattr(capacity, "AUTO_CAPACITY_GAIN", threshold)
+        auto = shrink(model, x[:1], **options)
+        learning = auto.report.extra["structure_learning"]
+        assert learning.get("annealed", False) == anneal and learning["scale_option"] == "auto"
+        assert learning["scale"] == ("capacity" if learning["capacity_gain"] >= threshold else "multiplier")
+        assert auto.report.extra["shrunk"]["macs"] <= 0.5 * auto.report.extra["baseline"]["macs"]
+        if threshold != 2.0 and threshold != -2.0:
+            break  # (the real threshold: annealed, each cut chose afresh, so either option's run may differ)
+        named = runs["multiplier" if threshold > 1 else "capacity"]
+        assert learning["scale"] == ("multiplier" if threshold > 1 else "capacity")
+        assert all(np.array_equal(auto.masks[g], named.masks[g]) for g in named.masks), threshold
+
+
+def test_a_run_made_with_the_multiplier_resumes_only_with_it_and_says_why(tmp_path):
+    """Runs before ``scale: auto`` took the multiplier at every target; resuming one with
     the new default would change its structure: refused, naming the default and the option
     to pass."""
     x, epoch = tiny_task()
@@ -208,12 +281,15 @@ def test_a_latency_run_made_with_the_multiplier_resumes_only_with_it_and_says_wh
     options = dict(train_one_epoch=epoch, train=lambda m: None, test=lambda m: 0.5, max_epochs=2,
                    target={"resource": "latency", "value": 0.8}, device="cpu", progress=False, latency_runs=1,
                    exporters=[], tensorboard=False, onnx_latency=False, out_dir=str(tmp_path / "run"))
-    shrink(Tiny(), x[:1], scale="multiplier", **options)
-    with pytest.raises(ds.DnnshrinkError, match=r"scale 'multiplier' then, 'capacity' now\) \(the default scale, "
-                                                r"auto, is capacity at a latency target.*options it had \(scale: "
-                                                r"multiplier\)"):
-        shrink(Tiny(), x[:1], resume=True, **options)
-    shrink(Tiny(), x[:1], resume=True, scale="multiplier", **options)  # as it was: continues
+    for target, now in (({"resource": "latency", "value": 0.8}, "capacity"), (0.5, "auto")):
+        options = {**options, "target": target, "out_dir": str(tmp_path / now)}
+        shrink(Tiny(), x[:1], scale="multiplier", **options)
+        with pytest.raises(ds.DnnshrinkError, match=rf"scale 'multiplier' then, '{now}' now\) \(the default scale, "
+                                                    r"auto, chooses the capacity step at a latency target.*runs made "
+                                                    r"before it took the multiplier\).*options it had \(scale: "
+                                                    r"multiplier\)"):
+            shrink(Tiny(), x[:1], resume=True, **options)
+        shrink(Tiny(), x[:1], resume=True, scale="multiplier", **options)  # as it was: continues
 
 
 def test_an_algorithm_without_a_capacity_step_refuses_it_before_any_work(tmp_path):
@@ -368,26 +444,34 @@ def test_the_command_line_scale_flag(tmp_path, capsys):
     assert identity["scale"] == "capacity"
 
 
-def test_a_cut_that_buys_no_time_says_so_and_what_builds_a_faster_network(tmp_path, capsys):
+def test_a_cut_that_buys_no_time_says_so_and_the_default_does_not_make_it(tmp_path, capsys):
     """RegNetX-400MF cut evenly to half its MACs: its grouped convolutions leave the runtime's
     channel block and the profile predicts it slower than the baseline (measured: no faster).
-    The summary and report.md say so and name the capacity step, which builds a faster one."""
+    The summary and report.md say so and name the capacity step, which builds a faster one;
+    the default (``scale: auto``) builds that one, and says why."""
     from dnnshrink_core.report import speed_note
 
     model = torchvision.models.regnet_x_400mf(weights=None).eval()
     options = dict(train_one_epoch=lambda m, lr: None, train=None, test=lambda m: 1.0, algorithm="magnitude",
                    max_epochs=0, target_macs=0.5, finetune=False, device="cpu", progress=False, latency_runs=1,
                    exporters=(), onnx_latency=False, tensorboard=False)
-    result = shrink(model, X224, out_dir=str(tmp_path / "even"), **options)
+    result = shrink(model, X224, out_dir=str(tmp_path / "even"), scale="multiplier", **options)
     latency = result.report.extra["resources"]["latency_ms"]
     assert latency["after"] >= 0.95 * latency["before"]
     said = "of its time as the latency profile predicts it"
     assert said in capsys.readouterr().out and said in (tmp_path / "even" / "report.md").read_text()
     assert "`scale: capacity` (`--scale capacity`) builds the structure that runs fastest" in \
         speed_note(result.report.extra, "")
-    faster = shrink(model, X224, scale="capacity", **options)
-    latency = faster.report.extra["resources"]["latency_ms"]
-    assert latency["after"] < 0.8 * latency["before"] and speed_note(faster.report.extra, "") == ""
+    capacity = shrink(model, X224, scale="capacity", **options)
+    latency = capacity.report.extra["resources"]["latency_ms"]
+    assert latency["after"] < 0.8 * latency["before"] and speed_note(capacity.report.extra, "") == ""
+    default = shrink(model, X224, **options)
+    learning = default.report.extra["structure_learning"]
+    assert (learning["scale_option"], learning["scale"]) == ("auto", "capacity")
+    assert learning["capacity_gain"] > 0.3
+    assert "scale auto: the capacity step's structure, which needs" in capsys.readouterr().out
+    for group in capacity.masks:
+        assert np.array_equal(default.masks[group], capacity.masks[group]), group
     # measured beats predicted where the run timed the ONNX, and a real speed-up says nothing
     extra = {**result.report.extra, "onnx_latency": {"baseline_ms": 3.5, "shrunk_ms": 3.4}}
     assert "of its time as onnxruntime measured it" in speed_note(extra, "")

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 from torch import nn
 
-from dnnshrink_core.plugin_api import (capacity_to_budget, CostModel, divergence, DnnshrinkError, DnnshrinkWarning,
+from dnnshrink_core.plugin_api import (auto_scaled, capacity_to_budget, CostModel, divergence, DnnshrinkError, DnnshrinkWarning,
     LearnContext, LEARNING_ADVICE, LearnResult, log_epoch)
 
 from .regularizer import GammaRegularizer, HeldScales, morphnet_flops, morphnet_size, slimming_l1
@@ -50,6 +50,14 @@ class Capacity:
         within it, the cheapest (the caller's check says the target was missed)."""
         within = [k for k in candidates if cost(k) <= budget * (1 + 1e-9)]
         return max(within, key=self.density) if within else min(candidates, key=cost)
+
+    def auto(self, multiplier: np.ndarray, capacity: np.ndarray, cost: Callable[[np.ndarray], float],
+             budget: float) -> Tuple[np.ndarray, Dict[str, Any]]:
+        """``scale: auto`` away from a latency target (:func:`auto_scaled`): the structure and
+        what the report says of the choice (``scale``: which one; ``capacity_gain``: the share
+        less predicted time per MAC that the capacity step's needs)."""
+        keep, gain = auto_scaled(multiplier, capacity, self.time.cost, self.capacity.cost, cost, budget)
+        return keep, {"scale": "capacity" if keep is capacity else "multiplier", "capacity_gain": round(gain, 4)}
 
     def fit(self, grow: bool) -> Callable[..., np.ndarray]:
         """The step to a budget, with :func:`round_within_budget`'s signature:
@@ -257,6 +265,7 @@ class MorphNet:
             info["cuts"] = cuts
         if "keep" in final:  # annealed down to the target: the last cut is the structure
             keep = final["keep"]
+            info.update(final.get("auto", {}))
         else:
             if learned_cost > learn_at:
                 # said aloud: the width multiplier below then shrinks the partly learned structure evenly
@@ -266,9 +275,11 @@ class MorphNet:
                               "(where learning stops before the width multiplier scales it to the target); the "
                               "learned widths are scaled down evenly to meet the target. Raise max_epochs or "
                               "strength_scale for a fully learned structure.", DnnshrinkWarning, stacklevel=2)
-            keep, used = self._to_budget(ctx, learned, gammas, ctx.target, opts.round_to, trust, uniform, opts.expand)
+            keep, used, auto = self._to_budget(ctx, learned, gammas, ctx.target, opts.round_to, trust, uniform,
+                                               opts.expand)
             if used is not None:
                 info["trust"] = round(used, 3)
+            info.update(auto)
             if held is not None:  # units annealing cut that the structure keeps again
                 revived = held.revive_kept(keep, self._revival(opts))
                 if revived:
@@ -309,12 +320,14 @@ class MorphNet:
 
     def _to_budget(self, ctx: LearnContext, learned: np.ndarray, gammas: np.ndarray, budget: float, round_to: Any,
                    trust: Union[float, str], uniform: Optional[np.ndarray] = None,
-                   expand: bool = False) -> Tuple[np.ndarray, Optional[float]]:
+                   expand: bool = False) -> Tuple[np.ndarray, Optional[float], Dict[str, Any]]:
         """The learned structure at ``budget``: blended toward the uniform multiplier's widths
         as far as it is not trusted, then one width multiplier to the budget (with the
-        floors). ``"auto"`` trust is the share of the way to the *target* (not to ``budget``,
-        which an annealing cut sets a step ahead) that learning covered. Returns the
-        structure and the trust used (None when no blend was needed)."""
+        floors), or the capacity step as the ``scale`` option says. ``"auto"`` trust is the
+        share of the way to the *target* (not to ``budget``, which an annealing cut sets a
+        step ahead) that learning covered. Returns the structure, the trust used (None when
+        no blend was needed) and, under ``scale: auto`` (a target that is not latency), what
+        :meth:`Capacity.auto` chose."""
         opts = ctx.options
         uniform = self._uniform(ctx, budget) if uniform is None else uniform
         floors = None
@@ -329,20 +342,26 @@ class MorphNet:
         start, used = learned, None  # what the width multiplier scales: the learned widths, blended when trusted less
         if trust < 1 and learned_cost > budget:
             start, used = toward_uniform(ctx.graph, learned, gammas, uniform, trust), trust
+        def built(fit: Callable[..., np.ndarray]) -> np.ndarray:
+            def structure(seed: np.ndarray) -> np.ndarray:
+                return fit(ctx.graph, seed, gammas, ctx.costs.cost, budget, opts.min_width, round_to, floors)
+
+            return choose_depth(ctx.graph, structure(start), gammas, ctx.costs.cost, budget, structure,
+                                getattr(opts, "depth", "auto"), start=start)
+
         # rounded up and scaled down by the multiplier only if that went past the budget; or
         # scaled to the budget by the multiplier in both directions (the expand step); or,
         # with scale: capacity, cut (and grown) where the capacity is dearest in time
-        if getattr(opts, "scale", "multiplier") == "capacity":
-            fit = Capacity(ctx.graph, ctx.model, ctx.costs, getattr(opts, "profile", None)).fit(expand)
-        else:
-            fit = round_within_budget if not expand else scale_to_budget
-
-        def structure(seed: np.ndarray) -> np.ndarray:
-            return fit(ctx.graph, seed, gammas, ctx.costs.cost, budget, opts.min_width, round_to, floors)
-
-        keep = choose_depth(ctx.graph, structure(start), gammas, ctx.costs.cost, budget, structure,
-                            getattr(opts, "depth", "auto"), start=start)
-        return keep, used
+        even = round_within_budget if not expand else scale_to_budget
+        scale = getattr(opts, "scale", "multiplier")
+        if scale not in ("capacity", "auto"):
+            return built(even), used, {}
+        capacity = Capacity(ctx.graph, ctx.model, ctx.costs, getattr(opts, "profile", None))
+        keep = built(capacity.fit(expand))
+        if scale == "capacity":
+            return keep, used, {}
+        keep, auto = capacity.auto(built(even), keep, ctx.costs.cost, budget)
+        return keep, used, auto
 
     def _annealer(self, ctx: LearnContext, held: HeldScales, trust: Union[float, str], learn_at: float,
                   cuts: List[Dict[str, Any]], final: Dict[str, np.ndarray], reg: Any = None
@@ -367,7 +386,7 @@ class MorphNet:
                 return alive, True
             left = opts.max_epochs - epoch + 1  # epochs left, this one included
             budget = target if last else cost * (target / cost) ** (1.0 - ((left - 1) / left) ** self.anneal_power)
-            keep, _ = self._to_budget(ctx, alive, gammas, budget, opts.round_to if last else 1, trust)
+            keep, _, auto = self._to_budget(ctx, alive, gammas, budget, opts.round_to if last else 1, trust)
             revived = held.revive_kept(keep, self._revival(opts))  # cut before, kept again: training can use them
             held.hold(~keep)
             if not cuts and reg is not None:
@@ -378,7 +397,7 @@ class MorphNet:
             if ctx.writer is not None:  # the alive/<group> curves show the widths before the cut
                 ctx.writer.add_scalar("anneal/budget_fraction", budget / ctx.costs.initial, epoch)
             if last:
-                final["keep"] = keep
+                final["keep"], final["auto"] = keep, auto
             return keep, last
 
         return step
@@ -435,16 +454,21 @@ class Magnitude:
         scores = filter_l1(ctx.model, ctx)
         keep = _with_depth(ctx, even_share(ctx.graph, scores, ctx.costs.cost, ctx.target, opts.min_width,
                                            opts.round_to), scores)
-        ranking = "filter L1 norm, the same share cut in every group"
-        if getattr(opts, "scale", "multiplier") == "capacity":  # the whole network cut where MACs cost most time
+        even, info = "filter L1 norm, the same share cut in every group", {}
+        ranking, scale = even, getattr(opts, "scale", "multiplier")
+        if scale in ("capacity", "auto"):  # the whole network cut where MACs cost most time
             capacity = Capacity(ctx.graph, ctx.model, ctx.costs, getattr(opts, "profile", None))
             stepped = capacity.stepped(ctx.graph, scores, ctx.costs.cost, ctx.target, opts.min_width, opts.round_to)
             stepped = _with_depth(ctx, stepped, scores, capacity.fit(grow=True))
             # the better of both, blocks dropped or not (Capacity.whole where none go)
-            keep = capacity.best([stepped, keep], ctx.costs.cost, ctx.target)
-            ranking = "filter L1 norm within each group; groups cut where the MACs cost the most predicted time"
+            best = capacity.best([stepped, keep], ctx.costs.cost, ctx.target)
+            if scale == "auto":
+                best, info = capacity.auto(keep, best, ctx.costs.cost, ctx.target)
+            if best is not keep:
+                keep = best
+                ranking = "filter L1 norm within each group; groups cut where the MACs cost the most predicted time"
         log_epoch(ctx, 0, keep)
-        return LearnResult(keep, 0, {"ranking": ranking})
+        return LearnResult(keep, 0, {"ranking": ranking, **info})
 
     capacity_probe = staticmethod(capacity_probe)
 
