@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--scale", choices=["auto", "multiplier", "capacity"],
                        help="how the structure is brought to the budget: one width multiplier, or capacity: "
                             "blocks of channels cut where the MACs cost the most predicted time (default auto: "
-                            "capacity for a latency target, the multiplier otherwise)")
+                            "capacity for a latency target; for other targets the multiplier unless the capacity "
+                            "step's structure needs 10%% less predicted time per MAC)")
         p.add_argument("--max-score-drop", type=float, metavar="DROP",
                        help="exit with 1 (after writing the report) if the shrunk model scores more than DROP "
                             "below the baseline")

@@ -94,7 +94,10 @@ def dnnshrink_algorithm(name: str) -> Optional[Any]:
     (default False: a target above the baseline is then an error), ``chooses_depth`` (default False; True: its structure
     may drop whole residual blocks, so the reachability check counts them, as the ``depth``
     option allows) and ``scales_by_capacity`` (default False; True: its step to the budget
-    honours the ``scale: capacity`` option, which ``scale: auto`` picks at latency targets; a
+    honours the ``scale: capacity`` option, which ``scale: auto`` picks at latency targets,
+    and ``scale: auto`` itself at other targets: build both structures and keep the one
+    :func:`~dnnshrink_core.plugin_api.auto_scaled` chooses, saying which in ``info["scale"]``
+    and the gain in ``info["capacity_gain"]``; a
     ``capacity_probe(graph, model, costs, profile, min_width, round_to)`` returning ``budget
     -> keep flags`` gives ``measure_target`` the structures it builds, else the uniform
     multiplier's are timed).

@@ -35,7 +35,8 @@ from .checkpoint import Checkpoints
 from .compensate import compensate as fold_removed_channels
 from .cost import CostModel, resolve_round_to, resource_table
 from .devices import checked_device
-from .errors import (ConfigError, DnnshrinkError, DnnshrinkWarning, NoBatchNormError, OutputExistsError, ScoreDropError, UnknownOptionError)
+from .errors import (ConfigError, DnnshrinkError, DnnshrinkWarning, NoBatchNormError, OutputExistsError, PluginError,
+                     ScoreDropError, UnknownOptionError)
 from .export import export, get_exporter
 from .fileio import atomic_write
 from .guard import LEARNING_ADVICE, FiniteGuard
@@ -87,9 +88,12 @@ class ShrinkOptions:
     ``morphnet``, ``slimming``, ``magnitude``).
     ``scale``: how the structure is brought to the budget. ``"auto"`` (the default):
     ``"capacity"`` for a latency target with an algorithm that offers it (the user asked
-    for time, and capacity per millisecond is what a latency budget should buy), otherwise
-    ``"multiplier"`` (a MACs, parameter or activation target is met in the unit the user
-    named, with the learned proportions). ``"multiplier"``:
+    for time, and capacity per millisecond is what a latency budget should buy); at a MACs,
+    parameter or activation target such an algorithm builds both and keeps the
+    multiplier's learned proportions unless the capacity step's structure needs at least
+    10% less predicted time per MAC (``AUTO_CAPACITY_GAIN``: RegNetX-400MF at half its
+    MACs, 40%; the demo, 8%), and ``report.json`` says which it took and the gain it saw;
+    ``"multiplier"`` for other algorithms. ``"multiplier"``:
     MorphNet's width multiplier, every group scaled alike, which keeps the learned
     proportions; ``"capacity"``: one block of channels at a time, cut from the group where
     the MACs cost the most predicted time (the latency profile; grown the other way to fill
@@ -340,7 +344,14 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
     if costs.kind != "latency" and (opts.profile is not None or opts.scale in ("capacity", "auto")):
         # the profile is read after training otherwise (scale: capacity's step, the report's
         # predicted latency): a wrong path must stop the run before any work, not after it
-        CostModel(graph, work, "latency", profile=opts.profile)
+        try:
+            CostModel(graph, work, "latency", profile=opts.profile)
+        except PluginError:
+            if opts.scale != "auto" or opts.profile is not None:
+                raise
+            # the default cannot weigh time with no latency cost model loaded: the learned proportions
+            _step("scale auto: the width multiplier (no latency cost model is loaded to price the capacity step)")
+            opts = dataclasses.replace(opts, scale="multiplier")
     # "auto": one multiple per group, the channel block of the profile's runtime
     round_to, round_notes = resolve_round_to(graph, work, opts.round_to, opts.profile,
                                              latency=costs if costs.kind == "latency" else None)

@@ -476,3 +476,25 @@ def test_a_cut_that_buys_no_time_says_so_and_the_default_does_not_make_it(tmp_pa
     extra = {**result.report.extra, "onnx_latency": {"baseline_ms": 3.5, "shrunk_ms": 3.4}}
     assert "of its time as onnxruntime measured it" in speed_note(extra, "")
     assert speed_note({**extra, "onnx_latency": {"baseline_ms": 3.5, "shrunk_ms": 2.0}}, "") == ""
+
+
+def test_scale_auto_without_a_latency_cost_model_keeps_the_multiplier(monkeypatch, capsys):
+    """With no latency cost model loaded the default cannot weigh time: it says so and keeps
+    the learned proportions (an explicit ``scale: capacity`` still stops with the error)."""
+    from dnnshrink_core import pipeline
+
+    def no_latency(graph, model, kind, **kwargs):
+        if kind == "latency":
+            raise ds.PluginError("no cost model called 'latency' is loaded")
+        return CostModel(graph, model, kind, **kwargs)
+
+    monkeypatch.setattr(pipeline, "CostModel", no_latency)
+    x, epoch = tiny_task()
+    options = dict(train_one_epoch=epoch, train=lambda m: None, test=lambda m: 0.5, target_macs=0.5,
+                   algorithm="magnitude", max_epochs=0, device="cpu", progress=False, latency_runs=1, exporters=[],
+                   tensorboard=False, onnx_latency=False, finetune=False)
+    result = shrink(Tiny(), x[:1], **options)
+    assert result.report.extra["structure_learning"]["scale"] == "multiplier"
+    assert "scale auto: the width multiplier (no latency cost model is loaded" in capsys.readouterr().out
+    with pytest.raises(ds.PluginError, match="no cost model called 'latency'"):
+        shrink(Tiny(), x[:1], scale="capacity", **options)
