@@ -10,7 +10,8 @@ per-op cost dominates this small network, so its channels alone cannot get there
 fine-tunes ``--finetune`` epochs with the same data order. The naive rows keep every
 channel of the blocks that stay and scale the widths to the budget with one multiplier.
 
-    python bench/bench_depth_quality.py [--seeds 0 1 2] [--latency 0.6 | --macs 0.3] [--scales multiplier capacity]
+    python bench/bench_depth_quality.py [--seeds 0 1 2] [--latency 0.6 | --macs 0.3] [--scales multiplier capacity auto]
+        [--algorithms morphnet magnitude]
         [--network resdigits|mobilenet_v2] [--json rows.json]
 """
 from __future__ import annotations
@@ -105,6 +106,8 @@ def main() -> None:
     parser.add_argument("--scales", nargs="+", default=["multiplier"], choices=["multiplier", "capacity", "auto"],
                         help="the pipeline's scale option for morphnet and magnitude: each is a row of its own "
                              "(the naive rows come with multiplier)")
+    parser.add_argument("--algorithms", nargs="+", default=["morphnet", "magnitude"], choices=["morphnet", "magnitude"],
+                        help="the pipeline's algorithms to run (each with every --scales)")
     parser.add_argument("--network", choices=sorted(NETWORKS), default="resdigits",
                         help="ResDigits (six basic blocks) or MobileNetV2 at 32×32 (digits_mobilenet_v2)")
     parser.add_argument("--json", help="write the rows here")
@@ -124,7 +127,7 @@ def main() -> None:
               f"predicted latency; target {args.latency if args.macs is None else f'MACs {args.macs}'}", flush=True)
         dropped = {}
         methods = [f"{m}" if scale == "multiplier" else f"{m} ({scale})" for scale in args.scales
-                   for m in ("morphnet", "magnitude")]
+                   for m in args.algorithms]
         methods += ["last blocks", "first blocks"] if "multiplier" in args.scales and args.macs is None else []
         for method in methods:
             started = time.perf_counter()

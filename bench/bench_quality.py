@@ -135,10 +135,13 @@ def torch_pruning(model: nn.Module, target: float, x: torch.Tensor) -> nn.Module
 
 
 def run_dnnshrink(task: Any, model: nn.Module, algorithm: str, target: float, **options: Any) -> Any:
+    """One shrink of ``model`` by ``algorithm`` to ``target`` of its MACs, with the width
+    multiplier (``scale``: the rows stored in the results were measured with it, before
+    ``scale: auto`` weighed the capacity step at MACs targets; new rows stay comparable)."""
     return shrink(model, task.example_input(), train_one_epoch=task.train_one_epoch, train=lambda m: None,
                   test=task.test, algorithm=algorithm, target_macs=target,
                   max_epochs=20 if algorithm.startswith("morphnet") else 15, finetune=False, device="cpu", progress=False,
-                  latency_runs=1, exporters=(), **options)
+                  latency_runs=1, exporters=(), **{"scale": "multiplier", **options})
 
 
 def _rows(path: Path) -> List[Dict[str, Any]]:

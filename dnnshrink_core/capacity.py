@@ -5,7 +5,7 @@ probes of ``measure_target``) and the algorithms' build the same structures."""
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -47,10 +47,24 @@ def rounded_width(n: float, size: int, min_width: int, multiple: int) -> int:
 #: ``scale: auto`` at a target that is not latency takes the capacity step's structure only
 #: when it needs at least this share less predicted time per MAC than the width multiplier's:
 #: the multiplier keeps the learned proportions, which the demo's accuracy goal needed (its
-#: capacity structure needed 8% less predicted time per MAC and scored 0.018 lower), while MobileNetV2 at
-#: 30% of its MACs (11% faster predicted, 8 trained seeds: no loss) and the grouped-conv
-#: networks (RegNetX-400MF at half its MACs: 48%) gain more than that (docs/benchmarks.md).
+#: capacity structure needed 7.7% less predicted time per MAC and scored 0.018 lower), while
+#: the grouped-conv networks gain far more (RegNetX-400MF at half its MACs: 48%; torchvision's
+#: MobileNetV2 at 30%, magnitude: 10.5%). Chosen between those; docs/benchmarks.md has the
+#: margins ("`scale: auto` at MACs targets").
 AUTO_CAPACITY_GAIN = 0.10
+
+
+class AutoScale(NamedTuple):
+    """What :func:`auto_scaled` chose: the structure, ``scale`` (``"multiplier"`` or
+    ``"capacity"``), the capacity step's ``gain`` (:func:`capacity_gain`, to four places, as
+    decided) and ``why``: ``"gain"`` (the gain against :data:`AUTO_CAPACITY_GAIN`),
+    ``"budget"`` (only the structure taken meets the budget) or ``"same"`` (both are one
+    structure)."""
+
+    keep: np.ndarray
+    scale: str
+    gain: float
+    why: str
 
 
 def capacity_gain(multiplier: np.ndarray, capacity: np.ndarray, time: Callable[[np.ndarray], float],
@@ -63,18 +77,21 @@ def capacity_gain(multiplier: np.ndarray, capacity: np.ndarray, time: Callable[[
 
 def auto_scaled(multiplier: np.ndarray, capacity: np.ndarray, time: Callable[[np.ndarray], float],
                 macs: Callable[[np.ndarray], float], cost: Callable[[np.ndarray], float],
-                budget: float) -> Tuple[np.ndarray, float]:
+                budget: float) -> AutoScale:
     """What ``scale: auto`` builds at a target that is not latency, from the two structures
     at ``budget`` (by ``cost``): the width ``multiplier``'s (the learned proportions) unless
     the ``capacity`` step's needs at least :data:`AUTO_CAPACITY_GAIN` less predicted time per
-    MAC, or only it meets the budget. Returns the structure and :func:`capacity_gain`."""
+    MAC; where only one of them meets the budget, that one."""
     if np.array_equal(multiplier, capacity):  # (the capacity step's best may be the multiplier's own)
-        return multiplier, 0.0
-    gain = capacity_gain(multiplier, capacity, time, macs)
+        return AutoScale(multiplier, "multiplier", 0.0, "same")
+    gain = round(capacity_gain(multiplier, capacity, time, macs), 4)  # decided as reported
     within = [cost(keep) <= budget * (1 + 1e-9) for keep in (multiplier, capacity)]
-    if within[1] and (gain >= AUTO_CAPACITY_GAIN - 1e-12 or not within[0]):
-        return capacity, gain
-    return multiplier, gain
+    if within[0] != within[1]:
+        return AutoScale(capacity, "capacity", gain, "budget") if within[1] else \
+            AutoScale(multiplier, "multiplier", gain, "budget")
+    if gain >= AUTO_CAPACITY_GAIN:
+        return AutoScale(capacity, "capacity", gain, "gain")
+    return AutoScale(multiplier, "multiplier", gain, "gain")
 
 
 def _neighbours(graph: ChannelGraph) -> List[np.ndarray]:

@@ -93,13 +93,15 @@ def dnnshrink_algorithm(name: str) -> Optional[Any]:
     :meth:`~dnnshrink_core.graph.ChannelGraph.for_weight_ranking`), ``grows_networks``
     (default False: a target above the baseline is then an error), ``chooses_depth`` (default False; True: its structure
     may drop whole residual blocks, so the reachability check counts them, as the ``depth``
-    option allows) and ``scales_by_capacity`` (default False; True: its step to the budget
-    honours the ``scale: capacity`` option, which ``scale: auto`` picks at latency targets,
-    and ``scale: auto`` itself at other targets: build both structures and keep the one
-    :func:`~dnnshrink_core.plugin_api.auto_scaled` chooses, saying which in ``info["scale"]``
-    and the gain in ``info["capacity_gain"]``; a
+    option allows), ``scales_by_capacity`` (default False; True: its step to the budget
+    honours the ``scale: capacity`` option, which ``scale: auto`` picks at latency targets),
+    ``chooses_scale`` (default False; True: at other targets its step gets ``scale: auto``
+    itself, builds both structures and keeps the one
+    :func:`~dnnshrink_core.plugin_api.auto_scaled` chooses, saying which in ``info["scale"]``,
+    ``info["capacity_gain"]`` and ``info["scale_why"]``; without it ``auto`` is the
+    multiplier there); an optional
     ``capacity_probe(graph, model, costs, profile, min_width, round_to)`` returning ``budget
-    -> keep flags`` gives ``measure_target`` the structures it builds, else the uniform
+    -> keep flags`` gives ``measure_target`` the structures it builds (else the uniform
     multiplier's are timed).
     """
 

@@ -295,6 +295,7 @@ class _Run:
     writer: Any = None
     timed_onnx: Optional[Path] = None  # the shrunk model's ONNX this run exported for onnx_latency
     measured: Any = None  # measure_target's MeasuredTarget
+    auto_fallback: bool = False  # scale: auto ran as the multiplier: no latency cost model to weigh time
 
 
 def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, test: Callable,
@@ -341,6 +342,7 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
     if opts.resume and opts.out_dir is not None:  # before any work: a resumed run is the run it continues
         distributed.on_main(lambda: _check_resumable(Path(opts.out_dir), identity))
     costs = CostModel(graph, work, goal.cost_model, profile=opts.profile)
+    auto_fallback = False
     if costs.kind != "latency" and (opts.profile is not None or opts.scale in ("capacity", "auto")):
         # the profile is read after training otherwise (scale: capacity's step, the report's
         # predicted latency): a wrong path must stop the run before any work, not after it
@@ -351,7 +353,7 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
                 raise
             # the default cannot weigh time with no latency cost model loaded: the learned proportions
             _step("scale auto: the width multiplier (no latency cost model is loaded to price the capacity step)")
-            opts = dataclasses.replace(opts, scale="multiplier")
+            opts, auto_fallback = dataclasses.replace(opts, scale="multiplier"), True
     # "auto": one multiple per group, the channel block of the profile's runtime
     round_to, round_notes = resolve_round_to(graph, work, opts.round_to, opts.profile,
                                              latency=costs if costs.kind == "latency" else None)
@@ -397,7 +399,7 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
         distributed.on_main(lambda: _save_measured(out_dir / MEASURED_TARGET, measured), share=False)
     checkpoints = Checkpoints(out_dir / "checkpoints") if out_dir is not None and main else None
     return _Run(opts, algorithm, main, device, inputs, work, graph, user_goal, costs, round_notes, target, out_dir,
-                checkpoints, measured=measured)
+                checkpoints, measured=measured, auto_fallback=auto_fallback)
 
 
 def _measure_target(opts: ShrinkOptions, graph: Any, work: nn.Module, inputs: tuple, costs: CostModel,
@@ -524,12 +526,19 @@ def _learn(run: _Run, train_one_epoch: Callable) -> LearnResult:
 
 
 def _auto_scale_line(info: Dict[str, Any]) -> str:
-    """What ``scale: auto`` chose at a target that is not latency, and why."""
-    gain = float(info["capacity_gain"])
-    than = f"{gain:.0%} less" if gain >= 0 else f"{-gain:.0%} more"
+    """What ``scale: auto`` chose at a target that is not latency, and why (the algorithm's
+    ``scale``, ``capacity_gain`` and ``scale_why``; see :class:`~dnnshrink_core.capacity.AutoScale`)."""
+    gain, why = float(info["capacity_gain"]), info.get("scale_why", "gain")
+    than = f"{gain:.1%} less" if gain >= 0 else f"{-gain:.1%} more"
+    if why == "same":
+        return "scale auto: the width multiplier's structure, which the capacity step builds too"
+    if why == "budget":
+        taken = "capacity step's" if info.get("scale") == "capacity" else "width multiplier's"
+        return f"scale auto: the {taken} structure, the only one of the two within the budget"
     if info.get("scale") == "capacity":
         return (f"scale auto: the capacity step's structure, which needs {than} predicted time per MAC than the "
-                "width multiplier's (scale: multiplier keeps the learned proportions instead)")
+                f"width multiplier's (auto takes it from {AUTO_CAPACITY_GAIN:.0%}; scale: multiplier keeps the "
+                "learned proportions instead)")
     return (f"scale auto: the width multiplier's structure (the learned proportions); the capacity step's needs "
             f"{than} predicted time per MAC, and auto gives the proportions up from {AUTO_CAPACITY_GAIN:.0%} "
             "(scale: capacity takes it anyway)")
@@ -607,8 +616,10 @@ def _learning_summary(run: _Run, learned: LearnResult) -> Dict[str, Any]:
         # what ran; scale: auto away from a latency target says which of the two it chose, and why
         chose = learned.info.get("scale")
         summary["scale"] = chose if run.opts.scale == "auto" and chose else run.opts.scale
-        if run.opts.scale == "auto":
+        if run.opts.scale == "auto" or run.auto_fallback:
             summary["scale_option"] = "auto"
+        if run.auto_fallback:
+            summary["scale_why"] = "no latency cost model"
     if run.goal.resource == "macs":
         summary.update({key[:-len("_cost")] + "_macs": value for key, value in list(summary.items())
                         if key.endswith("_cost") and isinstance(value, (int, float))})
@@ -808,8 +819,8 @@ def _check_resumable(out_dir: Path, identity: Dict[str, Any]) -> None:
         said = "; ".join(f"{key} {before[key]!r} then, {identity[key]!r} now" for key in changed)
         had = ", ".join(f"{key}: {before[key]}" for key in changed)
         why = (" (the default scale, auto, chooses the capacity step at a latency target, and where it needs "
-               f"{AUTO_CAPACITY_GAIN:.0%} less predicted time per MAC at other targets; runs made before it took the "
-               "multiplier)" if "scale" in changed and before["scale"] == "multiplier" and
+               f"{AUTO_CAPACITY_GAIN:.0%} less predicted time per MAC at other targets; that run was made with the "
+               "multiplier, the default before)" if "scale" in changed and before["scale"] == "multiplier" and
                identity["scale"] in ("capacity", "auto") else "")
         raise DnnshrinkError(f"--resume continues the run in {out_dir} as it was, and this one asks for another "
                              f"structure ({said}){why}. Resume with the options it had ({had}), or start a new run "

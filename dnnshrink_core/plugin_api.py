@@ -17,7 +17,8 @@ What is here, by the kind of plugin that needs it:
   :func:`largest_fitting`, :func:`per_group_multiples`, :data:`DEFAULT_THRESHOLD`,
   :func:`group_orders`, :func:`rounded_width`, :func:`dropped_groups`, the ``scale:
   capacity`` step, :func:`capacity_to_budget`, and ``scale: auto``'s choice away from a
-  latency target, :func:`auto_scaled` (:func:`capacity_gain`, :data:`AUTO_CAPACITY_GAIN`);
+  latency target, :func:`auto_scaled` (:class:`AutoScale`, :func:`capacity_gain`,
+  :data:`AUTO_CAPACITY_GAIN`);
 * cost models: :class:`LayerTable`, :data:`TENSOR_KINDS` (the tensor ops a cost model that
   declares ``prices_tensor_ops`` sees as extra rows), :data:`PRODUCT_OP` (the ``op`` of a
   row that is a product of two activations, in the table of what no channel cut changes),
@@ -41,8 +42,8 @@ from .fixed import PRODUCT as PRODUCT_OP
 from .fileio import atomic_path, atomic_write, sha256_bytes
 from .graph import ChannelGraph, Group
 from .guard import LEARNING_ADVICE, divergence
-from .capacity import (AUTO_CAPACITY_GAIN, auto_scaled, capacity_gain, capacity_to_budget, dropped_groups, group_orders,
-                       rounded_width)
+from .capacity import (AUTO_CAPACITY_GAIN, AutoScale, auto_scaled, capacity_gain, capacity_to_budget, dropped_groups,
+                       group_orders, rounded_width)
 from .devices import checked_device
 from .handler import OpHandler, PropagateContext, RebuildContext, TensorSpec, conv_terms, index_of, resized
 from .labels import Chan
@@ -55,8 +56,8 @@ from .timing import fastest_and_median, interleaved_times, onnx_latency, session
 from .tracing import eval_graph_module, flatten_outputs, model_mode, normalize_inputs
 
 __all__ = [
-    "ArtifactError", "atomic_path", "AUTO_CAPACITY_GAIN", "auto_scaled", "Branch", "atomic_write", "capacity_gain",
-    "capacity_to_budget", "Chan", "ChannelGraph",
+    "ArtifactError", "atomic_path", "AUTO_CAPACITY_GAIN", "AutoScale", "auto_scaled", "Branch", "atomic_write",
+    "capacity_gain", "capacity_to_budget", "Chan", "ChannelGraph",
     "checked_device", "ConfigError", "cost_model_names",
     "conv_terms", "CostModel", "count_macs", "DEFAULT_THRESHOLD", "divergence", "DnnshrinkError", "DnnshrinkWarning",
     "dropped_groups", "emptiable_groups", "eval_graph_module", "export", "ExportError", "fastest_and_median", "flatten_outputs", "get_plugin_manager",

@@ -298,8 +298,12 @@ def speed_note(extra: Dict[str, Any], before: str) -> str:
     if learning.get("scale") == "capacity":
         fix = latency_target
     elif "capacity_gain" in learning:  # scale: auto weighed the capacity step's structure and kept the multiplier's
-        fix = (f"the capacity step's structure was predicted to need only {learning['capacity_gain']:.0%} less time "
-               f"per MAC (`scale: capacity` takes it anyway); {latency_target}")
+        gain = float(learning["capacity_gain"])
+        if gain > 0 and learning.get("scale_why") != "same":
+            fix = (f"the capacity step's structure was predicted to need only {gain:.1%} less time per MAC "
+                   f"(`scale: capacity` takes it anyway); {latency_target}")
+        else:
+            fix = f"the capacity step's structure would be no faster per MAC; {latency_target}"
     else:
         fix = ("`scale: capacity` (`--scale capacity`) builds the structure that runs fastest at this target, as a "
                "latency target (target: {resource: latency, value: ...}) does by default")

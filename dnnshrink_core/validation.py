@@ -123,20 +123,20 @@ def check_algorithm(algorithm: Any, max_epochs: int, scale: str, where: str = ""
 
 
 def resolved_scale(scale: str, goal: Any, algorithm: Any) -> str:
-    """The ``scale`` a run uses. For an algorithm that offers the capacity step
-    (``scales_by_capacity``), ``"auto"`` is ``"capacity"`` at a latency target (a user who
-    names time gets the most MACs per predicted millisecond at that time: MobileNetV2 at 40%
-    of its latency kept 34% more MACs and measured faster; docs/benchmarks.md) and stays
-    ``"auto"`` at a MACs, parameter or activation target, where the algorithm builds both
-    structures and keeps the width multiplier's learned proportions unless the capacity
-    step's needs :data:`~dnnshrink_core.capacity.AUTO_CAPACITY_GAIN` less predicted time per
-    MAC (:func:`~dnnshrink_core.capacity.auto_scaled`). For any other algorithm ``"auto"``
-    is ``"multiplier"``; an explicit value is itself."""
+    """The ``scale`` a run uses. ``"auto"`` is ``"capacity"`` at a latency target for an
+    algorithm that offers the capacity step (``scales_by_capacity``: a user who names time
+    gets the most MACs per predicted millisecond at that time; MobileNetV2 at 40% of its
+    latency kept 34% more MACs and measured faster, docs/benchmarks.md). At a MACs, parameter
+    or activation target it stays ``"auto"`` for an algorithm that weighs both structures
+    itself (``chooses_scale``: it keeps the width multiplier's learned proportions unless the
+    capacity step's structure needs :data:`~dnnshrink_core.capacity.AUTO_CAPACITY_GAIN` less
+    predicted time per MAC, :func:`~dnnshrink_core.capacity.auto_scaled`). Otherwise
+    ``"auto"`` is ``"multiplier"``; an explicit value is itself."""
     if scale != "auto":
         return scale
-    if not getattr(algorithm, "scales_by_capacity", False):
-        return "multiplier"
-    return "capacity" if getattr(goal, "resource", None) == "latency" else "auto"
+    if getattr(goal, "resource", None) == "latency":
+        return "capacity" if getattr(algorithm, "scales_by_capacity", False) else "multiplier"
+    return "auto" if getattr(algorithm, "chooses_scale", False) else "multiplier"
 
 
 def check_exporters(names: Any, where: str = "", noun: str = "option") -> None:

@@ -146,8 +146,8 @@ def test_magnitude_with_scale_capacity_at_a_latency_target(tmp_path):
 
 def test_scale_auto_resolves_by_target_and_algorithm():
     """``resolved_scale``: capacity where the user named time and the algorithm offers it;
-    auto (the algorithm weighs both structures) at the other resources; the multiplier for
-    algorithms without a capacity step; an explicit value stays."""
+    auto at the other resources where the algorithm weighs both structures itself
+    (``chooses_scale``); the multiplier otherwise; an explicit value stays."""
     from dnnshrink_core.pipeline import get_algorithm
     from dnnshrink_core.target import resolve
     from dnnshrink_core.validation import resolved_scale
@@ -160,38 +160,62 @@ def test_scale_auto_resolves_by_target_and_algorithm():
     assert resolved_scale("auto", params, get_algorithm("magnitude")) == "auto"
     assert resolved_scale("auto", latency, slimming) == "multiplier"
     assert resolved_scale("auto", macs, slimming) == "multiplier"
+
+    class CapacityOnly:  # a plugin's algorithm written before auto weighed structures: never sees "auto"
+        scales_by_capacity = True
+
+    assert resolved_scale("auto", latency, CapacityOnly()) == "capacity"
+    assert resolved_scale("auto", macs, CapacityOnly()) == "multiplier"
     assert resolved_scale("multiplier", latency, morphnet) == "multiplier"
     assert resolved_scale("capacity", macs, morphnet) == "capacity"
 
 
 def test_auto_scaled_gives_the_learned_proportions_up_only_for_enough_time():
     """The rule: the multiplier's structure unless the capacity step's needs at least
-    AUTO_CAPACITY_GAIN less predicted time per MAC, or only the capacity step's meets the
-    budget; the gain is measured per MAC, so structures of other sizes compare fairly."""
+    AUTO_CAPACITY_GAIN less predicted time per MAC (decided on the gain as reported, to four
+    places); where only one meets the budget, that one; one structure twice is the
+    multiplier's. The gain is per MAC, so structures of other sizes compare fairly."""
     from dnnshrink_core.plugin_api import AUTO_CAPACITY_GAIN, auto_scaled, capacity_gain
 
     multiplier, capacity = np.array([True, False]), np.array([False, True])
-    macs = {0: 100.0, 1: 100.0}
-    for per_mac, chosen in ((1.0 - AUTO_CAPACITY_GAIN, capacity), (1.0 - AUTO_CAPACITY_GAIN / 2, multiplier),
-                            (1.2, multiplier)):
+
+    def count(keep):
+        return 100.0
+
+    for per_mac, chosen in ((1.0 - AUTO_CAPACITY_GAIN, capacity), (1.0 - AUTO_CAPACITY_GAIN + 4e-5, capacity),
+                            (1.0 - AUTO_CAPACITY_GAIN / 2, multiplier), (1.2, multiplier)):
         times = {0: 10.0, 1: 10.0 * per_mac}
-
-        def time(keep):
-            return times[int(np.argmax(keep))]
-
-        def count(keep):
-            return macs[int(np.argmax(keep))]
-
-        keep, gain = auto_scaled(multiplier, capacity, time, count, count, 100.0)
-        assert keep is chosen and gain == pytest.approx(1.0 - per_mac)
+        result = auto_scaled(multiplier, capacity, lambda k: times[int(np.argmax(k))], count, count, 100.0)
+        assert result.keep is chosen and result.why == "gain"
+        assert result.scale == ("capacity" if chosen is capacity else "multiplier")
+        assert result.gain == round(1.0 - per_mac, 4)
     # more MACs in the same time is less time per MAC
     assert capacity_gain(multiplier, capacity, lambda k: 10.0, lambda k: 100.0 if k[0] else 125.0) == \
         pytest.approx(0.2)
-    # only the capacity step's within the budget: taken whatever it gains
-    over = {0: 120.0, 1: 100.0}
-    keep, _ = auto_scaled(multiplier, capacity, lambda k: 10.0, lambda k: 100.0,
-                          lambda k: over[int(np.argmax(k))], 100.0)
-    assert keep is capacity
+    # only one within the budget: taken whatever it gains
+    for over, chosen in (({0: 120.0, 1: 100.0}, capacity), ({0: 100.0, 1: 120.0}, multiplier)):
+        result = auto_scaled(multiplier, capacity, lambda k: 10.0 if k[0] else 5.0, count,
+                             lambda k: over[int(np.argmax(k))], 100.0)
+        assert result.keep is chosen and result.why == "budget"
+    same = auto_scaled(multiplier, multiplier.copy(), lambda k: 10.0, count, count, 100.0)
+    assert same.keep is multiplier and (same.scale, same.gain, same.why) == ("multiplier", 0.0, "same")
+
+
+def test_the_run_says_what_decided_scale_auto():
+    """The printed line follows what decided: the gain, the budget or one structure twice
+    (it never offers a reason that did not decide)."""
+    from dnnshrink_core.pipeline import _auto_scale_line
+
+    line = _auto_scale_line({"scale": "multiplier", "capacity_gain": 0.3, "scale_why": "budget"})
+    assert line == "scale auto: the width multiplier's structure, the only one of the two within the budget"
+    line = _auto_scale_line({"scale": "capacity", "capacity_gain": -0.05, "scale_why": "budget"})
+    assert line == "scale auto: the capacity step's structure, the only one of the two within the budget"
+    assert "which the capacity step builds too" in _auto_scale_line({"scale": "multiplier", "capacity_gain": 0.0,
+                                                                      "scale_why": "same"})
+    line = _auto_scale_line({"scale": "multiplier", "capacity_gain": -0.05, "scale_why": "gain"})
+    assert "needs 5.0% more predicted time per MAC" in line
+    line = _auto_scale_line({"scale": "capacity", "capacity_gain": 0.2, "scale_why": "gain"})
+    assert "which needs 20.0% less predicted time per MAC" in line
 
 
 class Tiny(nn.Module):
@@ -233,11 +257,13 @@ def test_morphnet_with_scale_capacity_meets_its_target_and_records_the_option(tm
 @pytest.mark.parametrize("anneal", [True, False])
 def test_morphnet_with_scale_auto_at_a_macs_target_builds_the_structure_it_names(anneal, monkeypatch):
     """At a MACs target the default weighs the multiplier's structure against the capacity
-    step's (at every annealed cut, the last one reported; or at the step after learning),
-    builds the one it names in the report, and reports the gain that decided it: with the
-    threshold out of reach it is the multiplier's run, with any gain enough the capacity
-    step's, and with the real threshold whichever the gain says."""
+    step's once, for the structure itself (annealed: at the last cut; the cuts before it go
+    with the multiplier), and names its choice, the gain and what decided in the report.
+    With the threshold out of reach the run is the multiplier's own; with any gain enough,
+    the capacity step's (without annealing, where both learn alike); with the real threshold
+    the one it names."""
     from dnnshrink_core import capacity
+    from dnnshrink_plugins.morphnet.algorithm import Capacity
     from models import DepthwiseNet
 
     torch.manual_seed(0)
@@ -253,22 +279,27 @@ def test_morphnet_with_scale_auto_at_a_macs_target_builds_the_structure_it_names
     for module in model.modules():  # scales far apart: no tie for float noise between runs to break
         if isinstance(module, nn.BatchNorm2d):
             module.weight.data.uniform_(0.5, 1.5)
-    options = dict(train_one_epoch=epoch, train=lambda m: None, test=lambda m: 0.5, target_macs=0.5, max_epochs=3,
+    options = dict(train_one_epoch=epoch, train=lambda m: None, test=lambda m: 0.5, target_macs=0.5, max_epochs=4,
                    anneal=anneal, strength_scale=1e-6, device="cpu", progress=False, latency_runs=1, exporters=[],
                    tensorboard=False, onnx_latency=False)
     runs = {scale: shrink(model, x[:1], scale=scale, **options) for scale in ("multiplier", "capacity")}
     assert any(not np.array_equal(runs["multiplier"].masks[g], runs["capacity"].masks[g]) for g in runs["capacity"].masks)
+    decisions = []
+    weigh = Capacity.auto
+    monkeypatch.setattr(Capacity, "auto", lambda self, *a: decisions.append(weigh(self, *a)[1]) or weigh(self, *a))
     for threshold in (2.0, -2.0, capacity.AUTO_CAPACITY_GAIN):
         monkeypatch.setattr(capacity, "AUTO_CAPACITY_GAIN", threshold)
+        decisions.clear()
         auto = shrink(model, x[:1], **options)
         learning = auto.report.extra["structure_learning"]
         assert learning.get("annealed", False) == anneal and learning["scale_option"] == "auto"
+        assert len(decisions) == 1 and {k: learning[k] for k in decisions[0]} == decisions[0]
+        assert learning["scale_why"] == "gain"
         assert learning["scale"] == ("capacity" if learning["capacity_gain"] >= threshold else "multiplier")
         assert auto.report.extra["shrunk"]["macs"] <= 0.5 * auto.report.extra["baseline"]["macs"]
-        if threshold != 2.0 and threshold != -2.0:
-            break  # (the real threshold: annealed, each cut chose afresh, so either option's run may differ)
-        named = runs["multiplier" if threshold > 1 else "capacity"]
-        assert learning["scale"] == ("multiplier" if threshold > 1 else "capacity")
+        if anneal and learning["scale"] == "capacity":
+            continue  # (its last cut is the capacity step's from the multiplier's cuts: neither run's own)
+        named = runs[learning["scale"]]
         assert all(np.array_equal(auto.masks[g], named.masks[g]) for g in named.masks), threshold
 
 
@@ -285,9 +316,9 @@ def test_a_run_made_with_the_multiplier_resumes_only_with_it_and_says_why(tmp_pa
         options = {**options, "target": target, "out_dir": str(tmp_path / now)}
         shrink(Tiny(), x[:1], scale="multiplier", **options)
         with pytest.raises(ds.DnnshrinkError, match=rf"scale 'multiplier' then, '{now}' now\) \(the default scale, "
-                                                    r"auto, chooses the capacity step at a latency target.*runs made "
-                                                    r"before it took the multiplier\).*options it had \(scale: "
-                                                    r"multiplier\)"):
+                                                    r"auto, chooses the capacity step at a latency target.*that run "
+                                                    r"was made with the multiplier, the default before\).*options it "
+                                                    r"had \(scale: multiplier\)"):
             shrink(Tiny(), x[:1], resume=True, **options)
         shrink(Tiny(), x[:1], resume=True, scale="multiplier", **options)  # as it was: continues
 
@@ -494,7 +525,10 @@ def test_scale_auto_without_a_latency_cost_model_keeps_the_multiplier(monkeypatc
                    algorithm="magnitude", max_epochs=0, device="cpu", progress=False, latency_runs=1, exporters=[],
                    tensorboard=False, onnx_latency=False, finetune=False)
     result = shrink(Tiny(), x[:1], **options)
-    assert result.report.extra["structure_learning"]["scale"] == "multiplier"
+    learning = result.report.extra["structure_learning"]
+    assert (learning["scale"], learning["scale_option"], learning["scale_why"]) == \
+        ("multiplier", "auto", "no latency cost model")
+    assert "capacity_gain" not in learning  # nothing was weighed
     assert "scale auto: the width multiplier (no latency cost model is loaded" in capsys.readouterr().out
     with pytest.raises(ds.PluginError, match="no cost model called 'latency'"):
         shrink(Tiny(), x[:1], scale="capacity", **options)

@@ -1,13 +1,18 @@
 """The algorithms: ``morphnet`` (default), ``slimming`` and ``magnitude``.
 
 * ``morphnet``: train with the FLOP-weighted penalty until the alive channels meet the
-  target (or ``max_epochs``), threshold, then MorphNet's expand step back to the budget.
+  target (or ``max_epochs``), threshold, then MorphNet's expand step back to the budget
+  (the width multiplier, or the capacity step as the ``scale`` option says).
 * ``slimming`` (Network Slimming, Liu et al. 2017): train ``max_epochs`` with a uniform L1
   penalty on the scales, then drop the smallest ``|gamma|`` across the network until the
   MACs meet the target.
 * ``magnitude`` (Li et al. 2017): no structure-learning epochs; rank each group's channels
   by the L1 norm of the filters that make them and cut the same share of every group, the
-  weakest first, until the MACs meet the target.
+  weakest first, until the MACs meet the target (or, as the ``scale`` option says, cut the
+  groups where the MACs cost the most predicted time).
+
+Both honour ``scale``: ``multiplier``, ``capacity``, and ``auto`` at a target that is not
+latency (build both structures, keep the one :func:`auto_scaled` chooses).
 """
 from __future__ import annotations
 
@@ -55,9 +60,10 @@ class Capacity:
              budget: float) -> Tuple[np.ndarray, Dict[str, Any]]:
         """``scale: auto`` away from a latency target (:func:`auto_scaled`): the structure and
         what the report says of the choice (``scale``: which one; ``capacity_gain``: the share
-        less predicted time per MAC that the capacity step's needs)."""
-        keep, gain = auto_scaled(multiplier, capacity, self.time.cost, self.capacity.cost, cost, budget)
-        return keep, {"scale": "capacity" if keep is capacity else "multiplier", "capacity_gain": round(gain, 4)}
+        less predicted time per MAC that the capacity step's needs; ``scale_why``: what
+        decided, :class:`~dnnshrink_core.plugin_api.AutoScale`)."""
+        chosen = auto_scaled(multiplier, capacity, self.time.cost, self.capacity.cost, cost, budget)
+        return chosen.keep, {"scale": chosen.scale, "capacity_gain": chosen.gain, "scale_why": chosen.why}
 
     def fit(self, grow: bool) -> Callable[..., np.ndarray]:
         """The step to a budget, with :func:`round_within_budget`'s signature:
@@ -161,7 +167,9 @@ def train_regularized(ctx: LearnContext, reg: GammaRegularizer, stop_at_target: 
 
 
 class MorphNet:
-    """MorphNet: learn the structure with the FLOP penalty, then one width multiplier to the budget.
+    """MorphNet: learn the structure with the FLOP penalty, then one width multiplier to the budget
+    (``scale: capacity``: the capacity step; ``auto`` at a target that is not latency: the
+    multiplier's structure unless the capacity step's needs 10% less predicted time per MAC).
 
     Structure learning stops at ``target ** learn_exponent`` of the baseline's MACs (the
     geometric midpoint between the baseline and the target for the default 0.5), not at
@@ -218,6 +226,7 @@ class MorphNet:
     name = "morphnet"
     chooses_depth = True  # its structure step may drop whole residual blocks (the ``depth`` option)
     scales_by_capacity = True  # its step to the budget honours scale: capacity
+    chooses_scale = True  # and scale: auto at targets that are not latency (it weighs both structures)
     capacity_probe = staticmethod(capacity_probe)
 
     def __init__(self, regularizers: Callable[[str], Any], learn_exponent: float = 0.5, min_share: float = MIN_SHARE,
@@ -319,15 +328,15 @@ class MorphNet:
                             start=np.ones(graph.num_units, dtype=bool))
 
     def _to_budget(self, ctx: LearnContext, learned: np.ndarray, gammas: np.ndarray, budget: float, round_to: Any,
-                   trust: Union[float, str], uniform: Optional[np.ndarray] = None,
-                   expand: bool = False) -> Tuple[np.ndarray, Optional[float], Dict[str, Any]]:
+                   trust: Union[float, str], uniform: Optional[np.ndarray] = None, expand: bool = False,
+                   scale: Optional[str] = None) -> Tuple[np.ndarray, Optional[float], Dict[str, Any]]:
         """The learned structure at ``budget``: blended toward the uniform multiplier's widths
         as far as it is not trusted, then one width multiplier to the budget (with the
         floors), or the capacity step as the ``scale`` option says. ``"auto"`` trust is the
         share of the way to the *target* (not to ``budget``, which an annealing cut sets a
-        step ahead) that learning covered. Returns the structure, the trust used (None when
-        no blend was needed) and, under ``scale: auto`` (a target that is not latency), what
-        :meth:`Capacity.auto` chose."""
+        step ahead) that learning covered. ``scale``: the run's option unless given. Returns
+        the structure, the trust used (None when no blend was needed) and, under ``scale:
+        auto`` (a target that is not latency), what :meth:`Capacity.auto` chose."""
         opts = ctx.options
         uniform = self._uniform(ctx, budget) if uniform is None else uniform
         floors = None
@@ -353,7 +362,7 @@ class MorphNet:
         # scaled to the budget by the multiplier in both directions (the expand step); or,
         # with scale: capacity, cut (and grown) where the capacity is dearest in time
         even = round_within_budget if not expand else scale_to_budget
-        scale = getattr(opts, "scale", "multiplier")
+        scale = scale or getattr(opts, "scale", "multiplier")
         if scale not in ("capacity", "auto"):
             return built(even), used, {}
         capacity = Capacity(ctx.graph, ctx.model, ctx.costs, getattr(opts, "profile", None))
@@ -371,7 +380,8 @@ class MorphNet:
         (the midpoint), as without annealing: at large budgets the penalty is the faster
         teacher. After that, every epoch's end cuts the alive channels by an even share of
         what is left of the way to the target (``cost · (target / cost) ** (1 / epochs
-        left)``) with the width multiplier (:meth:`_to_budget`), and holds the cut channels'
+        left)``) with the width multiplier (:meth:`_to_budget`; the capacity step under ``scale:
+        capacity``, and under ``auto`` at the last cut only), and holds the cut channels'
         scales at zero, so the network trains on without them; the last epoch's cut is at the
         target and is the structure (``final["keep"]``). The step depends only on the current
         structure and the epochs left, so a resumed run continues the same way."""
@@ -386,7 +396,11 @@ class MorphNet:
                 return alive, True
             left = opts.max_epochs - epoch + 1  # epochs left, this one included
             budget = target if last else cost * (target / cost) ** (1.0 - ((left - 1) / left) ** self.anneal_power)
-            keep, _, auto = self._to_budget(ctx, alive, gammas, budget, opts.round_to if last else 1, trust)
+            # scale: auto weighs the two structures once, at the last cut: the cuts before it
+            # go with the multiplier, so the learned proportions it weighs are MorphNet's own
+            scale = None if last or getattr(opts, "scale", "multiplier") != "auto" else "multiplier"
+            keep, _, auto = self._to_budget(ctx, alive, gammas, budget, opts.round_to if last else 1, trust,
+                                            scale=scale)
             revived = held.revive_kept(keep, self._revival(opts))  # cut before, kept again: training can use them
             held.hold(~keep)
             if not cuts and reg is not None:
@@ -446,6 +460,7 @@ class Magnitude:
     name = "magnitude"
     chooses_depth = True
     scales_by_capacity = True  # honours scale: capacity
+    chooses_scale = True  # and scale: auto at targets that are not latency
     learns_over_epochs = False  # one shot: max_epochs may be 0
     needs_batchnorm = False  # ranks conv filters, not BatchNorm scales
 
