@@ -228,10 +228,11 @@ class Tiny(nn.Module):
         return self.fc(self.body(x).mean((2, 3)))
 
 
-def tiny_task():
-    """A batch for :class:`Tiny` and a ``train_one_epoch`` of one SGD step on it."""
+def tiny_task(size: int = 8):
+    """A batch of ``size``×``size`` images (for :class:`Tiny` by default) and a
+    ``train_one_epoch`` of one SGD step on it."""
     torch.manual_seed(0)
-    x = torch.randn(8, 3, 8, 8)
+    x = torch.randn(8, 3, size, size)
 
     def epoch(model, lr):
         opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -266,15 +267,7 @@ def test_morphnet_with_scale_auto_at_a_macs_target_builds_the_structure_it_names
     from dnnshrink_plugins.morphnet.algorithm import Capacity
     from models import DepthwiseNet
 
-    torch.manual_seed(0)
-    x = torch.randn(8, 3, 64, 64)
-
-    def epoch(model, lr):
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
-        opt.zero_grad()
-        model(x).pow(2).mean().backward()
-        opt.step()
-
+    x, epoch = tiny_task(64)
     model = DepthwiseNet()  # (shrink leaves it as it is: every run starts from the same weights)
     for module in model.modules():  # scales far apart: no tie for float noise between runs to break
         if isinstance(module, nn.BatchNorm2d):
