@@ -379,15 +379,14 @@ def _zeroed_layers(graph: Any, model: Any, units: np.ndarray,
             return None
         weight = getattr(module, attr, None)
         if not isinstance(weight, torch.Tensor) or getattr(module, "transposed", False) \
-                or weight.shape[0] != len(layer.out_units):
+                or weight.ndim <= layer.out_dim or weight.shape[layer.out_dim] != len(layer.out_units):
             return None
         index = torch.as_tensor(np.flatnonzero(rows), dtype=torch.long, device=weight.device)
         bias = getattr(module, "bias", None) if attr == "weight" else None
-        for path, tensor in ((layer.weight, weight), (f"{owner}.bias" if owner else "bias", bias)):
+        for path, tensor, dim in ((layer.weight, weight, layer.out_dim),
+                                  (f"{owner}.bias" if owner else "bias", bias, 0)):
             if isinstance(tensor, torch.Tensor):
-                value = result.get(path, tensor.detach()).clone()
-                value[index] = 0.0
-                result[path] = value
+                result[path] = result.get(path, tensor.detach()).clone().index_fill_(dim, index, 0.0)
     return result
 
 

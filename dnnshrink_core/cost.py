@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 from torch import nn
 
 from .errors import ConfigError, PluginError
@@ -137,6 +138,23 @@ def _weight(model: nn.Module, layer: LayerCost) -> Any:
     owner, _, attr = layer.weight.rpartition(".")
     module = _module(model, owner)
     return getattr(module, attr, None) if module is not None else None
+
+
+def weight_rows(model: nn.Module, layer: LayerCost) -> Optional[torch.Tensor]:
+    """``layer``'s weight (a row of :meth:`ChannelGraph.layers`) arranged one row per output
+    channel, in the order of ``layer.out_units``, the rest of each output's weights flattened
+    after it (a conv's filter; a transposed conv's ``(in, out/groups, k…)`` regrouped; the
+    column of ``x @ W``); None where the weight is not a tensor of the model's."""
+    weight = _weight(model, layer)
+    if not isinstance(weight, torch.Tensor) or weight.ndim == 0:
+        return None
+    weight = weight.detach()
+    owner = _module(model, layer.weight.rpartition(".")[0])
+    if isinstance(owner, nn.modules.conv._ConvNd) and owner.transposed and layer.weight.endswith(".weight"):
+        g = owner.groups  # (in, out/g, k…) -> one row per output channel, group by group
+        weight = weight.reshape(g, weight.shape[0] // g, weight.shape[1], -1).permute(0, 2, 1, 3)
+        return weight.reshape(g * weight.shape[1], -1)
+    return weight.movedim(layer.out_dim, 0).reshape(weight.shape[layer.out_dim], -1)
 
 
 def cost_model_names() -> List[str]:

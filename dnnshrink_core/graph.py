@@ -55,7 +55,9 @@ class LayerCost:
 
     ``name`` is the module that owns the layer's weight; ``weight`` the weight's path
     (``name + ".weight"`` unless a functional call reads another parameter);
-    ``params_coef``, when a handler gives it, the weights per (input, output) pair.
+    ``params_coef``, when a handler gives it, the weights per (input, output) pair;
+    ``out_dim`` the dimension of the weight that holds the output channels (1 for ``x @ W``;
+    :func:`~dnnshrink_core.cost.weight_rows` arranges any layer's weight one row per output).
 
     ``kind`` ``"tensor"``: not a layer but a memory-bound op (an activation, an add, a
     multiply, pooling, a concatenation, a transpose; :mod:`dnnshrink_core.tensor_ops`) with no
@@ -82,6 +84,7 @@ class LayerCost:
     positions: Optional[Tuple[float, float]] = None
     widths: Optional[Tuple[int, int]] = None
     rows: Optional[float] = None
+    out_dim: int = 0
 
     def __post_init__(self) -> None:
         if not self.weight:
@@ -232,7 +235,8 @@ class ChannelGraph:
         Handlers describe them with ``info["layer"]``, ``in_labels``, ``out_labels``,
         ``kind`` and ``macs_coef`` (MACs = coef · in · out, or coef · out for depthwise);
         a function handler (``F.conv2d`` on a module's weight) adds ``layer_name`` (the
-        module owning the weight), ``weight`` (its path) and ``params_coef``.
+        module owning the weight), ``weight`` (its path), ``params_coef`` and
+        ``weight_out_dim``.
         Only the first traced mode counts, so a layer is counted once per call.
         """
         result = []
@@ -244,7 +248,8 @@ class ChannelGraph:
                 coef = float(info["macs_coef"]) * trace.per_image(node)
                 result.append(LayerCost(name, info["kind"], self.unit_of[info["in_labels"]],
                                         self.unit_of[info["out_labels"]], coef,
-                                        info.get("weight", ""), info.get("params_coef")))
+                                        info.get("weight", ""), info.get("params_coef"),
+                                        out_dim=int(info.get("weight_out_dim", 0))))
         return result
 
     def for_weight_ranking(self) -> "ChannelGraph":

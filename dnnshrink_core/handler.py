@@ -264,21 +264,23 @@ class PropagateContext:
 
     def declare_layer(self, kind: str, in_labels: np.ndarray, out_labels: np.ndarray, macs_coef: float, *,
                       layer_name: Optional[str] = None, weight: Optional[str] = None,
-                      params_coef: Optional[float] = None) -> None:
+                      params_coef: Optional[float] = None, out_dim: Optional[int] = None) -> None:
         """Declare this call a layer whose cost depends on kept channels (a conv or a linear), so
         the cost model, the regularizer and the report count it: MACs = ``macs_coef`` · kept
         inputs · kept outputs (``depthwise``: ``macs_coef`` · kept outputs), counted per row of
         the output's leading dimension (per image when it is the batch; the graph scales it
         when patches, windows or tokens share that dimension). A function on a
         module's weight (``F.conv2d(x, self.weight)``) names that module (``layer_name``), the
-        weight's path and the weights per channel pair (``params_coef``)."""
+        weight's path and the weights per channel pair (``params_coef``); ``out_dim``: the
+        dimension of that weight that holds the output channels (0 unless said: ``x @ W`` has
+        them at 1; a transposed conv's are known from its module)."""
         if kind not in self.LAYER_KINDS:
             raise ValueError(f"layer kind must be one of {', '.join(self.LAYER_KINDS)}, not {kind!r}")
         if not (math.isfinite(macs_coef) and macs_coef >= 0):
             raise ValueError(f"macs_coef must be a finite number >= 0, not {macs_coef!r}")
         self.info.update(layer=True, kind=kind, in_labels=np.asarray(in_labels), out_labels=np.asarray(out_labels),
                          macs_coef=float(macs_coef))
-        extra = {"layer_name": layer_name, "weight": weight, "params_coef": params_coef}
+        extra = {"layer_name": layer_name, "weight": weight, "params_coef": params_coef, "weight_out_dim": out_dim}
         self.info.update({k: v for k, v in extra.items() if v is not None})
 
     def mixes(self, chan: Chan, labels: Optional[np.ndarray] = None) -> None:

@@ -13,7 +13,8 @@ What is here, by the kind of plugin that needs it:
   (a conv call's layer kind and MACs factor for ``declare_layer``);
 * algorithms, regularizers and mask extractors: :class:`ChannelGraph`, :class:`Masks`,
   :class:`LearnContext`, :class:`LearnResult`, :func:`log_epoch`, :class:`CostModel`,
-  :func:`cost_model_names`, :func:`divergence` and :data:`LEARNING_ADVICE`; their width rules:
+  :func:`cost_model_names`, :func:`weight_rows` (a layer's weight, one row per output
+  channel), :func:`divergence` and :data:`LEARNING_ADVICE`; their width rules:
   :func:`largest_fitting`, :func:`per_group_multiples`, :data:`DEFAULT_THRESHOLD`,
   :func:`group_orders`, :func:`rounded_width`, :func:`dropped_groups`, the ``scale:
   capacity`` step, :func:`capacity_to_budget`, and ``scale: auto``'s choice away from a
@@ -34,7 +35,7 @@ What is here, by the kind of plugin that needs it:
 from . import __version__
 from .algorithm import LearnContext, LearnResult, log_epoch
 from .branches import Branch, emptiable as emptiable_groups, settle as settle_branches
-from .cost import CostModel, LayerTable, cost_model_names, largest_fitting, per_group_multiples
+from .cost import CostModel, LayerTable, cost_model_names, largest_fitting, per_group_multiples, weight_rows
 from .errors import (ArtifactError, ConfigError, DnnshrinkError, DnnshrinkWarning, ExportError, MaskError,
                      PluginError, TraceError)
 from .export import export
@@ -65,5 +66,5 @@ __all__ = [
     "layer_width", "LayerTable", "LearnContext", "LEARNING_ADVICE", "LearnResult", "log_epoch", "lookup",
     "MaskError", "Masks", "model_mode", "normalize_inputs", "onnx_latency", "OpHandler", "per_group_multiples",
     "plugin_names", "PluginError", "PRODUCT_OP", "PropagateContext", "RebuildContext", "resized", "rounded_width", "session", "settle_branches", "sha256_bytes",
-    "PIECE_OP", "TENSOR_KINDS", "TensorSpec", "TraceError", "__version__"
+    "PIECE_OP", "TENSOR_KINDS", "TensorSpec", "TraceError", "weight_rows", "__version__"
 ]

@@ -238,3 +238,62 @@ def test_a_model_with_nothing_removable_says_what_keeps_it_and_no_batchnorm_advi
     assert "no removable channel" in message
     assert "most of its channels are kept because" in message and "normalises over the channels" in message
     assert "a BatchNorm after each conv" not in message and "`dnnshrink inspect` shows each group" in message
+
+
+class ProjectionNet(nn.Module):
+    """A conv without BatchNorm, then channels-last tokens times a bare ``(in, out)``
+    parameter whose even output columns are large and odd ones small."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        scale = torch.tensor([1.0 if j % 2 == 0 else 0.01 for j in range(12)])
+        self.proj = nn.Parameter(torch.randn(16, 12) * scale)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        tokens = torch.relu(self.stem(x)).flatten(2).transpose(1, 2)  # (B, HW, 16)
+        return self.head(torch.relu(tokens @ self.proj).mean(1))
+
+
+def test_magnitude_ranks_a_bare_projection_by_its_output_columns():
+    """``x @ W`` keeps its outputs in W's columns: magnitude ranks them there (it stopped
+    with "`proj` is not an nn.Module" before) and keeps the large ones."""
+    torch.manual_seed(0)
+    model, x = ProjectionNet().eval(), torch.randn(2, 3, 8, 8)
+    result = shrink(model, x, train_one_epoch=lambda m, lr: None, test=lambda m: 0.0, algorithm="magnitude",
+                    max_epochs=0, target_macs=0.5, finetune=False, device="cpu", progress=False, exporters=(),
+                    onnx_latency=False, tensorboard=False, round_to=1, scale="multiplier")
+    kept = np.flatnonzero(result.masks["proj"])
+    large = set(range(0, 12, 2))
+    assert 0 < len(kept) < 12 and result.model.proj.shape[1] == len(kept)
+    # the large columns first: all of them kept before any small one, or only large ones
+    assert large <= set(kept) if len(kept) >= len(large) else set(kept) <= large
+
+
+def test_weight_rows_is_one_row_per_output_channel():
+    """A conv's filters, a transposed conv's regrouped columns and a bare projection's
+    columns, each in the order of the layer's output units."""
+    from dnnshrink_core.plugin_api import weight_rows
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(16, 16, 3, padding=1)
+            self.up = nn.ConvTranspose2d(16, 8, 2, stride=2, groups=2)
+
+        def forward(self, x):
+            return self.up(self.conv(x))
+
+    for model, x in ((ProjectionNet(), torch.randn(1, 3, 8, 8)), (Net(), torch.randn(1, 16, 4, 4))):
+        graph = ds.trace(model, x)
+        for layer in CostModel(graph, model).layers:
+            rows = weight_rows(model, layer)
+            assert rows.shape[0] == len(layer.out_units), layer.name
+            if layer.name == "proj":
+                assert torch.equal(rows, model.proj.detach().t())
+            elif layer.name == "conv":
+                assert torch.equal(rows, model.conv.weight.detach().flatten(1))
+            elif layer.name == "up":  # (in, out/g, k, k): output o of group g is column o of that group's rows
+                w = model.up.weight.detach()
+                assert torch.equal(rows[5], w[8:, 1].flatten())

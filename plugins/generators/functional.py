@@ -204,7 +204,7 @@ def _dense_on_last_dim(ctx: PropagateContext, chan: Chan, spec: TensorSpec, w: A
     ctx.tie(ctx.param_labels(w, 1 - out_dim, owner=label, role="in"), chan.labels)
     ctx.mixes(chan)
     ctx.declare_layer("dense", chan.labels, out_l, float(math.prod(spec.shape[1:-1])), params_coef=1.0,
-                      layer_name=layer_name, weight=path)
+                      layer_name=layer_name, weight=path, out_dim=out_dim)
     return out_l
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from torch import nn
 
 from dnnshrink_core.plugin_api import (auto_scaled, capacity_to_budget, CostModel, divergence, DnnshrinkError, DnnshrinkWarning,
-    LearnContext, LEARNING_ADVICE, LearnResult, log_epoch)
+    LearnContext, LEARNING_ADVICE, LearnResult, log_epoch, weight_rows)
 
 from .regularizer import GammaRegularizer, HeldScales, morphnet_flops, morphnet_size, slimming_l1
 from .structure import (choose_depth, fill_to_budget, round_within_budget, scale_to_budget, toward_uniform,
@@ -438,18 +438,15 @@ class Slimming:
 
 
 def filter_l1(model: nn.Module, ctx: LearnContext) -> np.ndarray:
-    """Per unit, the mean ``|w|`` of the conv/linear filters that produce its channels."""
+    """Per unit, the mean ``|w|`` of the conv/linear filters that produce its channels (a
+    layer's weight arranged one row per output by :func:`weight_rows`: a conv's filters, the
+    columns of ``x @ W``)."""
     scores = np.zeros(ctx.graph.num_units, dtype=np.float64)
     for layer in ctx.costs.layers:
-        module = model.get_submodule(layer.name)
-        owner, _, attr = layer.weight.rpartition(".")
-        weight = getattr(model.get_submodule(owner), attr).detach().float()
-        if isinstance(module, nn.modules.conv._ConvNd) and module.transposed and attr == "weight":
-            # (in, out/g, k…) → one row per output channel
-            g = module.groups
-            weight = weight.reshape(g, weight.shape[0] // g, weight.shape[1], -1).permute(0, 2, 1, 3)
-            weight = weight.reshape(g * weight.shape[1], -1)
-        per_filter = weight.abs().flatten(1).mean(1).cpu().numpy()
+        rows = weight_rows(model, layer)
+        if rows is None:
+            continue
+        per_filter = rows.float().abs().mean(1).cpu().numpy()
         np.add.at(scores, layer.out_units, per_filter[: len(layer.out_units)])
     return scores
 
