@@ -92,7 +92,7 @@ class ShrinkOptions:
     parameter or activation target such an algorithm builds both and keeps the
     multiplier's learned proportions unless the capacity step's structure needs at least
     10% less predicted time per MAC (``AUTO_CAPACITY_GAIN``: RegNetX-400MF at half its
-    MACs, 40%; the demo, 8%), and ``report.json`` says which it took and the gain it saw;
+    MACs, 48%; the demo, 8%), and ``report.json`` says which it took and the gain it saw;
     ``"multiplier"`` for other algorithms. ``"multiplier"``:
     MorphNet's width multiplier, every group scaled alike, which keeps the learned
     proportions; ``"capacity"``: one block of channels at a time, cut from the group where

@@ -298,10 +298,12 @@ def speed_note(extra: Dict[str, Any], before: str) -> str:
     if learning.get("scale") == "capacity":
         fix = latency_target
     elif "capacity_gain" in learning:  # scale: auto weighed the capacity step's structure and kept the multiplier's
-        gain = float(learning["capacity_gain"])
-        if gain > 0 and learning.get("scale_why") != "same":
+        gain, why = float(learning["capacity_gain"]), learning.get("scale_why", "gain")
+        if why == "gain" and gain > 0:
             fix = (f"the capacity step's structure was predicted to need only {gain:.1%} less time per MAC "
                    f"(`scale: capacity` takes it anyway); {latency_target}")
+        elif why == "budget":  # (the capacity step's structure missed the budget)
+            fix = latency_target
         else:
             fix = f"the capacity step's structure would be no faster per MAC; {latency_target}"
     else:

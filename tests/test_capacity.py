@@ -276,7 +276,8 @@ def test_morphnet_with_scale_auto_at_a_macs_target_builds_the_structure_it_names
                    anneal=anneal, strength_scale=1e-6, device="cpu", progress=False, latency_runs=1, exporters=[],
                    tensorboard=False, onnx_latency=False)
     runs = {scale: shrink(model, x[:1], scale=scale, **options) for scale in ("multiplier", "capacity")}
-    assert any(not np.array_equal(runs["multiplier"].masks[g], runs["capacity"].masks[g]) for g in runs["capacity"].masks)
+    masks = runs["multiplier"].masks
+    assert any(not np.array_equal(masks[g], runs["capacity"].masks[g]) for g in masks)
     decisions = []
     weigh = Capacity.auto
     monkeypatch.setattr(Capacity, "auto", lambda self, *a: decisions.append(weigh(self, *a)[1]) or weigh(self, *a))
@@ -525,3 +526,25 @@ def test_scale_auto_without_a_latency_cost_model_keeps_the_multiplier(monkeypatc
     assert "scale auto: the width multiplier (no latency cost model is loaded" in capsys.readouterr().out
     with pytest.raises(ds.PluginError, match="no cost model called 'latency'"):
         shrink(Tiny(), x[:1], scale="capacity", **options)
+
+
+def test_the_speed_note_after_scale_auto_kept_the_multiplier_says_what_the_capacity_step_offered():
+    """A cut that bought no time where ``scale: auto`` weighed the capacity step and kept the
+    multiplier: the note gives the gain it saw (never a negative "less"), and offers the
+    capacity step only where it was faster and within the budget."""
+    from dnnshrink_core.report import speed_note
+
+    extra = {"baseline": {"macs": 100}, "shrunk": {"macs": 50},
+             "resources": {"latency_ms": {"before": 1.0, "after": 0.99}}}
+
+    def note(**learning):
+        return speed_note({**extra, "structure_learning": {"scale": "multiplier", "scale_option": "auto",
+                                                           **learning}}, "")
+
+    assert "predicted to need only 7.7% less time per MAC (`scale: capacity` takes it anyway)" in \
+        note(capacity_gain=0.0767, scale_why="gain")
+    for learning in ({"capacity_gain": -0.05, "scale_why": "gain"}, {"capacity_gain": 0.0, "scale_why": "same"}):
+        said = note(**learning)
+        assert "would be no faster per MAC" in said and "-5" not in said and "takes it anyway" not in said
+    said = note(capacity_gain=0.3, scale_why="budget")
+    assert "a latency target with measure_target" in said and "scale: capacity" not in said

@@ -24,8 +24,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 from torch import nn
 
-from dnnshrink_core.plugin_api import (auto_scaled, capacity_to_budget, CostModel, divergence, DnnshrinkError, DnnshrinkWarning,
-    LearnContext, LEARNING_ADVICE, LearnResult, log_epoch, weight_rows)
+from dnnshrink_core.plugin_api import (auto_scaled, capacity_to_budget, CostModel, divergence, DnnshrinkError,
+    DnnshrinkWarning, LearnContext, LEARNING_ADVICE, LearnResult, log_epoch, weight_rows)
 
 from .regularizer import GammaRegularizer, HeldScales, morphnet_flops, morphnet_size, slimming_l1
 from .structure import (choose_depth, fill_to_budget, round_within_budget, scale_to_budget, toward_uniform,
@@ -351,6 +351,7 @@ class MorphNet:
         start, used = learned, None  # what the width multiplier scales: the learned widths, blended when trusted less
         if trust < 1 and learned_cost > budget:
             start, used = toward_uniform(ctx.graph, learned, gammas, uniform, trust), trust
+
         def built(fit: Callable[..., np.ndarray]) -> np.ndarray:
             def structure(seed: np.ndarray) -> np.ndarray:
                 return fit(ctx.graph, seed, gammas, ctx.costs.cost, budget, opts.min_width, round_to, floors)
@@ -466,8 +467,8 @@ class Magnitude:
         scores = filter_l1(ctx.model, ctx)
         keep = _with_depth(ctx, even_share(ctx.graph, scores, ctx.costs.cost, ctx.target, opts.min_width,
                                            opts.round_to), scores)
-        even, info = "filter L1 norm, the same share cut in every group", {}
-        ranking, scale = even, getattr(opts, "scale", "multiplier")
+        ranking, info = "filter L1 norm, the same share cut in every group", {}
+        scale = getattr(opts, "scale", "multiplier")
         if scale in ("capacity", "auto"):  # the whole network cut where MACs cost most time
             capacity = Capacity(ctx.graph, ctx.model, ctx.costs, getattr(opts, "profile", None))
             stepped = capacity.stepped(ctx.graph, scores, ctx.costs.cost, ctx.target, opts.min_width, opts.round_to)
