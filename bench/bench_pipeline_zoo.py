@@ -72,7 +72,9 @@ def _child(name: str, args: argparse.Namespace) -> Dict[str, Any]:
         if line.startswith("ROW"):
             return json.loads(line[3:])
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    return {"model": name, "ok": False, "error": lines[-1][:300] if lines else f"exit {proc.returncode}"}
+    error = lines[-1][:300] if lines else f"exit {proc.returncode}"
+    # a target the model cannot reach is refused before any work, with the reason: the product working
+    return {"model": name, "ok": False, "error": error, "refused": "TargetError" in error}
 
 
 def main() -> None:
@@ -106,15 +108,16 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
             print(f"{name:<40} " + (f"{row['scale']:<10} gain {row['capacity_gain']} MACs {row['macs_kept']:.3f} "
                                     f"time {row['predicted_time']:.3f} {row['seconds']} s" if row["ok"]
-                                    else f"FAILED {row['error']}"), flush=True)
+                                    else f"{'REFUSED' if row['refused'] else 'FAILED'} {row['error']}"), flush=True)
     rows = list(done.values())
     ok = [r for r in rows if r["ok"]]
+    refused = [r for r in rows if r.get("refused")]
     chose = sum(r["scale"] == "capacity" for r in ok)
-    print(f"\n{len(ok)} of {len(rows)} models shrunk, exported and verified; scale auto took the capacity step on "
-          f"{chose}")
+    print(f"\n{len(ok)} of {len(rows)} models shrunk, exported and verified ({len(refused)} targets refused as "
+          f"unreachable, with the reason); scale auto took the capacity step on {chose}")
     for r in rows:
         if not r["ok"]:
-            print(f"  {r['model']}: {r['error']}")
+            print(f"  {r['model']}: {'refused: ' if r.get('refused') else ''}{r['error']}")
 
 
 if __name__ == "__main__":
