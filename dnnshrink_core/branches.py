@@ -382,7 +382,9 @@ def _zeroed_layers(graph: Any, model: Any, units: np.ndarray,
                 or weight.ndim <= layer.out_dim or weight.shape[layer.out_dim] != len(layer.out_units):
             return None
         index = torch.as_tensor(np.flatnonzero(rows), dtype=torch.long, device=weight.device)
-        bias = getattr(module, "bias", None) if attr == "weight" else None
+        bias = getattr(module, "bias", None) if attr == "weight" and layer.out_dim == 0 else None
+        if isinstance(bias, torch.Tensor) and tuple(bias.shape) != (len(layer.out_units),):
+            return None  # a bias that is not this layer's outputs' (``x @ module.weight`` adds none)
         for path, tensor, dim in ((layer.weight, weight, layer.out_dim),
                                   (f"{owner}.bias" if owner else "bias", bias, 0)):
             if isinstance(tensor, torch.Tensor):

@@ -144,13 +144,14 @@ def weight_rows(model: nn.Module, layer: LayerCost) -> Optional[torch.Tensor]:
     """``layer``'s weight (a row of :meth:`ChannelGraph.layers`) arranged one row per output
     channel, in the order of ``layer.out_units``, the rest of each output's weights flattened
     after it (a conv's filter; a transposed conv's ``(in, out/groups, k…)`` regrouped; the
-    column of ``x @ W``); None where the weight is not a tensor of the model's."""
+    column of ``x @ W``); None where the weight is not a tensor of the model's. A view of the
+    parameter where it can be (detached): read it, do not write to it."""
     weight = _weight(model, layer)
     if not isinstance(weight, torch.Tensor) or weight.ndim == 0:
         return None
     weight = weight.detach()
     owner = _module(model, layer.weight.rpartition(".")[0])
-    if isinstance(owner, nn.modules.conv._ConvNd) and owner.transposed and layer.weight.endswith(".weight"):
+    if isinstance(owner, nn.modules.conv._ConvNd) and owner.transposed and layer.weight.rpartition(".")[2] == "weight":
         g = owner.groups  # (in, out/g, k…) -> one row per output channel, group by group
         weight = weight.reshape(g, weight.shape[0] // g, weight.shape[1], -1).permute(0, 2, 1, 3)
         return weight.reshape(g * weight.shape[1], -1)

@@ -89,16 +89,20 @@ def exported_session(model: Any, inputs: tuple, path: Path, threads: int, label:
     """Export ``model`` to ``path`` (dnnshrink's verified exporter, to ``rtol`` when given)
     and open it in an onnxruntime :func:`session`; returns the session and its feed of
     ``inputs``. An export that fails names ``label``."""
-    from .errors import ExportError
+    from .errors import DnnshrinkWarning, ExportError
     from .export import export
 
     cpu_inputs = tuple(x.detach().cpu() if hasattr(x, "detach") else x for x in inputs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             export(model, cpu_inputs, "onnx", path, **({"rtol": rtol} if rtol is not None else {}))
         except ExportError as exc:
             raise ExportError(f"{label}: {exc}") from exc
+    if rtol is None:  # checked strictly: the file may be the one the run keeps, so what its export said is said
+        for said in caught:
+            if issubclass(said.category, DnnshrinkWarning):
+                warnings.warn(f"{label}: {said.message}", DnnshrinkWarning, stacklevel=3)
     s = session(str(path), threads)
     return s, {i.name: np.asarray(x.numpy() if hasattr(x, "numpy") else x) for i, x in zip(s.get_inputs(), cpu_inputs)}
 

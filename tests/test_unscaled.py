@@ -274,6 +274,7 @@ def test_magnitude_ranks_a_bare_projection_by_its_output_columns():
 def test_weight_rows_is_one_row_per_output_channel():
     """A conv's filters, a transposed conv's regrouped columns and a bare projection's
     columns, each in the order of the layer's output units."""
+    from dnnshrink_core.graph import LayerCost
     from dnnshrink_core.plugin_api import weight_rows
 
     class Net(nn.Module):
@@ -285,6 +286,9 @@ def test_weight_rows_is_one_row_per_output_channel():
         def forward(self, x):
             return self.up(self.conv(x))
 
+    bare = nn.ConvTranspose2d(16, 4, 2)  # the model is the layer: its weight's path is "weight"
+    rows = weight_rows(bare, LayerCost("", "dense", np.arange(16), np.arange(4), 1.0, "weight"))
+    assert rows.shape == (4, 64) and torch.equal(rows[1], bare.weight.detach()[:, 1].flatten())
     for model, x in ((ProjectionNet(), torch.randn(1, 3, 8, 8)), (Net(), torch.randn(1, 16, 4, 4))):
         graph = ds.trace(model, x)
         for layer in CostModel(graph, model).layers:
