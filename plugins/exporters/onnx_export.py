@@ -103,12 +103,13 @@ def _float64_judgement(model: nn.Module, inputs: tuple, outputs: List[np.ndarray
         with torch.no_grad(), model_mode(exact_model, training=False), model_mode(model, training=False):
             exact = [t.double() for t in flatten_outputs(exact_model(*doubled))]
             single = [t.detach().cpu() for t in flatten_outputs(model(*inputs))]
-            again = [t.detach().cpu().numpy() for t in flatten_outputs(model(*inputs))]
+            again = [t.detach().cpu().double().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+                     for t in flatten_outputs(model(*inputs))]
     except Exception:  # an op without a float64 kernel, a model that pins its dtype: judged strictly
         return None, ""
     if len(exact) != len(outputs) or max(relative_errors(single, again), default=0.0) > 1e-6:
         return None, ""
-    own = relative_errors(exact, [t.numpy() for t in single])
+    own = relative_errors(exact, [t.double().numpy() if t.is_floating_point() else t.numpy() for t in single])
     against = relative_errors(exact, outputs)
     precision = str(single[0].dtype).replace("torch.", "") if single else "float32"
     if max(own, default=0.0) <= max(rtol, ILL_CONDITIONED):
