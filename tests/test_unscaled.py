@@ -301,3 +301,21 @@ def test_weight_rows_is_one_row_per_output_channel():
             elif layer.name == "up":  # (in, out/g, k, k): output o of group g is column o of that group's rows
                 w = model.up.weight.detach()
                 assert torch.equal(rows[5], w[8:, 1].flatten())
+
+
+def test_magnitude_ranks_a_unit_it_cannot_read_as_average_not_weakest():
+    """A layer whose weight cannot be read (a path the model does not hold) leaves its units
+    at the average score, so they are not the first a cut takes."""
+    from types import SimpleNamespace
+
+    from dnnshrink_core.graph import LayerCost
+    from dnnshrink_plugins.morphnet.algorithm import filter_l1
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]).view(4, 1, 1, 1).expand(4, 3, 1, 1))
+    layers = [LayerCost("0", "dense", np.arange(3), np.arange(4), 1.0),
+              LayerCost("gone", "dense", np.arange(3), np.arange(4, 6), 1.0)]
+    ctx = SimpleNamespace(graph=SimpleNamespace(num_units=6), costs=SimpleNamespace(layers=layers))
+    scores = filter_l1(model, ctx)
+    assert scores[:4].tolist() == [1.0, 2.0, 3.0, 4.0] and scores[4:].tolist() == [2.5, 2.5]

@@ -443,12 +443,17 @@ def filter_l1(model: nn.Module, ctx: LearnContext) -> np.ndarray:
     layer's weight arranged one row per output by :func:`weight_rows`: a conv's filters, the
     columns of ``x @ W``)."""
     scores = np.zeros(ctx.graph.num_units, dtype=np.float64)
+    ranked = np.zeros(ctx.graph.num_units, dtype=bool)
     for layer in ctx.costs.layers:
         rows = weight_rows(model, layer)
         if rows is None:
             continue
         per_filter = rows.float().abs().mean(1).cpu().numpy()
         np.add.at(scores, layer.out_units, per_filter[: len(layer.out_units)])
+        ranked[layer.out_units[: len(per_filter)]] = True
+    # a unit no readable weight makes is not the weakest: it ranks as the average unit, not first to go
+    if ranked.any() and not ranked.all():
+        scores[~ranked] = scores[ranked].mean()
     return scores
 
 
