@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from .cost import owned_weight
 from .handler import iter_chans
 
 _JOIN_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -372,21 +373,16 @@ def _zeroed_layers(graph: Any, model: Any, units: np.ndarray,
         rows = np.isin(layer.out_units, units)
         if not rows.any():
             continue
-        owner, _, attr = layer.weight.rpartition(".")
-        try:
-            module = model.get_submodule(owner)
-        except AttributeError:
-            return None
-        weight = getattr(module, attr, None)
-        if not isinstance(weight, torch.Tensor) or getattr(module, "transposed", False) \
+        module, attr, weight = owned_weight(model, layer)
+        if module is None or not isinstance(weight, torch.Tensor) or getattr(module, "transposed", False) \
                 or weight.ndim <= layer.out_dim or weight.shape[layer.out_dim] != len(layer.out_units):
             return None
         index = torch.as_tensor(np.flatnonzero(rows), dtype=torch.long, device=weight.device)
         bias = getattr(module, "bias", None) if attr == "weight" and layer.out_dim == 0 else None
         if isinstance(bias, torch.Tensor) and tuple(bias.shape) != (len(layer.out_units),):
             return None  # a bias that is not this layer's outputs' (``x @ module.weight`` adds none)
-        for path, tensor, dim in ((layer.weight, weight, layer.out_dim),
-                                  (f"{owner}.bias" if owner else "bias", bias, 0)):
+        prefix = layer.weight[: -len(attr)]  # "block.fc." of "block.fc.weight"; "" of a bare "weight"
+        for path, tensor, dim in ((layer.weight, weight, layer.out_dim), (prefix + "bias", bias, 0)):
             if isinstance(tensor, torch.Tensor):
                 result[path] = result.get(path, tensor.detach()).clone().index_fill_(dim, index, 0.0)
     return result

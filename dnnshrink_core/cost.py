@@ -134,10 +134,17 @@ def _module(model: nn.Module, name: str) -> Optional[nn.Module]:
         return None
 
 
-def _weight(model: nn.Module, layer: LayerCost) -> Any:
+def owned_weight(model: nn.Module, layer: LayerCost) -> Tuple[Optional[nn.Module], str, Any]:
+    """``(module, attribute, weight)`` of ``layer``'s weight path in ``model``: the module that
+    holds it (None where the model has no such module), the attribute's name and its value
+    (None where there is none)."""
     owner, _, attr = layer.weight.rpartition(".")
     module = _module(model, owner)
-    return getattr(module, attr, None) if module is not None else None
+    return module, attr, (getattr(module, attr, None) if module is not None else None)
+
+
+def _weight(model: nn.Module, layer: LayerCost) -> Any:
+    return owned_weight(model, layer)[2]
 
 
 def weight_rows(model: nn.Module, layer: LayerCost) -> Optional[torch.Tensor]:
@@ -146,12 +153,11 @@ def weight_rows(model: nn.Module, layer: LayerCost) -> Optional[torch.Tensor]:
     after it (a conv's filter; a transposed conv's ``(in, out/groups, k…)`` regrouped; the
     column of ``x @ W``); None where the weight is not a tensor of the model's. A view of the
     parameter where it can be (detached): read it, do not write to it."""
-    weight = _weight(model, layer)
+    owner, attr, weight = owned_weight(model, layer)
     if not isinstance(weight, torch.Tensor) or weight.ndim == 0:
         return None
     weight = weight.detach()
-    owner = _module(model, layer.weight.rpartition(".")[0])
-    if isinstance(owner, nn.modules.conv._ConvNd) and owner.transposed and layer.weight.rpartition(".")[2] == "weight":
+    if isinstance(owner, nn.modules.conv._ConvNd) and owner.transposed and attr == "weight":
         g = owner.groups  # (in, out/g, k…) -> one row per output channel, group by group
         weight = weight.reshape(g, weight.shape[0] // g, weight.shape[1], -1).permute(0, 2, 1, 3)
         return weight.reshape(g * weight.shape[1], -1)

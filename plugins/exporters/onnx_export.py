@@ -103,13 +103,12 @@ def _float64_judgement(model: nn.Module, inputs: tuple, outputs: List[np.ndarray
         with torch.no_grad(), model_mode(exact_model, training=False), model_mode(model, training=False):
             exact = [t.double() for t in flatten_outputs(exact_model(*doubled))]
             single = [t.detach().cpu() for t in flatten_outputs(model(*inputs))]
-            again = [t.detach().cpu().double().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
-                     for t in flatten_outputs(model(*inputs))]
+            again = [_array(t) for t in flatten_outputs(model(*inputs))]
     except Exception:  # an op without a float64 kernel, a model that pins its dtype: judged strictly
         return None, ""
     if len(exact) != len(outputs) or max(relative_errors(single, again), default=0.0) > 1e-6:
         return None, ""
-    own = relative_errors(exact, [t.double().numpy() if t.is_floating_point() else t.numpy() for t in single])
+    own = relative_errors(exact, [_array(t) for t in single])
     against = relative_errors(exact, outputs)
     precision = str(single[0].dtype).replace("torch.", "") if single else "float32"
     if max(own, default=0.0) <= max(rtol, ILL_CONDITIONED):
@@ -122,6 +121,12 @@ def _float64_judgement(model: nn.Module, inputs: tuple, outputs: List[np.ndarray
     if any(a > max(rtol, 2 * o) for a, o in zip(against, own)):
         return None, ""
     return {"precision": precision, "own_error": max(own), "error_vs_float64": max(against)}, ""
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as numpy, a floating one through float64 (numpy has no bfloat16)."""
+    tensor = tensor.detach().cpu()
+    return (tensor.double() if tensor.is_floating_point() else tensor).numpy()
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
