@@ -192,6 +192,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         options["check_models"], options["check_input"] = _check_models(args)
     if args.dtype != "float32":  # (a plugin's calibrate need not take it)
         options["dtype"] = args.dtype
+    if args.spinning != "run":  # (nor this)
+        options["spinning"] = args.spinning
     calibrate(runtime=args.runtime, threads=args.threads, batch=args.batch, device=args.device, out=args.out,
               check=not args.no_check, **options)
     return 0
@@ -284,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                      help="with --runtime torch: the number format the network runs in (model.half() for float16; "
                           "default float32)")
+    cal.add_argument("--spinning", default="run", choices=["run", "always", "never"],
+                     help="with --runtime onnxruntime: how its threads wait for work: spin within each run and "
+                          "stop at its end (run, the default: how a deployed session runs one call), spin on "
+                          "after it too (always: onnxruntime's default for back-to-back calls), or sleep between "
+                          "ops (never: a process that shares its cores); the pipeline's measured latency and "
+                          "measure_target time sessions the profile's way")
     cal.add_argument("--out", default="latency-profile.json", help="where to write the profile (JSON)")
     cal.add_argument("--no-check", action="store_true",
                      help="skip timing the five torchvision networks the fit did not see")

@@ -132,9 +132,10 @@ class OnnxRatio:
     exporter) and returns its fastest run over the baseline's fastest run of the same
     rounds."""
 
-    def __init__(self, baseline: Any, inputs: tuple, threads: int, rounds: int = 12, runs: int = 4):
+    def __init__(self, baseline: Any, inputs: tuple, threads: int, rounds: int = 12, runs: int = 4,
+                 spinning: str = "run"):
         self.inputs = inputs
-        self.threads, self.rounds, self.runs = threads, rounds, runs
+        self.threads, self.rounds, self.runs, self.spinning = threads, rounds, runs, spinning
         self._folder = tempfile.TemporaryDirectory(prefix="dnnshrink-measure-")
         self.baseline = self._session(baseline, "baseline")
         self.baseline_s = math.inf
@@ -142,7 +143,7 @@ class OnnxRatio:
 
     def _session(self, model: Any, name: str) -> Tuple[Any, dict]:
         return exported_session(model, self.inputs, Path(self._folder.name) / f"{name}.onnx", self.threads, name,
-                                TIMED_RTOL)
+                                TIMED_RTOL, self.spinning)
 
     def __call__(self, model: Any) -> float:
         probe = self._session(model, "probe")
@@ -159,12 +160,13 @@ class OnnxRatio:
 
 def measured_budget(graph: Any, model: Any, inputs: tuple, costs: Any, goal: Target, round_to: Any,
                     min_width: int, minimum: float, threads: int, log: Callable[[str], None] = lambda _: None,
-                    timer: Any = None, probe: Optional[Tuple[str, Callable[[float], np.ndarray]]] = None
-                    ) -> MeasuredTarget:
+                    timer: Any = None, probe: Optional[Tuple[str, Callable[[float], np.ndarray]]] = None,
+                    spinning: str = "run") -> MeasuredTarget:
     """The predicted budget (a share of ``costs.initial``) at which the uniform width
     multiplier measures the latency target ``goal`` (a share of the baseline's latency, or an
     amount in ms), timed with onnxruntime; ``minimum`` is the smallest predicted cost the run
-    can reach. ``timer``: another runtime with :class:`OnnxRatio`'s interface (called with a
+    can reach; ``threads`` and ``spinning`` as :func:`~dnnshrink_core.timing.session` (the
+    profile's). ``timer``: another runtime with :class:`OnnxRatio`'s interface (called with a
     network, it returns its latency over the baseline's; ``baseline_s``; ``close()``).
     ``probe``: another family of structures to time instead of the uniform multiplier's, as
     ``(its name, budget → keep flags)`` (``scale: capacity``'s step: the run builds those,
@@ -175,7 +177,8 @@ def measured_budget(graph: Any, model: Any, inputs: tuple, costs: Any, goal: Tar
     from .cost import uniform_keep
     from .generate import build
 
-    timer = timer if timer is not None else OnnxRatio(copy.deepcopy(model).cpu().eval(), inputs, threads)
+    timer = timer if timer is not None else OnnxRatio(copy.deepcopy(model).cpu().eval(), inputs, threads,
+                                                           spinning=spinning)
     low, fraction = minimum / costs.initial, goal.fraction
     try:
         if fraction is None:  # an amount in ms: the baseline's own time sets the share

@@ -45,6 +45,7 @@ from .masks import DEFAULT_THRESHOLD, Masks
 from .plugins import lookup
 from .report import Report, layer_report, report_markdown, summary_table, widths_against_uniform, widths_text
 from .target import Target, check_reachable, resolve, smallest_cost
+from .timing import runtime_spinning
 from .tracing import normalize_inputs
 from .validation import check_algorithm, check_exporters, check_options, resolved_scale
 
@@ -436,7 +437,7 @@ def _measure_target(opts: ShrinkOptions, graph: Any, work: nn.Module, inputs: tu
         # the structures the algorithm builds with it from the whole network, not the uniform multiplier's
         probe = ("the capacity step", structure(graph, work, costs, opts.profile, opts.min_width, round_to))
     measured = measured_budget(graph, work, inputs, costs, goal, round_to, opts.min_width, minimum, threads,
-                               log=_step, probe=probe)
+                               log=_step, probe=probe, spinning=runtime_spinning(runtime))
     _step(f"measure_target: {measured.target:.3f} of the baseline's measured latency ({measured.baseline_ms:.3g} "
           f"ms) is {measured.budget:.3f} of its predicted latency")
     return measured
@@ -694,11 +695,12 @@ def _onnx_latency(run: _Run, shrunk: nn.Module) -> Dict[str, Any]:
     from .timing import onnx_latency
 
     baseline, inputs, opts = run.baseline, run.inputs, run.opts
-    threads = 2
+    threads, spinning = 2, "run"
     try:  # the run's own graph (the baseline's structure): no second trace
         latency = run.costs if run.costs.kind == "latency" else \
             CostModel(run.graph, run.work, "latency", profile=opts.profile)
         threads = int(latency.resource.runtime.get("threads", 2))
+        spinning = runtime_spinning(latency.resource.runtime)
     except Exception:  # no latency plugin: its default settings
         pass
     # the shrunk model's verified export is the run's model.onnx too: _write_outputs moves it
@@ -706,7 +708,8 @@ def _onnx_latency(run: _Run, shrunk: nn.Module) -> Dict[str, Any]:
     try:
         timed = onnx_latency({"baseline": copy.deepcopy(baseline).cpu().eval(),
                               "shrunk": copy.deepcopy(shrunk).cpu().eval()}, inputs, threads,
-                             rounds=max(2, opts.latency_runs // 4), runs=4, keep=keep, timed_only=["baseline"])
+                             rounds=max(2, opts.latency_runs // 4), runs=4, keep=keep, timed_only=["baseline"],
+                             spinning=spinning)
     except Exception as exc:  # said in the report, not fatal: the files are still written
         if keep is not None:
             keep["shrunk"].unlink(missing_ok=True)
@@ -714,7 +717,7 @@ def _onnx_latency(run: _Run, shrunk: nn.Module) -> Dict[str, Any]:
     if keep is not None:
         run.timed_onnx = keep["shrunk"]
     (b_fast, b_med), (s_fast, s_med) = timed["baseline"], timed["shrunk"]
-    return {"threads": threads, "baseline_ms": 1e3 * b_fast, "shrunk_ms": 1e3 * s_fast,
+    return {"threads": threads, "spinning": spinning, "baseline_ms": 1e3 * b_fast, "shrunk_ms": 1e3 * s_fast,
             "baseline_median_ms": 1e3 * b_med, "shrunk_median_ms": 1e3 * s_med, "speedup": b_fast / s_fast}
 
 

@@ -29,8 +29,9 @@ What is here, by the kind of plugin that needs it:
   :class:`InputShapeCheck`, :func:`atomic_write`, :func:`atomic_path`, :func:`sha256_bytes`,
   :func:`count_macs`, :func:`layer_width`, :data:`LAYER_TYPES`, :func:`export`;
 * latency measurement: :func:`session`, :func:`onnx_latency`, :func:`interleaved_times`,
-  :func:`fastest_and_median`, :func:`checked_device` (a device the user names, checked as
-  the run checks its own).
+  :func:`fastest_and_median`, :data:`SPINNING` and :func:`runtime_spinning` (how sessions'
+  threads wait for work, and how a profile's were timed), :func:`checked_device` (a device
+  the user names, checked as the run checks its own).
 """
 from . import __version__
 from .algorithm import LearnContext, LearnResult, log_epoch
@@ -53,7 +54,7 @@ from .plugins import get_plugin_manager, hookimpl, lookup, plugin_names
 from .recording import InputShapeCheck
 from .report import LAYER_TYPES, count_macs, layer_width
 from .tensor_ops import PIECE as PIECE_OP, TENSOR_KINDS
-from .timing import fastest_and_median, interleaved_times, onnx_latency, session
+from .timing import SPINNING, fastest_and_median, interleaved_times, onnx_latency, runtime_spinning, session
 from .tracing import eval_graph_module, flatten_outputs, model_mode, normalize_inputs
 
 __all__ = [
@@ -65,6 +66,6 @@ __all__ = [
     "Group", "group_orders", "hookimpl", "index_of", "InputShapeCheck", "interleaved_times", "largest_fitting", "LAYER_TYPES",
     "layer_width", "LayerTable", "LearnContext", "LEARNING_ADVICE", "LearnResult", "log_epoch", "lookup",
     "MaskError", "Masks", "model_mode", "normalize_inputs", "onnx_latency", "OpHandler", "per_group_multiples",
-    "plugin_names", "PluginError", "PRODUCT_OP", "PropagateContext", "RebuildContext", "resized", "rounded_width", "session", "settle_branches", "sha256_bytes",
-    "PIECE_OP", "TENSOR_KINDS", "TensorSpec", "TraceError", "weight_rows", "__version__"
+    "plugin_names", "PluginError", "PRODUCT_OP", "PropagateContext", "RebuildContext", "resized", "rounded_width", "runtime_spinning", "session", "settle_branches", "sha256_bytes",
+    "PIECE_OP", "SPINNING", "TENSOR_KINDS", "TensorSpec", "TraceError", "weight_rows", "__version__"
 ]

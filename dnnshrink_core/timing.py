@@ -14,23 +14,43 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 
-def session(model: Union[str, bytes], threads: int, spinning: bool = False) -> Any:
-    """An onnxruntime CPU session with ``threads`` intra-op threads and one inter-op thread
-    (full graph optimisation, as a deployed model runs).
+#: How a session's intra-op threads wait for work (``spinning`` of :func:`session`):
+#: ``"run"`` spin while a run lasts and stop at its end (the default), ``"always"`` spin on
+#: after it too (onnxruntime's own default), ``"never"`` sleep between ops.
+SPINNING = ("run", "always", "never")
 
-    Why its threads do not spin by default: variants are timed interleaved, many sessions
-    taking turns, and a session's pool keeps spinning after its run, taking the cores from the
-    next session's. On the 2-core machine the five validation networks timed interleaved four
-    times ran 12–45% slower at their fastest with spinning (MobileNetV2 3.77–5.49 ms against
-    3.38–3.76 without; docs/benchmarks.md), and as fast without it as a lone session with it.
-    ``spinning=True`` restores onnxruntime's default (one session serving back-to-back calls)."""
+
+def runtime_spinning(runtime: Mapping[str, Any]) -> str:
+    """How the sessions of a latency profile's ``runtime`` (its JSON ``runtime`` entry) were
+    timed (:data:`SPINNING`): its ``spinning``, or ``"never"`` for a profile made before
+    profiles said so (dnnshrink timed every session without spinning then)."""
+    return str(runtime.get("spinning", "never"))
+
+
+def session(model: Union[str, bytes], threads: int, spinning: str = "run") -> Any:
+    """An onnxruntime CPU session with ``threads`` intra-op threads and one inter-op thread
+    (full graph optimisation, as a deployed model runs), its threads waiting for work as
+    ``spinning`` says (:data:`SPINNING`).
+
+    Why ``"run"``: within a run a deployed session's threads spin between ops (onnxruntime's
+    default), and a network of many small ops is timed wrong without it: MobileNetV2 at 30%
+    of its MACs ran in 1.13–1.18 ms with threads that sleep between ops against 0.62–0.67 ms
+    spinning, its baseline 2.9 against 2.2 ms (docs/benchmarks.md, "Timing as a deployed
+    session runs"). Spinning on after a run (``"always"``) is what one session serving
+    back-to-back calls gets, but timed interleaved, many sessions taking turns, the pool of the
+    session that just ran keeps the cores from the next one's (12–45% slower on the 2-core
+    machine); stopping at the end of each run (``session.force_spinning_stop``) keeps both."""
     import onnxruntime as ort
 
+    if spinning not in SPINNING:
+        raise ValueError(f"spinning must be one of {', '.join(SPINNING)}, not {spinning!r}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    if not spinning:
+    if spinning == "never":
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    elif spinning == "run":
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
@@ -69,26 +89,27 @@ TIMED_RTOL = 1e-2
 
 def onnx_latency(models: Mapping[str, Any], inputs: tuple, threads: int, rounds: int = 10,
                  runs: int = 5, keep: Optional[Mapping[str, Path]] = None,
-                 timed_only: Sequence[str] = ()) -> Dict[str, Tuple[float, float]]:
+                 timed_only: Sequence[str] = (), spinning: str = "run") -> Dict[str, Tuple[float, float]]:
     """Export each PyTorch model to ONNX (dnnshrink's verified exporter) and time it with
     onnxruntime: ``{label: (fastest, median)}`` seconds, the models interleaved. ``keep``:
     where to leave the exported files of some labels (the others are deleted).
     ``timed_only``: labels whose files are only timed, never shipped (checked to
-    :data:`TIMED_RTOL`). An export that fails names its label."""
+    :data:`TIMED_RTOL`). ``spinning``: as :func:`session`. An export that fails names its
+    label."""
     with tempfile.TemporaryDirectory() as tmp:
         sessions, feeds = {}, {}
         for label, model in models.items():
             path = Path((keep or {}).get(label) or Path(tmp) / f"{label}.onnx")
             sessions[label], feeds[label] = exported_session(model, inputs, path, threads, label,
-                                                             TIMED_RTOL if label in timed_only else None)
+                                                             TIMED_RTOL if label in timed_only else None, spinning)
         return fastest_and_median(interleaved_times(sessions, feeds, rounds, runs_for(sessions, feeds, runs)))
 
 
 def exported_session(model: Any, inputs: tuple, path: Path, threads: int, label: str,
-                     rtol: Optional[float] = None) -> Tuple[Any, dict]:
+                     rtol: Optional[float] = None, spinning: str = "run") -> Tuple[Any, dict]:
     """Export ``model`` to ``path`` (dnnshrink's verified exporter, to ``rtol`` when given)
-    and open it in an onnxruntime :func:`session`; returns the session and its feed of
-    ``inputs``. An export that fails names ``label``."""
+    and open it in an onnxruntime :func:`session` (``spinning`` as there); returns the
+    session and its feed of ``inputs``. An export that fails names ``label``."""
     from .errors import DnnshrinkWarning, ExportError
     from .export import export
 
@@ -103,7 +124,7 @@ def exported_session(model: Any, inputs: tuple, path: Path, threads: int, label:
         for said in caught:
             if issubclass(said.category, DnnshrinkWarning):
                 warnings.warn(f"{label}: {said.message}", DnnshrinkWarning, stacklevel=3)
-    s = session(str(path), threads)
+    s = session(str(path), threads, spinning)
     return s, {i.name: np.asarray(x.numpy() if hasattr(x, "numpy") else x) for i, x in zip(s.get_inputs(), cpu_inputs)}
 
 

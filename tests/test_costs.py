@@ -13,7 +13,7 @@ from torch import nn
 import dnnshrink_core as ds
 from dnnshrink_core.cost import CostModel, resolve_round_to
 from dnnshrink_core.target import Target, check_reachable, smallest_cost
-from dnnshrink_plugins.costs.calibrate import fit, op_terms, sweep_chains
+from dnnshrink_plugins.costs.calibrate import POSITION_KINDS, fit, op_terms, sweep_chains
 from dnnshrink_plugins.costs.latency import (KINDS, TENSOR_KINDS, OpConstants, Profile, ProfileError, load_profile,
                                              profile_from_dict, roofline_seconds)
 from models import conv_bn
@@ -45,8 +45,10 @@ def synthetic_profile(multiple: int = 1, positions: bool = True) -> Profile:
            "depthwise": OpConstants(10.0, 2.0, 15.0, 4.0, multiple, p[2]), "linear": OpConstants(20.0, 20.0, 10.0, 1.0, 1)}
     # a grouped conv: its own peaks, its block in channels per group
     ops["grouped"] = OpConstants(40.0, 8.0, 15.0, 3.0, multiple, p[0])
-    # the tensor ops compute nothing: a bandwidth each, an overhead within the fit's bound
-    ops.update({kind: OpConstants.tensor_op(8.0 + 3 * i, 0.25 * (i % 5), 0.5 * p[2] * (i % 3))
+    # the tensor ops compute nothing: a bandwidth each, an overhead within the fit's bound, a
+    # cost per output position only where the fit has one (pooling's window, a row-wise pass)
+    ops.update({kind: OpConstants.tensor_op(8.0 + 3 * i, 0.25 * (i % 5),
+                                            0.5 * p[2] * (i % 3) if kind in POSITION_KINDS else 0.0)
                 for i, kind in enumerate(TENSOR_KINDS)})
     if multiple > 1:  # a concatenation whose pieces miss the block runs at a third of its bandwidth
         c = ops["concat"]

@@ -293,7 +293,8 @@ def test_calibrate_blocks_from_keeps_a_profiles_blocks_and_refuses_another_runti
     assert {k: profile.ops[k].channel_multiple for k in ("pointwise", "depthwise", "conv", "grouped")} == \
         {"pointwise": 8, "depthwise": 8, "conv": 8, "grouped": 8}
     assert load_profile(tmp_path / "new.json").calibration["blocks"]["conv"]["channel_multiple"] == 8
-    with pytest.raises(ValueError, match="that profile is of onnxruntime cpu, 2 threads, batch 1, not of torch cpu"):
+    with pytest.raises(ValueError, match="that profile is of onnxruntime cpu, 2 threads, batch 1, threads sleeping "
+                                         "between ops, not of torch cpu"):
         cal.calibrate(runtime="torch", out=None, check=False, blocks_from=tmp_path / "given.json",
                       log=lambda line: None)
 

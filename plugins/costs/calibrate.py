@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dnnshrink_core.plugin_api import checked_device, ConfigError, DnnshrinkWarning
+from dnnshrink_core.plugin_api import SPINNING, checked_device, ConfigError, DnnshrinkWarning
 
 from .latency import (BYTES_PER_ELEMENT, DTYPES, GROUPED, KINDS, TENSOR_KINDS, OpConstants, Profile, load_profile,
                       roofline_seconds)
@@ -101,6 +101,11 @@ def sweep_chains(thin: bool = False) -> List[List[Op]]:
     chains += [[(GROUPED, c, c, hw, 3, 1, c // width)] * 4 for c, hw, width in
                ((64, 56, 8), (64, 56, 16), (224, 28, 8), (224, 28, 16), (448, 14, 8), (448, 14, 32), (224, 28, 2),
                 (448, 14, 4), (128, 56, 32))]
+    # inverted residual blocks as MobileNets and EfficientNets run them (expand, depthwise,
+    # project): the kinds in the order networks run them, not only each kind by itself
+    chains += [[("pointwise", c, e, hw, 1, 1), ("depthwise", e, e, hw, 3, 1), ("pointwise", e, c, hw, 1, 1)] * 2
+               for c, e, hw in ((24, 144, 56), (32, 192, 28), (64, 384, 14), (96, 576, 14), (160, 960, 7),
+                                (16, 64, 56), (32, 96, 14), (48, 144, 7))]
     if thin:  # last, so that the default sweep is the first part of the thin one
         chains += _pairs("pointwise", [(16, 16, 56), (16, 32, 28), (32, 16, 14), (16, 48, 7)], reps=4)
         chains += _pairs("conv", [(16, 16, 56), (16, 32, 28), (32, 32, 14)], reps=2)
@@ -121,6 +126,10 @@ def _tensor_chains() -> List[List[Op]]:
     for act in ACTIVATIONS:
         for c, hw in ((32, 112), (144, 28), (672, 7)):
             chains.append([("pointwise", c, c, hw, 1, 1), (act, c, c, hw, 1, 1)] * 3 + [("pointwise", c, c, hw, 1, 1)])
+        # over tensors past the caches, as a network's first stages run them (1-5 MB), after
+        # depthwise convs, which take less of the chain's time than 1×1 ones
+        for c, hw in ((96, 112), (144, 56), (240, 28)):
+            chains.append([("depthwise", c, c, hw, 3, 1), (act, c, c, hw, 1, 1)] * 3 + [("depthwise", c, c, hw, 3, 1)])
     for kind in PASSES:  # rows of 64-384 channels (norm) and of 49-784 positions (softmax)
         for c, hw in ((64, 28), (160, 14), (384, 7)):
             chains.append([("pointwise", c, c, hw, 1, 1), (kind, c, c, hw, 1, 1)] * 3 + [("pointwise", c, c, hw, 1, 1)])
@@ -155,6 +164,11 @@ def _tensor_chains() -> List[List[Op]]:
     for c, hw in ((58, 56), (116, 28), (232, 14)):  # ShuffleNet: a shuffle after each unit's 1×1 conv
         chains.append([("pointwise", c, c, hw, 1, 1), ("transpose", c, c, hw, 1, 1)] * 3
                       + [("pointwise", c, c, hw, 1, 1)])
+    # each chain's convs alone, at the shapes where the ops between them ran (four c→c
+    # convs): without them an op's time can go to the convs it always runs with
+    bare = {(op[0],) + op[1:5] for chain in chains for op in chain
+            if op[0] in ("pointwise", "depthwise") and op[1] == op[2]}
+    chains += [[(kind, c, c, hw, k, 1)] * 4 for kind, c, _, hw, k in sorted(bare)]
     return chains
 
 
@@ -250,16 +264,17 @@ class OnnxBackend:
     grouped_overhead_s = GROUPED_OVERHEAD_S
     concat_block_source = "read from the runtime's optimised graph"
 
-    def __init__(self, threads: int, batch: int):
+    def __init__(self, threads: int, batch: int, spinning: str = "run"):
         import onnxruntime
 
-        self.threads, self.batch = threads, batch
+        self.threads, self.batch, self.spinning = threads, batch, spinning
         self.runtime = {"name": "onnxruntime", "device": "cpu", "threads": threads, "batch": batch,
-                        "version": onnxruntime.__version__}
+                        "version": onnxruntime.__version__, "spinning": spinning}
 
     def prepare(self, ops: Sequence[Op]) -> Tuple[Any, dict]:
         model, shape = chain_model(ops, self.batch)
-        return session(model, self.threads), {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        return session(model, self.threads, self.spinning), {"x": x}
 
     def prepare_network(self, model: Any, x: Any, folder: Path, name: str) -> Tuple[Any, dict]:
         import torch
@@ -273,7 +288,7 @@ class OnnxBackend:
                 from dnnshrink_core.plugin_api import export
 
                 export(model, x, "onnx", path)
-        s = session(str(path), self.threads)
+        s = session(str(path), self.threads, self.spinning)
         return s, {s.get_inputs()[0].name: x.numpy()}
 
     def time(self, prepared: Dict[str, Tuple[Any, dict]], rounds: int, runs: int,
@@ -755,7 +770,7 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
               out: Optional[Any] = None, check: bool = True, rounds: int = 12, dtype: str = "float32",
               log: Callable[[str], None] = print, per_position: bool = True,
               blocks_from: Optional[Any] = None, check_models: Optional[Mapping[str, Any]] = None,
-              check_input: Sequence[int] = (3, 224, 224)) -> Profile:
+              check_input: Sequence[int] = (3, 224, 224), spinning: str = "run") -> Profile:
     """Measure a latency profile (the module's four steps) and write it to ``out``. With
     ``per_position`` (the default), the sweep adds thin chains and the fit a per-output-position
     cost per op kind (see :mod:`.latency`): over three timings it predicted networks at a
@@ -763,7 +778,9 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
     ``blocks_from``: a profile of the same runtime whose channel blocks are kept instead of
     measured again (they move on a busy machine, and ``round_to: auto`` rounds to them).
     ``check_models``: the user's own networks by name, timed and predicted in the check too
-    (on one batch of ``check_input``: channels, height, width)."""
+    (on one batch of ``check_input``: channels, height, width). ``spinning``: how onnxruntime's
+    threads wait for work (:data:`~dnnshrink_core.plugin_api.SPINNING`; the default, spinning
+    within a run only, is how a deployed session runs each call and how the pipeline times)."""
     start = time.perf_counter()
     if runtime == "onnxruntime":
         if dtype != "float32":
@@ -772,8 +789,12 @@ def calibrate(runtime: str = "onnxruntime", threads: int = 2, batch: int = 1, de
         if device != "cpu":
             raise ConfigError("--runtime onnxruntime measures the CPU provider; use --device cpu (or --runtime torch "
                               "for a GPU)")
-        backend: Any = OnnxBackend(threads, batch)
+        if spinning not in SPINNING:
+            raise ConfigError(f"--spinning must be one of {', '.join(SPINNING)}, not {spinning!r}")
+        backend: Any = OnnxBackend(threads, batch, spinning)
     elif runtime == "torch":
+        if spinning != "run":
+            raise ConfigError("--spinning is for --runtime onnxruntime (its threads' wait between ops)")
         backend = TorchBackend(threads, batch, device, dtype)
     else:
         raise ConfigError(f"runtime must be 'onnxruntime' or 'torch', not {runtime!r}")

@@ -48,8 +48,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from dnnshrink_core.plugin_api import (PIECE_OP as PIECE, PRODUCT_OP as PRODUCT, TENSOR_KINDS, ConfigError,
-                                      DnnshrinkWarning, LayerTable)
+from dnnshrink_core.plugin_api import (PIECE_OP as PIECE, PRODUCT_OP as PRODUCT, SPINNING, TENSOR_KINDS, ConfigError,
+                                      DnnshrinkWarning, LayerTable, runtime_spinning)
 
 FORMAT = "dnnshrink-latency-profile"
 # 2: the tensor ops' kinds (optional); 3: a tensor kind's block and unaligned bandwidth
@@ -114,6 +114,10 @@ class OpConstants:
         return data
 
 
+# how :meth:`Profile.describe` says how an onnxruntime profile's threads waited
+_SPINNING_SAID = {"run": "", "always": ", threads spinning between runs too", "never": ", threads sleeping between ops"}
+
+
 @dataclass(frozen=True)
 class Profile:
     """A calibrated latency profile: the runtime it was measured on, the per-run overhead,
@@ -134,11 +138,20 @@ class Profile:
         """The intra-op threads the profile was measured with."""
         return int(self.runtime.get("threads", 1))
 
+    @property
+    def spinning(self) -> str:
+        """How the profile's onnxruntime sessions' threads waited for work
+        (:data:`~dnnshrink_core.plugin_api.SPINNING`; ``"never"`` for profiles made before
+        profiles said so)."""
+        return runtime_spinning(self.runtime)
+
     def describe(self) -> str:
-        """``onnxruntime cpu, 2 threads, batch 1``."""
+        """``onnxruntime cpu, 2 threads, batch 1`` (and how the threads waited, where not
+        the default)."""
         r = self.runtime
         dtype = "" if r.get("dtype", "float32") == "float32" else f", {r['dtype']}"
-        return f"{r.get('name')} {r.get('device')}, {r.get('threads')} threads, batch {r.get('batch')}{dtype}"
+        spin = "" if r.get("name") != "onnxruntime" else _SPINNING_SAID[self.spinning]
+        return f"{r.get('name')} {r.get('device')}, {r.get('threads')} threads, batch {r.get('batch')}{dtype}{spin}"
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON form (see :func:`load_profile`)."""
@@ -156,7 +169,7 @@ class Profile:
         return path
 
 
-_RUNTIME_KEYS = {"name": str, "device": str, "threads": int, "batch": int, "version": str, "dtype": str}
+_RUNTIME_KEYS = {"name": str, "device": str, "threads": int, "batch": int, "version": str, "dtype": str, "spinning": str}
 # the number formats a profile may be timed in (``dnnshrink calibrate --dtype``, eager PyTorch)
 DTYPES = ("float32", "float16", "bfloat16")
 _OP_KEYS = {"peak_gmacs": float, "peak_unaligned_gmacs": float, "bandwidth_gbs": float, "overhead_us": float,
@@ -196,12 +209,15 @@ def profile_from_dict(data: Any, source: str = "profile") -> Profile:
         raise ProfileError(f"{source}: version {data['version']!r} is not supported (this dnnshrink reads versions "
                            f"{', '.join(map(str, READS))}); make a new one with `dnnshrink calibrate`")
     runtime = data["runtime"]
-    _closed(runtime, _RUNTIME_KEYS, f"{source}: runtime", optional=("version", "dtype"))
-    for key in ("name", "device", "version", "dtype"):
+    _closed(runtime, _RUNTIME_KEYS, f"{source}: runtime", optional=("version", "dtype", "spinning"))
+    for key in ("name", "device", "version", "dtype", "spinning"):
         if key in runtime and not isinstance(runtime[key], str):
             raise ProfileError(f"{source}: runtime.{key} must be a string, not {runtime[key]!r}")
     if runtime.get("dtype", "float32") not in DTYPES:
         raise ProfileError(f"{source}: runtime.dtype must be one of {', '.join(DTYPES)}, not {runtime['dtype']!r}")
+    if runtime.get("spinning", "never") not in SPINNING:
+        raise ProfileError(f"{source}: runtime.spinning must be one of {', '.join(SPINNING)}, not "
+                           f"{runtime['spinning']!r}")
     for key in ("threads", "batch"):
         _check_number(runtime[key], int, f"{source}: runtime.{key}")
     ops_data = data["ops"]
