@@ -6,7 +6,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -54,9 +54,11 @@ def export(model: Any, x: torch.Tensor, path: Path) -> None:
 
 
 def time_networks(nets: Dict[str, Any], x: torch.Tensor, rounds: int, runs: int,
-                  threads: int = 2) -> Dict[str, Tuple[float, float]]:
+                  threads: int = 2, spinning: Union[str, Dict[str, str]] = "run") -> Dict[str, Tuple[float, float]]:
     """Per label, the (fastest, median) seconds of its network exported to ONNX and run with
-    onnxruntime (``threads`` intra-op threads), the networks interleaved in blocks."""
+    onnxruntime (``threads`` intra-op threads waiting as ``spinning`` says, see
+    ``dnnshrink_core.timing.session``; a mapping: per label), the networks interleaved in
+    blocks."""
     from dnnshrink_core.timing import fastest_and_median, interleaved_times, session
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +66,8 @@ def time_networks(nets: Dict[str, Any], x: torch.Tensor, rounds: int, runs: int,
         for label, net in nets.items():
             path = Path(tmp) / f"{len(sessions)}.onnx"
             export(net, x, path)
-            sessions[label] = session(str(path), threads)
+            mode = spinning if isinstance(spinning, str) else spinning[label]
+            sessions[label] = session(str(path), threads, mode)
             feeds[label] = {sessions[label].get_inputs()[0].name: x.numpy()}
         return fastest_and_median(interleaved_times(sessions, feeds, rounds, runs))
 

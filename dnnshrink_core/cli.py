@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how the structure is brought to the budget: one width multiplier, or capacity: "
                             "blocks of channels cut where the MACs cost the most predicted time (default auto: "
                             "capacity for a latency target; for other targets the multiplier unless the capacity "
-                            "step's structure needs 10%% less predicted time per MAC)")
+                            "step's structure needs 10%% less predicted time per MAC (morphnet) or any less "
+                            "(magnitude))")
         p.add_argument("--max-score-drop", type=float, metavar="DROP",
                        help="exit with 1 (after writing the report) if the shrunk model scores more than DROP "
                             "below the baseline")

@@ -98,8 +98,9 @@ def dnnshrink_algorithm(name: str) -> Optional[Any]:
     ``chooses_scale`` (default False; True: at other targets its step gets ``scale: auto``
     itself, builds both structures and keeps the one
     :func:`~dnnshrink_core.plugin_api.auto_scaled` chooses, saying which in ``info["scale"]``,
-    ``info["capacity_gain"]`` and ``info["scale_why"]``; without it ``auto`` is the
-    multiplier there); an optional
+    ``info["capacity_gain"]``, ``info["scale_why"]`` and ``info["capacity_least_gain"]``
+    (the gain it held the capacity step to: ``AUTO_CAPACITY_GAIN`` where its multiplier keeps
+    learned proportions); without it ``auto`` is the multiplier there); an optional
     ``capacity_probe(graph, model, costs, profile, min_width, round_to)`` returning ``budget
     -> keep flags`` gives ``measure_target`` the structures it builds (else the uniform
     multiplier's are timed).

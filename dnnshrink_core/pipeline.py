@@ -92,8 +92,9 @@ class ShrinkOptions:
     for time, and capacity per millisecond is what a latency budget should buy); at a MACs,
     parameter or activation target such an algorithm builds both and keeps the
     multiplier's learned proportions unless the capacity step's structure needs at least
-    10% less predicted time per MAC (``AUTO_CAPACITY_GAIN``: RegNetX-400MF at half its
-    MACs, 48%; the demo, 8%), and ``report.json`` says which it took and the gain it saw;
+    10% less predicted time per MAC (``AUTO_CAPACITY_GAIN``, MorphNet's; ``magnitude``, whose
+    multiplier keeps only the architecture's proportions, takes the capacity step wherever
+    it is denser), and ``report.json`` says which it took and the gain it saw;
     ``"multiplier"`` for other algorithms. ``"multiplier"``:
     MorphNet's width multiplier, every group scaled alike, which keeps the learned
     proportions; ``"capacity"``: one block of channels at a time, cut from the group where
@@ -530,6 +531,7 @@ def _auto_scale_line(info: Dict[str, Any]) -> str:
     """What ``scale: auto`` chose at a target that is not latency, and why (the algorithm's
     ``scale``, ``capacity_gain`` and ``scale_why``; see :class:`~dnnshrink_core.capacity.AutoScale`)."""
     gain, why = float(info["capacity_gain"]), info.get("scale_why", "gain")
+    least = float(info.get("capacity_least_gain", AUTO_CAPACITY_GAIN))
     than = f"{gain:.1%} less" if gain >= 0 else f"{-gain:.1%} more"
     if why == "same":
         return "scale auto: the width multiplier's structure, which the capacity step builds too"
@@ -537,11 +539,12 @@ def _auto_scale_line(info: Dict[str, Any]) -> str:
         taken = "capacity step's" if info.get("scale") == "capacity" else "width multiplier's"
         return f"scale auto: the {taken} structure, the only one of the two within the budget"
     if info.get("scale") == "capacity":
+        taken = f"auto takes it from {least:.0%}" if least > 0 else \
+            "this algorithm's multiplier keeps no learned proportions, so auto takes it wherever it is denser"
         return (f"scale auto: the capacity step's structure, which needs {than} predicted time per MAC than the "
-                f"width multiplier's (auto takes it from {AUTO_CAPACITY_GAIN:.0%}; scale: multiplier keeps the "
-                "learned proportions instead)")
+                f"width multiplier's ({taken}; scale: multiplier keeps the proportions instead)")
     return (f"scale auto: the width multiplier's structure (the learned proportions); the capacity step's needs "
-            f"{than} predicted time per MAC, and auto gives the proportions up from {AUTO_CAPACITY_GAIN:.0%} "
+            f"{than} predicted time per MAC, and auto gives the proportions up from {least:.0%} "
             "(scale: capacity takes it anyway)")
 
 
@@ -821,9 +824,9 @@ def _check_resumable(out_dir: Path, identity: Dict[str, Any]) -> None:
     if changed:
         said = "; ".join(f"{key} {before[key]!r} then, {identity[key]!r} now" for key in changed)
         had = ", ".join(f"{key}: {before[key]}" for key in changed)
-        why = (" (the default scale, auto, chooses the capacity step at a latency target, and where it needs "
-               f"{AUTO_CAPACITY_GAIN:.0%} less predicted time per MAC at other targets; that run was made with the "
-               "multiplier, the default before)" if "scale" in changed and before["scale"] == "multiplier" and
+        why = (" (the default scale, auto, chooses the capacity step at a latency target, and at other targets "
+               f"where it needs {AUTO_CAPACITY_GAIN:.0%} less predicted time per MAC, with magnitude wherever it is "
+               "denser; that run was made with the multiplier, the default before)" if "scale" in changed and before["scale"] == "multiplier" and
                identity["scale"] in ("capacity", "auto") else "")
         raise DnnshrinkError(f"--resume continues the run in {out_dir} as it was, and this one asks for another "
                              f"structure ({said}){why}. Resume with the options it had ({had}), or start a new run "

@@ -130,7 +130,8 @@ def resolved_scale(scale: str, goal: Any, algorithm: Any) -> str:
     or activation target it stays ``"auto"`` for an algorithm that weighs both structures
     itself (``chooses_scale``: it keeps the width multiplier's learned proportions unless the
     capacity step's structure needs :data:`~dnnshrink_core.capacity.AUTO_CAPACITY_GAIN` less
-    predicted time per MAC, :func:`~dnnshrink_core.capacity.auto_scaled`). Otherwise
+    predicted time per MAC, or as little as the algorithm asks: :func:`~dnnshrink_core.capacity.auto_scaled`).
+    Otherwise
     ``"auto"`` is ``"multiplier"``; an explicit value is itself."""
     if scale != "auto":
         return scale

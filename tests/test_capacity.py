@@ -203,6 +203,12 @@ def test_auto_scaled_gives_the_learned_proportions_up_only_for_enough_time():
         assert result.keep is chosen and result.why == "budget"
     same = auto_scaled(multiplier, multiplier.copy(), lambda k: 10.0, count, count, 100.0)
     assert same.keep is multiplier and (same.scale, same.gain, same.why) == ("multiplier", 0.0, "same")
+    assert same.least_gain == AUTO_CAPACITY_GAIN
+    # an algorithm with no learned proportions to keep asks for less: any gain at all
+    times = {0: 10.0, 1: 9.9}
+    for least, chosen in ((0.0, capacity), (0.005, capacity), (0.02, multiplier)):
+        result = auto_scaled(multiplier, capacity, lambda k: times[int(np.argmax(k))], count, count, 100.0, least)
+        assert result.keep is chosen and (result.gain, result.least_gain) == (0.01, least)
 
 
 def test_the_run_says_what_decided_scale_auto():
@@ -219,7 +225,34 @@ def test_the_run_says_what_decided_scale_auto():
     line = _auto_scale_line({"scale": "multiplier", "capacity_gain": -0.05, "scale_why": "gain"})
     assert "needs 5.0% more predicted time per MAC" in line
     line = _auto_scale_line({"scale": "capacity", "capacity_gain": 0.2, "scale_why": "gain"})
-    assert "which needs 20.0% less predicted time per MAC" in line
+    assert "which needs 20.0% less predicted time per MAC" in line and "auto takes it from 10%" in line
+    line = _auto_scale_line({"scale": "capacity", "capacity_gain": 0.02, "scale_why": "gain",
+                             "capacity_least_gain": 0.0})
+    assert "needs 2.0% less" in line and "keeps no learned proportions" in line and "from 0%" not in line
+    line = _auto_scale_line({"scale": "multiplier", "capacity_gain": 0.02, "scale_why": "gain",
+                             "capacity_least_gain": 0.05})
+    assert "auto gives the proportions up from 5%" in line
+
+
+def test_magnitude_takes_the_capacity_step_at_a_macs_target_wherever_it_is_denser(mobilenet, monkeypatch):
+    """``magnitude``'s multiplier keeps only the architecture's proportions: at a MACs
+    target its default is the capacity step's structure wherever that has more MACs per
+    predicted ms (held to no gain, whatever MorphNet's threshold), and the report says what
+    it was held to."""
+    from dnnshrink_core import capacity
+
+    monkeypatch.setattr(capacity, "AUTO_CAPACITY_GAIN", 1.0)  # out of any algorithm's reach but magnitude's
+    model, x = mobilenet[0], X224
+    options = dict(train_one_epoch=lambda m, lr: None, train=None, test=lambda m: 1.0, algorithm="magnitude",
+                   max_epochs=0, target_macs=0.3, finetune=False, device="cpu", progress=False, latency_runs=1,
+                   exporters=(), onnx_latency=False, tensorboard=False)
+    runs = {scale: shrink(model, x, scale=scale, **options) for scale in ("auto", "capacity", "multiplier")}
+    learning = runs["auto"].report.extra["structure_learning"]
+    assert (learning["scale"], learning["scale_why"], learning["capacity_least_gain"]) == ("capacity", "gain", 0.0)
+    assert learning["capacity_gain"] > 0
+    for group, keep in runs["capacity"].masks.items():
+        assert np.array_equal(runs["auto"].masks[group], keep), group
+    assert any(not np.array_equal(runs["multiplier"].masks[g], keep) for g, keep in runs["capacity"].masks.items())
 
 
 class Tiny(nn.Module):

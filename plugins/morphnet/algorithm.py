@@ -57,13 +57,15 @@ class Capacity:
         return max(within, key=self.density) if within else min(candidates, key=cost)
 
     def auto(self, multiplier: np.ndarray, capacity: np.ndarray, cost: Callable[[np.ndarray], float],
-             budget: float) -> Tuple[np.ndarray, Dict[str, Any]]:
-        """``scale: auto`` away from a latency target (:func:`auto_scaled`): the structure and
-        what the report says of the choice (``scale``: which one; ``capacity_gain``: the share
-        less predicted time per MAC that the capacity step's needs; ``scale_why``: what
-        decided, :class:`~dnnshrink_core.plugin_api.AutoScale`)."""
-        chosen = auto_scaled(multiplier, capacity, self.time.cost, self.capacity.cost, cost, budget)
-        return chosen.keep, {"scale": chosen.scale, "capacity_gain": chosen.gain, "scale_why": chosen.why}
+             budget: float, least_gain: Optional[float] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
+        """``scale: auto`` away from a latency target (:func:`auto_scaled`, held to
+        ``least_gain``, by default ``AUTO_CAPACITY_GAIN``): the structure and what the report says of the choice (``scale``:
+        which one; ``capacity_gain``: the share less predicted time per MAC that the capacity
+        step's needs; ``scale_why``: what decided, :class:`~dnnshrink_core.plugin_api.AutoScale`;
+        ``capacity_least_gain``: the gain it was held to)."""
+        chosen = auto_scaled(multiplier, capacity, self.time.cost, self.capacity.cost, cost, budget, least_gain)
+        return chosen.keep, {"scale": chosen.scale, "capacity_gain": chosen.gain, "scale_why": chosen.why,
+                             "capacity_least_gain": chosen.least_gain}
 
     def fit(self, grow: bool) -> Callable[..., np.ndarray]:
         """The step to a budget, with :func:`round_within_budget`'s signature:
@@ -480,8 +482,8 @@ class Magnitude:
             stepped = _with_depth(ctx, stepped, scores, capacity.fit(grow=True))
             # the better of both, blocks dropped or not (Capacity.whole where none go)
             best = capacity.best([stepped, keep], ctx.costs.cost, ctx.target)
-            if scale == "auto":
-                best, info = capacity.auto(keep, best, ctx.costs.cost, ctx.target)
+            if scale == "auto":  # no learned proportions to keep: the capacity step wherever it is denser
+                best, info = capacity.auto(keep, best, ctx.costs.cost, ctx.target, least_gain=0.0)
             if best is not keep:
                 keep = best
                 ranking = "filter L1 norm within each group; groups cut where the MACs cost the most predicted time"
