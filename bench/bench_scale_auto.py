@@ -15,12 +15,9 @@ each as measured.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 
-from dnnshrink_core.pipeline import shrink
-
-from common import finish, imagenet_setup, latency_row, print_rows, time_networks, timing_options, torchvision_models
+from common import (finish, imagenet_setup, latency_row, print_rows, shrink_untrained, time_networks, timing_options,
+                    torchvision_models)
 
 NETWORKS = ["mobilenet_v2", "resnet50", "resnet18", "efficientnet_b0", "mobilenet_v3_large", "regnet_x_400mf",
             "regnet_y_800mf", "resnext50_32x4d", "vgg11_bn"]
@@ -38,11 +35,7 @@ def main() -> None:
         for share in args.macs:
             built = {}
             for scale in ("multiplier", "capacity", "auto"):
-                with contextlib.redirect_stdout(io.StringIO()):
-                    built[scale] = shrink(model, x, train_one_epoch=lambda m, lr: None, test=lambda m: 0.0,
-                                          algorithm="magnitude", max_epochs=0, target_macs=share, scale=scale,
-                                          finetune=False, device="cpu", progress=False, onnx_latency=False,
-                                          exporters=(), tensorboard=False)
+                built[scale] = shrink_untrained(model, x, target_macs=share, scale=scale)
             learning = built["auto"].report.extra["structure_learning"]
             chose, gain = learning["scale"], learning["capacity_gain"]
             timed = time_networks({"baseline": model, "multiplier": built["multiplier"].model,
@@ -56,9 +49,7 @@ def main() -> None:
                                         predicted_time=resources["latency_ms"]["after"]
                                         / resources["latency_ms"]["before"]))
             print_rows(rows[-2:], width=30)
-    print("\nall rows")
-    print_rows(rows, width=30)
-    finish(rows, args.json)
+    finish(rows, args.json, table_width=30)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,9 @@ the fastest and median ms and the efficiency (speed-up / MACs cut).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 
-from dnnshrink_core.pipeline import shrink
-
-from common import finish, imagenet_setup, latency_row, print_rows, time_networks, timing_options, torchvision_models
+from common import (finish, imagenet_setup, latency_row, print_rows, shrink_untrained, time_networks, timing_options,
+                    torchvision_models)
 
 NETWORKS = ["mobilenet_v2", "resnet50", "mobilenet_v3_large", "efficientnet_b0"]
 
@@ -35,10 +32,7 @@ def main() -> None:
     x = imagenet_setup()
     rows = []
     for name, model, _, _, _ in torchvision_models(args.networks, x):
-        with contextlib.redirect_stdout(io.StringIO()):
-            built = shrink(model, x, train_one_epoch=lambda m, lr: None, test=lambda m: 0.0, algorithm="magnitude",
-                           max_epochs=0, target_macs=args.macs, finetune=False, device="cpu", progress=False,
-                           onnx_latency=False, exporters=(), tensorboard=False)
+        built = shrink_untrained(model, x, target_macs=args.macs)
         macs = built.report.extra["resources"]["macs"]
         kept, predicted = macs["after"] / macs["before"], built.report.extra["resources"]["latency_ms"]["after"]
         modes = ("run", "never", "always")
@@ -53,9 +47,7 @@ def main() -> None:
                                     baseline_fastest_ms=1e3 * timed[f"baseline {mode}"][0],
                                     scale=built.report.extra["structure_learning"]["scale"]))
         print_rows(rows[-4:], width=30)
-    print("\nall rows")
-    print_rows(rows, width=30)
-    finish(rows, args.json)
+    finish(rows, args.json, table_width=30)
 
 
 if __name__ == "__main__":

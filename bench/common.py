@@ -33,11 +33,30 @@ def latency_row(model: str, variant: str, macs_kept: float, predicted_ms: float,
             "efficiency_median": base_med / med / cut}
 
 
-def finish(rows: List[Dict[str, Any]], path: Optional[str]) -> None:
-    """Print the load average at the end (the timings' context) and write the rows as JSON."""
+def finish(rows: List[Dict[str, Any]], path: Optional[str], table_width: Optional[int] = None) -> None:
+    """Print the load average at the end (the timings' context) and write the rows as JSON;
+    with ``table_width``, print every row first (:func:`print_rows`)."""
+    if table_width is not None:
+        print("\nall rows")
+        print_rows(rows, width=table_width)
     print(f"1-minute load average at the end: {os.getloadavg()[0]:.2f}")
     if path:
         Path(path).write_text(json.dumps(rows, indent=2))
+
+
+def shrink_untrained(model: Any, x: torch.Tensor, **options: Any) -> Any:
+    """``shrink()`` with ``magnitude`` and nothing trained, timed, exported or printed (the
+    pipeline's structure alone); ``options`` add to or replace those settings."""
+    import contextlib
+    import io
+
+    from dnnshrink_core.pipeline import shrink
+
+    settings = dict(train_one_epoch=lambda m, lr: None, test=lambda m: 0.0, algorithm="magnitude", max_epochs=0,
+                    finetune=False, device="cpu", progress=False, onnx_latency=False, exporters=(),
+                    tensorboard=False)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return shrink(model, x, **{**settings, **options})
 
 
 def export(model: Any, x: torch.Tensor, path: Path) -> None:
