@@ -52,7 +52,7 @@ def main() -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17)
-                sessions[(op, n)] = session(str(path), profile.threads)
+                sessions[(op, n)] = session(str(path), profile.threads, profile.spinning)
                 feeds[(op, n)] = {sessions[(op, n)].get_inputs()[0].name: x.numpy()}
         timed = fastest_and_median(interleaved_times(sessions, feeds, args.rounds, args.runs))
     print(f"{'op':<11}{'ch':>4}{'k':>3}{'hw':>5}{'measured us':>13}{'(median)':>10}{'predicted us':>14}"

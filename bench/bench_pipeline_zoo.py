@@ -108,7 +108,7 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
             print(f"{name:<40} " + (f"{row['scale']:<10} gain {row['capacity_gain']} MACs {row['macs_kept']:.3f} "
                                     f"time {row['predicted_time']:.3f} {row['seconds']} s" if row["ok"]
-                                    else f"{'REFUSED' if row['refused'] else 'FAILED'} {row['error']}"), flush=True)
+                                    else f"{'REFUSED' if row.get('refused') else 'FAILED'} {row['error']}"), flush=True)
     rows = list(done.values())
     ok = [r for r in rows if r["ok"]]
     refused = [r for r in rows if r.get("refused")]

@@ -49,8 +49,9 @@ def rounded_width(n: float, size: int, min_width: int, multiple: int) -> int:
 #: (the default of :func:`auto_scaled`'s ``least_gain``, MorphNet's): the multiplier keeps the
 #: learned proportions. Timed with onnxruntime (docs/benchmarks.md, "Timing as a deployed
 #: session runs"), the capacity step's structure ran faster than the multiplier's in all 18
-#: cells of nine torchvision networks at 30% and 50% of their MACs, by 11-37% wherever the
-#: profile predicted 5% or more (MobileNetV2 at 30%: predicted 9.6%, measured 21%); but the
+#: cells of nine torchvision networks at 30% and 50% of their MACs (by the fastest runs), by
+#: 14-37% wherever the profile predicted 5% or more (MobileNetV2 at 30%: predicted 9.6%,
+#: measured 21%); but the
 #: demo's learned structure, at a predicted 10.0%, scored 0.9889 with the capacity step in one
 #: run and 0.9667 in another (one torch thread), against 0.9822 and 0.9867 with the multiplier.
 #: ``magnitude`` keeps no learned proportions (only the architecture's) and asks for 0.
@@ -68,7 +69,7 @@ class AutoScale(NamedTuple):
     scale: str
     gain: float
     why: str
-    least_gain: float
+    least_gain: float = AUTO_CAPACITY_GAIN
 
 
 def capacity_gain(multiplier: np.ndarray, capacity: np.ndarray, time: Callable[[np.ndarray], float],
@@ -85,17 +86,19 @@ def auto_scaled(multiplier: np.ndarray, capacity: np.ndarray, time: Callable[[np
     """What ``scale: auto`` builds at a target that is not latency, from the two structures
     at ``budget`` (by ``cost``): the width ``multiplier``'s (the learned proportions) unless
     the ``capacity`` step's needs at least ``least_gain`` less predicted time per MAC (an
-    algorithm whose multiplier keeps no learned proportions may ask for 0); where only one of
-    them meets the budget, that one. ``least_gain`` defaults to :data:`AUTO_CAPACITY_GAIN`."""
+    algorithm whose multiplier keeps no learned proportions may ask for 0: then any less at
+    all; by default :data:`AUTO_CAPACITY_GAIN`); where only one of them meets the budget, that
+    one."""
     least_gain = AUTO_CAPACITY_GAIN if least_gain is None else least_gain
     if np.array_equal(multiplier, capacity):  # (the capacity step's best may be the multiplier's own)
         return AutoScale(multiplier, "multiplier", 0.0, "same", least_gain)
-    gain = round(capacity_gain(multiplier, capacity, time, macs), 4)  # decided as reported
+    raw = capacity_gain(multiplier, capacity, time, macs)
+    gain = round(raw, 4) + 0.0  # decided as reported (+ 0.0: never a -0.0)
     within = [cost(keep) <= budget * (1 + 1e-9) for keep in (multiplier, capacity)]
     if within[0] != within[1]:
         return AutoScale(capacity, "capacity", gain, "budget", least_gain) if within[1] else \
             AutoScale(multiplier, "multiplier", gain, "budget", least_gain)
-    if gain >= least_gain:
+    if (gain >= least_gain) if least_gain > 0 else (raw > 0):  # (no least gain: strictly denser)
         return AutoScale(capacity, "capacity", gain, "gain", least_gain)
     return AutoScale(multiplier, "multiplier", gain, "gain", least_gain)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional, TextIO
 
 from . import __version__, distributed
-from .errors import DnnshrinkError, InputRunError, OutputExistsError, PluginError
+from .errors import ConfigError, DnnshrinkError, InputRunError, OutputExistsError, PluginError
 from .plugins import blocked_plugins, get_plugin_manager, list_plugins
 
 
@@ -185,6 +185,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     calibrate = getattr(latency, "calibrate", None)
     if calibrate is None:
         raise PluginError("the loaded `latency` cost model has no calibrate(); it comes with dnnshrink's `costs` plugin")
+    if args.spinning != "run" and args.runtime != "onnxruntime":  # before the check models are built
+        raise ConfigError("--spinning is for --runtime onnxruntime (its threads' wait between ops)")
     options: dict = {"per_position": False} if args.no_per_position else {}  # (a plugin's calibrate need not take it)
     if args.blocks_from:
         options["blocks_from"] = args.blocks_from

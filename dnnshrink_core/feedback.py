@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import TargetError
 from .target import Target
-from .timing import TIMED_RTOL, exported_session, interleaved_times, runs_for
+from .timing import SPINNING, TIMED_RTOL, checked_spinning, exported_session, interleaved_times, runs_for
 
 PROBES = 3  # timed structures at most: each is generated, exported and timed once
 TOLERANCE = 0.03  # a probe within 3% of the target (measured) ends the search
@@ -33,7 +33,8 @@ TOLERANCE = 0.03  # a probe within 3% of the target (measured) ends the search
 class MeasuredTarget:
     """What the measurement found: the target as a measured share of the baseline's latency
     (``target``), the predicted share the algorithm works to (``budget``), the baseline's
-    measured latency, and every probe as ``(predicted share, measured share)``."""
+    measured latency, every probe as ``(predicted share, measured share)``, and how the
+    sessions were timed (``threads``, ``spinning``)."""
 
     target: float
     budget: float
@@ -41,20 +42,26 @@ class MeasuredTarget:
     threads: int
     probes: List[Tuple[float, float]] = field(default_factory=list)
     asked: Optional[Target] = None  # the target as the user gave it
+    spinning: str = "run"
 
     def to_dict(self) -> Dict[str, Any]:
         """The report's form (``structure_learning.measured_target``)."""
         return {"target": self.target, "predicted_budget": self.budget, "baseline_ms": self.baseline_ms,
-                "threads": self.threads, "probes": [{"predicted": p, "measured": m} for p, m in self.probes],
+                "threads": self.threads, "spinning": self.spinning,
+                "probes": [{"predicted": p, "measured": m} for p, m in self.probes],
                 "asked": self.asked.to_dict() if self.asked is not None else None}
 
     @classmethod
     def from_dict(cls, data: Any) -> "MeasuredTarget":
         """Read back what :meth:`to_dict` wrote (a resumed run's); raises ``ValueError`` on
-        anything else."""
-        if not isinstance(data, dict) or set(data) != {"target", "predicted_budget", "baseline_ms", "threads",
-                                                       "probes", "asked"}:
+        anything else. One written before measured targets said how they were timed reads as
+        ``spinning: never`` (how every session was timed then)."""
+        keys = {"target", "predicted_budget", "baseline_ms", "threads", "probes", "asked"}
+        if not isinstance(data, dict) or set(data) not in (keys, keys | {"spinning"}):
             raise ValueError("not a measured target")
+        spinning = data.get("spinning", "never")
+        if spinning not in SPINNING:
+            raise ValueError(f"a measured target's spinning is not one of {', '.join(SPINNING)}")
         asked = data["asked"]
         if asked is not None:
             if not isinstance(asked, dict) or set(asked) - {"resource", "fraction", "amount"} or \
@@ -77,7 +84,7 @@ class MeasuredTarget:
                 raise ValueError("a measured target's probe is not {predicted, measured}")
             probes.append((float(probe["predicted"]), float(probe["measured"])))
         return cls(float(data["target"]), float(data["predicted_budget"]), float(data["baseline_ms"]),
-                   data["threads"], probes, asked)
+                   data["threads"], probes, asked, spinning)
 
 
 def next_budget(points: Sequence[Tuple[float, float]], target: float, low: float, high: float = 1.0) -> float:
@@ -135,7 +142,8 @@ class OnnxRatio:
     def __init__(self, baseline: Any, inputs: tuple, threads: int, rounds: int = 12, runs: int = 4,
                  spinning: str = "run"):
         self.inputs = inputs
-        self.threads, self.rounds, self.runs, self.spinning = threads, rounds, runs, spinning
+        self.threads, self.rounds, self.runs = threads, rounds, runs
+        self.spinning = checked_spinning(spinning)
         self._folder = tempfile.TemporaryDirectory(prefix="dnnshrink-measure-")
         self.baseline = self._session(baseline, "baseline")
         self.baseline_s = math.inf
@@ -210,4 +218,4 @@ def measured_budget(graph: Any, model: Any, inputs: tuple, costs: Any, goal: Tar
                           f"network this model can become runs at ({min(smallest):.3g} of the baseline with "
                           f"onnxruntime, {threads} threads). Aim higher, or drop measure_target to work to the "
                           "profile's prediction.")
-    return MeasuredTarget(float(fraction), float(budget), 1e3 * timer.baseline_s, threads, probes, goal)
+    return MeasuredTarget(float(fraction), float(budget), 1e3 * timer.baseline_s, threads, probes, goal, spinning)

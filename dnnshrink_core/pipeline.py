@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import typing
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -356,6 +356,8 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
             # the default cannot weigh time with no latency cost model loaded: the learned proportions
             _step("scale auto: the width multiplier (no latency cost model is loaded to price the capacity step)")
             opts, auto_fallback = dataclasses.replace(opts, scale="multiplier"), True
+    if opts.onnx_latency and "onnx" in opts.exporters:  # a profile the report cannot time with stops the run now
+        _timing_settings(graph, work, costs, opts.profile)
     # "auto": one multiple per group, the channel block of the profile's runtime
     round_to, round_notes = resolve_round_to(graph, work, opts.round_to, opts.profile,
                                              latency=costs if costs.kind == "latency" else None)
@@ -415,6 +417,7 @@ def _measure_target(opts: ShrinkOptions, graph: Any, work: nn.Module, inputs: tu
         raise ConfigError(f"measure_target times the network with onnxruntime on the CPU; the latency profile is "
                           f"for {runtime.get('name')} on {runtime.get('device')}. Use an onnxruntime CPU profile "
                           "(dnnshrink calibrate --runtime onnxruntime), or drop measure_target.")
+    spinning = runtime_spinning(runtime)  # (a bad value stops the run here, before any timing)
     saved = Path(opts.out_dir) / MEASURED_TARGET if opts.out_dir is not None else None
     if opts.resume and saved is not None and saved.is_file():
         try:
@@ -424,11 +427,16 @@ def _measure_target(opts: ShrinkOptions, graph: Any, work: nn.Module, inputs: tu
         except (ValueError, UnicodeDecodeError) as exc:  # json's errors are ValueErrors
             raise DnnshrinkError(f"{saved} is not a measured target written by dnnshrink ({exc}); delete it to "
                                  "measure again") from None
-        if measured.asked == goal:
+        timed = (measured.threads, measured.spinning) == (int(runtime.get("threads", 2)), spinning)
+        if measured.asked == goal and timed:
             _step(f"measure_target: the budget measured before, {measured.budget:.3f} of the predicted latency "
                   f"for {measured.target:.3f} measured")
             return measured
-        _step(f"measure_target: the run before measured for another target ({measured.asked}): measuring again")
+        _step(f"measure_target: the run before measured for another target ({measured.asked}): measuring again"
+              if measured.asked != goal else
+              f"measure_target: the run before timed its sessions another way ({measured.threads} threads, "
+              f"spinning {measured.spinning}; the profile's: {int(runtime.get('threads', 2))}, {spinning}): "
+              "measuring again")
     minimum = smallest_cost(graph, costs, opts.min_width, round_to)
     threads = int(runtime.get("threads", 2))
     _step(f"measure_target: timing the network with onnxruntime ({threads} threads) to set the budget")
@@ -438,7 +446,7 @@ def _measure_target(opts: ShrinkOptions, graph: Any, work: nn.Module, inputs: tu
         # the structures the algorithm builds with it from the whole network, not the uniform multiplier's
         probe = ("the capacity step", structure(graph, work, costs, opts.profile, opts.min_width, round_to))
     measured = measured_budget(graph, work, inputs, costs, goal, round_to, opts.min_width, minimum, threads,
-                               log=_step, probe=probe, spinning=runtime_spinning(runtime))
+                               log=_step, probe=probe, spinning=spinning)
     _step(f"measure_target: {measured.target:.3f} of the baseline's measured latency ({measured.baseline_ms:.3g} "
           f"ms) is {measured.budget:.3f} of its predicted latency")
     return measured
@@ -538,13 +546,17 @@ def _auto_scale_line(info: Dict[str, Any]) -> str:
     if why == "budget":
         taken = "capacity step's" if info.get("scale") == "capacity" else "width multiplier's"
         return f"scale auto: the {taken} structure, the only one of the two within the budget"
+    from_ = f"{100 * least:g}%"
     if info.get("scale") == "capacity":
-        taken = f"auto takes it from {least:.0%}" if least > 0 else \
+        taken = f"auto takes it from {from_}" if least > 0 else \
             "this algorithm's multiplier keeps no learned proportions, so auto takes it wherever it is denser"
         return (f"scale auto: the capacity step's structure, which needs {than} predicted time per MAC than the "
                 f"width multiplier's ({taken}; scale: multiplier keeps the proportions instead)")
+    if least <= 0:
+        return (f"scale auto: the width multiplier's structure; the capacity step's is no denser (it needs {than} "
+                "predicted time per MAC; scale: capacity takes it anyway)")
     return (f"scale auto: the width multiplier's structure (the learned proportions); the capacity step's needs "
-            f"{than} predicted time per MAC, and auto gives the proportions up from {least:.0%} "
+            f"{than} predicted time per MAC, and auto gives the proportions up from {from_} "
             "(scale: capacity takes it anyway)")
 
 
@@ -692,20 +704,26 @@ def _jsonable(value: Any) -> Any:
     return value.tolist() if isinstance(value, np.ndarray) else value
 
 
+def _timing_settings(graph: Any, work: nn.Module, costs: CostModel, profile: Any) -> Tuple[int, str]:
+    """The latency profile's ``(threads, spinning)``, how the report's onnxruntime latency
+    is timed (the run's own graph, the baseline's structure: no second trace); 2 threads
+    spinning within a run where no latency cost model is loaded. A profile's bad
+    ``runtime.spinning`` is a :class:`ConfigError` (``_prepare`` asks first, before any work)."""
+    try:
+        latency = costs if costs.kind == "latency" else CostModel(graph, work, "latency", profile=profile)
+    except PluginError:  # no latency plugin: its default settings
+        return 2, "run"
+    runtime = getattr(latency.resource, "runtime", None) or {}  # (a plugin's resource need not say)
+    return int(runtime.get("threads", 2)), runtime_spinning(runtime)
+
+
 def _onnx_latency(run: _Run, shrunk: nn.Module) -> Dict[str, Any]:
     """The exported ONNX's onnxruntime latency, baseline and shrunk interleaved, at the
     latency profile's threads: the measured speed-up next to the predicted one."""
     from .timing import onnx_latency
 
     baseline, inputs, opts = run.baseline, run.inputs, run.opts
-    threads, spinning = 2, "run"
-    try:  # the run's own graph (the baseline's structure): no second trace
-        latency = run.costs if run.costs.kind == "latency" else \
-            CostModel(run.graph, run.work, "latency", profile=opts.profile)
-        threads = int(latency.resource.runtime.get("threads", 2))
-        spinning = runtime_spinning(latency.resource.runtime)
-    except Exception:  # no latency plugin: its default settings
-        pass
+    threads, spinning = _timing_settings(run.graph, run.work, run.costs, opts.profile)
     # the shrunk model's verified export is the run's model.onnx too: _write_outputs moves it
     keep = {"shrunk": run.out_dir / TIMED_ONNX} if run.out_dir is not None and "onnx" in opts.exporters else None
     try:

@@ -21,10 +21,25 @@ SPINNING = ("run", "always", "never")
 
 
 def runtime_spinning(runtime: Mapping[str, Any]) -> str:
-    """How the sessions of a latency profile's ``runtime`` (its JSON ``runtime`` entry) were
-    timed (:data:`SPINNING`): its ``spinning``, or ``"never"`` for a profile made before
-    profiles said so (dnnshrink timed every session without spinning then)."""
-    return str(runtime.get("spinning", "never"))
+    """How the sessions of a latency profile's ``runtime`` (its JSON ``runtime`` entry, or a
+    cost plugin's ``resource.runtime``) are timed (:data:`SPINNING`): its ``spinning``; an
+    onnxruntime profile made before profiles said so reads as ``"never"`` (dnnshrink timed
+    every session without spinning then), anything else as ``"run"``. A value that is not
+    one of :data:`SPINNING` is a :class:`~dnnshrink_core.errors.ConfigError` naming it."""
+    if "spinning" not in runtime:
+        return "never" if runtime.get("name") == "onnxruntime" else "run"
+    return checked_spinning(runtime["spinning"], "the latency profile's runtime.spinning")
+
+
+def checked_spinning(spinning: Any, where: str = "spinning") -> str:
+    """``spinning`` if it is one of :data:`SPINNING`; else a
+    :class:`~dnnshrink_core.errors.ConfigError` that says ``where`` it came from (checked
+    before anything is exported or timed)."""
+    from .errors import ConfigError
+
+    if not isinstance(spinning, str) or spinning not in SPINNING:
+        raise ConfigError(f"{where} must be one of {', '.join(SPINNING)}, not {spinning!r}")
+    return spinning
 
 
 def session(model: Union[str, bytes], threads: int, spinning: str = "run") -> Any:
@@ -34,16 +49,18 @@ def session(model: Union[str, bytes], threads: int, spinning: str = "run") -> An
 
     Why ``"run"``: within a run a deployed session's threads spin between ops (onnxruntime's
     default), and a network of many small ops is timed wrong without it: MobileNetV2 at 30%
-    of its MACs ran in 1.13–1.18 ms with threads that sleep between ops against 0.62–0.67 ms
-    spinning, its baseline 2.9 against 2.2 ms (docs/benchmarks.md, "Timing as a deployed
-    session runs"). Spinning on after a run (``"always"``) is what one session serving
-    back-to-back calls gets, but timed interleaved, many sessions taking turns, the pool of the
-    session that just ran keeps the cores from the next one's (12–45% slower on the 2-core
-    machine); stopping at the end of each run (``session.force_spinning_stop``) keeps both."""
+    of its MACs ran in 1.26 ms with threads that sleep between ops against 0.76 ms spinning
+    within the run, its baseline 2.32 against 1.96 ms (docs/benchmarks.md, "Timing as a
+    deployed session runs"). Spinning on after a run (``"always"``) is what one session
+    serving back-to-back calls gets, but timed interleaved, many sessions taking turns, the
+    pool of the session that just ran keeps spinning on the cores the next one needs (its
+    pool burned 39 ms of CPU in the 200 ms after a run; interleaved timings ran 12–45%
+    slower in the ninth session's measurements); stopping at the end of each run
+    (``session.force_spinning_stop``) gives the spinning without the stealing. A value that
+    is not one of :data:`SPINNING` is a :class:`~dnnshrink_core.errors.ConfigError`."""
     import onnxruntime as ort
 
-    if spinning not in SPINNING:
-        raise ValueError(f"spinning must be one of {', '.join(SPINNING)}, not {spinning!r}")
+    checked_spinning(spinning)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -96,6 +113,7 @@ def onnx_latency(models: Mapping[str, Any], inputs: tuple, threads: int, rounds:
     ``timed_only``: labels whose files are only timed, never shipped (checked to
     :data:`TIMED_RTOL`). ``spinning``: as :func:`session`. An export that fails names its
     label."""
+    checked_spinning(spinning)
     with tempfile.TemporaryDirectory() as tmp:
         sessions, feeds = {}, {}
         for label, model in models.items():
@@ -113,6 +131,7 @@ def exported_session(model: Any, inputs: tuple, path: Path, threads: int, label:
     from .errors import DnnshrinkWarning, ExportError
     from .export import export
 
+    checked_spinning(spinning)
     cpu_inputs = tuple(x.detach().cpu() if hasattr(x, "detach") else x for x in inputs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

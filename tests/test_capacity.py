@@ -209,6 +209,12 @@ def test_auto_scaled_gives_the_learned_proportions_up_only_for_enough_time():
     for least, chosen in ((0.0, capacity), (0.005, capacity), (0.02, multiplier)):
         result = auto_scaled(multiplier, capacity, lambda k: times[int(np.argmax(k))], count, count, 100.0, least)
         assert result.keep is chosen and (result.gain, result.least_gain) == (0.01, least)
+    # held to no gain, a structure that is not denser is not taken, and a gain that rounds to
+    # nothing is reported as 0.0, not -0.0
+    for slower in (10.0003, 10.0):
+        times = {0: 10.0, 1: slower}
+        result = auto_scaled(multiplier, capacity, lambda k: times[int(np.argmax(k))], count, count, 100.0, 0.0)
+        assert result.keep is multiplier and str(result.gain) == "0.0"
 
 
 def test_the_run_says_what_decided_scale_auto():
@@ -230,8 +236,11 @@ def test_the_run_says_what_decided_scale_auto():
                              "capacity_least_gain": 0.0})
     assert "needs 2.0% less" in line and "keeps no learned proportions" in line and "from 0%" not in line
     line = _auto_scale_line({"scale": "multiplier", "capacity_gain": 0.02, "scale_why": "gain",
-                             "capacity_least_gain": 0.05})
-    assert "auto gives the proportions up from 5%" in line
+                             "capacity_least_gain": 0.005})
+    assert "auto gives the proportions up from 0.5%" in line
+    line = _auto_scale_line({"scale": "multiplier", "capacity_gain": 0.0, "scale_why": "gain",
+                             "capacity_least_gain": 0.0})
+    assert "the capacity step's is no denser" in line and "learned proportions" not in line
 
 
 def test_magnitude_takes_the_capacity_step_at_a_macs_target_wherever_it_is_denser(mobilenet, monkeypatch):

@@ -102,3 +102,18 @@ def test_calibrate_passes_its_options_to_the_latency_cost_model(monkeypatch):
     assert seen[0] == {"runtime": "onnxruntime", "threads": 3, "batch": 4, "device": "cpu", "out": "p.json",
                        "check": False, "per_position": False}
     assert "per_position" not in seen[1] and seen[1]["check"] is True
+    assert "spinning" not in seen[1]  # the default is calibrate's own
+    assert cli.main(["calibrate", "--spinning", "never", "--no-check"]) == 0
+    assert seen[2]["spinning"] == "never"
+
+
+def test_calibrate_refuses_spinning_for_torch_before_building_the_check_models(monkeypatch, capsys):
+    from dnnshrink_core.cost import get_cost_model
+
+    monkeypatch.setattr(get_cost_model("latency"), "calibrate", lambda **options: pytest.fail("calibrated"),
+                        raising=False)
+    status = cli.main(["calibrate", "--runtime", "torch", "--spinning", "never",
+                       "--check-model", "no_such_package.nets:build"])
+    assert status == 1  # (an error dnnshrink explains)
+    err = capsys.readouterr().err
+    assert "--spinning is for --runtime onnxruntime" in err and "no_such_package" not in err

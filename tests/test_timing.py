@@ -74,6 +74,29 @@ def test_a_profile_says_how_it_was_timed_and_older_ones_read_as_never():
         profile_from_dict({**data, "runtime": {**data["runtime"], "spinning": 1}})
 
 
+def test_a_profiles_runtime_says_how_its_sessions_are_timed():
+    assert runtime_spinning({"name": "onnxruntime", "threads": 2}) == "never"  # made before profiles said
+    assert runtime_spinning({"name": "torch", "device": "cuda"}) == "run"  # (a plugin's runtime, say)
+    assert runtime_spinning({"name": "onnxruntime", "spinning": "always"}) == "always"
+    for bad in ("Run", True, None):
+        with pytest.raises(ConfigError, match="the latency profile's runtime.spinning must be one of run, always, "
+                                              "never, not"):
+            runtime_spinning({"name": "onnxruntime", "spinning": bad})
+
+
+@pytest.mark.parametrize("spinning", ["never", "always"])
+def test_calibration_sessions_wait_as_the_profile_will_say(spinning):
+    from dnnshrink_plugins.costs.calibrate import OnnxBackend
+
+    backend = OnnxBackend(1, 1, spinning)
+    assert backend.runtime["spinning"] == spinning  # what the profile records
+    s, feed = backend.prepare([("pointwise", 16, 16, 8, 1, 1)] * 2)
+    options = s.get_session_options()
+    assert entry(options, "session.intra_op.allow_spinning") == ("0" if spinning == "never" else None)
+    assert entry(options, "session.force_spinning_stop") is None
+    assert s.run(None, feed)[0].shape == (1, 16, 8, 8)
+
+
 def test_calibrate_refuses_a_wrong_spinning_before_timing_anything(tmp_path):
     with pytest.raises(ConfigError, match="--spinning must be one of run, always, never"):
         calibrate(spinning="sometimes", out=tmp_path / "p.json", log=lambda _: None)
@@ -82,8 +105,10 @@ def test_calibrate_refuses_a_wrong_spinning_before_timing_anything(tmp_path):
     assert not (tmp_path / "p.json").exists()
 
 
-@pytest.mark.parametrize("spinning", ["run", "never"])
+@pytest.mark.parametrize("spinning", ["run", "always", "never"])
 def test_the_pipeline_times_its_onnx_the_way_its_profile_was_timed(spinning, tmp_path, monkeypatch):
+    """The report's measured latency and measure_target's probes both time sessions the
+    profile's way; a resumed run whose measured target was timed another way measures again."""
     data = json.loads(DEFAULT_PROFILE.read_text())
     runtime = {k: v for k, v in data["runtime"].items() if k != "spinning"}  # an older profile: never
     if spinning != "never":
@@ -100,10 +125,36 @@ def test_the_pipeline_times_its_onnx_the_way_its_profile_was_timed(spinning, tmp
     monkeypatch.setattr(timing, "session", recording)
     torch.manual_seed(0)
     model = nn.Sequential(conv_bn(3, 16), conv_bn(16, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
-    result = shrink(model.eval(), torch.randn(1, 3, 16, 16), train_one_epoch=lambda m, lr: None, test=lambda m: 1.0,
-                    algorithm="magnitude", max_epochs=0, target={"resource": "latency", "value": 0.9}, profile=str(path),
-                    finetune=False, device="cpu", progress=False, latency_runs=4, exporters=["onnx"], tensorboard=False,
-                    out_dir=str(tmp_path / "run"))
+    options = dict(train_one_epoch=lambda m, lr: None, test=lambda m: 1.0, algorithm="magnitude", max_epochs=0,
+                   target={"resource": "latency", "value": 0.9}, measure_target=True, profile=str(path),
+                   finetune=False, device="cpu", progress=False, latency_runs=4, exporters=["onnx"],
+                   tensorboard=False, out_dir=str(tmp_path / "run"))
+    model, x = model.eval(), torch.randn(1, 3, 16, 16)
+    result = shrink(model, x, **options)
     measured = result.report.extra["onnx_latency"]
     assert measured["spinning"] == spinning and measured["shrunk_ms"] > 0
-    assert seen and set(seen) == {spinning}
+    assert result.report.extra["structure_learning"]["measured_target"]["spinning"] == spinning
+    assert len(seen) >= 4 and set(seen) == {spinning}  # the probes' baseline and probe, the report's two
+    if spinning != "run":
+        return
+    saved = tmp_path / "run" / "measured_target.json"
+    record = json.loads(saved.read_text())
+    del record["spinning"]  # as a run made before measured targets said how they were timed wrote it
+    saved.write_text(json.dumps(record))
+    seen.clear()
+    again = shrink(model, x, resume=True, **{**options, "exporters": [], "onnx_latency": False})
+    assert again.report.extra["structure_learning"]["measured_target"]["spinning"] == "run"
+    assert seen and set(seen) == {"run"}  # measured again, the profile's way
+
+
+def test_a_profile_with_a_bad_spinning_stops_the_run_before_any_work(tmp_path):
+    data = json.loads(DEFAULT_PROFILE.read_text())
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({**data, "runtime": {**data["runtime"], "spinning": "Run"}}))
+    calls = []
+    model = nn.Sequential(conv_bn(3, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with pytest.raises(ProfileError, match="runtime.spinning must be one of run, always, never, not 'Run'"):
+        shrink(model.eval(), torch.randn(1, 3, 8, 8), train_one_epoch=lambda m, lr: calls.append(lr),
+               test=lambda m: 1.0, target_macs=0.5, profile=str(path), finetune=False, device="cpu",
+               progress=False, exporters=["onnx"], tensorboard=False)
+    assert not calls

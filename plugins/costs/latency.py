@@ -141,8 +141,9 @@ class Profile:
     @property
     def spinning(self) -> str:
         """How the profile's onnxruntime sessions' threads waited for work
-        (:data:`~dnnshrink_core.plugin_api.SPINNING`; ``"never"`` for profiles made before
-        profiles said so)."""
+        (:data:`~dnnshrink_core.plugin_api.SPINNING`, by
+        :func:`~dnnshrink_core.plugin_api.runtime_spinning`: ``"never"`` for an onnxruntime
+        profile made before profiles said so)."""
         return runtime_spinning(self.runtime)
 
     def describe(self) -> str:
