@@ -298,6 +298,7 @@ class _Run:
     timed_onnx: Optional[Path] = None  # the shrunk model's ONNX this run exported for onnx_latency
     measured: Any = None  # measure_target's MeasuredTarget
     auto_fallback: bool = False  # scale: auto ran as the multiplier: no latency cost model to weigh time
+    timing: Tuple[int, str] = (2, "run")  # the report's onnxruntime (threads, spinning): the profile's
 
 
 def _shrink(model: nn.Module, example_inputs: Any, train_one_epoch: Callable, test: Callable,
@@ -344,7 +345,7 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
     if opts.resume and opts.out_dir is not None:  # before any work: a resumed run is the run it continues
         distributed.on_main(lambda: _check_resumable(Path(opts.out_dir), identity))
     costs = CostModel(graph, work, goal.cost_model, profile=opts.profile)
-    auto_fallback = False
+    auto_fallback, timing = False, (2, "run")
     if costs.kind != "latency" and (opts.profile is not None or opts.scale in ("capacity", "auto")):
         # the profile is read after training otherwise (scale: capacity's step, the report's
         # predicted latency): a wrong path must stop the run before any work, not after it
@@ -357,7 +358,7 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
             _step("scale auto: the width multiplier (no latency cost model is loaded to price the capacity step)")
             opts, auto_fallback = dataclasses.replace(opts, scale="multiplier"), True
     if opts.onnx_latency and "onnx" in opts.exporters:  # a profile the report cannot time with stops the run now
-        _timing_settings(graph, work, costs, opts.profile)
+        timing = _timing_settings(graph, work, costs, opts.profile)
     # "auto": one multiple per group, the channel block of the profile's runtime
     round_to, round_notes = resolve_round_to(graph, work, opts.round_to, opts.profile,
                                              latency=costs if costs.kind == "latency" else None)
@@ -403,7 +404,7 @@ def _prepare(model: nn.Module, example_inputs: Any, opts: ShrinkOptions, algorit
         distributed.on_main(lambda: _save_measured(out_dir / MEASURED_TARGET, measured), share=False)
     checkpoints = Checkpoints(out_dir / "checkpoints") if out_dir is not None and main else None
     return _Run(opts, algorithm, main, device, inputs, work, graph, user_goal, costs, round_notes, target, out_dir,
-                checkpoints, measured=measured, auto_fallback=auto_fallback)
+                checkpoints, measured=measured, auto_fallback=auto_fallback, timing=timing)
 
 
 def _measure_target(opts: ShrinkOptions, graph: Any, work: nn.Module, inputs: tuple, costs: CostModel,
@@ -417,7 +418,7 @@ def _measure_target(opts: ShrinkOptions, graph: Any, work: nn.Module, inputs: tu
         raise ConfigError(f"measure_target times the network with onnxruntime on the CPU; the latency profile is "
                           f"for {runtime.get('name')} on {runtime.get('device')}. Use an onnxruntime CPU profile "
                           "(dnnshrink calibrate --runtime onnxruntime), or drop measure_target.")
-    spinning = runtime_spinning(runtime)  # (a bad value stops the run here, before any timing)
+    threads, spinning = int(runtime.get("threads", 2)), runtime_spinning(runtime)  # (a bad value stops it here)
     saved = Path(opts.out_dir) / MEASURED_TARGET if opts.out_dir is not None else None
     if opts.resume and saved is not None and saved.is_file():
         try:
@@ -427,7 +428,7 @@ def _measure_target(opts: ShrinkOptions, graph: Any, work: nn.Module, inputs: tu
         except (ValueError, UnicodeDecodeError) as exc:  # json's errors are ValueErrors
             raise DnnshrinkError(f"{saved} is not a measured target written by dnnshrink ({exc}); delete it to "
                                  "measure again") from None
-        timed = (measured.threads, measured.spinning) == (int(runtime.get("threads", 2)), spinning)
+        timed = (measured.threads, measured.spinning) == (threads, spinning)
         if measured.asked == goal and timed:
             _step(f"measure_target: the budget measured before, {measured.budget:.3f} of the predicted latency "
                   f"for {measured.target:.3f} measured")
@@ -435,10 +436,9 @@ def _measure_target(opts: ShrinkOptions, graph: Any, work: nn.Module, inputs: tu
         _step(f"measure_target: the run before measured for another target ({measured.asked}): measuring again"
               if measured.asked != goal else
               f"measure_target: the run before timed its sessions another way ({measured.threads} threads, "
-              f"spinning {measured.spinning}; the profile's: {int(runtime.get('threads', 2))}, {spinning}): "
+              f"spinning {measured.spinning}; the profile's: {threads}, {spinning}): "
               "measuring again")
     minimum = smallest_cost(graph, costs, opts.min_width, round_to)
-    threads = int(runtime.get("threads", 2))
     _step(f"measure_target: timing the network with onnxruntime ({threads} threads) to set the budget")
     probe = None
     structure = getattr(algorithm, "capacity_probe", None)
@@ -708,7 +708,7 @@ def _timing_settings(graph: Any, work: nn.Module, costs: CostModel, profile: Any
     """The latency profile's ``(threads, spinning)``, how the report's onnxruntime latency
     is timed (the run's own graph, the baseline's structure: no second trace); 2 threads
     spinning within a run where no latency cost model is loaded. A profile's bad
-    ``runtime.spinning`` is a :class:`ConfigError` (``_prepare`` asks first, before any work)."""
+    ``runtime.spinning`` is a :class:`ConfigError`: ``_prepare`` asks, before any work."""
     try:
         latency = costs if costs.kind == "latency" else CostModel(graph, work, "latency", profile=profile)
     except PluginError:  # no latency plugin: its default settings
@@ -723,7 +723,7 @@ def _onnx_latency(run: _Run, shrunk: nn.Module) -> Dict[str, Any]:
     from .timing import onnx_latency
 
     baseline, inputs, opts = run.baseline, run.inputs, run.opts
-    threads, spinning = _timing_settings(run.graph, run.work, run.costs, opts.profile)
+    threads, spinning = run.timing  # (read in _prepare, where this run was going to be timed)
     # the shrunk model's verified export is the run's model.onnx too: _write_outputs moves it
     keep = {"shrunk": run.out_dir / TIMED_ONNX} if run.out_dir is not None and "onnx" in opts.exporters else None
     try:
@@ -842,10 +842,11 @@ def _check_resumable(out_dir: Path, identity: Dict[str, Any]) -> None:
     if changed:
         said = "; ".join(f"{key} {before[key]!r} then, {identity[key]!r} now" for key in changed)
         had = ", ".join(f"{key}: {before[key]}" for key in changed)
+        was_default = "scale" in changed and before["scale"] == "multiplier" and identity["scale"] in ("capacity",
+                                                                                                      "auto")
         why = (" (the default scale, auto, chooses the capacity step at a latency target, and at other targets "
                f"where it needs {AUTO_CAPACITY_GAIN:.0%} less predicted time per MAC, with magnitude wherever it is "
-               "denser; that run was made with the multiplier, the default before)" if "scale" in changed and before["scale"] == "multiplier" and
-               identity["scale"] in ("capacity", "auto") else "")
+               "denser; that run was made with the multiplier, the default before)" if was_default else "")
         raise DnnshrinkError(f"--resume continues the run in {out_dir} as it was, and this one asks for another "
                              f"structure ({said}){why}. Resume with the options it had ({had}), or start a new run "
                              "(another --out, or --force).")

@@ -59,10 +59,11 @@ class Capacity:
     def auto(self, multiplier: np.ndarray, capacity: np.ndarray, cost: Callable[[np.ndarray], float],
              budget: float, least_gain: Optional[float] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
         """``scale: auto`` away from a latency target (:func:`auto_scaled`, held to
-        ``least_gain``, by default ``AUTO_CAPACITY_GAIN``): the structure and what the report says of the choice (``scale``:
-        which one; ``capacity_gain``: the share less predicted time per MAC that the capacity
-        step's needs; ``scale_why``: what decided, :class:`~dnnshrink_core.plugin_api.AutoScale`;
-        ``capacity_least_gain``: the gain it was held to)."""
+        ``least_gain``, by default ``AUTO_CAPACITY_GAIN``): the structure and what the report
+        says of the choice (``scale``: which one; ``capacity_gain``: the share less predicted
+        time per MAC that the capacity step's needs; ``scale_why``: what decided,
+        :class:`~dnnshrink_core.plugin_api.AutoScale`; ``capacity_least_gain``: the gain it
+        was held to)."""
         chosen = auto_scaled(multiplier, capacity, self.time.cost, self.capacity.cost, cost, budget, least_gain)
         return chosen.keep, {"scale": chosen.scale, "capacity_gain": chosen.gain, "scale_why": chosen.why,
                              "capacity_least_gain": chosen.least_gain}
